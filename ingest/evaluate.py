@@ -1,0 +1,74 @@
+"""Dictionary quality on the held-out split: L0, variance explained, dead fraction, loss recovered."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from .model import SubjectModel
+from .sae import TopKSAE
+from .tokens import TokenizedCorpus
+
+
+@torch.no_grad()
+def reconstruction_metrics(sae: TopKSAE, acts: np.ndarray, *, batch: int = 4096) -> dict[str, float]:
+    """``acts`` [n, d_in]: held-out rows, BOS excluded.
+
+    FVU is computed about the mean of the held-out rows: 1 - sum||x - x_hat||^2 / sum||x - mean||^2.
+    About zero it would flatter the dictionary, as the residual stream has a large constant part.
+    """
+    x_all = torch.from_numpy(np.asarray(acts, dtype=np.float32))
+    mean = x_all.mean(0)
+    sq_err = 0.0
+    sq_dev = 0.0
+    l0 = 0.0
+    fired = torch.zeros(sae.d_sae, dtype=torch.bool)
+    for i in range(0, len(x_all), batch):
+        x = x_all[i : i + batch]
+        code = sae.encode(x)
+        x_hat = sae.decode(code)
+        sq_err += float((x - x_hat).pow(2).sum())
+        sq_dev += float((x - mean).pow(2).sum())
+        active = code.values > 0
+        l0 += float(active.sum())
+        fired[code.indices[active]] = True
+    fvu = sq_err / sq_dev
+    return {
+        "eval_tokens": int(len(x_all)),
+        "l0": l0 / len(x_all),
+        "fvu": fvu,
+        "variance_explained": 1 - fvu,
+        "dead_fraction": float(1 - fired.float().mean()),
+    }
+
+
+def loss_recovered(
+    model: SubjectModel, sae: TopKSAE, corpus: TokenizedCorpus, layer: int, *, contexts: int, batch: int
+) -> dict[str, float]:
+    """CE of the model with block ``layer``'s output replaced by the reconstruction, against the clean
+    model and against zero-ablation: (CE_zero - CE_sae) / (CE_zero - CE_clean)."""
+    length = int(np.diff(corpus.ctx_offset).max())
+    chosen = [c for c in np.flatnonzero(corpus.ctx_eval) if corpus.ctx_offset[c + 1] - corpus.ctx_offset[c] == length]
+    chosen = chosen[:contexts]
+    if not chosen:
+        return {}
+    sae = sae.to(model.device)
+
+    def spliced(h: torch.Tensor) -> torch.Tensor:
+        return sae.reconstruct(h)
+
+    variants = {"ce_clean": None, "ce_sae": spliced, "ce_zero": torch.zeros_like}
+    totals = dict.fromkeys(variants, 0.0)
+    bar = tqdm(total=len(chosen) * len(variants), desc="loss recovered", unit="ctx")
+    for i in range(0, len(chosen), batch):
+        ids = torch.from_numpy(np.stack([corpus.context_ids(c) for c in chosen[i : i + batch]]).astype(np.int64))
+        for name, replace in variants.items():
+            totals[name] += float(model.loss_with_replacement(ids, layer, replace)) * len(ids)
+            bar.update(len(ids))
+    bar.close()
+    sae.cpu()
+    out = {name: total / len(chosen) for name, total in totals.items()}
+    out["loss_recovered"] = (out["ce_zero"] - out["ce_sae"]) / (out["ce_zero"] - out["ce_clean"])
+    out["ce_eval_contexts"] = len(chosen)
+    return out

@@ -1,0 +1,81 @@
+"""Harvest: residual-stream activations at the hook layer for every corpus token, to disk.
+
+Shards cover contiguous context ranges and hold float16 rows in corpus token order (BOS rows
+included, so a row index is a token index). A shard is written under a temporary name and renamed,
+so after a crash every shard present is whole and a re-run continues from the first missing one.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from .model import SubjectModel
+from .tokens import TokenizedCorpus
+
+log = logging.getLogger(__name__)
+
+
+def shard_plan(corpus: TokenizedCorpus, shard_tokens: int) -> list[tuple[int, int]]:
+    """Context ranges [a, b) of about ``shard_tokens`` tokens each."""
+    plan: list[tuple[int, int]] = []
+    a = 0
+    for c in range(corpus.n_contexts):
+        if corpus.ctx_offset[c + 1] - corpus.ctx_offset[a] >= shard_tokens:
+            plan.append((a, c + 1))
+            a = c + 1
+    if a < corpus.n_contexts:
+        plan.append((a, corpus.n_contexts))
+    return plan
+
+
+def shard_path(folder: Path, i: int) -> Path:
+    return folder / f"acts-{i:05d}.npy"
+
+
+def harvest(model: SubjectModel, corpus: TokenizedCorpus, layer: int, folder: Path, *, batch: int, shard_tokens: int) -> dict:
+    folder.mkdir(parents=True, exist_ok=True)
+    plan = shard_plan(corpus, shard_tokens)
+    todo = [i for i in range(len(plan)) if not shard_path(folder, i).exists()]
+    todo_tokens = sum(int(corpus.ctx_offset[plan[i][1]] - corpus.ctx_offset[plan[i][0]]) for i in todo)
+    if len(todo) < len(plan):
+        log.info("harvest: resuming, %d of %d shards already on disk", len(plan) - len(todo), len(plan))
+    bar = tqdm(total=todo_tokens, desc=f"harvest layer {layer}", unit="tok", unit_scale=True)
+    t0 = time.perf_counter()
+    for i in todo:
+        a, b = plan[i]
+        base = int(corpus.ctx_offset[a])
+        out = np.empty((int(corpus.ctx_offset[b]) - base, model.d_model), dtype=np.float16)
+        # Length-sorted batches waste almost nothing on padding; padding sits on the right, where a
+        # causal model's real tokens cannot see it, so no attention mask is needed.
+        order = sorted(range(a, b), key=lambda c: int(corpus.ctx_offset[c + 1] - corpus.ctx_offset[c]))
+        for j in range(0, len(order), batch):
+            ctxs = order[j : j + batch]
+            seqs = [corpus.context_ids(c) for c in ctxs]
+            width = max(len(s) for s in seqs)
+            ids = torch.full((len(seqs), width), model.bos_id, dtype=torch.long)
+            for r, s in enumerate(seqs):
+                ids[r, : len(s)] = torch.from_numpy(s.astype(np.int64))
+            acts = model.residual(ids, layer).to(torch.float16).cpu().numpy()
+            for r, (c, s) in enumerate(zip(ctxs, seqs)):
+                o = int(corpus.ctx_offset[c]) - base
+                out[o : o + len(s)] = acts[r, : len(s)]
+            bar.update(sum(len(s) for s in seqs))
+        tmp = folder / f".acts-{i:05d}.tmp.npy"
+        np.save(tmp, out)
+        tmp.rename(shard_path(folder, i))
+    bar.close()
+    elapsed = time.perf_counter() - t0
+    rate = todo_tokens / elapsed if elapsed > 0 and todo_tokens else None
+    return {"shards": len(plan), "tokens": corpus.n_tokens, "tokens_per_s": rate}
+
+
+def load_activations(folder: Path, corpus: TokenizedCorpus, shard_tokens: int) -> np.ndarray:
+    """All harvested rows [n_tokens, d] (float16), in corpus token order."""
+    plan = shard_plan(corpus, shard_tokens)
+    return np.concatenate([np.load(shard_path(folder, i), mmap_mode="r") for i in range(len(plan))])

@@ -1,0 +1,146 @@
+"""First-version labels: what is over-represented where a feature fires, against the corpus.
+
+For each feature we contrast (a) the tokens it fires on, (b) the few tokens just before them, and
+(c) the source its activations come from, with the corpus background. A token's weight is
+``p(t | fires) * log(p(t | fires) / p(t))``: its contribution to the KL divergence, which prefers
+tokens both common at the feature and rare elsewhere. The label names the winners in a short phrase.
+
+``label_score`` here is *token coverage*: the share of the feature's activation mass that falls on
+the tokens its label names. It says how much of the feature the label accounts for, not whether a
+reader would predict the feature from it (a later scorer does that).
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from dataclasses import dataclass
+
+import duckdb
+import numpy as np
+import pyarrow as pa
+
+SOURCE_NAMES = {
+    "wiki-en": "English Wikipedia",
+    "wiki-fr": "French text",
+    "wiki-es": "Spanish text",
+    "shakespeare": "Shakespeare",
+    "python": "Python code",
+}
+LABEL_SOURCE = "contrastive"
+
+
+@dataclass
+class Label:
+    text: str
+    score: float
+
+
+def contrastive_labels(con: duckdb.DuckDBPyConnection, vocab: list[str], d_sae: int) -> list[Label]:
+    """``con`` has ``acts`` (sparse records) and ``corpus_tokens(tok, ctx, token_id, source, is_bos)``."""
+    token_rows = con.execute(
+        """
+        with bg as (
+            select token_id, count(*) / sum(count(*)) over () as p from corpus_tokens where not is_bos group by token_id
+        ),
+        nf as (select feature_id, count(*) as n, sum(value) as mass from acts group by feature_id),
+        ft as (select feature_id, token_id, count(*) as c, sum(value) as s from acts group by all),
+        scored as (
+            select ft.feature_id, ft.token_id, ft.c / nf.n as p_f, ft.s / nf.mass as mass_share,
+                   (ft.c / nf.n) * ln((ft.c / nf.n) / bg.p) as w
+            from ft join nf using (feature_id) join bg using (token_id)
+        )
+        select feature_id, token_id, p_f, mass_share from (
+            select *, row_number() over (partition by feature_id order by w desc) as r from scored
+        ) where r <= 6 order by feature_id, r
+        """
+    ).fetchall()
+    before_rows = con.execute(
+        """
+        with bg as (
+            select token_id, count(*) / sum(count(*)) over () as p from corpus_tokens where not is_bos group by token_id
+        ),
+        prev as (
+            select a.feature_id, t.token_id, a.tok
+            from acts a join range(1, 4) d(d) on true
+            join corpus_tokens t on t.tok = a.tok - d.d and t.ctx = a.ctx and not t.is_bos
+        ),
+        nf as (select feature_id, count(distinct tok) as n from prev group by feature_id),
+        ft as (select feature_id, token_id, count(distinct tok) as c from prev group by all),
+        scored as (
+            select ft.feature_id, ft.token_id, ft.c / nf.n as p_f, (ft.c / nf.n) * ln((ft.c / nf.n) / bg.p) as w
+            from ft join nf using (feature_id) join bg using (token_id)
+            where ft.c >= 2
+        )
+        select feature_id, token_id, p_f from (
+            select *, row_number() over (partition by feature_id order by w desc) as r from scored
+        ) where r <= 3 order by feature_id, r
+        """
+    ).fetchall()
+    source_rows = con.execute(
+        """
+        with corpus_share as (
+            select source, count(*) / sum(count(*)) over () as share from corpus_tokens where not is_bos group by source
+        ),
+        fs as (
+            select a.feature_id, t.source, sum(a.value) / sum(sum(a.value)) over (partition by a.feature_id) as share
+            from acts a join corpus_tokens t using (tok) group by a.feature_id, t.source
+        )
+        select fs.feature_id, fs.source, fs.share from fs join corpus_share c using (source)
+        where fs.share >= 0.6 and fs.share >= 1.5 * c.share
+        """
+    ).fetchall()
+
+    at: dict[int, list[tuple[int, float, float]]] = defaultdict(list)
+    for f, t, p, m in token_rows:
+        at[f].append((t, p, m))
+    before: dict[int, list[tuple[int, float]]] = defaultdict(list)
+    for f, t, p in before_rows:
+        before[f].append((t, p))
+    source = {f: s for f, s, _ in source_rows}
+    return [_phrase(at.get(f, []), before.get(f, []), source.get(f), vocab) for f in range(d_sae)]
+
+
+def _show(token: str) -> str:
+    shown = token.strip() or token
+    shown = shown.replace("\n", "⏎").replace("\t", "⇥")
+    return f'"{shown}"' if shown.strip() else '"␣"'
+
+
+def _phrase(at: list[tuple[int, float, float]], before: list[tuple[int, float]], source: str | None, vocab: list[str]) -> Label:
+    if not at:
+        return Label("dead feature (never fired on the corpus)", 0.0)
+    # Keep the tokens that matter; variants that differ only by case or a leading space merge.
+    named: dict[str, float] = {}
+    names: list[str] = []
+    mass = 0.0
+    for i, (t, p, m) in enumerate(at):
+        if i > 0 and p < 0.05:
+            continue
+        key = _show(vocab[t]).lower()
+        if key not in named:
+            names.append(_show(vocab[t]))
+        named[key] = named.get(key, 0.0) + p
+        mass += m
+        if len(names) == 3:
+            break
+    if len(names) == 1 or at[0][1] >= 0.5:
+        text = f"the token {names[0]}" + (f" (also {', '.join(names[1:])})" if len(names) > 1 else "")
+    else:
+        text = "tokens " + ", ".join(names)
+    context = [_show(vocab[t]) for t, p in before if p >= 0.1]
+    context = [c for c in dict.fromkeys(context) if c.lower() not in named]
+    if context:
+        text += " after " + ", ".join(context[:3])
+    if source:
+        text += f" in {SOURCE_NAMES.get(source, source)}"
+    return Label(text, float(np.clip(mass, 0.0, 1.0)))
+
+
+def example_texts(examples: pa.Table, per_feature: int, d_sae: int) -> list[list[str]]:
+    """Up to ``per_feature`` top-example snippets per feature, for the context embedding."""
+    out: list[list[str]] = [[] for _ in range(d_sae)]
+    ex = examples.select(["feature_id", "kind", "tokens"]).to_pydict()
+    for f, kind, tokens in zip(ex["feature_id"], ex["kind"], ex["tokens"]):
+        if kind == "top" and len(out[f]) < per_feature:
+            out[f].append("".join(tokens).strip())
+    return out

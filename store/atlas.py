@@ -1,0 +1,94 @@
+"""The one way to open an atlas: paths, manifest, and read-only handles on both databases."""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from functools import cached_property
+from pathlib import Path
+from typing import Any
+
+MANIFEST = "manifest.json"
+DICTIONARY = "dictionary"
+LANCE = "lance"
+DUCKDB = "analytics.duckdb"
+CACHE = "cache"
+# The published parts, swapped in together by ``store.publish``; the manifest goes last.
+PUBLISHED = (DICTIONARY, LANCE, DUCKDB)
+
+
+class AtlasNotFound(FileNotFoundError):
+    pass
+
+
+def write_json_atomic(path: Path, data: Any) -> None:
+    """Write to a temporary name in the same folder, then rename: readers see old or new, never half."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    with os.fdopen(fd, "w") as f:
+        json.dump(data, f, indent=2, default=str)
+        f.flush()
+        os.fsync(f.fileno())
+    os.chmod(tmp, 0o644)  # mkstemp's 0600 would hide the manifest from other readers
+    os.replace(tmp, path)
+
+
+class Atlas:
+    """A published atlas folder. Opening never writes; a folder without a manifest is no atlas."""
+
+    def __init__(self, root: str | Path):
+        self.root = Path(root)
+        if not (self.root / MANIFEST).is_file():
+            raise AtlasNotFound(f"{self.root} is not a finished atlas (no {MANIFEST}); run `featureatlas ingest` first")
+        self.manifest: dict[str, Any] = json.loads((self.root / MANIFEST).read_text())
+
+    @property
+    def dictionary_dir(self) -> Path:
+        return self.root / DICTIONARY
+
+    @property
+    def d_sae(self) -> int:
+        return int(self.manifest["dictionary"]["d_sae"])
+
+    @cached_property
+    def lance(self):
+        import lancedb
+
+        return lancedb.connect(str(self.root / LANCE))
+
+    @cached_property
+    def features(self):
+        return self.lance.open_table("features")
+
+    @cached_property
+    def examples(self):
+        return self.lance.open_table("examples")
+
+    def duckdb(self):
+        """A new read-only connection that cannot reach files, the network or extensions, and whose
+        configuration cannot be changed afterwards: the engine, not string checks, keeps SQL safe."""
+        import duckdb
+
+        return duckdb.connect(
+            str(self.root / DUCKDB),
+            read_only=True,
+            config={"enable_external_access": False, "lock_configuration": True},
+        )
+
+
+def summarize(manifest: dict[str, Any]) -> str:
+    """The few lines a person reads first: what was mapped and how well."""
+    m = manifest.get("metrics", {})
+    lines = [
+        f"atlas: {manifest['model']['name']} layer {manifest['hook']['layer']} "
+        f"({manifest['hook']['name']}), {manifest['dictionary']['architecture']} d_sae={manifest['dictionary']['d_sae']} "
+        f"k={manifest['dictionary']['k']}",
+        f"tokens: {manifest['tokens']['harvested']:,} harvested, {manifest['tokens']['train']:,} train, "
+        f"{manifest['tokens']['eval']:,} held out",
+        "held-out metrics: " + ", ".join(
+            f"{k}={m[k]:.4g}" for k in ("l0", "variance_explained", "dead_fraction", "loss_recovered", "ce_clean", "ce_sae", "ce_zero")
+            if k in m
+        ),
+    ]
+    return "\n".join(lines)
