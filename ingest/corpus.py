@@ -155,13 +155,19 @@ def read_source(spec: str) -> list[Document]:
 
 
 def corpus_fingerprint(specs: list[str]) -> str:
-    """Changes when a source's files change, so a re-run re-harvests only when it must."""
+    """Changes when a source's files change, so a re-run re-harvests only when it must.
+
+    It also checks every source up front (packages installed, user files present and non-empty),
+    so bad input fails before a model is loaded or anything is written.
+    """
     h = hashlib.sha256(sys.version.encode())
     for spec in specs:
         h.update(spec.encode())
         for name in ALIASES.get(spec, [spec]):
             if name in BUILTIN:
+                next(BUILTIN[name]())  # raises if the package that holds it is missing
                 continue
+            read_source(name)
             path = Path(name).expanduser()
             files = sorted(path.rglob("*")) if path.is_dir() else [path]
             for f in files:

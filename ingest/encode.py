@@ -143,7 +143,7 @@ def build_examples(picks: pa.Table, codes: Codes, corpus: TokenizedCorpus, vocab
         cols["doc_id"].append(int(corpus.ctx_doc[c]))
         cols["start"].append(doc_start)
         cols["tokens"].append([vocab[t] for t in corpus.ids[a:b]])
-        cols["activations"].append(codes.activation(f, a, b).round(4).tolist())
+        cols["activations"].append(codes.activation(f, a, b).tolist())
         cols["max_activation"].append(float(v))
         cols["max_position"].append(doc_start + (max_tok - a))
     return pa.table(cols)

@@ -53,10 +53,6 @@ class SubjectModel:
         bos = self.tokenizer.bos_token_id
         return int(bos if bos is not None else self.tokenizer.eos_token_id)
 
-    def check_layer(self, layer: int) -> None:
-        if not 0 <= layer < self.n_layers:
-            raise ConfigError("--layer", f"must be in [0, {self.n_layers - 1}] for this model, got {layer}")
-
     @torch.no_grad()
     def residual(self, input_ids: torch.Tensor, layer: int) -> torch.Tensor:
         """Residual stream after block ``layer``, shape [batch, seq, d_model], in float32.
@@ -127,14 +123,21 @@ def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
     return getattr(torch, dtype)
 
 
-def load_model(name: str, *, device: str = "cpu", dtype: str = "auto", cache_dir: str | Path) -> SubjectModel:
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+def load_model(
+    name: str, *, device: str = "cpu", dtype: str = "auto", cache_dir: str | Path, layer: int | None = None
+) -> SubjectModel:
+    """Loads ``name`` (see ``AtlasConfig.model``); with ``layer``, checks it against the model's
+    depth before the weights are read, so a bad ``--layer`` fails fast."""
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
     dev = torch.device(device)
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise ConfigError("--device", "cuda was asked for but torch sees no GPU")
     torch_dtype = resolve_dtype(dtype, dev)
     folder = _local_folder(name, Path(cache_dir).expanduser())
+    n_layers = int(AutoConfig.from_pretrained(folder, local_files_only=True).num_hidden_layers)
+    if layer is not None and not 0 <= layer < n_layers:
+        raise ConfigError("--layer", f"must be in [0, {n_layers - 1}] for this model, got {layer}")
     model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch_dtype, local_files_only=True)
     tokenizer = AutoTokenizer.from_pretrained(folder, local_files_only=True)
     model.to(dev).eval()

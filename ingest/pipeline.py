@@ -52,9 +52,8 @@ def run_ingest(cfg: AtlasConfig) -> dict[str, Any]:
         torch.set_num_threads(cfg.threads)
     root = Path(cfg.atlas)
     corpus_hash = corpus_fingerprint(cfg.corpus)  # checks user paths before anything is written
-    model = load_model(cfg.model, device=cfg.device, dtype=cfg.dtype, cache_dir=cfg.model_cache)
+    model = load_model(cfg.model, device=cfg.device, dtype=cfg.dtype, cache_dir=cfg.model_cache, layer=cfg.layer)
     layer = cfg.layer if cfg.layer is not None else model.n_layers // 2
-    model.check_layer(layer)
     stages = Stages(root / CACHE)
 
     # corpus -> contexts

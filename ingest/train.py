@@ -116,7 +116,7 @@ def train_topk(
             fired[out.code.indices[out.code.values > 0]] = True
             since_fired += len(idx)
             since_fired[fired] = 0
-        recent.append(float(fvu(x, out.x_hat)))
+        recent.append(float(fvu(x, out.x_hat.detach())))
         recent = recent[-50:]
         bar.update(len(idx))
         if step % 20 == 0:

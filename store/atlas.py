@@ -18,6 +18,10 @@ CACHE = "cache"
 PUBLISHED = (DICTIONARY, LANCE, DUCKDB)
 
 
+# Columns a feature list may be sorted by (they are interpolated into SQL, so this list is the guard).
+SORTABLE = ("density", "max_activation", "mean_activation", "label_score", "n_active", "feature_id")
+
+
 class AtlasNotFound(FileNotFoundError):
     pass
 
@@ -64,6 +68,33 @@ class Atlas:
     @cached_property
     def examples(self):
         return self.lance.open_table("examples")
+
+    @cached_property
+    def _con(self):
+        return self.duckdb()
+
+    def list_features(self, *, sort: str = "density", descending: bool = True, limit: int = 50, offset: int = 0) -> list[dict]:
+        """A page of features (scalar columns only), from DuckDB's copy of the feature table."""
+        if sort not in SORTABLE:
+            raise ValueError(f"sort must be one of {', '.join(SORTABLE)}")
+        order = "desc" if descending else "asc"
+        cur = self._con.cursor()
+        rows = cur.execute(
+            f"select * from features order by {sort} {order} nulls last, feature_id limit ? offset ?", [limit, offset]
+        )
+        names = [d[0] for d in rows.description]
+        return [dict(zip(names, r)) for r in rows.fetchall()]
+
+    def feature(self, feature_id: int, *, with_decoder: bool = False) -> dict | None:
+        """One feature row without its embeddings (they are for search, not for reading)."""
+        columns = [c for c in self.features.schema.names if not c.endswith("_embedding") and (with_decoder or c != "decoder")]
+        rows = self.features.search().where(f"feature_id = {int(feature_id)}").select(columns).limit(1).to_list()
+        return rows[0] if rows else None
+
+    def feature_examples(self, feature_id: int) -> list[dict]:
+        rows = self.examples.search().where(f"feature_id = {int(feature_id)}").limit(10_000).to_list()
+        rows.sort(key=lambda r: (r["kind"] != "top", -r["max_activation"]))
+        return rows
 
     def duckdb(self):
         """A new read-only connection that cannot reach files, the network or extensions, and whose

@@ -1,0 +1,142 @@
+import hashlib
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from featureatlas.ingest import pipeline
+from featureatlas.ingest.harvest import load_activations
+from featureatlas.ingest.sae import TopKSAE
+from featureatlas.ingest.tokens import TokenizedCorpus
+from featureatlas.store.atlas import Atlas, AtlasNotFound
+
+from .conftest import tiny_config
+
+
+def test_atlas_tables_are_consistent(tiny_atlas):
+    atlas = Atlas(tiny_atlas)
+    m = atlas.manifest
+    assert m["hook"]["layer"] == 2  # the middle of 4 layers
+    assert m["tokens"]["train"] + m["tokens"]["eval"] + m["tokens"]["bos"] == m["tokens"]["harvested"]
+    for key in ("l0", "variance_explained", "dead_fraction", "loss_recovered", "ce_clean", "ce_sae", "ce_zero"):
+        assert key in m["metrics"]
+    assert 0 < m["metrics"]["l0"] <= 4
+    feats = atlas.features.to_arrow()
+    assert feats.num_rows == 64 and sorted(feats["feature_id"].to_pylist()) == list(range(64))
+    dec = np.stack(feats["decoder"].to_numpy(zero_copy_only=False))
+    np.testing.assert_allclose(np.linalg.norm(dec, axis=1), 1.0, atol=1e-4)
+    con = atlas.duckdb()
+    n_tokens, n_acts = con.execute("select (select count(*) from tokens), (select count(*) from activations)").fetchone()
+    assert n_tokens == m["tokens"]["train"] + m["tokens"]["eval"]
+    assert 0 < n_acts <= 4 * n_tokens
+    # No token has more than k active features, and every activation points at a real token.
+    assert con.execute("select max(c) from (select count(*) c from activations group by doc_id, position)").fetchone()[0] <= 4
+    orphans = con.execute(
+        "select count(*) from activations a anti join tokens t using (doc_id, position)"
+    ).fetchone()[0]
+    assert orphans == 0
+    # Density in LanceDB agrees with the SQL over activations.
+    sql_density = dict(con.execute(
+        "select feature_id, count(*) / (select count(*) from tokens) from activations group by feature_id"
+    ).fetchall())
+    for f, d in zip(feats["feature_id"].to_pylist(), feats["density"].to_pylist()):
+        assert d == pytest.approx(sql_density.get(f, 0.0))
+
+
+def test_examples_show_the_features_real_activations(tiny_atlas):
+    atlas = Atlas(tiny_atlas)
+    sae = TopKSAE.load(atlas.dictionary_dir)
+    corpus = TokenizedCorpus.load(tiny_atlas / "cache" / "corpus")
+    cfg = atlas.manifest["config"]
+    acts = load_activations(tiny_atlas / "cache" / "harvest", corpus, cfg["shard_tokens"])
+    live = atlas.list_features(sort="density", limit=1)[0]["feature_id"]
+    examples = atlas.feature_examples(live)
+    tops = [e for e in examples if e["kind"] == "top"]
+    assert 0 < len(tops) <= cfg["top_examples"]
+    assert [e["max_activation"] for e in tops] == sorted((e["max_activation"] for e in tops), reverse=True)
+    con = atlas.duckdb()
+    e = tops[0]
+    assert max(e["activations"]) == pytest.approx(e["max_activation"], rel=1e-5)
+    # Recompute the strongest token's activation from the dictionary and the harvested vector.
+    c = next(c for c in range(corpus.n_contexts) if corpus.ctx_doc[c] == e["doc_id"]
+             and corpus.ctx_start[c] <= e["max_position"] < corpus.ctx_start[c] + np.diff(corpus.ctx_offset)[c] - 1)
+    row = corpus.ctx_offset[c] + 1 + e["max_position"] - corpus.ctx_start[c]
+    dense = sae.dense(sae.encode(torch.from_numpy(acts[row : row + 1].astype(np.float32))))
+    assert float(dense[0, live]) == pytest.approx(e["max_activation"], rel=1e-4)
+    token = con.execute("select token from tokens where doc_id = ? and position = ?", [e["doc_id"], e["max_position"]]).fetchone()[0]
+    assert e["tokens"][e["max_position"] - e["start"]] == token
+
+
+def test_labels_and_embeddings_are_present(tiny_atlas):
+    feats = Atlas(tiny_atlas).features.to_arrow().to_pylist()
+    live = [f for f in feats if f["density"] > 0]
+    assert live and all(f["label"] and f["label_source"] == "contrastive" for f in live)
+    for f in live[:10]:
+        assert np.linalg.norm(f["label_embedding"]) == pytest.approx(1.0, abs=1e-3)
+        assert np.linalg.norm(f["context_embedding"]) == pytest.approx(1.0, abs=1e-3)
+        assert len(f["logit_positive"]) == 10 and f["logit_positive"][0]["value"] >= f["logit_negative"][0]["value"]
+        assert sum(f["histogram"]) == f["n_active"]
+
+
+def _tree_hash(root: Path) -> str:
+    h = hashlib.sha256()
+    for p in sorted(root.rglob("*")):
+        if p.is_file() and "cache" not in p.relative_to(root).parts:
+            h.update(str(p.relative_to(root)).encode())
+            h.update(p.read_bytes())
+    return h.hexdigest()
+
+
+def test_rerun_reuses_every_stage(tmp_path, tiny_model_dir, corpus_dir):
+    cfg = tiny_config(tmp_path / "atlas", tiny_model_dir, corpus_dir)
+    pipeline.run_ingest(cfg)
+    manifest = pipeline.run_ingest(cfg)
+    assert {s["status"] for s in manifest["stages"].values()} == {"reused"}
+    # A changed dictionary setting retrains, but reuses the corpus and the harvest.
+    manifest = pipeline.run_ingest(cfg.replace(k=3))
+    status = {name: s["status"] for name, s in manifest["stages"].items()}
+    assert status["corpus"] == status["harvest"] == "reused" and status["train"] == "done"
+    assert Atlas(cfg.atlas).manifest["dictionary"]["k"] == 3
+
+
+def test_killed_harvest_resumes_from_its_shards(tmp_path, tiny_model_dir, corpus_dir, monkeypatch):
+    cfg = tiny_config(tmp_path / "atlas", tiny_model_dir, corpus_dir)
+    real = np.save
+    saved = []
+
+    def dying_save(path, arr, *a, **kw):
+        if len(saved) == 1:
+            raise KeyboardInterrupt("killed")
+        saved.append(path)
+        return real(path, arr, *a, **kw)
+
+    monkeypatch.setattr("featureatlas.ingest.harvest.np.save", dying_save)
+    with pytest.raises(KeyboardInterrupt):
+        pipeline.run_ingest(cfg)
+    monkeypatch.undo()
+    shards = sorted((tmp_path / "atlas" / "cache" / "harvest").glob("acts-*.npy"))
+    assert len(shards) == 1
+    first = shards[0].stat().st_mtime_ns
+    with pytest.raises(AtlasNotFound):
+        Atlas(cfg.atlas)
+    pipeline.run_ingest(cfg)
+    assert shards[0].stat().st_mtime_ns == first  # the finished shard was kept, not redone
+    assert Atlas(cfg.atlas).manifest["stages"]["harvest"]["summary"]["shards"] > 1
+
+
+def test_crash_while_publishing_keeps_the_previous_atlas(tmp_path, tiny_model_dir, corpus_dir, monkeypatch):
+    cfg = tiny_config(tmp_path / "atlas", tiny_model_dir, corpus_dir)
+    pipeline.run_ingest(cfg)
+    before = _tree_hash(Path(cfg.atlas))
+
+    def broken(*_a, **_kw):
+        raise RuntimeError("disk full")
+
+    monkeypatch.setattr(pipeline, "write_duckdb", broken)
+    with pytest.raises(RuntimeError, match="disk full"):
+        pipeline.run_ingest(cfg.replace(k=2))
+    assert _tree_hash(Path(cfg.atlas)) == before
+    assert Atlas(cfg.atlas).manifest["dictionary"]["k"] == 4
+    assert json.loads((Path(cfg.atlas) / "manifest.json").read_text())["dictionary"]["k"] == 4

@@ -1,0 +1,103 @@
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from featureatlas.ingest.evaluate import reconstruction_metrics
+from featureatlas.ingest.sae import TopKSAE
+from featureatlas.ingest.train import fvu, geometric_median, train_topk
+
+
+def _sae(d_in=16, d_sae=64, k=4, seed=0):
+    sae = TopKSAE.initialized(d_in, d_sae, k, seed=seed, meta={"hook_name": "blocks.1.hook_resid_post"})
+    with torch.no_grad():
+        sae.b_enc.normal_(generator=torch.Generator().manual_seed(seed))
+        sae.b_dec.normal_(generator=torch.Generator().manual_seed(seed + 1))
+    return sae
+
+
+def test_saelens_layout_round_trip_gives_identical_encodings(tmp_path):
+    sae = _sae()
+    sae.save(tmp_path)
+    tensors = load_file(tmp_path / "sae_weights.safetensors")
+    assert {k: tuple(v.shape) for k, v in tensors.items()} == {
+        "W_enc": (16, 64), "b_enc": (64,), "W_dec": (64, 16), "b_dec": (16,)
+    }
+    cfg = json.loads((tmp_path / "cfg.json").read_text())
+    assert (cfg["architecture"], cfg["d_in"], cfg["d_sae"], cfg["k"]) == ("topk", 16, 64, 4)
+    assert cfg["hook_name"] == "blocks.1.hook_resid_post" and cfg["apply_b_dec_to_input"] is True
+    again = TopKSAE.load(tmp_path)
+    x = torch.randn(100, 16)
+    a, b = sae.encode(x), again.encode(x)
+    torch.testing.assert_close(sae.dense(a), again.dense(b), rtol=0, atol=0)
+
+
+def test_sparse_decoder_matches_dense_definition():
+    sae = _sae()
+    x = torch.randn(50, 16)
+    code = sae.encode(x)
+    dense = sae.dense(code)
+    assert int((dense > 0).sum(1).max()) <= 4
+    torch.testing.assert_close(sae.decode(code), dense @ sae.W_dec + sae.b_dec)
+    # SAELens's encode: relu(topk((x - b_dec) W_enc + b_enc)) with zeros elsewhere.
+    pre = (x - sae.b_dec) @ sae.W_enc + sae.b_enc
+    vals, idx = pre.topk(4, dim=-1)
+    expected = torch.zeros_like(pre).scatter(-1, idx, vals.relu())
+    torch.testing.assert_close(dense, expected)
+
+
+def test_folding_the_input_scale_changes_units_not_choices():
+    sae = _sae()
+    x = torch.randn(40, 16) * 30
+    s = 0.05
+    before = sae.encode(x * s)
+    recon_scaled = sae.decode(before) / s
+    sae.fold_input_scale(s)
+    after = sae.encode(x)
+    torch.testing.assert_close(sae.dense(after), sae.dense(before) / s)
+    torch.testing.assert_close(sae.decode(after), recon_scaled)
+    torch.testing.assert_close(sae.W_dec.norm(dim=1), torch.ones(64))
+
+
+def test_parallel_gradient_is_removed():
+    sae = _sae()
+    sae.W_dec.grad = torch.randn_like(sae.W_dec)
+    sae.remove_parallel_decoder_grad()
+    radial = (sae.W_dec.grad * sae.W_dec).sum(1)
+    torch.testing.assert_close(radial, torch.zeros(64), atol=1e-5, rtol=0)
+
+
+def test_fvu_is_about_the_mean_not_zero():
+    x = torch.tensor([[10.0, 1.0], [10.0, 3.0], [10.0, 5.0]])
+    x_hat = torch.tensor([[10.0, 2.0], [10.0, 3.0], [10.0, 4.0]])
+    # errors: 1 + 0 + 1 = 2; deviations about the mean (10, 3): 4 + 0 + 4 = 8
+    assert float(fvu(x, x_hat)) == pytest.approx(0.25)
+    sae = _sae(d_in=2, d_sae=4, k=1)
+    m = reconstruction_metrics(sae, x.numpy())
+    expected = 1 - float(((x - sae.reconstruct(x)) ** 2).sum() / ((x - x.mean(0)) ** 2).sum())
+    assert m["variance_explained"] == pytest.approx(expected)
+
+
+def test_geometric_median_resists_outliers():
+    x = torch.cat([torch.zeros(99, 3), torch.full((1, 3), 1000.0)])
+    assert float(geometric_median(x).norm()) < 1.0 < float(x.mean(0).norm())
+
+
+def test_training_recovers_planted_sparse_features():
+    gen = torch.Generator().manual_seed(0)
+    d, n_true = 32, 48
+    true = torch.nn.functional.normalize(torch.randn(n_true, d, generator=gen), dim=1)
+    idx = torch.randint(0, n_true, (20_000, 3), generator=gen)
+    val = torch.rand(20_000, 3, generator=gen) * 2 + 0.5
+    x = torch.nn.functional.embedding_bag(idx, true, per_sample_weights=val, mode="sum") * 7 + 2
+    result = train_topk(
+        x.half().numpy(), d_sae=96, k=3, tokens=300_000, batch=256, lr=3e-3, aux_k=32, aux_coef=1 / 32,
+        dead_tokens=5_000, seed=0, device=torch.device("cpu"),
+    )
+    sae = result.sae
+    torch.testing.assert_close(sae.W_dec.norm(dim=1), torch.ones(96), atol=1e-4, rtol=0)
+    m = reconstruction_metrics(sae, x[:4000].numpy())
+    assert m["variance_explained"] > 0.9 and m["l0"] <= 3
+    cos = (true @ sae.W_dec.detach().T).max(1).values
+    assert float(cos.mean()) > 0.9
