@@ -1,21 +1,29 @@
-"""The HTTP API: thin Litestar routes that read an atlas through ``featureatlas.store``.
+"""The HTTP API: thin Litestar routes over ``AtlasService`` (queries) and ``store.sql`` (SQL).
 
 Errors are JSON ``{"error": ..., "detail": ...}`` with a 4xx status; no input yields a 500.
 """
 
 from __future__ import annotations
 
+import logging
+from dataclasses import dataclass, field
 from typing import Any
 
-from litestar import Litestar, Request, Response, get
+from litestar import Litestar, Request, Response, get, post
 from litestar.di import NamedDependency, Provide
-from litestar.exceptions import HTTPException, NotFoundException, ValidationException
+from litestar.exceptions import HTTPException, ValidationException
 from litestar.openapi import OpenAPIConfig
-from litestar.params import FromPath, Parameter
+from litestar.params import FromPath, JSONBody, Parameter
 
+from featureatlas.ingest.config import ConfigError
 from featureatlas.store.atlas import SORTABLE, Atlas
+from featureatlas.store.sql import SQLError, execute_sql
 
+from .service import MAX_K, SEARCH_MODES, AtlasService, NotFound
+
+log = logging.getLogger(__name__)
 MAX_PAGE = 1000
+Service = NamedDependency[AtlasService]
 
 
 def _error(status: int, error: str, detail: Any = None) -> Response:
@@ -23,56 +31,117 @@ def _error(status: int, error: str, detail: Any = None) -> Response:
 
 
 def _http_error(_: Request, exc: HTTPException) -> Response:
+    if exc.status_code >= 500:
+        return _internal(_, exc)
     detail = exc.extra if isinstance(exc, ValidationException) and exc.extra else exc.detail
-    return _error(exc.status_code, exc.detail if exc.status_code != 500 else "internal error", detail)
+    return _error(exc.status_code, exc.detail, detail)
 
 
-def _bad_value(_: Request, exc: ValueError) -> Response:
+def _bad_input(_: Request, exc: Exception) -> Response:
+    if isinstance(exc, ConfigError):
+        return _error(400, f"bad parameter: {exc.flag}", str(exc))
+    if isinstance(exc, SQLError):
+        return _error(400, "query refused", str(exc))
     return _error(400, "bad request", str(exc))
 
 
+def _not_found(_: Request, exc: NotFound) -> Response:
+    return _error(404, "not found", str(exc))
+
+
+def _internal(_: Request, exc: Exception) -> Response:
+    log.exception("internal error", exc_info=exc)
+    return _error(500, "internal error")
+
+
 @get("/healthz", sync_to_thread=False)
-def healthz(atlas: NamedDependency[Atlas]) -> dict[str, Any]:
-    return {"status": "ok", "atlas": str(atlas.root), "features": atlas.d_sae}
+def healthz(service: Service) -> dict[str, Any]:
+    return {"status": "ok", "atlas": str(service.atlas.root), "features": service.atlas.d_sae}
 
 
 @get("/api/atlas", sync_to_thread=False)
-def atlas_summary(atlas: NamedDependency[Atlas]) -> dict[str, Any]:
-    m = atlas.manifest
+def atlas_summary(service: Service) -> dict[str, Any]:
+    m = service.atlas.manifest
     return {k: m.get(k) for k in ("model", "hook", "dictionary", "metrics", "corpus", "tokens", "created_at")}
 
 
 @get("/api/features", sync_to_thread=True)
 def list_features(
-    atlas: NamedDependency[Atlas],
+    service: Service,
     sort: str = Parameter(default="density", description=f"one of {', '.join(SORTABLE)}"),
     order: str = Parameter(default="desc", pattern="^(asc|desc)$"),
     limit: int = Parameter(default=50, ge=1, le=MAX_PAGE),
     offset: int = Parameter(default=0, ge=0),
 ) -> dict[str, Any]:
-    rows = atlas.list_features(sort=sort, descending=order == "desc", limit=limit, offset=offset)
-    return {"features": rows, "limit": limit, "offset": offset, "total": atlas.d_sae}
+    rows = service.atlas.list_features(sort=sort, descending=order == "desc", limit=limit, offset=offset)
+    return {"features": rows, "limit": limit, "offset": offset, "total": service.atlas.d_sae}
 
 
 @get("/api/features/{feature_id:int}", sync_to_thread=True)
-def feature_detail(atlas: NamedDependency[Atlas], feature_id: FromPath[int]) -> dict[str, Any]:
-    if not 0 <= feature_id < atlas.d_sae:
-        raise NotFoundException(f"no feature {feature_id}: this atlas has features 0..{atlas.d_sae - 1}")
-    row = atlas.feature(feature_id)
-    if row is None:
-        raise NotFoundException(f"no feature {feature_id}")
-    examples = atlas.feature_examples(feature_id)
-    row["top_examples"] = [e for e in examples if e["kind"] == "top"]
-    row["quantile_examples"] = [e for e in examples if e["kind"] != "top"]
-    bins = len(row["histogram"])
-    row["histogram_edges"] = [row["max_activation"] * i / bins for i in range(bins + 1)]
-    return row
+def feature_detail(service: Service, feature_id: FromPath[int]) -> dict[str, Any]:
+    return service.feature(feature_id)
 
 
-def create_app(atlas: NamedDependency[Atlas]) -> Litestar:
+@get("/api/features/{feature_id:int}/neighbors", sync_to_thread=True)
+def neighbors(
+    service: Service,
+    feature_id: FromPath[int],
+    k: int = Parameter(default=10, ge=1, le=MAX_K),
+    by: str = Parameter(default="decoder", pattern="^(decoder|coactivation)$"),
+) -> dict[str, Any]:
+    return service.neighbors(feature_id, k, by)
+
+
+@get("/api/search", sync_to_thread=True)
+def search(
+    service: Service,
+    q: str = Parameter(min_length=1, max_length=1000),
+    k: int = Parameter(default=10, ge=1, le=MAX_K),
+    mode: str | None = Parameter(default=None, description=f"restrict to one signal: {', '.join(SEARCH_MODES)}"),
+) -> dict[str, Any]:
+    return service.search(q, k, mode)
+
+
+@dataclass
+class ContrastRequest:
+    positive: list[str]
+    negative: list[str] = field(default_factory=list)
+    k: int = 10
+
+
+@post("/api/search/contrast", sync_to_thread=True, status_code=200)
+def contrast(service: Service, data: JSONBody[ContrastRequest]) -> dict[str, Any]:
+    return service.contrast(data.positive, data.negative, data.k)
+
+
+@dataclass
+class ActivationsRequest:
+    text: str
+    k: int = 5
+
+
+@post("/api/activations", sync_to_thread=True, status_code=200)
+def activations(service: Service, data: JSONBody[ActivationsRequest]) -> dict[str, Any]:
+    return service.activations(data.text, data.k)
+
+
+@dataclass
+class SQLRequest:
+    sql: str
+    params: list[Any] | dict[str, Any] | None = None
+
+
+@post("/api/sql", sync_to_thread=True, status_code=200)
+def sql(service: Service, data: JSONBody[SQLRequest]) -> dict[str, Any]:
+    """Read-only SQL over documents, tokens, activations and features, row and time limited."""
+    return execute_sql(service.atlas, data.sql, data.params).to_dict()
+
+
+def create_app(atlas: Atlas, *, probe_device: str | None = None) -> Litestar:
+    service = AtlasService(atlas, probe_device=probe_device)
     return Litestar(
-        route_handlers=[healthz, atlas_summary, list_features, feature_detail],
-        dependencies={"atlas": Provide(lambda: atlas, use_cache=True, sync_to_thread=False)},
-        exception_handlers={HTTPException: _http_error, ValueError: _bad_value},
+        route_handlers=[healthz, atlas_summary, list_features, feature_detail, neighbors, search, contrast, activations, sql],
+        dependencies={"service": Provide(lambda: service, use_cache=True, sync_to_thread=False)},
+        exception_handlers={HTTPException: _http_error, ValueError: _bad_input, NotFound: _not_found, Exception: _internal},
         openapi_config=OpenAPIConfig(title="Feature Atlas", version="0.1.0", path="/schema"),
     )

@@ -10,37 +10,53 @@ from .model import SubjectModel
 from .sae import TopKSAE
 from .tokens import TokenizedCorpus
 
+# Part of the evaluate stage's key: bump it when the metrics change, so old results are recomputed.
+METRICS_VERSION = 2
+
 
 @torch.no_grad()
 def reconstruction_metrics(sae: TopKSAE, acts: np.ndarray, *, batch: int = 4096) -> dict[str, float]:
-    """``acts`` [n, d_in]: held-out rows, BOS excluded.
+    """``acts`` [n, d_in]: held-out rows, BOS excluded. ``err`` is kept per token (not summed on
+    the fly) so the metric can be restricted without a second pass.
 
     FVU is computed about the mean of the held-out rows: 1 - sum||x - x_hat||^2 / sum||x - mean||^2.
     About zero it would flatter the dictionary, as the residual stream has a large constant part.
     """
     x_all = torch.from_numpy(np.asarray(acts, dtype=np.float32))
-    mean = x_all.mean(0)
-    sq_err = 0.0
-    sq_dev = 0.0
+    err = torch.empty(len(x_all))
     l0 = 0.0
     fired = torch.zeros(sae.d_sae, dtype=torch.bool)
     for i in range(0, len(x_all), batch):
         x = x_all[i : i + batch]
         code = sae.encode(x)
-        x_hat = sae.decode(code)
-        sq_err += float((x - x_hat).pow(2).sum())
-        sq_dev += float((x - mean).pow(2).sum())
+        err[i : i + batch] = (x - sae.decode(code)).pow(2).sum(1)
         active = code.values > 0
         l0 += float(active.sum())
         fired[code.indices[active]] = True
-    fvu = sq_err / sq_dev
+    # A handful of tokens (mostly the first after BOS) carry norms ~100x the median and dominate the
+    # pooled variance; we also report the figure without them so neither number hides the other.
+    norm = x_all.norm(dim=1)
+    typical = norm <= OUTLIER_NORM_RATIO * norm.median()
+    fvu = float(err.sum() / _variance(x_all))
+    fvu_typical = float(err[typical].sum() / _variance(x_all[typical]))
     return {
         "eval_tokens": int(len(x_all)),
         "l0": l0 / len(x_all),
         "fvu": fvu,
         "variance_explained": 1 - fvu,
+        "variance_explained_without_outliers": 1 - fvu_typical,
+        "outlier_tokens": int((~typical).sum()),
         "dead_fraction": float(1 - fired.float().mean()),
     }
+
+
+OUTLIER_NORM_RATIO = 10.0
+
+
+def _variance(x: torch.Tensor) -> torch.Tensor:
+    """Total squared deviation about the mean, in float64 (sums over ~1e6 tokens of large norms)."""
+    x = x.double()
+    return (x - x.mean(0)).pow(2).sum()
 
 
 def loss_recovered(

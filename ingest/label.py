@@ -1,9 +1,11 @@
 """First-version labels: what is over-represented where a feature fires, against the corpus.
 
 For each feature we contrast (a) the tokens it fires on, (b) the few tokens just before them, and
-(c) the source its activations come from, with the corpus background. A token's weight is
-``p(t | fires) * log(p(t | fires) / p(t))``: its contribution to the KL divergence, which prefers
-tokens both common at the feature and rare elsewhere. The label names the winners in a short phrase.
+(c) the source its activations come from, with the corpus background. With ``m(t)`` the share of
+the feature's activation mass on token ``t`` and ``p(t)`` its corpus frequency, a token's weight is
+``m(t) * log(m(t) / p(t))``: its contribution to a KL divergence, which prefers tokens that carry
+much of the feature's strong activations and are rare elsewhere. Weighting by activation rather
+than by count keeps the weak, diffuse tail from outvoting the top examples.
 
 ``label_score`` here is *token coverage*: the share of the feature's activation mass that falls on
 the tokens its label names. It says how much of the feature the label accounts for, not whether a
@@ -27,6 +29,8 @@ SOURCE_NAMES = {
     "python": "Python code",
 }
 LABEL_SOURCE = "contrastive"
+# Part of the analysis stage's key: bump it when labelling changes, so old labels are redone.
+LABELS_VERSION = 2
 
 
 @dataclass
@@ -42,14 +46,13 @@ def contrastive_labels(con: duckdb.DuckDBPyConnection, vocab: list[str], d_sae: 
         with bg as (
             select token_id, count(*) / sum(count(*)) over () as p from corpus_tokens where not is_bos group by token_id
         ),
-        nf as (select feature_id, count(*) as n, sum(value) as mass from acts group by feature_id),
-        ft as (select feature_id, token_id, count(*) as c, sum(value) as s from acts group by all),
+        nf as (select feature_id, sum(value) as mass from acts group by feature_id),
+        ft as (select feature_id, token_id, sum(value) as s from acts group by all),
         scored as (
-            select ft.feature_id, ft.token_id, ft.c / nf.n as p_f, ft.s / nf.mass as mass_share,
-                   (ft.c / nf.n) * ln((ft.c / nf.n) / bg.p) as w
+            select ft.feature_id, ft.token_id, ft.s / nf.mass as share, (ft.s / nf.mass) * ln((ft.s / nf.mass) / bg.p) as w
             from ft join nf using (feature_id) join bg using (token_id)
         )
-        select feature_id, token_id, p_f, mass_share from (
+        select feature_id, token_id, share from (
             select *, row_number() over (partition by feature_id order by w desc) as r from scored
         ) where r <= 6 order by feature_id, r
         """
@@ -60,18 +63,18 @@ def contrastive_labels(con: duckdb.DuckDBPyConnection, vocab: list[str], d_sae: 
             select token_id, count(*) / sum(count(*)) over () as p from corpus_tokens where not is_bos group by token_id
         ),
         prev as (
-            select a.feature_id, t.token_id, a.tok
+            select distinct a.feature_id, t.token_id, a.tok, a.value
             from acts a join range(1, 4) d(d) on true
             join corpus_tokens t on t.tok = a.tok - d.d and t.ctx = a.ctx and not t.is_bos
         ),
-        nf as (select feature_id, count(distinct tok) as n from prev group by feature_id),
-        ft as (select feature_id, token_id, count(distinct tok) as c from prev group by all),
+        nf as (select feature_id, sum(value) as mass from acts group by feature_id),
+        ft as (select feature_id, token_id, sum(value) as s, count(*) as c from prev group by all),
         scored as (
-            select ft.feature_id, ft.token_id, ft.c / nf.n as p_f, (ft.c / nf.n) * ln((ft.c / nf.n) / bg.p) as w
+            select ft.feature_id, ft.token_id, ft.s / nf.mass as share, (ft.s / nf.mass) * ln((ft.s / nf.mass) / bg.p) as w
             from ft join nf using (feature_id) join bg using (token_id)
             where ft.c >= 2
         )
-        select feature_id, token_id, p_f from (
+        select feature_id, token_id, share from (
             select *, row_number() over (partition by feature_id order by w desc) as r from scored
         ) where r <= 3 order by feature_id, r
         """
@@ -90,9 +93,9 @@ def contrastive_labels(con: duckdb.DuckDBPyConnection, vocab: list[str], d_sae: 
         """
     ).fetchall()
 
-    at: dict[int, list[tuple[int, float, float]]] = defaultdict(list)
-    for f, t, p, m in token_rows:
-        at[f].append((t, p, m))
+    at: dict[int, list[tuple[int, float]]] = defaultdict(list)
+    for f, t, share in token_rows:
+        at[f].append((t, share))
     before: dict[int, list[tuple[int, float]]] = defaultdict(list)
     for f, t, p in before_rows:
         before[f].append((t, p))
@@ -106,34 +109,36 @@ def _show(token: str) -> str:
     return f'"{shown}"' if shown.strip() else '"␣"'
 
 
-def _phrase(at: list[tuple[int, float, float]], before: list[tuple[int, float]], source: str | None, vocab: list[str]) -> Label:
+def _phrase(at: list[tuple[int, float]], before: list[tuple[int, float]], source: str | None, vocab: list[str]) -> Label:
+    """``at``/``before``: (token id, share of the feature's activation mass), best first."""
     if not at:
         return Label("dead feature (never fired on the corpus)", 0.0)
-    # Keep the tokens that matter; variants that differ only by case or a leading space merge.
+    # Name up to three tokens that matter; variants differing only by case or spacing merge.
     named: dict[str, float] = {}
-    names: list[str] = []
-    mass = 0.0
-    for i, (t, p, m) in enumerate(at):
-        if i > 0 and p < 0.05:
+    shown: list[str] = []
+    for i, (t, share) in enumerate(at):
+        if i > 0 and share < 0.05:
             continue
         key = _show(vocab[t]).lower()
         if key not in named:
-            names.append(_show(vocab[t]))
-        named[key] = named.get(key, 0.0) + p
-        mass += m
-        if len(names) == 3:
-            break
-    if len(names) == 1 or at[0][1] >= 0.5:
-        text = f"the token {names[0]}" + (f" (also {', '.join(names[1:])})" if len(names) > 1 else "")
+            if len(shown) == 3:
+                continue
+            shown.append(_show(vocab[t]))
+        named[key] = named.get(key, 0.0) + share
+    coverage = sum(named.values())
+    if coverage >= 0.5 and len(shown) == 1:
+        text = f"the token {shown[0]}"
+    elif coverage >= 0.5:
+        text = "the tokens " + ", ".join(shown)
     else:
-        text = "tokens " + ", ".join(names)
-    context = [_show(vocab[t]) for t, p in before if p >= 0.1]
+        text = "tokens such as " + ", ".join(shown)
+    context = [_show(vocab[t]) for t, share in before if share >= 0.1]
     context = [c for c in dict.fromkeys(context) if c.lower() not in named]
     if context:
         text += " after " + ", ".join(context[:3])
     if source:
         text += f" in {SOURCE_NAMES.get(source, source)}"
-    return Label(text, float(np.clip(mass, 0.0, 1.0)))
+    return Label(text, float(np.clip(coverage, 0.0, 1.0)))
 
 
 def example_texts(examples: pa.Table, per_feature: int, d_sae: int) -> list[list[str]]:

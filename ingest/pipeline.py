@@ -23,9 +23,9 @@ from . import encode as enc
 from .config import AtlasConfig
 from .corpus import corpus_fingerprint
 from .embed import embed
-from .evaluate import loss_recovered, reconstruction_metrics
+from .evaluate import METRICS_VERSION, loss_recovered, reconstruction_metrics
 from .harvest import harvest, load_activations
-from .label import LABEL_SOURCE, contrastive_labels, example_texts
+from .label import LABEL_SOURCE, LABELS_VERSION, contrastive_labels, example_texts
 from .model import SubjectModel, load_model
 from .sae import TopKSAE
 from .stages import Stages, stage_key
@@ -98,7 +98,7 @@ def run_ingest(cfg: AtlasConfig) -> dict[str, Any]:
     sae = TopKSAE.load(stages.folder("train") / DICTIONARY)
 
     # evaluate on the held-out split
-    eval_key = stage_key(train_key, cfg.ce_eval_contexts)
+    eval_key = stage_key(train_key, cfg.ce_eval_contexts, METRICS_VERSION)
     metrics = stages.finished("evaluate", eval_key)
     if metrics is None:
         with stages.run("evaluate", eval_key) as metrics:
@@ -107,7 +107,7 @@ def run_ingest(cfg: AtlasConfig) -> dict[str, Any]:
 
     # encode + label -> per-feature tables
     vocab = vocabulary(model)
-    analysis_key = stage_key(train_key, cfg.top_examples, cfg.quantile_examples, cfg.quantile_bands, cfg.histogram_bins,
+    analysis_key = stage_key(train_key, LABELS_VERSION, cfg.top_examples, cfg.quantile_examples, cfg.quantile_bands, cfg.histogram_bins,
                              cfg.example_window_before, cfg.example_window_after, cfg.logit_effects, cfg.embedder,
                              cfg.context_embedding_examples)
     folder = stages.folder("analysis")

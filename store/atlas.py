@@ -73,13 +73,16 @@ class Atlas:
     def _con(self):
         return self.duckdb()
 
+    def duckdb_cursor(self):
+        """A cursor on the shared read-only connection: one per request or thread."""
+        return self._con.cursor()
+
     def list_features(self, *, sort: str = "density", descending: bool = True, limit: int = 50, offset: int = 0) -> list[dict]:
         """A page of features (scalar columns only), from DuckDB's copy of the feature table."""
         if sort not in SORTABLE:
             raise ValueError(f"sort must be one of {', '.join(SORTABLE)}")
         order = "desc" if descending else "asc"
-        cur = self._con.cursor()
-        rows = cur.execute(
+        rows = self.duckdb_cursor().execute(
             f"select * from features order by {sort} {order} nulls last, feature_id limit ? offset ?", [limit, offset]
         )
         names = [d[0] for d in rows.description]
@@ -118,7 +121,9 @@ def summarize(manifest: dict[str, Any]) -> str:
         f"tokens: {manifest['tokens']['harvested']:,} harvested, {manifest['tokens']['train']:,} train, "
         f"{manifest['tokens']['eval']:,} held out",
         "held-out metrics: " + ", ".join(
-            f"{k}={m[k]:.4g}" for k in ("l0", "variance_explained", "dead_fraction", "loss_recovered", "ce_clean", "ce_sae", "ce_zero")
+            f"{k}={m[k]:.4g}"
+            for k in ("l0", "variance_explained", "variance_explained_without_outliers", "dead_fraction",
+                      "loss_recovered", "ce_clean", "ce_sae", "ce_zero")
             if k in m
         ),
     ]

@@ -15,19 +15,41 @@ from typing import Any, Callable
 import duckdb
 import lancedb
 import pyarrow as pa
+from lancedb.index import FTS, BTree, IvfHnswSq
 
 from .atlas import CACHE, MANIFEST, PUBLISHED, write_json_atomic
 from .schema import DUCKDB_DDL, EXAMPLES_SCHEMA, features_schema
 
 STAGING = ".staging"
+# Below this many features an exact scan beats any ANN index (and is exact).
+ANN_MIN_ROWS = 50_000
 # Lance logs a warning for every table it creates in a fresh folder, which is every table here.
 os.environ.setdefault("LANCE_LOG", "error")
 
 
 def write_lance(folder: Path, features: pa.Table, examples: pa.Table, d_model: int) -> None:
+    if "search_text" not in features.column_names:
+        text = [f"{label} {' '.join(t.strip() for t in tokens)}" for label, tokens in
+                zip(features["label"].to_pylist(), features["top_tokens"].to_pylist())]
+        features = features.append_column("search_text", pa.array(text, pa.string()))
     db = lancedb.connect(str(folder))
+    tables = {}
     for name, table, schema in (("features", features, features_schema(d_model)), ("examples", examples, EXAMPLES_SCHEMA)):
-        db.create_table(name, table.select(schema.names).cast(schema), mode="overwrite")
+        tables[name] = db.create_table(name, table.select(schema.names).cast(schema), mode="overwrite")
+    create_indexes(tables["features"], tables["examples"])
+
+
+def create_indexes(features, examples) -> None:
+    """Full-text over labels, scalar indexes for by-id lookups, and, once brute force stops being
+    cheap, ANN indexes over the vectors (tuned in ``store.search``)."""
+    # The sync API's first positional argument is the column when ``config`` is given.
+    features.create_index("search_text", config=FTS())
+    features.create_index("feature_id", config=BTree())
+    examples.create_index("feature_id", config=BTree())
+    rows = features.count_rows()
+    if rows >= ANN_MIN_ROWS:
+        for column in ("decoder", "label_embedding", "context_embedding"):
+            features.create_index(column, config=IvfHnswSq(distance_type="cosine", num_partitions=max(1, rows // 4096)))
 
 
 def write_duckdb(path: Path, tables: dict[str, pa.Table]) -> None:

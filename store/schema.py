@@ -16,6 +16,8 @@ def features_schema(d_model: int) -> pa.Schema:
             ("feature_id", pa.int32()),
             ("decoder", pa.list_(pa.float32(), d_model)),  # unit norm
             ("label", pa.string()),
+            # label + top tokens, the column the full-text index covers
+            ("search_text", pa.string()),
             ("label_source", pa.string()),
             ("label_score", pa.float32()),
             ("label_embedding", pa.list_(pa.float32(), EMBEDDING_DIM)),

@@ -1,3 +1,6 @@
+import hashlib
+from pathlib import Path
+
 import pytest
 from litestar.testing import TestClient
 
@@ -9,6 +12,11 @@ from featureatlas.store.atlas import Atlas
 def client(tiny_atlas):
     with TestClient(create_app(Atlas(tiny_atlas))) as c:
         yield c
+
+
+@pytest.fixture(scope="module")
+def live(client):
+    return client.get("/api/features", params={"limit": 1}).json()["features"][0]["feature_id"]
 
 
 def test_health_and_summary(client):
@@ -25,32 +33,160 @@ def test_browse_sorted_and_paged(client):
     assert [f["feature_id"] for f in first[2:7]] == [f["feature_id"] for f in page["features"]]
 
 
-def test_feature_detail(client):
-    live = client.get("/api/features", params={"limit": 1}).json()["features"][0]["feature_id"]
+def test_feature_detail(client, live):
     f = client.get(f"/api/features/{live}").json()
     assert f["feature_id"] == live and f["top_examples"] and len(f["histogram_edges"]) == len(f["histogram"]) + 1
     assert "label_embedding" not in f and "decoder" not in f
 
 
+def test_decoder_neighbors_are_exact_cosine_ranks(client, tiny_atlas, live):
+    import numpy as np
+
+    feats = Atlas(tiny_atlas).features.to_arrow()
+    dec = np.stack(feats["decoder"].to_numpy(zero_copy_only=False))[np.argsort(feats["feature_id"].to_numpy())]
+    sims = dec @ dec[live]
+    sims[live] = -2
+    expected = list(np.argsort(-sims)[:5])
+    got = client.get(f"/api/features/{live}/neighbors", params={"k": 5}).json()["neighbors"]
+    assert [n["feature_id"] for n in got] == expected
+    assert got[0]["similarity"] == pytest.approx(float(sims[expected[0]]), abs=1e-4)
+
+
+def test_coactivation_neighbors_are_jaccard(client, tiny_atlas, live):
+    con = Atlas(tiny_atlas).duckdb()
+    got = client.get(f"/api/features/{live}/neighbors", params={"k": 3, "by": "coactivation"}).json()["neighbors"]
+    assert got and all(0 < n["similarity"] <= 1 for n in got)
+    g = got[0]["feature_id"]
+    both, a, b = con.execute(
+        """select count(*) filter (where x.feature_id is not null and y.feature_id is not null),
+                  count(x.feature_id), count(y.feature_id)
+           from (select * from activations where feature_id = ?) x
+           full join (select * from activations where feature_id = ?) y using (doc_id, position)""",
+        [live, g],
+    ).fetchone()
+    assert got[0]["similarity"] == pytest.approx(both / (a + b - both), abs=1e-5)
+
+
+def test_search_fuses_signals_and_explains_hits(client):
+    body = client.get("/api/search", params={"q": "suspension bridge San Francisco", "k": 5}).json()
+    assert 0 < len(body["hits"]) <= 5
+    scores = [h["score"] for h in body["hits"]]
+    assert scores == sorted(scores, reverse=True)
+    for h in body["hits"]:
+        assert set(h["matched_by"]) <= {"label", "context", "text", "inference"} and h["matched_by"]
+        assert h["snippet"] and "[[" in h["snippet"]
+    signals = {s for h in body["hits"] for s in h["matched_by"]}
+    assert "inference" in signals and "label" in signals
+
+
+@pytest.mark.parametrize("mode", ["label", "context", "text", "inference"])
+def test_search_modes_use_one_signal(client, mode):
+    hits = client.get("/api/search", params={"q": "bridge", "k": 3, "mode": mode}).json()["hits"]
+    assert all(set(h["matched_by"]) == {mode} for h in hits)
+
+
+def test_activations_per_token(client):
+    body = client.post("/api/activations", json={"text": "The bridge spans the bay.", "k": 3}).json()
+    assert body["tokens"] and all(len(t["features"]) <= 3 for t in body["tokens"])
+    vals = [f["value"] for f in body["tokens"][0]["features"]]
+    assert vals == sorted(vals, reverse=True) and all(v > 0 for v in vals)
+
+
+def test_contrast(client):
+    body = client.post(
+        "/api/search/contrast",
+        json={"positive": ["The bridge spans the bay.", "A suspension bridge"], "negative": ["def add(a, b):"], "k": 5},
+    ).json()
+    assert len(body["hits"]) <= 5
+    assert all(h["score"] > 0 for h in body["hits"])
+
+
+def test_sql_happy_path_and_truncation(client):
+    r = client.post("/api/sql", json={"sql": "select feature_id, density from features order by feature_id limit 3"}).json()
+    assert r["columns"] == ["feature_id", "density"] and [row[0] for row in r["rows"]] == [0, 1, 2]
+    assert r["truncated"] is False and r["elapsed_ms"] >= 0
+    r = client.post("/api/sql", json={"sql": "select * from range(5000)"}).json()
+    assert len(r["rows"]) == 1000 and r["truncated"] is True
+    r = client.post("/api/sql", json={"sql": "select count(*) from activations where feature_id = $f", "params": {"f": 1}})
+    assert r.status_code == 200
+
+
+def _tree_hash(root: Path) -> str:
+    h = hashlib.sha256()
+    for p in sorted(root.rglob("*")):
+        if p.is_file():
+            h.update(str(p).encode())
+            h.update(p.read_bytes())
+    return h.hexdigest()
+
+
 @pytest.mark.parametrize(
-    "url, status",
+    "sql",
     [
-        ("/api/features/64", 404),
-        ("/api/features/-1", 404),
-        ("/api/features/abc", 404),
-        ("/api/features?sort=label; drop table features", 400),
-        ("/api/features?limit=0", 400),
-        ("/api/features?limit=100000", 400),
-        ("/api/features?order=sideways", 400),
-        ("/api/features?offset=-3", 400),
+        "COPY features TO '/tmp/x.csv'",
+        "ATTACH '/tmp/other.duckdb' AS other",
+        "INSTALL httpfs",
+        "LOAD httpfs",
+        "select * from read_csv('/etc/passwd')",
+        "select * from read_text('/etc/hostname')",
+        "select * from 'http://127.0.0.1:9/x.parquet'",
+        "PRAGMA enable_external_access",
+        "SET enable_external_access = true",
+        "DROP TABLE features",
+        "DELETE FROM activations",
+        "UPDATE features SET label = 'x'",
+        "CREATE TABLE t AS SELECT 1",
+        "select 1; drop table features",
+        "select 1; select 2",
+        "with recursive r(n) as (select 1 union all select n + 1 from r) select count(*) from r",
+        "select from where",
+        "",
     ],
 )
-def test_errors_are_json_4xx(client, url, status):
-    r = client.get(url)
-    assert r.status_code == status
+def test_sql_guards_refuse_and_leave_the_atlas_unchanged(client, tiny_atlas, sql):
+    before = _tree_hash(tiny_atlas)
+    r = client.post("/api/sql", json={"sql": sql})
+    assert r.status_code == 400, r.text
+    assert set(r.json()) == {"error", "detail"}
+    assert _tree_hash(tiny_atlas) == before
+    # The connection still works afterwards (an interrupt or refusal leaves no bad state).
+    assert client.post("/api/sql", json={"sql": "select count(*) from features"}).json()["rows"] == [[64]]
+
+
+@pytest.mark.parametrize(
+    "method, url, body, status",
+    [
+        ("get", "/api/features/64", None, 404),
+        ("get", "/api/features/-1", None, 404),
+        ("get", "/api/features/abc", None, 404),
+        ("get", "/api/features?sort=label; drop table features", None, 400),
+        ("get", "/api/features?limit=0", None, 400),
+        ("get", "/api/features?limit=100000", None, 400),
+        ("get", "/api/features?order=sideways", None, 400),
+        ("get", "/api/features?offset=-3", None, 400),
+        ("get", "/api/features/64/neighbors", None, 404),
+        ("get", "/api/features/1/neighbors?by=magic", None, 400),
+        ("get", "/api/features/1/neighbors?k=0", None, 400),
+        ("get", "/api/search", None, 400),
+        ("get", "/api/search?q=", None, 400),
+        ("get", "/api/search?q=x&mode=psychic", None, 400),
+        ("get", "/api/search?q=x&k=1000", None, 400),
+        ("post", "/api/activations", {"text": ""}, 400),
+        ("post", "/api/activations", {"text": "word " * 2000}, 400),
+        ("post", "/api/activations", {"txt": "x"}, 400),
+        ("post", "/api/activations", {"text": "x", "k": 0}, 400),
+        ("post", "/api/search/contrast", {"positive": []}, 400),
+        ("post", "/api/sql", {"sql": 5}, 400),
+        ("post", "/api/sql", {}, 400),
+    ],
+)
+def test_errors_are_json_4xx(client, method, url, body, status):
+    r = client.get(url) if method == "get" else client.post(url, json=body)
+    assert r.status_code == status, r.text
     assert set(r.json()) == {"error", "detail"}
 
 
 def test_openapi_schema_lists_the_routes(client):
     paths = client.get("/schema/openapi.json").json()["paths"]
-    assert {"/healthz", "/api/atlas", "/api/features", "/api/features/{feature_id}"} <= set(paths)
+    assert {"/healthz", "/api/atlas", "/api/features", "/api/features/{feature_id}", "/api/search", "/api/sql",
+            "/api/activations", "/api/search/contrast", "/api/features/{feature_id}/neighbors"} <= set(paths)

@@ -63,7 +63,8 @@ def test_examples_show_the_features_real_activations(tiny_atlas):
     c = next(c for c in range(corpus.n_contexts) if corpus.ctx_doc[c] == e["doc_id"]
              and corpus.ctx_start[c] <= e["max_position"] < corpus.ctx_start[c] + np.diff(corpus.ctx_offset)[c] - 1)
     row = corpus.ctx_offset[c] + 1 + e["max_position"] - corpus.ctx_start[c]
-    dense = sae.dense(sae.encode(torch.from_numpy(acts[row : row + 1].astype(np.float32))))
+    with torch.no_grad():
+        dense = sae.dense(sae.encode(torch.from_numpy(acts[row : row + 1].astype(np.float32))))
     assert float(dense[0, live]) == pytest.approx(e["max_activation"], rel=1e-4)
     token = con.execute("select token from tokens where doc_id = ? and position = ?", [e["doc_id"], e["max_position"]]).fetchone()[0]
     assert e["tokens"][e["max_position"] - e["start"]] == token

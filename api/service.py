@@ -1,0 +1,178 @@
+"""The queries users run, shared by the HTTP routes and the CLI: search, contrast, probe, neighbours.
+
+Each returns plain JSON-ready dicts. Input errors raise ``ValueError`` subclasses (HTTP 400).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+from featureatlas.ingest.config import ConfigError
+from featureatlas.ingest.embed import embed
+from featureatlas.ingest.probe import Probe
+from featureatlas.store import search as S
+from featureatlas.store.atlas import Atlas
+
+SEARCH_MODES = ("label", "context", "text", "inference")
+# Features firing on more than this share of tokens are down-weighted in fused search: they match
+# everything and crowd out specific features (a common complaint about feature search).
+DENSE_DENSITY = 0.05
+DENSE_WEIGHT = 0.5
+MAX_K = 100
+# Each signal contributes this many candidates per requested hit before fusion.
+CANDIDATES_PER_HIT = 3
+
+
+class NotFound(LookupError):
+    pass
+
+
+class AtlasService:
+    def __init__(self, atlas: Atlas, *, probe_device: str | None = None):
+        self.atlas = atlas
+        self.probe = Probe(atlas, device=probe_device)
+        self.embedder = atlas.manifest["config"].get("embedder", "minilm")
+
+    # -- features -------------------------------------------------------------------------------
+
+    def check_feature(self, feature_id: int) -> None:
+        if not 0 <= feature_id < self.atlas.d_sae:
+            raise NotFound(f"no feature {feature_id}: this atlas has features 0..{self.atlas.d_sae - 1}")
+
+    def feature(self, feature_id: int) -> dict[str, Any]:
+        self.check_feature(feature_id)
+        row = self.atlas.feature(feature_id)
+        if row is None:
+            raise NotFound(f"no feature {feature_id}")
+        examples = self.atlas.feature_examples(feature_id)
+        row["top_examples"] = [e for e in examples if e["kind"] == "top"]
+        row["quantile_examples"] = [e for e in examples if e["kind"] != "top"]
+        bins = len(row["histogram"])
+        row["histogram_edges"] = [row["max_activation"] * i / bins for i in range(bins + 1)]
+        return row
+
+    def _summaries(self, ids: list[int]) -> dict[int, dict[str, Any]]:
+        if not ids:
+            return {}
+        cur = self.atlas.duckdb_cursor()
+        rows = cur.execute(
+            "select feature_id, label, density, max_activation from features where feature_id in (select unnest($ids))",
+            {"ids": ids},
+        ).fetchall()
+        return {f: {"label": lab, "density": d, "max_activation": m} for f, lab, d, m in rows}
+
+    def _snippets(self, ids: list[int]) -> dict[int, str]:
+        """The top example of each feature, strongest token in [[brackets]]."""
+        if not ids:
+            return {}
+        where = f"kind = 'top' and feature_id in ({', '.join(str(int(i)) for i in ids)})"
+        rows = self.atlas.examples.search().where(where).select(["feature_id", "tokens", "activations", "max_activation"]).limit(
+            len(ids) * 100
+        ).to_list()
+        best: dict[int, dict] = {}
+        for r in rows:
+            if r["feature_id"] not in best or r["max_activation"] > best[r["feature_id"]]["max_activation"]:
+                best[r["feature_id"]] = r
+        out = {}
+        for f, r in best.items():
+            i = int(np.argmax(r["activations"]))
+            out[f] = "".join(r["tokens"][:i]) + "[[" + r["tokens"][i] + "]]" + "".join(r["tokens"][i + 1 :])
+        return out
+
+    # -- search ---------------------------------------------------------------------------------
+
+    def search(self, q: str, k: int = 10, mode: str | None = None) -> dict[str, Any]:
+        q = (q or "").strip()
+        if not q:
+            raise ConfigError("q", "the query is empty")
+        if not 1 <= k <= MAX_K:
+            raise ConfigError("k", f"must be between 1 and {MAX_K}")
+        if mode is not None and mode not in SEARCH_MODES:
+            raise ConfigError("mode", f"must be one of {', '.join(SEARCH_MODES)}")
+        modes = [mode] if mode else list(SEARCH_MODES)
+        n = k * CANDIDATES_PER_HIT
+        lists: dict[str, S.Ranked] = {}
+        if "label" in modes or "context" in modes:
+            vec = embed([q], name=self.embedder)[0]
+            for m in ("label", "context"):
+                if m in modes:
+                    lists[m] = S.vector_search(self.atlas, f"{m}_embedding", vec, n)
+        if "text" in modes:
+            lists["text"] = S.text_search(self.atlas, q, n)
+        if "inference" in modes:
+            lists["inference"] = self._inference_ranking(q, n)
+        candidates = sorted({f for ranked in lists.values() for f, _ in ranked})
+        info = self._summaries(candidates)
+        weights = {f: DENSE_WEIGHT for f, s in info.items() if s["density"] > DENSE_DENSITY}
+        fused = S.fuse(lists, weights=weights)[:k]
+        snippets = self._snippets([f for f, _, _ in fused])
+        hits = [
+            {"feature_id": f, "label": info[f]["label"], "score": round(score, 6), "density": info[f]["density"],
+             "matched_by": why, "snippet": snippets.get(f), "down_weighted": f in weights}
+            for f, score, why in fused
+        ]
+        return {"query": q, "mode": mode or "all", "hits": hits}
+
+    def _inference_ranking(self, text: str, n: int) -> S.Ranked:
+        """Anthropic's single-prompt method: features ranked by their activation on the text
+        relative to their own maximum over the corpus."""
+        maxima = self.probe.run(text).feature_maxima(self.atlas.d_sae)
+        active = np.flatnonzero(maxima > 0)
+        corpus_max = self._feature_max(active)
+        rel = maxima[active] / np.maximum(corpus_max, 1e-6)
+        order = np.argsort(-rel)[:n]
+        return [(int(active[i]), float(rel[i])) for i in order]
+
+    def _feature_max(self, ids: np.ndarray) -> np.ndarray:
+        info = self._summaries([int(i) for i in ids])
+        return np.array([info.get(int(i), {}).get("max_activation") or 0.0 for i in ids], dtype=np.float32)
+
+    def contrast(self, positive: list[str], negative: list[str], k: int = 10) -> dict[str, Any]:
+        """Features active on every positive prompt and on none of the negative ones, ranked by
+        their weakest relative activation over the positives."""
+        if not positive:
+            raise ConfigError("positive", "give at least one positive prompt")
+        if not 1 <= k <= MAX_K:
+            raise ConfigError("k", f"must be between 1 and {MAX_K}")
+        d = self.atlas.d_sae
+        pos = np.stack([self.probe.run(t).feature_maxima(d) for t in positive])
+        neg = np.stack([self.probe.run(t).feature_maxima(d) for t in negative]) if negative else np.zeros((1, d))
+        ok = np.flatnonzero((pos > 0).all(0) & (neg <= 0).all(0))
+        rel = pos[:, ok].min(0) / np.maximum(self._feature_max(ok), 1e-6)
+        order = np.argsort(-rel)[:k]
+        info = self._summaries([int(ok[i]) for i in order])
+        hits = [{"feature_id": int(ok[i]), "label": info[int(ok[i])]["label"], "score": float(rel[i]),
+                 "density": info[int(ok[i])]["density"]} for i in order]
+        return {"positive": positive, "negative": negative, "hits": hits}
+
+    def activations(self, text: str, k: int = 5) -> dict[str, Any]:
+        if not 1 <= k <= MAX_K:
+            raise ConfigError("k", f"must be between 1 and {MAX_K}")
+        result = self.probe.run(text)
+        k = min(k, result.values.shape[1])
+        ids = sorted({int(f) for row, vals in zip(result.indices, result.values) for f, v in zip(row[:k], vals[:k]) if v > 0})
+        info = self._summaries(ids)
+        tokens = []
+        for tok, row, vals in zip(result.tokens, result.indices, result.values):
+            feats = [{"feature_id": int(f), "value": float(v), "label": info[int(f)]["label"]}
+                     for f, v in zip(row[:k], vals[:k]) if v > 0]
+            tokens.append({"token": tok, "features": feats})
+        return {"tokens": tokens}
+
+    def neighbors(self, feature_id: int, k: int = 10, by: str = "decoder") -> dict[str, Any]:
+        self.check_feature(feature_id)
+        if not 1 <= k <= MAX_K:
+            raise ConfigError("k", f"must be between 1 and {MAX_K}")
+        if by == "decoder":
+            ranked = S.vector_search(self.atlas, "decoder", S.decoder_vector(self.atlas, feature_id), k, exclude=feature_id)
+        elif by == "coactivation":
+            ranked = S.coactivation_neighbors(self.atlas, feature_id, k)
+        else:
+            raise ConfigError("by", "must be decoder or coactivation")
+        info = self._summaries([f for f, _ in ranked])
+        return {"feature_id": feature_id, "by": by, "neighbors": [
+            {"feature_id": f, "similarity": round(s, 6), "label": info[f]["label"], "density": info[f]["density"]}
+            for f, s in ranked
+        ]}

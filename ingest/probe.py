@@ -1,0 +1,68 @@
+"""Search by inference: run text through an atlas's model and dictionary.
+
+Loaded lazily (the model takes seconds) and once per process; safe to call from several threads.
+"""
+
+from __future__ import annotations
+
+import threading
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from featureatlas.store.atlas import Atlas
+
+from .config import ConfigError
+from .model import SubjectModel, load_model
+from .sae import TopKSAE
+
+MAX_PROBE_TOKENS = 512
+
+
+@dataclass
+class ProbeResult:
+    tokens: list[str]  # the text's tokens, BOS excluded
+    values: np.ndarray  # [n_tokens, k] activations, descending per token
+    indices: np.ndarray  # [n_tokens, k] feature ids
+
+    def feature_maxima(self, d_sae: int) -> np.ndarray:
+        """[d_sae] each feature's largest activation anywhere in the text."""
+        out = np.zeros(d_sae, dtype=np.float32)
+        np.maximum.at(out, self.indices.ravel(), self.values.ravel())
+        return out
+
+
+class Probe:
+    def __init__(self, atlas: Atlas, *, device: str | None = None):
+        self.atlas = atlas
+        self._device = device
+        self._lock = threading.Lock()
+        self._loaded: tuple[SubjectModel, TopKSAE, int] | None = None
+
+    def _load(self) -> tuple[SubjectModel, TopKSAE, int]:
+        with self._lock:
+            if self._loaded is None:
+                cfg = self.atlas.manifest["config"]
+                model = load_model(
+                    cfg["model"], device=self._device or cfg["device"], dtype=cfg["dtype"], cache_dir=cfg["model_cache"]
+                )
+                sae = TopKSAE.load(self.atlas.dictionary_dir, device=model.device)
+                self._loaded = (model, sae, int(self.atlas.manifest["hook"]["layer"]))
+        return self._loaded
+
+    @torch.no_grad()
+    def run(self, text: str) -> ProbeResult:
+        if not text or not text.strip():
+            raise ConfigError("text", "is empty")
+        model, sae, layer = self._load()
+        ids = model.tokenizer(text, add_special_tokens=False)["input_ids"]
+        if len(ids) > MAX_PROBE_TOKENS:
+            raise ConfigError("text", f"is {len(ids)} tokens; the limit is {MAX_PROBE_TOKENS}")
+        x = torch.tensor([[model.bos_id, *ids]])
+        resid = model.residual(x, layer)[0, 1:]
+        code = sae.encode(resid.to(sae.W_enc.dtype))
+        values, order = code.values.sort(dim=-1, descending=True)
+        indices = code.indices.gather(-1, order)
+        tokens = [model.tokenizer.decode([i]) for i in ids]
+        return ProbeResult(tokens, values.float().cpu().numpy(), indices.cpu().numpy())
