@@ -8,7 +8,9 @@ import logging
 import sys
 from typing import Any, Sequence
 
-from featureatlas.ingest.config import AtlasConfig, ConfigError, PROFILES, load_config
+from featureatlas.ingest.config import PROFILES, AtlasConfig, ConfigError, load_config
+
+SEARCH_MODES = ("label", "context", "text", "inference")  # api.service.SEARCH_MODES, without its imports
 
 EXIT_BAD_INPUT = 2
 
@@ -64,6 +66,24 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--atlas", default=AtlasConfig.atlas)
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--device", help="device for search by inference (default: the one the atlas was built on)")
+    p = sub.add_parser("search", help="natural-language search over features")
+    p.add_argument("query")
+    p.add_argument("-k", type=int, default=10)
+    p.add_argument("--mode", choices=SEARCH_MODES, help="restrict to one signal")
+    p = sub.add_parser("neighbors", help="nearest features to a feature")
+    p.add_argument("feature_id", type=int)
+    p.add_argument("-k", type=int, default=10)
+    p.add_argument("--by", choices=("decoder", "coactivation"), default="decoder")
+    p = sub.add_parser("sql", help="read-only SQL over the analytics database")
+    p.add_argument("sql")
+    p = sub.add_parser("probe", help="top features of each token of a text")
+    p.add_argument("text")
+    p.add_argument("-k", type=int, default=5)
+    for name in ("search", "neighbors", "sql", "probe"):
+        q = sub.choices[name]
+        q.add_argument("--atlas", default=AtlasConfig.atlas)
+        q.add_argument("--json", action="store_true", help="JSON instead of a table")
     args = parser.parse_args(argv)
     logging.basicConfig(
         level=logging.DEBUG if args.verbose else logging.INFO, format="%(asctime)s %(levelname)s %(message)s", datefmt="%H:%M:%S"
@@ -86,13 +106,19 @@ def _ingest(args: argparse.Namespace) -> int:
     return 0
 
 
-def _info(args: argparse.Namespace) -> int:
-    from featureatlas.store.atlas import Atlas, AtlasNotFound, summarize
+def _open(path: str):
+    from featureatlas.store.atlas import Atlas, AtlasNotFound
 
     try:
-        atlas = Atlas(args.atlas)
+        return Atlas(path)
     except AtlasNotFound as e:
         raise ConfigError("--atlas", str(e)) from None
+
+
+def _info(args: argparse.Namespace) -> int:
+    from featureatlas.store.atlas import summarize
+
+    atlas = _open(args.atlas)
     print(json.dumps(atlas.manifest, indent=2, default=str) if args.json else summarize(atlas.manifest))
     return 0
 
@@ -101,17 +127,68 @@ def _serve(args: argparse.Namespace) -> int:
     import uvicorn
 
     from featureatlas.api.app import create_app
-    from featureatlas.store.atlas import Atlas, AtlasNotFound
 
-    try:
-        atlas = Atlas(args.atlas)
-    except AtlasNotFound as e:
-        raise ConfigError("--atlas", str(e)) from None
-    uvicorn.run(create_app(atlas), host=args.host, port=args.port, log_level="info")
+    uvicorn.run(create_app(_open(args.atlas), probe_device=args.device), host=args.host, port=args.port, log_level="info")
     return 0
 
 
-_COMMANDS = {"ingest": _ingest, "info": _info, "serve": _serve}
+def _query(args: argparse.Namespace) -> int:
+    """search / neighbors / sql / probe: the same code paths as the HTTP routes."""
+    from featureatlas.api.service import AtlasService, NotFound
+    from featureatlas.store.sql import SQLError, execute_sql
+
+    atlas = _open(args.atlas)
+    service = AtlasService(atlas)
+    try:
+        if args.command == "search":
+            result = service.search(args.query, args.k, args.mode)
+            rows = [[h["feature_id"], f"{h['score']:.4f}", f"{h['density']:.4%}", _why(h["matched_by"]), _clip(h["label"], 70),
+                     h["snippet"]] for h in result["hits"]]
+            header = ["feature", "score", "density", "matched by", "label", "top example"]
+        elif args.command == "neighbors":
+            result = service.neighbors(args.feature_id, args.k, args.by)
+            rows = [[n["feature_id"], f"{n['similarity']:.4f}", f"{n['density']:.4%}", n["label"]] for n in result["neighbors"]]
+            header = ["feature", "similarity", "density", "label"]
+        elif args.command == "sql":
+            result = execute_sql(atlas, args.sql).to_dict()
+            rows, header = result["rows"], result["columns"]
+        else:
+            result = service.activations(args.text, args.k)
+            rows = [[repr(t["token"]), ", ".join(f"{f['feature_id']} ({f['value']:.2f}) {_clip(f['label'], 40)}"
+                                                 for f in t["features"])] for t in result["tokens"]]
+            header = ["token", "top features (activation) label"]
+    except NotFound as e:
+        raise ConfigError("feature_id", str(e)) from None
+    except SQLError as e:
+        raise ConfigError("sql", str(e)) from None
+    if args.json:
+        print(json.dumps(result, indent=2, default=str))
+    else:
+        print(_table(header, rows))
+        if result.get("truncated"):
+            print(f"(truncated to {len(rows)} rows)")
+    return 0
+
+
+def _why(matched_by: dict[str, int]) -> str:
+    return " ".join(f"{name}#{rank}" for name, rank in matched_by.items())
+
+
+def _clip(text: str | None, width: int = 60) -> str:
+    text = (text or "").replace("\n", "⏎")
+    return text if len(text) <= width else text[: width - 1] + "…"
+
+
+def _table(header: list[str], rows: list[list[Any]]) -> str:
+    cells = [[str(c) for c in header]] + [[str(c) for c in r] for r in rows]
+    widths = [max(len(r[i]) for r in cells) for i in range(len(header))]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in cells]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    return "\n".join(lines)
+
+
+_COMMANDS = {"ingest": _ingest, "info": _info, "serve": _serve, "search": _query, "neighbors": _query, "sql": _query,
+             "probe": _query}
 
 if __name__ == "__main__":
     sys.exit(main())

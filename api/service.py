@@ -23,6 +23,9 @@ DENSE_WEIGHT = 0.5
 MAX_K = 100
 # Each signal contributes this many candidates per requested hit before fusion.
 CANDIDATES_PER_HIT = 3
+# Tokens shown around the strongest one in a search hit's snippet.
+SNIPPET_BEFORE = 12
+SNIPPET_AFTER = 4
 
 
 class NotFound(LookupError):
@@ -78,7 +81,10 @@ class AtlasService:
         out = {}
         for f, r in best.items():
             i = int(np.argmax(r["activations"]))
-            out[f] = "".join(r["tokens"][:i]) + "[[" + r["tokens"][i] + "]]" + "".join(r["tokens"][i + 1 :])
+            tokens = r["tokens"]
+            before = "".join(tokens[max(0, i - SNIPPET_BEFORE) : i])
+            after = "".join(tokens[i + 1 : i + 1 + SNIPPET_AFTER])
+            out[f] = f"{before}[[{tokens[i]}]]{after}".replace("\n", "⏎")
         return out
 
     # -- search ---------------------------------------------------------------------------------

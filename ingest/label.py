@@ -30,7 +30,8 @@ SOURCE_NAMES = {
 }
 LABEL_SOURCE = "contrastive"
 # Part of the analysis stage's key: bump it when labelling changes, so old labels are redone.
-LABELS_VERSION = 2
+LABELS_VERSION = 3
+TITLES_IN_LABEL = 3
 
 
 @dataclass
@@ -39,8 +40,11 @@ class Label:
     score: float
 
 
-def contrastive_labels(con: duckdb.DuckDBPyConnection, vocab: list[str], d_sae: int) -> list[Label]:
-    """``con`` has ``acts`` (sparse records) and ``corpus_tokens(tok, ctx, token_id, source, is_bos)``."""
+def contrastive_labels(
+    con: duckdb.DuckDBPyConnection, vocab: list[str], d_sae: int, titles: list[list[str]] | None = None
+) -> list[Label]:
+    """``con`` has ``acts`` (sparse records) and ``corpus_tokens(tok, ctx, token_id, source, is_bos)``;
+    ``titles[f]``: titles of the documents of feature f's top examples, strongest first."""
     token_rows = con.execute(
         """
         with bg as (
@@ -100,7 +104,8 @@ def contrastive_labels(con: duckdb.DuckDBPyConnection, vocab: list[str], d_sae: 
     for f, t, p in before_rows:
         before[f].append((t, p))
     source = {f: s for f, s, _ in source_rows}
-    return [_phrase(at.get(f, []), before.get(f, []), source.get(f), vocab) for f in range(d_sae)]
+    titles = titles or [[] for _ in range(d_sae)]
+    return [_phrase(at.get(f, []), before.get(f, []), source.get(f), titles[f], vocab) for f in range(d_sae)]
 
 
 def _show(token: str) -> str:
@@ -109,7 +114,9 @@ def _show(token: str) -> str:
     return f'"{shown}"' if shown.strip() else '"␣"'
 
 
-def _phrase(at: list[tuple[int, float]], before: list[tuple[int, float]], source: str | None, vocab: list[str]) -> Label:
+def _phrase(
+    at: list[tuple[int, float]], before: list[tuple[int, float]], source: str | None, titles: list[str], vocab: list[str]
+) -> Label:
     """``at``/``before``: (token id, share of the feature's activation mass), best first."""
     if not at:
         return Label("dead feature (never fired on the corpus)", 0.0)
@@ -138,7 +145,23 @@ def _phrase(at: list[tuple[int, float]], before: list[tuple[int, float]], source
         text += " after " + ", ".join(context[:3])
     if source:
         text += f" in {SOURCE_NAMES.get(source, source)}"
+    # The documents its strongest examples come from name the topic better than tokens can
+    # ("Manganese, Magnesium, Argon" for a feature on chemical elements).
+    shown_titles = list(dict.fromkeys(titles))[:TITLES_IN_LABEL]
+    if len(shown_titles) > 1:
+        text += " — from " + "; ".join(shown_titles)
     return Label(text, float(np.clip(coverage, 0.0, 1.0)))
+
+
+def top_titles(examples: pa.Table, doc_titles: list[str], d_sae: int) -> list[list[str]]:
+    """Per feature, the titles behind its top examples, strongest first (a play's scene heading is
+    cut to the play)."""
+    out: list[list[str]] = [[] for _ in range(d_sae)]
+    ex = examples.select(["feature_id", "kind", "doc_id"]).to_pydict()
+    for f, kind, d in zip(ex["feature_id"], ex["kind"], ex["doc_id"]):
+        if kind == "top":
+            out[f].append(doc_titles[d].split(", SCENE")[0])
+    return out
 
 
 def example_texts(examples: pa.Table, per_feature: int, d_sae: int) -> list[list[str]]:

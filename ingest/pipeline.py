@@ -25,7 +25,7 @@ from .corpus import corpus_fingerprint
 from .embed import embed
 from .evaluate import METRICS_VERSION, loss_recovered, reconstruction_metrics
 from .harvest import harvest, load_activations
-from .label import LABEL_SOURCE, LABELS_VERSION, contrastive_labels, example_texts
+from .label import LABEL_SOURCE, LABELS_VERSION, contrastive_labels, example_texts, top_titles
 from .model import SubjectModel, load_model
 from .sae import TopKSAE
 from .stages import Stages, stage_key
@@ -150,7 +150,8 @@ def _analyse(cfg, model, sae, corpus, acts, is_bos, is_eval, vocab, folder: Path
     }))
     stats = enc.feature_stats(con, cfg, n_encoded).to_pydict()
     examples = enc.build_examples(enc.example_picks(con, cfg), codes, corpus, vocab, cfg)
-    labels = contrastive_labels(con, vocab, sae.d_sae)
+    titles = top_titles(examples, [d.title for d in corpus.documents], sae.d_sae)
+    labels = contrastive_labels(con, vocab, sae.d_sae, titles)
     con.close()
     logit_pos, logit_neg = enc.logit_effects(sae, model, vocab, cfg.logit_effects)
 

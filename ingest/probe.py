@@ -27,9 +27,14 @@ class ProbeResult:
     indices: np.ndarray  # [n_tokens, k] feature ids
 
     def feature_maxima(self, d_sae: int) -> np.ndarray:
-        """[d_sae] each feature's largest activation anywhere in the text."""
+        """[d_sae] each feature's largest activation anywhere in the text.
+
+        The first token is skipped when there are others: right after BOS the residual stream is
+        an outlier (norms ~100x the median) and fires "start of text" features whatever the text.
+        """
+        skip = 1 if len(self.tokens) > 1 else 0
         out = np.zeros(d_sae, dtype=np.float32)
-        np.maximum.at(out, self.indices.ravel(), self.values.ravel())
+        np.maximum.at(out, self.indices[skip:].ravel(), self.values[skip:].ravel())
         return out
 
 

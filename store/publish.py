@@ -7,7 +7,6 @@ never a half atlas that opens.
 
 from __future__ import annotations
 
-import os
 import shutil
 from pathlib import Path
 from typing import Any, Callable
@@ -23,8 +22,7 @@ from .schema import DUCKDB_DDL, EXAMPLES_SCHEMA, features_schema
 STAGING = ".staging"
 # Below this many features an exact scan beats any ANN index (and is exact).
 ANN_MIN_ROWS = 50_000
-# Lance logs a warning for every table it creates in a fresh folder, which is every table here.
-os.environ.setdefault("LANCE_LOG", "error")
+
 
 
 def write_lance(folder: Path, features: pa.Table, examples: pa.Table, d_model: int) -> None:

@@ -42,7 +42,12 @@ def vector_search(atlas: Atlas, column: str, vector: Sequence[float], k: int, *,
 def text_search(atlas: Atlas, query: str, k: int) -> Ranked:
     """BM25 over labels and top tokens."""
     try:
-        rows = atlas.features.search(query, query_type="fts", fts_columns="search_text").select(["feature_id"]).limit(k).to_arrow()
+        rows = (
+            atlas.features.search(query, query_type="fts", fts_columns="search_text")
+            .select(["feature_id", "_score"])
+            .limit(k)
+            .to_arrow()
+        )
     except ValueError:  # a query of only stop words or punctuation has no terms
         return []
     return list(zip(rows["feature_id"].to_pylist(), rows["_score"].to_pylist()))

@@ -48,3 +48,30 @@ def test_ingest_then_info(base, capsys):
 def test_info_on_a_missing_atlas(tmp_path, capsys):
     assert main(["info", "--atlas", str(tmp_path / "none")]) == 2
     assert "--atlas" in capsys.readouterr().err
+
+
+def test_query_commands_print_tables_and_json(tiny_atlas, capsys):
+    import json
+
+    assert main(["sql", "select count(*) as n from features", "--atlas", str(tiny_atlas), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["rows"] == [[64]]
+    assert main(["search", "bridge", "-k", "3", "--atlas", str(tiny_atlas)]) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert out[0].split()[:3] == ["feature", "score", "density"] and 1 < len(out) <= 5
+    assert main(["neighbors", "1", "-k", "4", "--atlas", str(tiny_atlas), "--json"]) == 0
+    assert len(json.loads(capsys.readouterr().out)["neighbors"]) == 4
+    assert main(["probe", "the bridge", "--atlas", str(tiny_atlas), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["tokens"]
+
+
+@pytest.mark.parametrize(
+    "args, flag",
+    [
+        (["sql", "drop table features"], "sql"),
+        (["neighbors", "100000"], "feature_id"),
+        (["search", "x", "-k", "0"], "k"),
+    ],
+)
+def test_query_command_errors_exit_2(tiny_atlas, capsys, args, flag):
+    assert main(args + ["--atlas", str(tiny_atlas)]) == 2
+    assert capsys.readouterr().err.strip().splitlines()[-1].startswith(f"featureatlas: error: {flag}")

@@ -1,0 +1,185 @@
+"""Search and neighbour latency over HTTP, and ANN recall, on synthetic atlases of 100k and 1M features.
+
+    .venv/bin/python scripts/bench_search.py --out search.json [--sizes 100000 1000000]
+
+For each size it publishes a synthetic atlas through the real writer (``store.publish``: the same
+tables and indexes as an ingest), starts ``featureatlas serve`` on loopback, and measures p50/p99 of
+``/api/search?mode=label`` (query embedding included) and ``/api/features/{id}/neighbors``, plus
+recall@10 of the indexed neighbours against exact brute force, and brute-force numpy latency, in
+the same run. Decoders are clustered (a unit vector near one of sqrt(n) centres), not uniform:
+real dictionaries have structure, and uniform random vectors in 576 dimensions have no meaningful
+nearest neighbours at all.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import httpx
+import numpy as np
+import pyarrow as pa
+
+from featureatlas.ingest.embed import embed
+from featureatlas.store.publish import publish, write_duckdb, write_lance
+
+D_MODEL = 576
+WORDS = (
+    "bridge river city music code python function loop king queen war battle love poem chemistry element atom "
+    "planet star galaxy ocean island mountain desert forest animal bird fish insect plant flower tree disease "
+    "medicine doctor law court judge money bank market trade ship train car road airport computer network "
+    "language french spanish english number date year month day night sun moon rain snow fire water earth "
+    "church religion god temple painting sculpture film theatre actor novel author history empire republic"
+).split()
+
+
+def synthetic_features(n: int, seed: int = 0) -> tuple[pa.Table, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    centres = rng.standard_normal((int(np.sqrt(n)), D_MODEL)).astype(np.float32)
+    decoder = centres[rng.integers(0, len(centres), n)] + 0.6 * rng.standard_normal((n, D_MODEL)).astype(np.float32)
+    decoder /= np.linalg.norm(decoder, axis=1, keepdims=True)
+    word_emb = embed(WORDS)
+    picks = rng.integers(0, len(WORDS), (n, 3))
+    labels = [" ".join(WORDS[i] for i in row) for row in picks]
+    label_emb = word_emb[picks].mean(1) + 0.05 * rng.standard_normal((n, word_emb.shape[1])).astype(np.float32)
+    label_emb /= np.linalg.norm(label_emb, axis=1, keepdims=True)
+    dim = label_emb.shape[1]
+    fixed = lambda a, d: pa.FixedSizeListArray.from_arrays(a.astype(np.float32).ravel(), d)  # noqa: E731
+    density = rng.beta(0.5, 200, n)
+    table = pa.table({
+        "feature_id": np.arange(n, dtype=np.int32),
+        "decoder": fixed(decoder, D_MODEL),
+        "label": labels,
+        "label_source": ["synthetic"] * n,
+        "label_score": rng.random(n).astype(np.float32),
+        "label_embedding": fixed(label_emb, dim),
+        "context_embedding": fixed(label_emb, dim),
+        "density": density,
+        "n_active": (density * 1e6).astype(np.int64),
+        "mean_activation": rng.random(n).astype(np.float32),
+        "max_activation": (rng.random(n) * 10 + 1).astype(np.float32),
+        "top_tokens": pa.array([[w] for w in labels], pa.list_(pa.string())),
+        "logit_positive": pa.array([[]] * n, pa.list_(pa.struct([("token", pa.string()), ("value", pa.float32())]))),
+        "logit_negative": pa.array([[]] * n, pa.list_(pa.struct([("token", pa.string()), ("value", pa.float32())]))),
+        "histogram": pa.array([[]] * n, pa.list_(pa.int64())),
+    })
+    return table, decoder
+
+
+def build_atlas(root: Path, n: int) -> np.ndarray:
+    features, decoder = synthetic_features(n)
+    examples = pa.table({"feature_id": pa.array([], pa.int32()), "kind": pa.array([], pa.string()),
+                         "doc_id": pa.array([], pa.int32()), "start": pa.array([], pa.int32()),
+                         "tokens": pa.array([], pa.list_(pa.string())), "activations": pa.array([], pa.list_(pa.float32())),
+                         "max_activation": pa.array([], pa.float32()), "max_position": pa.array([], pa.int32())})
+    empty = lambda **cols: pa.table({k: pa.array([], t) for k, t in cols.items()})  # noqa: E731
+    manifest = {"format": 1, "dictionary": {"d_sae": n, "d_in": D_MODEL, "k": 32, "architecture": "topk"},
+                "config": {"embedder": "minilm", "model": "smollm2", "device": "cpu", "dtype": "auto",
+                           "model_cache": "~/.cache/featureatlas/models"},
+                "hook": {"layer": 15}, "synthetic": True}
+
+    def build(staging: Path) -> None:
+        (staging / "dictionary").mkdir()
+        write_lance(staging / "lance", features, examples, D_MODEL)
+        write_duckdb(staging / "analytics.duckdb", {
+            "documents": empty(doc_id=pa.int32(), doc_key=pa.string(), source=pa.string(), title=pa.string(), text=pa.string()),
+            "tokens": empty(doc_id=pa.int32(), position=pa.int32(), token_id=pa.int32(), token=pa.string(), split=pa.string()),
+            "activations": empty(doc_id=pa.int32(), position=pa.int32(), feature_id=pa.int32(), value=pa.float32()),
+            "features": features,
+        })
+
+    publish(root, build, manifest)
+    return decoder
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def timed(client: httpx.Client, url: str, params: dict | None = None) -> tuple[float, dict]:
+    t0 = time.perf_counter()
+    r = client.get(url, params=params)
+    ms = (time.perf_counter() - t0) * 1000
+    r.raise_for_status()
+    return ms, r.json()
+
+
+def measure(root: Path, decoder: np.ndarray, requests: int, seed: int = 1) -> dict:
+    port = free_port()
+    server = subprocess.Popen(
+        [sys.executable, "-m", "featureatlas.api.cli", "serve", "--atlas", str(root), "--port", str(port)],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env={**os.environ, "HF_HUB_OFFLINE": "1"},
+    )
+    rng = np.random.default_rng(seed)
+    try:
+        base = f"http://127.0.0.1:{port}"
+        with httpx.Client(base_url=base, timeout=30) as client:
+            for _ in range(600):
+                try:
+                    if client.get("/healthz").status_code == 200:
+                        break
+                except httpx.TransportError:
+                    time.sleep(0.1)
+            else:
+                raise RuntimeError("server did not start")
+            ids = rng.integers(0, len(decoder), requests)
+            queries = [" ".join(rng.choice(WORDS, 2)) for _ in range(requests)]
+            for i in range(5):  # warm caches and the embedder
+                timed(client, f"/api/features/{int(ids[i])}/neighbors")
+                timed(client, "/api/search", {"q": queries[i], "mode": "label"})
+            neigh_ms, search_ms, recalls, brute_ms = [], [], [], []
+            for i, q in zip(ids, queries):
+                ms, body = timed(client, f"/api/features/{int(i)}/neighbors", {"k": 10})
+                neigh_ms.append(ms)
+                t0 = time.perf_counter()
+                sims = decoder @ decoder[i]
+                sims[i] = -2
+                exact = np.argpartition(-sims, 10)[:10]
+                brute_ms.append((time.perf_counter() - t0) * 1000)
+                got = {n["feature_id"] for n in body["neighbors"]}
+                recalls.append(len(got & set(exact.tolist())) / 10)
+                ms, _ = timed(client, "/api/search", {"q": q, "mode": "label", "k": 10})
+                search_ms.append(ms)
+    finally:
+        server.send_signal(signal.SIGINT)
+        server.wait(timeout=30)
+    pct = lambda xs, p: float(np.percentile(xs, p))  # noqa: E731
+    return {
+        "neighbors_p50_ms": pct(neigh_ms, 50), "neighbors_p99_ms": pct(neigh_ms, 99),
+        "search_p50_ms": pct(search_ms, 50), "search_p99_ms": pct(search_ms, 99),
+        "recall_at_10": float(np.mean(recalls)), "bruteforce_p50_ms": pct(brute_ms, 50), "requests": requests,
+    }
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--sizes", type=int, nargs="+", default=[100_000, 1_000_000])
+    p.add_argument("--requests", type=int, default=200)
+    p.add_argument("--workdir", help="where to build the synthetic atlases (default: a temp folder)")
+    p.add_argument("--out")
+    args = p.parse_args()
+    results = {}
+    with tempfile.TemporaryDirectory(dir=args.workdir) as tmp:
+        for n in args.sizes:
+            t0 = time.perf_counter()
+            decoder = build_atlas(Path(tmp) / f"atlas-{n}", n)
+            build_s = time.perf_counter() - t0
+            results[str(n)] = {**measure(Path(tmp) / f"atlas-{n}", decoder, args.requests), "build_s": build_s}
+            del decoder
+            print(f"{n:>9,} features: " + ", ".join(f"{k}={v:.3g}" for k, v in results[str(n)].items()), flush=True)
+    if args.out:
+        Path(args.out).write_text(json.dumps(results, indent=2))
+
+
+if __name__ == "__main__":
+    main()
