@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import datetime as dt
 import importlib.metadata
+import json
 import logging
 from pathlib import Path
 from typing import Any
@@ -16,7 +17,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 
-from featureatlas.store.atlas import CACHE, DICTIONARY, DUCKDB, LANCE
+from featureatlas.store.atlas import CACHE, DICTIONARY, DUCKDB, LANCE, MANIFEST
 from featureatlas.store.publish import publish, write_duckdb, write_lance
 
 from . import encode as enc
@@ -33,6 +34,8 @@ from .tokens import TokenizedCorpus, tokenize_corpus
 from .train import train_topk
 
 log = logging.getLogger(__name__)
+# Part of the publish key: bump it when the published layout changes.
+PUBLISH_FORMAT = 1
 PACKAGES = ("featureatlas", "torch", "transformers", "sentence-transformers", "duckdb", "lancedb", "litestar")
 
 
@@ -77,8 +80,7 @@ def run_ingest(cfg: AtlasConfig) -> dict[str, Any]:
         with stages.run("harvest", harvest_key) as s:
             s.update(harvest(model, corpus, layer, stages.folder("harvest"), batch=cfg.harvest_batch, shard_tokens=cfg.shard_tokens))
     acts = load_activations(stages.folder("harvest"), corpus, cfg.shard_tokens)
-    norms = np.linalg.norm(acts[is_bos].astype(np.float32), axis=1)
-    bos_norm, token_norm = float(norms.mean()), float(np.linalg.norm(acts[~is_bos][:20_000].astype(np.float32), axis=1).mean())
+    norms = {"bos_mean_norm": _mean_norm(acts[is_bos]), "token_mean_norm": _mean_norm(acts[~is_bos][:20_000])}
 
     # train -> dictionary
     train_key = stage_key(harvest_key, cfg.architecture, cfg.d_sae, cfg.k, cfg.train_tokens, cfg.train_batch,
@@ -113,11 +115,16 @@ def run_ingest(cfg: AtlasConfig) -> dict[str, Any]:
     folder = stages.folder("analysis")
     if stages.finished("analysis", analysis_key) is None:
         with stages.run("analysis", analysis_key) as s:
-            s.update(_analyse(cfg, model, sae, corpus, acts, is_bos, is_eval, vocab, folder))
+            s.update(_analyse(cfg, model, sae, corpus, acts, is_bos, vocab, folder))
     del acts
 
-    manifest = _manifest(cfg, model, layer, sae, corpus, is_bos, is_eval, metrics, stages, corpus_hash,
-                         bos_norm=bos_norm, token_norm=token_norm)
+    # publish, unless the atlas on disk was built from exactly these stage outputs
+    publish_key = stage_key(analysis_key, eval_key, PUBLISH_FORMAT)
+    if (root / MANIFEST).is_file() and json.loads((root / MANIFEST).read_text()).get("publish_key") == publish_key:
+        log.info("publish   skipped: %s already holds these results", root)
+        return json.loads((root / MANIFEST).read_text())
+    manifest = _manifest(cfg, model, layer, sae, corpus, is_bos, is_eval, metrics, stages, corpus_hash, norms)
+    manifest["publish_key"] = publish_key
 
     def build(staging: Path) -> None:
         sae.save(staging / DICTIONARY)
@@ -135,7 +142,7 @@ def run_ingest(cfg: AtlasConfig) -> dict[str, Any]:
     return manifest
 
 
-def _analyse(cfg, model, sae, corpus, acts, is_bos, is_eval, vocab, folder: Path) -> dict[str, Any]:
+def _analyse(cfg, model, sae, corpus, acts, is_bos, vocab, folder: Path) -> dict[str, Any]:
     codes = enc.encode_tokens(sae, acts, is_bos, device=model.device)
     records = enc.sparse_records(codes, corpus)
     n_encoded = int((~is_bos).sum())
@@ -229,7 +236,11 @@ def _tokens_table(corpus: TokenizedCorpus, is_bos: np.ndarray, is_eval: np.ndarr
     })
 
 
-def _manifest(cfg, model, layer, sae, corpus, is_bos, is_eval, metrics, stages, corpus_hash, *, bos_norm, token_norm) -> dict[str, Any]:
+def _mean_norm(rows: np.ndarray) -> float:
+    return float(np.linalg.norm(rows.astype(np.float32), axis=1).mean())
+
+
+def _manifest(cfg, model, layer, sae, corpus, is_bos, is_eval, metrics, stages, corpus_hash, norms) -> dict[str, Any]:
     versions = {}
     for name in PACKAGES:
         try:
@@ -253,8 +264,7 @@ def _manifest(cfg, model, layer, sae, corpus, is_bos, is_eval, metrics, stages, 
                    "documents": len(corpus.documents), "contexts": corpus.n_contexts,
                    "contexts_by_source": sources, "context_len": cfg.context_len},
         "tokens": {"harvested": corpus.n_tokens, "bos": int(is_bos.sum()),
-                   "train": int((~is_bos & ~is_eval).sum()), "eval": int((~is_bos & is_eval).sum()),
-                   "bos_mean_norm": bos_norm, "token_mean_norm": token_norm},
+                   "train": int((~is_bos & ~is_eval).sum()), "eval": int((~is_bos & is_eval).sum()), **norms},
         "stages": stages.record,
         "config": cfg.to_dict(),
         "versions": versions,

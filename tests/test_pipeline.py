@@ -92,9 +92,12 @@ def _tree_hash(root: Path) -> str:
 
 def test_rerun_reuses_every_stage(tmp_path, tiny_model_dir, corpus_dir):
     cfg = tiny_config(tmp_path / "atlas", tiny_model_dir, corpus_dir)
-    pipeline.run_ingest(cfg)
+    first = pipeline.run_ingest(cfg)
+    published = (Path(cfg.atlas) / "analytics.duckdb").stat().st_mtime_ns
     manifest = pipeline.run_ingest(cfg)
-    assert {s["status"] for s in manifest["stages"].values()} == {"reused"}
+    assert manifest == first  # nothing changed, so nothing was republished
+    assert (Path(cfg.atlas) / "analytics.duckdb").stat().st_mtime_ns == published
+    assert {s["status"] for s in Atlas(cfg.atlas).manifest["stages"].values()} == {"done"}
     # A changed dictionary setting retrains, but reuses the corpus and the harvest.
     manifest = pipeline.run_ingest(cfg.replace(k=3))
     status = {name: s["status"] for name, s in manifest["stages"].items()}
