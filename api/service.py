@@ -109,8 +109,7 @@ class AtlasService:
             lists["text"] = S.text_search(self.atlas, q, n)
         if "inference" in modes:
             lists["inference"] = self._inference_ranking(q, n)
-        candidates = sorted({f for ranked in lists.values() for f, _ in ranked})
-        info = self._summaries(candidates)
+        info = {h.feature_id: {"label": h.label, "density": h.density} for ranked in lists.values() for h in ranked}
         weights = {f: DENSE_WEIGHT for f, s in info.items() if s["density"] > DENSE_DENSITY}
         fused = S.fuse(lists, weights=weights)[:k]
         snippets = self._snippets([f for f, _, _ in fused])
@@ -125,15 +124,14 @@ class AtlasService:
         """Anthropic's single-prompt method: features ranked by their activation on the text
         relative to their own maximum over the corpus."""
         maxima = self.probe.run(text).feature_maxima(self.atlas.d_sae)
-        active = np.flatnonzero(maxima > 0)
-        corpus_max = self._feature_max(active)
-        rel = maxima[active] / np.maximum(corpus_max, 1e-6)
-        order = np.argsort(-rel)[:n]
-        return [(int(active[i]), float(rel[i])) for i in order]
+        ranked = self._relative(np.flatnonzero(maxima > 0), maxima)[:n]
+        return [S.Hit(f, rel, info["label"], info["density"]) for f, rel, info in ranked]
 
-    def _feature_max(self, ids: np.ndarray) -> np.ndarray:
+    def _relative(self, ids: np.ndarray, values: np.ndarray) -> list[tuple[int, float, dict[str, Any]]]:
+        """(feature, value / its corpus max, summary) for ``ids``, best first; ``values`` is [d_sae]."""
         info = self._summaries([int(i) for i in ids])
-        return np.array([info.get(int(i), {}).get("max_activation") or 0.0 for i in ids], dtype=np.float32)
+        rel = [(int(f), float(values[f]) / max(info[int(f)]["max_activation"] or 0.0, 1e-6), info[int(f)]) for f in ids]
+        return sorted(rel, key=lambda t: (-t[1], t[0]))
 
     def contrast(self, positive: list[str], negative: list[str], k: int = 10) -> dict[str, Any]:
         """Features active on every positive prompt and on none of the negative ones, ranked by
@@ -146,11 +144,8 @@ class AtlasService:
         pos = np.stack([self.probe.run(t).feature_maxima(d) for t in positive])
         neg = np.stack([self.probe.run(t).feature_maxima(d) for t in negative]) if negative else np.zeros((1, d))
         ok = np.flatnonzero((pos > 0).all(0) & (neg <= 0).all(0))
-        rel = pos[:, ok].min(0) / np.maximum(self._feature_max(ok), 1e-6)
-        order = np.argsort(-rel)[:k]
-        info = self._summaries([int(ok[i]) for i in order])
-        hits = [{"feature_id": int(ok[i]), "label": info[int(ok[i])]["label"], "score": float(rel[i]),
-                 "density": info[int(ok[i])]["density"]} for i in order]
+        ranked = self._relative(ok, pos.min(0))[:k]
+        hits = [{"feature_id": f, "label": info["label"], "score": rel, "density": info["density"]} for f, rel, info in ranked]
         return {"positive": positive, "negative": negative, "hits": hits}
 
     def activations(self, text: str, k: int = 5) -> dict[str, Any]:
@@ -177,8 +172,7 @@ class AtlasService:
             ranked = S.coactivation_neighbors(self.atlas, feature_id, k)
         else:
             raise ConfigError("by", "must be decoder or coactivation")
-        info = self._summaries([f for f, _ in ranked])
         return {"feature_id": feature_id, "by": by, "neighbors": [
-            {"feature_id": f, "similarity": round(s, 6), "label": info[f]["label"], "density": info[f]["density"]}
-            for f, s in ranked
+            {"feature_id": h.feature_id, "similarity": round(h.score, 6), "label": h.label, "density": h.density}
+            for h in ranked
         ]}

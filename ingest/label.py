@@ -30,7 +30,7 @@ SOURCE_NAMES = {
 }
 LABEL_SOURCE = "contrastive"
 # Part of the analysis stage's key: bump it when labelling changes, so old labels are redone.
-LABELS_VERSION = 3
+LABELS_VERSION = 4
 TITLES_IN_LABEL = 3
 
 
@@ -45,44 +45,17 @@ def contrastive_labels(
 ) -> list[Label]:
     """``con`` has ``acts`` (sparse records) and ``corpus_tokens(tok, ctx, token_id, source, is_bos)``;
     ``titles[f]``: titles of the documents of feature f's top examples, strongest first."""
-    token_rows = con.execute(
-        """
-        with bg as (
-            select token_id, count(*) / sum(count(*)) over () as p from corpus_tokens where not is_bos group by token_id
-        ),
-        nf as (select feature_id, sum(value) as mass from acts group by feature_id),
-        ft as (select feature_id, token_id, sum(value) as s from acts group by all),
-        scored as (
-            select ft.feature_id, ft.token_id, ft.s / nf.mass as share, (ft.s / nf.mass) * ln((ft.s / nf.mass) / bg.p) as w
-            from ft join nf using (feature_id) join bg using (token_id)
-        )
-        select feature_id, token_id, share from (
-            select *, row_number() over (partition by feature_id order by w desc) as r from scored
-        ) where r <= 6 order by feature_id, r
-        """
-    ).fetchall()
-    before_rows = con.execute(
-        """
-        with bg as (
-            select token_id, count(*) / sum(count(*)) over () as p from corpus_tokens where not is_bos group by token_id
-        ),
-        prev as (
-            select distinct a.feature_id, t.token_id, a.tok, a.value
-            from acts a join range(1, 4) d(d) on true
-            join corpus_tokens t on t.tok = a.tok - d.d and t.ctx = a.ctx and not t.is_bos
-        ),
-        nf as (select feature_id, sum(value) as mass from acts group by feature_id),
-        ft as (select feature_id, token_id, sum(value) as s, count(*) as c from prev group by all),
-        scored as (
-            select ft.feature_id, ft.token_id, ft.s / nf.mass as share, (ft.s / nf.mass) * ln((ft.s / nf.mass) / bg.p) as w
-            from ft join nf using (feature_id) join bg using (token_id)
-            where ft.c >= 2
-        )
-        select feature_id, token_id, share from (
-            select *, row_number() over (partition by feature_id order by w desc) as r from scored
-        ) where r <= 3 order by feature_id, r
-        """
-    ).fetchall()
+    at = _overrepresented(con, "select feature_id, token_id, value from acts", top=6, min_count=1, min_lift=2)
+    # The three tokens before each activation (same context, BOS excluded), each counted once.
+    before = _overrepresented(
+        con,
+        """select distinct a.feature_id, t.token_id, a.tok, a.value
+           from acts a join range(1, 4) d(d) on true
+           join corpus_tokens t on t.tok = a.tok - d.d and t.ctx = a.ctx and not t.is_bos""",
+        top=3,
+        min_count=2,
+        min_lift=6,  # three positions look back, so chance alone gives a lift of about 3
+    )
     source_rows = con.execute(
         """
         with corpus_share as (
@@ -97,15 +70,40 @@ def contrastive_labels(
         """
     ).fetchall()
 
-    at: dict[int, list[tuple[int, float]]] = defaultdict(list)
-    for f, t, share in token_rows:
-        at[f].append((t, share))
-    before: dict[int, list[tuple[int, float]]] = defaultdict(list)
-    for f, t, p in before_rows:
-        before[f].append((t, p))
     source = {f: s for f, s, _ in source_rows}
     titles = titles or [[] for _ in range(d_sae)]
     return [_phrase(at.get(f, []), before.get(f, []), source.get(f), titles[f], vocab) for f in range(d_sae)]
+
+
+def _overrepresented(
+    con: duckdb.DuckDBPyConnection, hits: str, *, top: int, min_count: int, min_lift: float
+) -> dict[int, list[tuple[int, float]]]:
+    """Per feature, the ``top`` tokens of ``hits`` (rows of feature_id, token_id, value) by KL
+    weight against the corpus background, as (token id, share of the feature's activation mass).
+    Tokens seen fewer than ``min_count`` times or less than ``min_lift`` times their background
+    rate are left out: common tokens otherwise creep in by sheer frequency."""
+    rows = con.execute(
+        f"""
+        with bg as (
+            select token_id, count(*) / sum(count(*)) over () as p from corpus_tokens where not is_bos group by token_id
+        ),
+        hits as ({hits}),
+        nf as (select feature_id, sum(value) as mass from acts group by feature_id),
+        ft as (select feature_id, token_id, sum(value) as s, count(*) as c from hits group by feature_id, token_id),
+        scored as (
+            select ft.feature_id, ft.token_id, ft.s / nf.mass as share, (ft.s / nf.mass) * ln((ft.s / nf.mass) / bg.p) as w
+            from ft join nf using (feature_id) join bg using (token_id)
+            where ft.c >= {min_count} and ft.s / nf.mass >= {min_lift} * bg.p
+        )
+        select feature_id, token_id, share from (
+            select *, row_number() over (partition by feature_id order by w desc) as r from scored
+        ) where r <= {top} order by feature_id, r
+        """
+    ).fetchall()
+    out: dict[int, list[tuple[int, float]]] = defaultdict(list)
+    for f, t, share in rows:
+        out[f].append((t, share))
+    return out
 
 
 def _show(token: str) -> str:

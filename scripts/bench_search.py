@@ -100,6 +100,17 @@ def build_atlas(root: Path, n: int) -> np.ndarray:
     return decoder
 
 
+def reuse(root: Path) -> np.ndarray:
+    """The decoder matrix of an atlas built by an earlier run, in feature order."""
+    from featureatlas.store.atlas import Atlas
+
+    features = Atlas(root).features
+    table = features.search().select(["feature_id", "decoder"]).limit(features.count_rows()).to_arrow()
+    order = np.argsort(table["feature_id"].to_numpy())
+    flat = table["decoder"].combine_chunks().flatten().to_numpy()
+    return flat.reshape(-1, D_MODEL)[order]
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -165,16 +176,18 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--sizes", type=int, nargs="+", default=[100_000, 1_000_000])
     p.add_argument("--requests", type=int, default=200)
-    p.add_argument("--workdir", help="where to build the synthetic atlases (default: a temp folder)")
+    p.add_argument("--workdir", help="keep the synthetic atlases here and reuse them on later runs (default: a temp folder)")
     p.add_argument("--out")
     args = p.parse_args()
     results = {}
-    with tempfile.TemporaryDirectory(dir=args.workdir) as tmp:
+    with tempfile.TemporaryDirectory() as tmp:
+        work = Path(args.workdir or tmp)
         for n in args.sizes:
+            root = work / f"atlas-{n}"
             t0 = time.perf_counter()
-            decoder = build_atlas(Path(tmp) / f"atlas-{n}", n)
+            decoder = reuse(root) if (root / "manifest.json").is_file() else build_atlas(root, n)
             build_s = time.perf_counter() - t0
-            results[str(n)] = {**measure(Path(tmp) / f"atlas-{n}", decoder, args.requests), "build_s": build_s}
+            results[str(n)] = {**measure(root, decoder, args.requests), "build_s": build_s}
             del decoder
             print(f"{n:>9,} features: " + ", ".join(f"{k}={v:.3g}" for k, v in results[str(n)].items()), flush=True)
     if args.out:
