@@ -9,17 +9,17 @@ import logging
 from dataclasses import dataclass, field
 from typing import Any
 
+from featureatlas.ingest.config import ConfigError
+from featureatlas.store.atlas import SORTABLE, Atlas
+from featureatlas.store.search import SEARCH_MODES
+from featureatlas.store.sql import SQLError, execute_sql
 from litestar import Litestar, Request, Response, get, post
 from litestar.di import NamedDependency, Provide
 from litestar.exceptions import HTTPException, ValidationException
 from litestar.openapi import OpenAPIConfig
 from litestar.params import FromPath, JSONBody, Parameter
 
-from featureatlas.ingest.config import ConfigError
-from featureatlas.store.atlas import SORTABLE, Atlas
-from featureatlas.store.sql import SQLError, execute_sql
-
-from .service import MAX_K, SEARCH_MODES, AtlasService, NotFound
+from .service import MAX_K, AtlasService, NotFound
 
 log = logging.getLogger(__name__)
 MAX_PAGE = 1000

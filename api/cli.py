@@ -9,8 +9,7 @@ import sys
 from typing import Any, Sequence
 
 from featureatlas.ingest.config import PROFILES, AtlasConfig, ConfigError, load_config
-
-SEARCH_MODES = ("label", "context", "text", "inference")  # api.service.SEARCH_MODES, without its imports
+from featureatlas.store.search import SEARCH_MODES
 
 EXIT_BAD_INPUT = 2
 
@@ -125,7 +124,6 @@ def _info(args: argparse.Namespace) -> int:
 
 def _serve(args: argparse.Namespace) -> int:
     import uvicorn
-
     from featureatlas.api.app import create_app
 
     uvicorn.run(create_app(_open(args.atlas), probe_device=args.device), host=args.host, port=args.port, log_level="info")

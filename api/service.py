@@ -8,14 +8,13 @@ from __future__ import annotations
 from typing import Any
 
 import numpy as np
-
 from featureatlas.ingest.config import ConfigError
 from featureatlas.ingest.embed import embed
 from featureatlas.ingest.probe import Probe
 from featureatlas.store import search as S
 from featureatlas.store.atlas import Atlas
+from featureatlas.store.search import SEARCH_MODES
 
-SEARCH_MODES = ("label", "context", "text", "inference")
 # Features firing on more than this share of tokens are down-weighted in fused search: they match
 # everything and crowd out specific features (a common complaint about feature search).
 DENSE_DENSITY = 0.05

@@ -128,7 +128,8 @@ def example_picks(con: duckdb.DuckDBPyConnection, cfg: AtlasConfig) -> pa.Table:
 
 def build_examples(picks: pa.Table, codes: Codes, corpus: TokenizedCorpus, vocab: list[str], cfg: AtlasConfig) -> pa.Table:
     """Token windows around each pick's strongest token, with the feature's activation per token."""
-    cols: dict[str, list] = {k: [] for k in ("feature_id", "kind", "doc_id", "start", "tokens", "activations", "max_activation", "max_position")}
+    names = ("feature_id", "kind", "doc_id", "start", "tokens", "activations", "max_activation", "max_position")
+    cols: dict[str, list] = {k: [] for k in names}
     p = picks.to_pydict()
     for f, c, v, max_tok, kind in tqdm(
         zip(p["feature_id"], p["ctx"], p["v"], p["max_tok"], p["kind"]), total=len(p["ctx"]), desc="examples", unit="ex"

@@ -16,7 +16,6 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
-
 from featureatlas.store.atlas import CACHE, DICTIONARY, DUCKDB, LANCE, MANIFEST
 from featureatlas.store.publish import publish, write_duckdb, write_lance
 
@@ -26,7 +25,13 @@ from .corpus import corpus_fingerprint
 from .embed import embed
 from .evaluate import METRICS_VERSION, loss_recovered, reconstruction_metrics
 from .harvest import harvest, load_activations
-from .label import LABEL_SOURCE, LABELS_VERSION, contrastive_labels, example_texts, top_titles
+from .label import (
+    LABEL_SOURCE,
+    LABELS_VERSION,
+    contrastive_labels,
+    example_texts,
+    top_titles,
+)
 from .model import SubjectModel, load_model
 from .sae import TopKSAE
 from .stages import Stages, stage_key
@@ -78,7 +83,8 @@ def run_ingest(cfg: AtlasConfig) -> dict[str, Any]:
     harvest_key = stage_key(corpus_key, layer, str(model.dtype), cfg.shard_tokens)
     if stages.finished("harvest", harvest_key) is None:
         with stages.run("harvest", harvest_key) as s:
-            s.update(harvest(model, corpus, layer, stages.folder("harvest"), batch=cfg.harvest_batch, shard_tokens=cfg.shard_tokens))
+            s.update(harvest(model, corpus, layer, stages.folder("harvest"),
+                             batch=cfg.harvest_batch, shard_tokens=cfg.shard_tokens))
     acts = load_activations(stages.folder("harvest"), corpus, cfg.shard_tokens)
     norms = {"bos_mean_norm": _mean_norm(acts[is_bos]), "token_mean_norm": _mean_norm(acts[~is_bos][:20_000])}
 
@@ -109,7 +115,8 @@ def run_ingest(cfg: AtlasConfig) -> dict[str, Any]:
 
     # encode + label -> per-feature tables
     vocab = vocabulary(model)
-    analysis_key = stage_key(train_key, LABELS_VERSION, cfg.top_examples, cfg.quantile_examples, cfg.quantile_bands, cfg.histogram_bins,
+    analysis_key = stage_key(train_key, LABELS_VERSION, cfg.top_examples, cfg.quantile_examples, cfg.quantile_bands,
+                             cfg.histogram_bins,
                              cfg.example_window_before, cfg.example_window_after, cfg.logit_effects, cfg.embedder,
                              cfg.context_embedding_examples)
     folder = stages.folder("analysis")
@@ -175,7 +182,8 @@ def _analyse(cfg, model, sae, corpus, acts, is_bos, vocab, folder: Path) -> dict
             i += len(per)
 
     by_feature = {f: j for j, f in enumerate(stats["feature_id"])}
-    cols: dict[str, list] = {k: [] for k in ("density", "n_active", "mean_activation", "max_activation", "top_tokens", "histogram")}
+    names = ("density", "n_active", "mean_activation", "max_activation", "top_tokens", "histogram")
+    cols: dict[str, list] = {k: [] for k in names}
     for f in range(sae.d_sae):
         j = by_feature.get(f)
         hist = [0] * cfg.histogram_bins

@@ -10,7 +10,6 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-
 from featureatlas.store.atlas import Atlas
 
 from .config import ConfigError

@@ -64,4 +64,5 @@ class Stages:
 
 
 def _short(summary: dict[str, Any]) -> str:
-    return ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in summary.items() if not isinstance(v, (dict, list)))
+    scalars = {k: v for k, v in summary.items() if not isinstance(v, (dict, list))}
+    return ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in scalars.items())

@@ -14,7 +14,6 @@ import json
 import time
 
 import torch
-
 from featureatlas.ingest.config import AtlasConfig
 from featureatlas.ingest.corpus import read_source
 from featureatlas.ingest.model import load_model

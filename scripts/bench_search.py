@@ -27,7 +27,6 @@ from pathlib import Path
 import httpx
 import numpy as np
 import pyarrow as pa
-
 from featureatlas.ingest.embed import embed
 from featureatlas.store.publish import publish, write_duckdb, write_lance
 

@@ -23,6 +23,9 @@ REFINE = 2
 # Reciprocal rank fusion constant (Cormack et al. 2009): damps the head of each list.
 RRF_K = 60
 
+# The signals a search can use, by name (``label`` and ``context`` are vector searches over the
+# embeddings of the same names, ``text`` is full text, ``inference`` runs the query through the model).
+SEARCH_MODES = ("label", "context", "text", "inference")
 _COLUMNS = ["feature_id", "label", "density"]
 
 

@@ -2,10 +2,9 @@ import hashlib
 from pathlib import Path
 
 import pytest
-from litestar.testing import TestClient
-
 from featureatlas.api.app import create_app
 from featureatlas.store.atlas import Atlas
+from litestar.testing import TestClient
 
 
 @pytest.fixture(scope="module")

@@ -1,5 +1,4 @@
 import pytest
-
 from featureatlas.api.cli import main
 
 

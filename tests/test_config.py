@@ -1,5 +1,4 @@
 import pytest
-
 from featureatlas.ingest.config import AtlasConfig, ConfigError, load_config
 
 

@@ -3,7 +3,6 @@ import json
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-
 from featureatlas.ingest.config import ConfigError
 from featureatlas.ingest.corpus import BUILTIN, Document, read_source
 

@@ -1,6 +1,5 @@
 import pytest
 import torch
-
 from featureatlas.ingest.config import ConfigError
 from featureatlas.ingest.model import load_model
 

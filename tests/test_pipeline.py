@@ -5,7 +5,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-
 from featureatlas.ingest import pipeline
 from featureatlas.ingest.harvest import load_activations
 from featureatlas.ingest.sae import TopKSAE
@@ -66,7 +65,9 @@ def test_examples_show_the_features_real_activations(tiny_atlas):
     with torch.no_grad():
         dense = sae.dense(sae.encode(torch.from_numpy(acts[row : row + 1].astype(np.float32))))
     assert float(dense[0, live]) == pytest.approx(e["max_activation"], rel=1e-4)
-    token = con.execute("select token from tokens where doc_id = ? and position = ?", [e["doc_id"], e["max_position"]]).fetchone()[0]
+    token = con.execute(
+        "select token from tokens where doc_id = ? and position = ?", [e["doc_id"], e["max_position"]]
+    ).fetchone()[0]
     assert e["tokens"][e["max_position"] - e["start"]] == token
 
 

@@ -2,11 +2,10 @@ import json
 
 import pytest
 import torch
-from safetensors.torch import load_file
-
 from featureatlas.ingest.evaluate import reconstruction_metrics
 from featureatlas.ingest.sae import TopKSAE
 from featureatlas.ingest.train import fvu, geometric_median, train_topk
+from safetensors.torch import load_file
 
 
 def _sae(d_in=16, d_sae=64, k=4, seed=0):

@@ -1,7 +1,6 @@
 """The real model on a small slice of the real corpus, end to end (about a minute)."""
 
 import pytest
-
 from featureatlas.ingest.config import load_config
 from featureatlas.ingest.pipeline import run_ingest
 from featureatlas.store.atlas import Atlas

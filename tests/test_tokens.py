@@ -1,5 +1,4 @@
 import numpy as np
-
 from featureatlas.ingest.model import load_model
 from featureatlas.ingest.tokens import TokenizedCorpus, tokenize_corpus
 
