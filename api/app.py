@@ -140,6 +140,8 @@ def sql(service: Service, data: JSONBody[SQLRequest]) -> dict[str, Any]:
 def create_app(atlas: Atlas, *, probe_device: str | None = None) -> Litestar:
     service = AtlasService(atlas, probe_device=probe_device)
     return Litestar(
+        # The first query otherwise pays for loading the embedder and the tables (~1-4 s).
+        on_startup=[service.warm_up],
         route_handlers=[healthz, atlas_summary, list_features, feature_detail, neighbors, search, contrast, activations, sql],
         dependencies={"service": Provide(lambda: service, use_cache=True, sync_to_thread=False)},
         exception_handlers={HTTPException: _http_error, ValueError: _bad_input, NotFound: _not_found, Exception: _internal},

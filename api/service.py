@@ -37,6 +37,14 @@ class AtlasService:
         self.probe = Probe(atlas, device=probe_device)
         self.embedder = atlas.manifest["config"].get("embedder", "minilm")
 
+    def warm_up(self) -> None:
+        """Load the embedder and open the tables now; the model behind search by inference stays
+        lazy (seconds to load, and many deployments never use it)."""
+        embed(["warm up"], name=self.embedder)
+        self.atlas.features.count_rows()
+        self.atlas.examples.count_rows()
+        self.atlas.list_features(limit=1)
+
     # -- features -------------------------------------------------------------------------------
 
     def check_feature(self, feature_id: int) -> None:
