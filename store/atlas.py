@@ -88,11 +88,22 @@ class Atlas:
         names = [d[0] for d in rows.description]
         return [dict(zip(names, r)) for r in rows.fetchall()]
 
-    def feature(self, feature_id: int, *, with_decoder: bool = False) -> dict | None:
-        """One feature row without its embeddings (they are for search, not for reading)."""
-        columns = [c for c in self.features.schema.names if not c.endswith("_embedding") and (with_decoder or c != "decoder")]
-        rows = self.features.search().where(f"feature_id = {int(feature_id)}").select(columns).limit(1).to_list()
+    def feature_row(self, feature_id: int, columns: list[str]) -> dict | None:
+        """``columns`` of one feature's LanceDB row. Features are published in id order, so the id
+        is the row offset: a direct take is about twice as fast as an indexed filter at 100k rows;
+        the id check keeps a table written in another order correct."""
+        fid = int(feature_id)
+        if 0 <= fid < self.d_sae:
+            rows = self.features.take_offsets([fid]).select(["feature_id", *columns]).to_list()
+            if rows and rows[0]["feature_id"] == fid:
+                return rows[0]
+        rows = self.features.search().where(f"feature_id = {fid}").select(["feature_id", *columns]).limit(1).to_list()
         return rows[0] if rows else None
+
+    def feature(self, feature_id: int) -> dict | None:
+        """One feature row without its decoder and embeddings (they are for search, not reading)."""
+        columns = [c for c in self.features.schema.names if c not in ("feature_id", "decoder") and not c.endswith("_embedding")]
+        return self.feature_row(feature_id, columns)
 
     def feature_examples(self, feature_id: int) -> list[dict]:
         rows = self.examples.search().where(f"feature_id = {int(feature_id)}").limit(10_000).to_list()
