@@ -7,12 +7,11 @@ import os
 from functools import lru_cache
 
 import numpy as np
+from featureatlas.store.schema import EMBEDDING_DIM
 
 from .config import ConfigError
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
-
-EMBEDDING_DIM = 384
 
 
 @lru_cache(maxsize=2)

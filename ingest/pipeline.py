@@ -98,9 +98,10 @@ def run_ingest(cfg: AtlasConfig) -> dict[str, Any]:
             result = train_topk(
                 acts[~is_bos & ~is_eval], d_sae=cfg.d_sae, k=cfg.k, tokens=cfg.train_tokens, batch=cfg.train_batch,
                 lr=cfg.lr_value, aux_k=cfg.aux_k, aux_coef=cfg.aux_coef, dead_tokens=cfg.dead_tokens, seed=cfg.seed,
-                device=model.device, meta=meta,
+                device=model.device, meta=meta, checkpoint=stages.folder("train") / "checkpoint.pt",
             )
             result.sae.save(stages.folder("train") / DICTIONARY)
+            (stages.folder("train") / "checkpoint.pt").unlink(missing_ok=True)
             s.update(steps=result.steps, tokens=result.tokens, input_scale=result.input_scale,
                      train_fvu=result.final_fvu, train_dead_fraction=result.dead_fraction)
     sae = TopKSAE.load(stages.folder("train") / DICTIONARY)

@@ -7,6 +7,7 @@ from __future__ import annotations
 import logging
 import math
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -58,6 +59,12 @@ def auxk_loss(sae: TopKSAE, pre: torch.Tensor, residual: torch.Tensor, dead: tor
     return fvu(residual, recon).nan_to_num(0.0)
 
 
+def _save_checkpoint(path: Path, state: dict) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    torch.save(state, tmp)
+    tmp.replace(path)
+
+
 def train_topk(
     acts: np.ndarray,
     *,
@@ -72,8 +79,15 @@ def train_topk(
     seed: int,
     device: torch.device,
     meta: dict | None = None,
+    checkpoint: Path | None = None,
+    checkpoint_every: int = 500,
 ) -> TrainResult:
-    """``acts`` [n, d_in] float16 rows (training split, BOS excluded), in any order."""
+    """``acts`` [n, d_in] float16 rows (training split, BOS excluded), in any order.
+
+    With ``checkpoint``, the whole training state (weights, Adam, schedule, data order, RNG, dead
+    latent counters) is saved there every ``checkpoint_every`` steps, and a run that finds one
+    continues from it: a killed run resumes to the same result as an uninterrupted one.
+    """
     gen = np.random.default_rng(seed)
     n, d_in = acts.shape
     sample = torch.from_numpy(acts[gen.choice(n, size=min(n, 16_384), replace=False)].astype(np.float32))
@@ -90,11 +104,27 @@ def train_topk(
         opt, lambda s: 1.0 if s < decay_from else max(0.0, (steps - s) / max(1, steps - decay_from))
     )
     since_fired = torch.zeros(d_sae, dtype=torch.long, device=device)
-    bar = tqdm(total=steps * batch, desc=f"train topk d_sae={d_sae} k={k}", unit="tok", unit_scale=True)
     recent: list[float] = []
     order = gen.permutation(n)
     cursor = 0
-    for step in range(steps):
+    start = 0
+    if checkpoint is not None and checkpoint.is_file():
+        state = torch.load(checkpoint, map_location=device, weights_only=False)
+        sae.load_state_dict(state["sae"])
+        opt.load_state_dict(state["opt"])
+        sched.load_state_dict(state["sched"])
+        since_fired.copy_(state["since_fired"])
+        gen.bit_generator.state = state["rng"]
+        order, cursor, start, recent, scale = state["order"], state["cursor"], state["step"], state["recent"], state["scale"]
+        log.info("train: resuming from step %d of %d", start, steps)
+    bar = tqdm(total=steps * batch, initial=start * batch, desc=f"train topk d_sae={d_sae} k={k}", unit="tok", unit_scale=True)
+    for step in range(start, steps):
+        if checkpoint is not None and step > start and step % checkpoint_every == 0:
+            _save_checkpoint(checkpoint, {
+                "sae": sae.state_dict(), "opt": opt.state_dict(), "sched": sched.state_dict(), "since_fired": since_fired,
+                "rng": gen.bit_generator.state, "order": order, "cursor": cursor, "step": step, "recent": recent,
+                "scale": scale,
+            })
         if cursor + batch > n:  # a new epoch: a fresh shuffle across every context
             order, cursor = gen.permutation(n), 0
         idx = np.sort(order[cursor : cursor + batch])  # sorted: faster gather from a memory map

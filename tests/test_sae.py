@@ -101,3 +101,30 @@ def test_training_recovers_planted_sparse_features():
     assert m["variance_explained"] > 0.9 and m["l0"] <= 3
     cos = (true @ sae.W_dec.detach().T).max(1).values
     assert float(cos.mean()) > 0.9
+
+
+def test_killed_training_resumes_to_the_same_dictionary(tmp_path, monkeypatch):
+    from featureatlas.ingest import train as train_mod
+
+    x = torch.randn(3000, 16).half().numpy()
+    opts = dict(d_sae=32, k=4, tokens=60 * 100, batch=100, lr=1e-3, aux_k=8, aux_coef=1 / 32, dead_tokens=500,
+                seed=3, device=torch.device("cpu"))
+    whole = train_topk(x, **opts).sae
+    ckpt = tmp_path / "ckpt.pt"
+    real = train_mod.fvu
+    calls = []
+
+    def dying_fvu(*a):
+        calls.append(1)
+        if len(calls) > 2 * 45:  # two calls per step: die during step 45, after the step-40 checkpoint
+            raise KeyboardInterrupt
+        return real(*a)
+
+    monkeypatch.setattr(train_mod, "fvu", dying_fvu)
+    with pytest.raises(KeyboardInterrupt):
+        train_topk(x, **opts, checkpoint=ckpt, checkpoint_every=20)
+    monkeypatch.undo()
+    assert torch.load(ckpt, weights_only=False)["step"] == 40
+    resumed = train_topk(x, **opts, checkpoint=ckpt, checkpoint_every=20).sae
+    for name, p in whole.named_parameters():
+        torch.testing.assert_close(p, dict(resumed.named_parameters())[name], rtol=0, atol=0)
