@@ -27,8 +27,17 @@ SNIPPET_BEFORE = 12
 SNIPPET_AFTER = 4
 
 
+# Prompts per side of a contrast query: each one is a forward pass of the model.
+MAX_PROMPTS = 16
+
+
 class NotFound(LookupError):
     pass
+
+
+def _check_k(k: int) -> None:
+    if not 1 <= k <= MAX_K:
+        raise ConfigError("k", f"must be between 1 and {MAX_K}")
 
 
 class AtlasService:
@@ -100,8 +109,7 @@ class AtlasService:
         q = (q or "").strip()
         if not q:
             raise ConfigError("q", "the query is empty")
-        if not 1 <= k <= MAX_K:
-            raise ConfigError("k", f"must be between 1 and {MAX_K}")
+        _check_k(k)
         if mode is not None and mode not in SEARCH_MODES:
             raise ConfigError("mode", f"must be one of {', '.join(SEARCH_MODES)}")
         modes = [mode] if mode else list(SEARCH_MODES)
@@ -145,8 +153,9 @@ class AtlasService:
         their weakest relative activation over the positives."""
         if not positive:
             raise ConfigError("positive", "give at least one positive prompt")
-        if not 1 <= k <= MAX_K:
-            raise ConfigError("k", f"must be between 1 and {MAX_K}")
+        if len(positive) > MAX_PROMPTS or len(negative) > MAX_PROMPTS:
+            raise ConfigError("positive", f"at most {MAX_PROMPTS} prompts on each side")
+        _check_k(k)
         d = self.atlas.d_sae
         pos = np.stack([self.probe.run(t).feature_maxima(d) for t in positive])
         neg = np.stack([self.probe.run(t).feature_maxima(d) for t in negative]) if negative else np.zeros((1, d))
@@ -156,8 +165,7 @@ class AtlasService:
         return {"positive": positive, "negative": negative, "hits": hits}
 
     def activations(self, text: str, k: int = 5) -> dict[str, Any]:
-        if not 1 <= k <= MAX_K:
-            raise ConfigError("k", f"must be between 1 and {MAX_K}")
+        _check_k(k)
         result = self.probe.run(text)
         k = min(k, result.values.shape[1])
         ids = sorted({int(f) for row, vals in zip(result.indices, result.values) for f, v in zip(row[:k], vals[:k]) if v > 0})
@@ -171,8 +179,7 @@ class AtlasService:
 
     def neighbors(self, feature_id: int, k: int = 10, by: str = "decoder") -> dict[str, Any]:
         self.check_feature(feature_id)
-        if not 1 <= k <= MAX_K:
-            raise ConfigError("k", f"must be between 1 and {MAX_K}")
+        _check_k(k)
         if by == "decoder":
             ranked = S.vector_search(self.atlas, "decoder", S.decoder_vector(self.atlas, feature_id), k, exclude=feature_id)
         elif by == "coactivation":

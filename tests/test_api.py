@@ -175,6 +175,7 @@ def test_sql_guards_refuse_and_leave_the_atlas_unchanged(client, tiny_atlas, sql
         ("post", "/api/activations", {"txt": "x"}, 400),
         ("post", "/api/activations", {"text": "x", "k": 0}, 400),
         ("post", "/api/search/contrast", {"positive": []}, 400),
+        ("post", "/api/search/contrast", {"positive": ["a"] * 17}, 400),
         ("post", "/api/sql", {"sql": 5}, 400),
         ("post", "/api/sql", {}, 400),
     ],
