@@ -18,6 +18,7 @@ CACHE = "cache"
 PUBLISHED = (DICTIONARY, LANCE, DUCKDB)
 
 
+QUERY_MEMORY_LIMIT = "2GB"
 # Columns a feature list may be sorted by (they are interpolated into SQL, so this list is the guard).
 SORTABLE = ("density", "max_activation", "mean_activation", "label_score", "n_active", "feature_id")
 
@@ -118,7 +119,8 @@ class Atlas:
         return duckdb.connect(
             str(self.root / DUCKDB),
             read_only=True,
-            config={"enable_external_access": False, "lock_configuration": True},
+            # memory_limit: one query must not take the server's memory with it.
+            config={"enable_external_access": False, "lock_configuration": True, "memory_limit": QUERY_MEMORY_LIMIT},
         )
 
 

@@ -139,6 +139,7 @@ def _tree_hash(root: Path) -> str:
         "select 1; select 2",
         "with recursive r(n) as (select 1 union all select n + 1 from r) select count(*) from r",
         "select from where",
+        "select string_agg(repeat('x', 1000000), '') from range(4000)",  # 4 GB: over the memory limit
         "",
     ],
 )
