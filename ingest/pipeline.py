@@ -128,9 +128,10 @@ def run_ingest(cfg: AtlasConfig) -> dict[str, Any]:
 
     # publish, unless the atlas on disk was built from exactly these stage outputs
     publish_key = stage_key(analysis_key, eval_key, PUBLISH_FORMAT)
-    if (root / MANIFEST).is_file() and json.loads((root / MANIFEST).read_text()).get("publish_key") == publish_key:
+    existing = json.loads((root / MANIFEST).read_text()) if (root / MANIFEST).is_file() else {}
+    if existing.get("publish_key") == publish_key:
         log.info("publish   skipped: %s already holds these results", root)
-        return json.loads((root / MANIFEST).read_text())
+        return existing
     manifest = _manifest(cfg, model, layer, sae, corpus, is_bos, is_eval, metrics, stages, corpus_hash, norms)
     manifest["publish_key"] = publish_key
 
