@@ -58,6 +58,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("-v", "--verbose", action="store_true")
     sub = parser.add_subparsers(dest="command", required=True)
     _add_ingest(sub)
+    p = sub.add_parser("label", help="re-label an existing atlas in place (new LanceDB version)")
+    p.add_argument("--atlas", default=AtlasConfig.atlas)
+    p.add_argument("--explainer", choices=("contrastive", "llm"), help="who writes labels (default: the atlas's)")
+    p.add_argument("--scorer", nargs="+", choices=("embedding", "simulation", "detection"),
+                   help="scorers on held-out windows; the first gives label_score")
+    p.add_argument("--features", help="ids and ranges, e.g. 3,7,100-120 (default: all)")
+    p.add_argument("--llm-url", help="OpenAI-compatible endpoint, e.g. http://127.0.0.1:8080/v1")
+    p.add_argument("--llm-model", help="model name at the endpoint, or a local instruct model folder")
+    p.add_argument("--llm-api-key-env", help="environment variable holding the endpoint's API key")
+    p.add_argument("--llm-max-calls", type=int, help="budget of LLM calls for this run")
+    p.add_argument("--json", action="store_true")
     p = sub.add_parser("info", help="print an atlas's manifest summary")
     p.add_argument("--atlas", default=AtlasConfig.atlas)
     p.add_argument("--json", action="store_true")
@@ -102,6 +113,20 @@ def _ingest(args: argparse.Namespace) -> int:
 
     manifest = run_ingest(_config_from(args))
     print(json.dumps(manifest, indent=2, default=str) if args.json else summarize(manifest))
+    return 0
+
+
+def _label(args: argparse.Namespace) -> int:
+    from featureatlas.ingest.labels.relabel import relabel
+
+    _open(args.atlas)  # a clear error for a folder that is no atlas
+    overrides = {"label_explainer": args.explainer, "label_scorers": args.scorer, "llm_url": args.llm_url,
+                 "llm_model": args.llm_model, "llm_api_key_env": args.llm_api_key_env, "llm_max_calls": args.llm_max_calls}
+    summary = relabel(args.atlas, overrides, args.features)
+    print(json.dumps(summary, indent=2) if args.json else
+          f"labelled {summary['labelled']} features with {summary['explainer']}; {summary['scored']} scored on held-out "
+          f"windows, mean {summary['scorers'][0]} score {summary['label_score_mean'] or float('nan'):.3f}; "
+          f"{summary['failed']} failed LLM calls")
     return 0
 
 
@@ -185,8 +210,8 @@ def _table(header: list[str], rows: list[list[Any]]) -> str:
     return "\n".join(lines)
 
 
-_COMMANDS = {"ingest": _ingest, "info": _info, "serve": _serve, "search": _query, "neighbors": _query, "sql": _query,
-             "probe": _query}
+_COMMANDS = {"ingest": _ingest, "label": _label, "info": _info, "serve": _serve, "search": _query, "neighbors": _query,
+             "sql": _query, "probe": _query}
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -79,9 +79,22 @@ class AtlasConfig:
     example_window_after: int = 8
     logit_effects: int = 10
 
-    # Labels.
+    # Labels. Explainers write candidate labels from the explainer's side of a document split; the
+    # kept label is scored on held-out windows by each scorer (the first gives ``label_score``).
     embedder: str = "minilm"
     context_embedding_examples: int = 4
+    label_explainer: str = "contrastive"  # contrastive | llm
+    label_scorers: list[str] = field(default_factory=lambda: ["embedding", "simulation"])  # + detection (llm)
+    label_explain_windows: int = 8000  # explainer-side windows embedded to choose between candidates
+    label_holdout_windows: int = 20000  # held-out windows embedded for scoring
+    # The llm explainer and detection scorer: an OpenAI-compatible endpoint (llm_url + llm_model), or
+    # a local instruct model folder (llm_model alone). The key is read from the named variable.
+    llm_url: str = ""
+    llm_model: str = ""
+    llm_api_key_env: str = "OPENAI_API_KEY"
+    llm_max_calls: int = 2000
+    llm_timeout: float = 60.0
+    llm_workers: int = 4
 
     @classmethod
     def field_names(cls) -> list[str]:
@@ -119,6 +132,19 @@ class AtlasConfig:
             raise ConfigError("--device", f"must be cpu or cuda, got {self.device!r}")
         if self.dtype not in ("auto", "float32", "bfloat16", "float16"):
             raise ConfigError("--dtype", f"must be auto, float32, bfloat16 or float16, got {self.dtype!r}")
+        if self.label_explainer not in ("contrastive", "llm"):
+            raise ConfigError("--explainer", f"must be contrastive or llm, got {self.label_explainer!r}")
+        bad = [s for s in self.label_scorers if s not in ("embedding", "simulation", "detection")]
+        if bad or not self.label_scorers:
+            raise ConfigError("--scorer", f"choose from embedding, simulation, detection; got {self.label_scorers}")
+        needs_llm = self.label_explainer == "llm" or "detection" in self.label_scorers
+        if needs_llm and not self.llm_url and not (self.llm_model and Path(self.llm_model).expanduser().is_dir()):
+            raise ConfigError("--llm-url", "the llm explainer and the detection scorer need --llm-url (an OpenAI-compatible "
+                                           "endpoint) or --llm-model naming a local model folder")
+        if self.llm_url and not self.llm_url.startswith(("http://", "https://")):
+            raise ConfigError("--llm-url", f"must start with http:// or https://, got {self.llm_url!r}")
+        if self.llm_max_calls < 0 or self.llm_workers < 1 or self.llm_timeout <= 0:
+            raise ConfigError("--llm-max-calls", "llm_max_calls >= 0, llm_workers >= 1 and llm_timeout > 0 please")
         if self.layer is not None and self.layer < 0:
             raise ConfigError("--layer", f"must be >= 0, got {self.layer}")
 

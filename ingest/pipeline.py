@@ -25,13 +25,8 @@ from .corpus import corpus_fingerprint
 from .embed import embed
 from .evaluate import METRICS_VERSION, loss_recovered, reconstruction_metrics
 from .harvest import harvest, load_activations
-from .label import (
-    LABEL_SOURCE,
-    LABELS_VERSION,
-    contrastive_labels,
-    example_texts,
-    top_titles,
-)
+from .labels.label import LABELS_VERSION, label_features
+from .labels.llm import make_chat
 from .model import SubjectModel, load_model
 from .sae import TopKSAE
 from .stages import Stages, stage_key
@@ -119,7 +114,8 @@ def run_ingest(cfg: AtlasConfig) -> dict[str, Any]:
     analysis_key = stage_key(train_key, LABELS_VERSION, cfg.top_examples, cfg.quantile_examples, cfg.quantile_bands,
                              cfg.histogram_bins,
                              cfg.example_window_before, cfg.example_window_after, cfg.logit_effects, cfg.embedder,
-                             cfg.context_embedding_examples)
+                             cfg.context_embedding_examples, cfg.label_explainer, cfg.label_scorers,
+                             cfg.label_explain_windows, cfg.label_holdout_windows, cfg.llm_url, cfg.llm_model)
     folder = stages.folder("analysis")
     if stages.finished("analysis", analysis_key) is None:
         with stages.run("analysis", analysis_key) as s:
@@ -134,6 +130,7 @@ def run_ingest(cfg: AtlasConfig) -> dict[str, Any]:
         return existing
     manifest = _manifest(cfg, model, layer, sae, corpus, is_bos, is_eval, metrics, stages, corpus_hash, norms)
     manifest["publish_key"] = publish_key
+    manifest["labels"] = stages.record["analysis"]["summary"].get("labels")
 
     def build(staging: Path) -> None:
         sae.save(staging / DICTIONARY)
@@ -144,6 +141,7 @@ def run_ingest(cfg: AtlasConfig) -> dict[str, Any]:
             "tokens": _tokens_table(corpus, is_bos, is_eval, vocab),
             "activations": pq.read_table(folder / "activations.parquet"),
             "features": features,
+            "label_candidates": pq.read_table(folder / "label_candidates.parquet"),
         })
 
     publish(root, build, manifest)
@@ -157,24 +155,27 @@ def _analyse(cfg, model, sae, corpus, acts, is_bos, vocab, folder: Path) -> dict
     n_encoded = int((~is_bos).sum())
     con = duckdb.connect()
     con.register("acts", records)
-    con.register("corpus_tokens", pa.table({
-        "tok": np.arange(corpus.n_tokens, dtype=np.int64),
-        "ctx": corpus.token_context(),
-        "token_id": corpus.ids,
-        "source": np.array([d.source for d in corpus.documents])[corpus.ctx_doc[corpus.token_context()]],
-        "is_bos": is_bos,
-    }))
     stats = enc.feature_stats(con, cfg, n_encoded).to_pydict()
     examples = enc.build_examples(enc.example_picks(con, cfg), codes, corpus, vocab, cfg)
-    titles = top_titles(examples, [d.title for d in corpus.documents], sae.d_sae)
-    labels = contrastive_labels(con, vocab, sae.d_sae, titles)
     con.close()
     logit_pos, logit_neg = enc.logit_effects(sae, model, vocab, cfg.logit_effects)
 
-    label_emb = embed([lab.text for lab in labels], name=cfg.embedder, progress=True)
-    snippets = example_texts(examples, cfg.context_embedding_examples, sae.d_sae)
+    # Labels read the same tables a user's SQL sees once the atlas is published.
+    is_eval = corpus.ctx_eval[corpus.token_context()]
+    con = duckdb.connect()
+    con.register("documents", _documents_table(corpus))
+    con.register("tokens", _tokens_table(corpus, is_bos, is_eval, vocab))
+    con.register("activations", records.select(["doc_id", "position", "feature_id", "value"]))
+    chat = make_chat(cfg, folder.parent / "llm-cache.jsonl") if cfg.label_explainer == "llm" or "detection" in cfg.label_scorers \
+        else None
+    promoted = {f: [x["token"] for x in row] for f, row in enumerate(logit_pos)}
+    labels = label_features(con, list(range(sae.d_sae)), cfg, lambda t: embed(t, name=cfg.embedder, progress=True),
+                            chat=chat, logits=promoted)
+    con.close()
+    snippets = enc.example_texts(examples, cfg.context_embedding_examples, sae.d_sae)
     flat = [t for per in snippets for t in per]
     flat_emb = embed(flat, name=cfg.embedder, progress=True)
+    label_emb = labels.embeddings
     context_emb = np.zeros_like(label_emb)
     i = 0
     for f, per in enumerate(snippets):
@@ -205,9 +206,11 @@ def _analyse(cfg, model, sae, corpus, acts, is_bos, vocab, folder: Path) -> dict
     features = pa.table({
         "feature_id": np.arange(sae.d_sae, dtype=np.int32),
         "decoder": pa.FixedSizeListArray.from_arrays(sae.W_dec.detach().numpy().astype(np.float32).ravel(), sae.d_in),
-        "label": [lab.text for lab in labels],
-        "label_source": [LABEL_SOURCE if lab.score > 0 else "none" for lab in labels],
-        "label_score": np.array([lab.score for lab in labels], dtype=np.float32),
+        "label": labels.text,
+        "label_source": labels.source,
+        "label_score": pa.array(labels.score, pa.float32()),
+        "label_scores": labels.scores,
+        "single_token": labels.single_token,
         "label_embedding": pa.FixedSizeListArray.from_arrays(label_emb.ravel(), label_emb.shape[1]),
         "context_embedding": pa.FixedSizeListArray.from_arrays(context_emb.ravel(), context_emb.shape[1]),
         **cols,
@@ -217,9 +220,9 @@ def _analyse(cfg, model, sae, corpus, acts, is_bos, vocab, folder: Path) -> dict
     pq.write_table(features, folder / "features.parquet")
     pq.write_table(examples, folder / "examples.parquet")
     pq.write_table(records.select(["doc_id", "position", "feature_id", "value"]), folder / "activations.parquet")
-    alive = int(sum(1 for lab in labels if lab.score > 0))
+    pq.write_table(labels.candidates, folder / "label_candidates.parquet")
     return {"encoded_tokens": n_encoded, "activation_rows": records.num_rows, "examples": examples.num_rows,
-            "features_fired": alive}
+            "features_fired": int(sum(1 for n in cols["n_active"] if n > 0)), "labels": labels.summary}
 
 
 def _documents_table(corpus: TokenizedCorpus) -> pa.Table:

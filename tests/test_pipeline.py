@@ -74,8 +74,14 @@ def test_examples_show_the_features_real_activations(tiny_atlas):
 def test_labels_and_embeddings_are_present(tiny_atlas):
     feats = Atlas(tiny_atlas).features.to_arrow().to_pylist()
     live = [f for f in feats if f["density"] > 0]
-    assert live and all(f["label"] and f["label_source"] == "contrastive" for f in live)
-    for f in live[:10]:
+    assert all(f["label"] for f in feats)
+    # A live feature may fire only in the documents held out from explainers: it gets no label.
+    labelled = [f for f in live if f["label_source"] == "contrastive"]
+    assert len(labelled) >= len(live) // 2 and all(f["label_source"] in ("contrastive", "none") for f in feats)
+    scored = [f for f in labelled if f["label_score"] is not None]
+    assert scored and all(0 <= f["label_score"] <= 1 for f in scored)
+    assert all({s["scorer"] for s in f["label_scores"]} >= {"embedding", "simulation"} for f in scored)
+    for f in labelled[:10]:
         assert np.linalg.norm(f["label_embedding"]) == pytest.approx(1.0, abs=1e-3)
         assert np.linalg.norm(f["context_embedding"]) == pytest.approx(1.0, abs=1e-3)
         assert len(f["logit_positive"]) == 10 and f["logit_positive"][0]["value"] >= f["logit_negative"][0]["value"]

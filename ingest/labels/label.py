@@ -1,0 +1,178 @@
+"""Labelling, from evidence to a scored label per feature: used by the ingest and by `featureatlas label`.
+
+Explainers read only the explainer's side of the document split and each propose candidate labels.
+Every candidate is embedded; the one with the best embedding AUROC on the explainer's side windows
+is kept (so choosing never peeks at the held-out documents), and the kept label is then scored on
+held-out windows by every configured scorer. ``label_score`` is the first scorer's score.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import dataclass, field
+from typing import Callable
+
+import duckdb
+import numpy as np
+import pyarrow as pa
+from featureatlas.store.schema import EMBEDDING_DIM, LABEL_CANDIDATES_SCHEMA
+from tqdm import tqdm
+
+from ..config import AtlasConfig
+from . import contrastive, llm, scorers
+from .contrastive import Candidate
+from .windows import label_connection, window_pool
+
+log = logging.getLogger(__name__)
+EXPLAINERS = ("contrastive", "llm")
+# Part of the ingest's analysis-stage key: bump it when labelling changes, so old labels are redone.
+LABELS_VERSION = 5
+# A feature whose top activations (explainer side) all sit on one token id: it scores high on
+# token matching trivially, so reports keep it apart.
+SINGLE_TOKEN_TOP = 10
+
+
+@dataclass
+class Labels:
+    """Per labelled feature (``features`` order): the kept label and its scores."""
+
+    features: list[int]
+    text: list[str]
+    source: list[str]
+    score: list[float | None]
+    scores: list[list[dict]]  # [{"scorer", "score"}], every score of the kept label
+    single_token: list[bool]
+    embeddings: np.ndarray
+    candidates: pa.Table  # every candidate of every explainer, with its scores (DuckDB ``label_candidates``)
+    summary: dict = field(default_factory=dict)
+
+
+def label_features(
+    con: duckdb.DuckDBPyConnection,
+    features: list[int],
+    cfg: AtlasConfig,
+    embed_fn: Callable[[list[str]], np.ndarray],
+    *,
+    chat: llm.Chat | None = None,
+    logits: dict[int, list[str]] | None = None,
+) -> Labels:
+    """``con`` holds the atlas tables ``documents``, ``tokens`` and ``activations``. ``chat`` is
+    needed by the llm explainer and the detection scorer; ``logits``: each feature's promoted
+    tokens, shown to the LLM."""
+    label_connection(con)
+    contrastive.explain_tables(con)
+    vocab = dict(con.execute("select distinct token_id, token from tokens").fetchall())
+    log.info("labels: embedding the explainer-side and held-out windows")
+    explain_pool = window_pool(con, holdout=False, embed_fn=embed_fn, max_windows=cfg.label_explain_windows, seed=cfg.seed)
+    held_pool = window_pool(con, holdout=True, embed_fn=embed_fn, max_windows=cfg.label_holdout_windows, seed=cfg.seed)
+    fired_explain = scorers.fired_in_pool(con, explain_pool, features)
+    fired_held = scorers.fired_in_pool(con, held_pool, features)
+    evidence = contrastive.gather_evidence(con, features, explain_pool, fired_explain, vocab)
+
+    proposed: dict[int, list[Candidate]] = {f: contrastive.candidates(evidence[f], vocab) for f in features}
+    if cfg.label_explainer == "llm":
+        asked = [f for f in features if proposed[f]]
+        written = llm.explain(_need(chat), asked, explain_pool, fired_explain, logits or {},
+                              workers=cfg.llm_workers, seed=cfg.seed)
+        for f, extra in written.items():
+            proposed[f] = extra + proposed[f]  # an LLM label wins ties with the contrastive fallback
+
+    top_token = {f: ev.at[0][0] for f, ev in evidence.items() if ev.at}
+    explain_trials = scorers.make_trials(explain_pool, fired_explain, top_token, seed=cfg.seed)
+    held_trials = scorers.make_trials(held_pool, fired_held, top_token, seed=cfg.seed)
+    flat = [(f, c) for f in features for c in proposed[f] if c.status == "ok"]
+    vectors = embed_fn([c.text for _, c in flat]) if flat else np.zeros((0, EMBEDDING_DIM), np.float32)
+
+    chosen: dict[int, int] = {}  # feature -> index into flat
+    choice_auroc: list[float] = []
+    held_auroc: list[float] = []
+    for i, (f, c) in enumerate(tqdm(flat, desc="score candidates", unit="label")):
+        a = scorers.embedding_scores(explain_pool, explain_trials, {f: vectors[i]}).get(f, math.nan)
+        h = scorers.embedding_scores(held_pool, held_trials, {f: vectors[i]}).get(f, math.nan)
+        choice_auroc.append(a)
+        held_auroc.append(h)
+        best = chosen.get(f)
+        if best is None or (not math.isnan(a) and (math.isnan(choice_auroc[best]) or a > choice_auroc[best])):
+            chosen[f] = i
+
+    simulator = scorers.Simulator(held_pool, vocab) if "simulation" in cfg.label_scorers else None
+    single = _single_token(con)
+    detection = {}
+    if "detection" in cfg.label_scorers:
+        kept = {f: flat[i][1].text for f, i in chosen.items()}
+        detection = llm.detect(_need(chat), held_pool, held_trials, kept, workers=cfg.llm_workers, seed=cfg.seed)
+
+    out = Labels([], [], [], [], [], [], np.zeros((len(features), EMBEDDING_DIM), np.float32),
+                 pa.table({}))
+    for row, f in enumerate(features):
+        out.features.append(f)
+        i = chosen.get(f)
+        if i is None:
+            failed = [c for c in proposed[f] if c.status != "ok"]
+            out.text.append("dead feature (never fired on the explainer's documents)" if not failed else failed[0].detail)
+            out.source.append("none")
+            out.score.append(None)
+            out.scores.append([])
+            out.single_token.append(False)
+            continue
+        cand = flat[i][1]
+        per = {"embedding": held_auroc[i]}
+        if simulator is not None and f in fired_held:
+            sim = simulator.score(cand.text, fired_held[f])
+            per.update({"simulation": sim.correlation, "simulation_precision": sim.precision, "simulation_recall": sim.recall})
+        if f in detection:
+            per["detection"] = detection[f]
+        primary = per.get(cfg.label_scorers[0], math.nan)
+        out.text.append(cand.text)
+        out.source.append(cand.explainer)
+        out.score.append(None if math.isnan(primary) else float(primary))
+        out.scores.append([{"scorer": k, "score": None if math.isnan(v) else float(v)} for k, v in per.items()])
+        out.single_token.append(bool(single.get(f, False)))
+        out.embeddings[row] = vectors[i]
+
+    cand_rows = {k: [] for k in ("feature_id", "explainer", "kind", "label", "status", "detail", "choice_auroc",
+                                 "holdout_auroc", "chosen")}
+    j = 0
+    for f in features:
+        for c in proposed[f]:
+            ok = c.status == "ok"
+            cand_rows["feature_id"].append(f)
+            cand_rows["explainer"].append(c.explainer)
+            cand_rows["kind"].append(c.kind)
+            cand_rows["label"].append(c.text)
+            cand_rows["status"].append(c.status)
+            cand_rows["detail"].append(c.detail)
+            cand_rows["choice_auroc"].append(_none(choice_auroc[j]) if ok else None)
+            cand_rows["holdout_auroc"].append(_none(held_auroc[j]) if ok else None)
+            cand_rows["chosen"].append(ok and chosen.get(f) == j)
+            j += ok
+    out.candidates = pa.table(cand_rows, schema=LABEL_CANDIDATES_SCHEMA)
+    scored = [s for s in out.score if s is not None]
+    out.summary = {
+        "explainer": cfg.label_explainer, "scorers": list(cfg.label_scorers), "labelled": len(features),
+        "scored": len(scored), "label_score_mean": float(np.mean(scored)) if scored else None,
+        "explain_windows": len(explain_pool), "holdout_windows": len(held_pool),
+        "failed": int(sum(1 for c in cand_rows["status"] if c != "ok")),
+    }
+    return out
+
+
+def _need(chat: llm.Chat | None) -> llm.Chat:
+    if chat is None:
+        raise ValueError("the llm explainer and the detection scorer need a chat (see llm.make_chat)")
+    return chat
+
+
+def _none(x: float) -> float | None:
+    return None if math.isnan(x) else x
+
+
+def _single_token(con: duckdb.DuckDBPyConnection) -> dict[int, bool]:
+    return dict(con.execute(
+        f"""
+        select feature_id, count(distinct token_id) = 1 from (
+            select feature_id, token_id, row_number() over (partition by feature_id order by value desc) as r from explain_hits
+        ) where r <= {SINGLE_TOKEN_TOP} group by feature_id
+        """
+    ).fetchall())

@@ -1,0 +1,233 @@
+"""Labels: the held-out split, the scorers on a planted concept, the LLM explainer against a fake
+OpenAI-compatible server on loopback, failures, and re-labelling an atlas in place."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+import duckdb
+import numpy as np
+import pyarrow as pa
+import pytest
+from featureatlas.api.cli import main
+from featureatlas.ingest.config import AtlasConfig
+from featureatlas.ingest.embed import embed
+from featureatlas.ingest.labels import scorers
+from featureatlas.ingest.labels.label import label_features
+from featureatlas.ingest.labels.llm import Chat, ChatError, OpenAIBackend
+from featureatlas.ingest.labels.windows import holdout_mask, label_connection, window_pool
+from featureatlas.store.atlas import Atlas
+
+TOPICS = {
+    "bridge": "the suspension bridge hangs from steel cables between two towers over the bay while traffic crosses the deck",
+    "cooking": "stir the onions in butter then add garlic and simmer the tomato sauce for twenty minutes before serving",
+    "music": "the orchestra played the symphony as violins and cellos carried the melody through the concert hall",
+    "football": "the striker scored a goal in the final minute and the crowd in the stadium cheered for the team",
+    "weather": "heavy rain and strong winds are expected tonight with snow falling on the mountains by morning",
+}
+BRIDGE_FEATURE, TOKEN_FEATURE = 0, 1
+
+
+@pytest.fixture(scope="module")
+def planted() -> duckdb.DuckDBPyConnection:
+    """An atlas-shaped database: 250 documents over five topics; feature 0 fires on every token of
+    the bridge documents, feature 1 on the token " the" wherever it appears."""
+    vocab: dict[str, int] = {}
+    docs, toks, acts = [], [], []
+    for d in range(250):
+        topic = list(TOPICS)[d % len(TOPICS)]
+        words = (TOPICS[topic] + " ") * 2
+        docs.append((d, f"doc-{d}", "synthetic", f"{topic} {d}", words))
+        for pos, w in enumerate(" " + x for x in words.split()):
+            tid = vocab.setdefault(w, len(vocab))
+            toks.append((d, pos, tid, w))
+            if topic == "bridge":
+                acts.append((d, pos, BRIDGE_FEATURE, 1.0 + (pos % 5)))
+            if w == " the":
+                acts.append((d, pos, TOKEN_FEATURE, 2.0))
+    con = duckdb.connect()
+    for name, cols, rows in (
+        ("documents", ("doc_id", "doc_key", "source", "title", "text"), docs),
+        ("tokens", ("doc_id", "position", "token_id", "token"), toks),
+        ("activations", ("doc_id", "position", "feature_id", "value"), acts),
+    ):
+        table = pa.table({c: [r[i] for r in rows] for i, c in enumerate(cols)})
+        con.register(f"{name}_in", table)
+        con.execute(f"create table {name} as select * from {name}_in")
+    label_connection(con)
+    return con
+
+
+@pytest.fixture(scope="module")
+def held(planted):
+    pool = window_pool(planted, holdout=True, embed_fn=embed)
+    fired = scorers.fired_in_pool(planted, pool, [BRIDGE_FEATURE, TOKEN_FEATURE])
+    top = {BRIDGE_FEATURE: planted.execute("select token_id from tokens where token = ' bridge'").fetchone()[0]}
+    return pool, fired, scorers.make_trials(pool, fired, top)
+
+
+def test_holdout_split_is_stable_and_about_a_fifth():
+    keys = [f"doc-{i}" for i in range(5000)]
+    mask = holdout_mask(keys)
+    assert 0.17 < mask.mean() < 0.23
+    assert (holdout_mask(keys[::-1])[::-1] == mask).all()
+
+
+def test_embedding_scorer_rewards_the_planted_concept(held):
+    pool, fired, trials = held
+    t = trials[BRIDGE_FEATURE]
+    assert len(t.positives) >= scorers.MIN_POSITIVES and len(t.negatives) == len(t.positives)
+    assert not set(t.negatives) & set(fired[BRIDGE_FEATURE].rows)  # negatives never fire
+    right, wrong = embed(["a suspension bridge with steel cables and towers", "a recipe for vegetable soup"])
+    scores = scorers.embedding_scores(pool, trials, {BRIDGE_FEATURE: right})
+    assert scores[BRIDGE_FEATURE] > 0.95
+    unrelated = [scorers.embedding_scores(pool, trials, {BRIDGE_FEATURE: v})[BRIDGE_FEATURE]
+                 for v in embed(["a parliament election", "quantum mechanics", "medieval poetry", "stock markets"])]
+    assert 0.3 < float(np.mean(unrelated)) < 0.7
+    assert scorers.embedding_scores(pool, trials, {BRIDGE_FEATURE: wrong})[BRIDGE_FEATURE] < 0.8
+
+
+def test_simulation_scorer_matches_quoted_tokens(planted, held):
+    pool, fired, _ = held
+    vocab = dict(planted.execute("select distinct token_id, token from tokens").fetchall())
+    sim = scorers.Simulator(pool, vocab)
+    exact = sim.score('the token "the"', fired[TOKEN_FEATURE])
+    assert exact.precision == 1.0 and exact.recall == 1.0 and exact.correlation == pytest.approx(1.0)
+    wrong = sim.score('the token "rain"', fired[TOKEN_FEATURE])
+    assert wrong.precision == 0.0 and wrong.recall == 0.0
+
+
+def test_auroc_counts_ties_as_half():
+    assert scorers.auroc(np.array([1.0, 2.0]), np.array([0.0])) == 1.0
+    assert scorers.auroc(np.array([1.0]), np.array([1.0])) == 0.5
+    assert np.isnan(scorers.auroc(np.array([]), np.array([1.0])))
+
+
+def test_explainers_never_see_held_out_documents(planted):
+    held_docs = {d for (d,) in planted.execute("select doc_id from label_split where holdout").fetchall()}
+    assert held_docs
+    cfg = AtlasConfig(label_explain_windows=10_000)
+    out = label_features(planted, [BRIDGE_FEATURE, TOKEN_FEATURE], cfg, embed)
+    seen = {d for (d,) in planted.execute("select distinct doc_id from explain_hits").fetchall()}
+    assert seen and not seen & held_docs
+    bridge = out.features.index(BRIDGE_FEATURE)
+    assert out.score[bridge] is not None and out.score[bridge] > 0.8
+    assert out.source[bridge] == "contrastive"
+    assert out.single_token[out.features.index(TOKEN_FEATURE)]
+
+
+class FakeOpenAI(BaseHTTPRequestHandler):
+    """Answers chat completions with a fixed label, or fails, as the class attributes say."""
+
+    answer = "a suspension bridge with steel cables"
+    status = 200
+    requests: list[dict] = []
+
+    def do_POST(self):  # noqa: N802 (http.server's naming)
+        body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+        type(self).requests.append({"path": self.path, "body": body, "auth": self.headers.get("Authorization")})
+        if self.status != 200:
+            self.send_response(self.status)
+            self.end_headers()
+            return
+        data = json.dumps({"choices": [{"message": {"role": "assistant", "content": self.answer}}]}).encode()
+        self.send_response(200)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        self.wfile.write(data)
+
+    def log_message(self, *args):
+        pass
+
+
+@pytest.fixture()
+def fake_llm():
+    FakeOpenAI.requests = []
+    FakeOpenAI.status = 200
+    server = ThreadingHTTPServer(("127.0.0.1", 0), FakeOpenAI)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    yield f"http://127.0.0.1:{server.server_address[1]}/v1"
+    server.shutdown()
+
+
+def test_llm_explainer_through_an_openai_compatible_endpoint(planted, fake_llm, tmp_path, monkeypatch):
+    monkeypatch.setenv("FA_TEST_KEY", "sekret")
+    cfg = AtlasConfig(label_explainer="llm", llm_url=fake_llm, llm_model="fake", llm_api_key_env="FA_TEST_KEY",
+                      label_scorers=["embedding", "detection"], llm_workers=2)
+    chat = Chat(OpenAIBackend(cfg.llm_url, cfg.llm_model, cfg.llm_api_key_env, 5.0), max_calls=50, cache=tmp_path / "c.jsonl")
+    out = label_features(planted, [BRIDGE_FEATURE], cfg, embed, chat=chat, logits={BRIDGE_FEATURE: [" bridge"]})
+    req = FakeOpenAI.requests[0]
+    assert req["path"] == "/v1/chat/completions" and req["auth"] == "Bearer sekret" and req["body"]["model"] == "fake"
+    prompt = req["body"]["messages"][1]["content"]
+    assert "<<" in prompt and "bridge" in prompt
+    held_text = [t for (t,) in planted.execute(
+        "select d.title from documents d join label_split s using (doc_id) where s.holdout").fetchall()]
+    assert held_text and all(t not in prompt for t in held_text)
+    assert out.source == ["llm"] and out.text == [FakeOpenAI.answer]
+    scores = {s["scorer"]: s["score"] for s in out.scores[0]}
+    assert scores["embedding"] > 0.9 and "detection" in scores
+    candidates = out.candidates.to_pylist()
+    assert {c["explainer"] for c in candidates} == {"llm", "contrastive"} and sum(c["chosen"] for c in candidates) == 1
+    # A second run answers from the cache: no new calls.
+    n = len(FakeOpenAI.requests)
+    Chat(OpenAIBackend(cfg.llm_url, cfg.llm_model, "", 5.0), max_calls=0, cache=tmp_path / "c.jsonl")(req["body"]["messages"])
+    assert len(FakeOpenAI.requests) == n
+
+
+def test_failed_llm_calls_are_marked_failed_not_scored(planted, fake_llm):
+    FakeOpenAI.status = 500
+    cfg = AtlasConfig(label_explainer="llm", llm_url=fake_llm, llm_model="fake")
+    chat = Chat(OpenAIBackend(cfg.llm_url, "fake", "", 5.0), max_calls=10, retries=1)
+    out = label_features(planted, [BRIDGE_FEATURE], cfg, embed, chat=chat)
+    assert len(FakeOpenAI.requests) == 2  # one call, one retry
+    failed = [c for c in out.candidates.to_pylist() if c["status"] == "failed"]
+    assert len(failed) == 1 and "500" in failed[0]["detail"] and failed[0]["holdout_auroc"] is None
+    assert out.source == ["contrastive"]  # the fallback label, scored on its own merits
+
+
+def test_budget_and_timeouts_raise_chat_errors():
+    dead = Chat(OpenAIBackend("http://127.0.0.1:9", "m", "", 0.5), max_calls=1, retries=0)
+    with pytest.raises(ChatError):
+        dead([{"role": "user", "content": "hi"}])
+    with pytest.raises(ChatError, match="budget"):
+        dead([{"role": "user", "content": "again"}])
+
+
+def test_label_command_relabels_in_place(tiny_atlas, tmp_path, capsys):
+    root = tmp_path / "atlas"
+    shutil.copytree(tiny_atlas, root)
+    before = Atlas(root).features.version
+    assert main(["label", "--atlas", str(root), "--features", "0-9", "--scorer", "simulation", "embedding", "--json"]) == 0
+    summary = json.loads(capsys.readouterr().out)
+    assert summary["labelled"] == 10 and summary["scorers"] == ["simulation", "embedding"]
+    atlas = Atlas(root)
+    assert atlas.features.version > before
+    assert atlas.manifest["labels"]["features"] == "0-9"
+    rows = {r["feature_id"]: r for r in atlas.features.to_arrow().to_pylist()}
+    assert len(rows) == atlas.d_sae
+    con = atlas.duckdb()
+    for f in range(10):
+        scores = {s["scorer"]: s["score"] for s in rows[f]["label_scores"]}
+        if rows[f]["label_source"] == "contrastive" and scores.get("simulation") is not None:
+            assert rows[f]["label_score"] == pytest.approx(scores["simulation"], abs=1e-6)
+        assert con.execute("select label from features where feature_id = ?", [f]).fetchone()[0] == rows[f]["label"]
+    assert con.execute("select count(*) from label_candidates where feature_id < 10 and chosen").fetchone()[0] <= 10
+    # Search still answers over the new labels.
+    assert atlas.features.search(rows[0]["label"].split()[0], query_type="fts").limit(5).to_list() is not None
+
+
+@pytest.mark.parametrize("args,flag", [
+    (["--features", "5-x"], "--features"),
+    (["--features", "100000"], "--features"),
+    (["--explainer", "llm"], "--llm-url"),
+    (["--scorer", "detection"], "--llm-url"),
+])
+def test_label_command_bad_input_exits_2(tiny_atlas, tmp_path, capsys, args, flag):
+    root = tmp_path / "atlas"
+    shutil.copytree(tiny_atlas, root)
+    assert main(["label", "--atlas", str(root), *args]) == 2
+    assert flag in capsys.readouterr().err
