@@ -79,14 +79,13 @@ class AtlasConfig:
     example_window_after: int = 8
     logit_effects: int = 10
 
-    # Labels. Explainers write candidate labels from the explainer's side of a document split; the
-    # kept label is scored on held-out windows by each scorer (the first gives ``label_score``).
+    # Labels. Explainers write candidate labels from one part of a document split, the best candidate
+    # is chosen on a second and scored on a third, held out, by each scorer (the first gives ``label_score``).
     embedder: str = "minilm"
     context_embedding_examples: int = 4
     label_explainer: str = "contrastive"  # contrastive | llm
     label_scorers: list[str] = field(default_factory=lambda: ["embedding", "simulation"])  # + detection (llm)
-    label_explain_windows: int = 8000  # explainer-side windows embedded to choose between candidates
-    label_holdout_windows: int = 20000  # held-out windows embedded for scoring
+    label_pool_windows: int = 10_000  # windows cut from each part of the label split (explain, choose, holdout)
     # The llm explainer and detection scorer: an OpenAI-compatible endpoint (llm_url + llm_model), or
     # a local instruct model folder (llm_model alone). The key is read from the named variable.
     llm_url: str = ""

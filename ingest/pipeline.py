@@ -115,7 +115,7 @@ def run_ingest(cfg: AtlasConfig) -> dict[str, Any]:
                              cfg.histogram_bins,
                              cfg.example_window_before, cfg.example_window_after, cfg.logit_effects, cfg.embedder,
                              cfg.context_embedding_examples, cfg.label_explainer, cfg.label_scorers,
-                             cfg.label_explain_windows, cfg.label_holdout_windows, cfg.llm_url, cfg.llm_model)
+                             cfg.label_pool_windows, cfg.llm_url, cfg.llm_model)
     folder = stages.folder("analysis")
     if stages.finished("analysis", analysis_key) is None:
         with stages.run("analysis", analysis_key) as s:

@@ -4,6 +4,7 @@ OpenAI-compatible server on loopback, failures, and re-labelling an atlas in pla
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -18,7 +19,7 @@ from featureatlas.ingest.embed import embed
 from featureatlas.ingest.labels import scorers
 from featureatlas.ingest.labels.label import label_features
 from featureatlas.ingest.labels.llm import Chat, ChatError, OpenAIBackend
-from featureatlas.ingest.labels.windows import holdout_mask, label_connection, window_pool
+from featureatlas.ingest.labels.windows import label_connection, split_parts, window_pool
 from featureatlas.store.atlas import Atlas
 
 TOPICS = {
@@ -39,7 +40,7 @@ def planted() -> duckdb.DuckDBPyConnection:
     docs, toks, acts = [], [], []
     for d in range(250):
         topic = list(TOPICS)[d % len(TOPICS)]
-        words = (TOPICS[topic] + " ") * 2
+        words = f"doc{d} " + (TOPICS[topic] + " ") * 2  # the marker shows which document a window is from
         docs.append((d, f"doc-{d}", "synthetic", f"{topic} {d}", words))
         for pos, w in enumerate(" " + x for x in words.split()):
             tid = vocab.setdefault(w, len(vocab))
@@ -63,17 +64,18 @@ def planted() -> duckdb.DuckDBPyConnection:
 
 @pytest.fixture(scope="module")
 def held(planted):
-    pool = window_pool(planted, holdout=True, embed_fn=embed)
+    pool = window_pool(planted, part="holdout", embed_fn=embed)
     fired = scorers.fired_in_pool(planted, pool, [BRIDGE_FEATURE, TOKEN_FEATURE])
     top = {BRIDGE_FEATURE: planted.execute("select token_id from tokens where token = ' bridge'").fetchone()[0]}
     return pool, fired, scorers.make_trials(pool, fired, top)
 
 
-def test_holdout_split_is_stable_and_about_a_fifth():
+def test_split_is_stable_three_fifths_one_fifth_one_fifth():
     keys = [f"doc-{i}" for i in range(5000)]
-    mask = holdout_mask(keys)
-    assert 0.17 < mask.mean() < 0.23
-    assert (holdout_mask(keys[::-1])[::-1] == mask).all()
+    parts = split_parts(keys)
+    assert 0.57 < (parts == "explain").mean() < 0.63
+    assert 0.17 < (parts == "choose").mean() < 0.23 and 0.17 < (parts == "holdout").mean() < 0.23
+    assert (split_parts(keys[::-1])[::-1] == parts).all()
 
 
 def test_embedding_scorer_rewards_the_planted_concept(held):
@@ -106,13 +108,12 @@ def test_auroc_counts_ties_as_half():
     assert np.isnan(scorers.auroc(np.array([]), np.array([1.0])))
 
 
-def test_explainers_never_see_held_out_documents(planted):
-    held_docs = {d for (d,) in planted.execute("select doc_id from label_split where holdout").fetchall()}
-    assert held_docs
-    cfg = AtlasConfig(label_explain_windows=10_000)
-    out = label_features(planted, [BRIDGE_FEATURE, TOKEN_FEATURE], cfg, embed)
+def test_explainers_never_see_choose_or_held_out_documents(planted):
+    other = {d for (d,) in planted.execute("select doc_id from label_split where part != 'explain'").fetchall()}
+    assert other
+    out = label_features(planted, [BRIDGE_FEATURE, TOKEN_FEATURE], AtlasConfig(), embed)
     seen = {d for (d,) in planted.execute("select distinct doc_id from explain_hits").fetchall()}
-    assert seen and not seen & held_docs
+    assert seen and not seen & other
     bridge = out.features.index(BRIDGE_FEATURE)
     assert out.score[bridge] is not None and out.score[bridge] > 0.8
     assert out.source[bridge] == "contrastive"
@@ -164,9 +165,9 @@ def test_llm_explainer_through_an_openai_compatible_endpoint(planted, fake_llm, 
     assert req["path"] == "/v1/chat/completions" and req["auth"] == "Bearer sekret" and req["body"]["model"] == "fake"
     prompt = req["body"]["messages"][1]["content"]
     assert "<<" in prompt and "bridge" in prompt
-    held_text = [t for (t,) in planted.execute(
-        "select d.title from documents d join label_split s using (doc_id) where s.holdout").fetchall()]
-    assert held_text and all(t not in prompt for t in held_text)
+    shown = {int(d) for d in re.findall(r"\bdoc(\d+)\b", prompt)}
+    explain = {d for (d,) in planted.execute("select doc_id from label_split where part = 'explain'").fetchall()}
+    assert shown and shown <= explain
     assert out.source == ["llm"] and out.text == [FakeOpenAI.answer]
     scores = {s["scorer"]: s["score"] for s in out.scores[0]}
     assert scores["embedding"] > 0.9 and "detection" in scores

@@ -10,7 +10,7 @@ activation rather than count keeps the weak, diffuse tail from outvoting the top
 
 From these it writes a few candidate phrases that say what kind of thing fires (a token in its
 context, a topic, a language or a code construct); the caller keeps whichever candidate scores best
-on the explainer's side of the split.
+on other documents.
 """
 
 from __future__ import annotations
@@ -50,7 +50,7 @@ class Candidate:
 
 @dataclass
 class Evidence:
-    """What the contrastive explainer knows about one feature, from the explainer's side only."""
+    """What the contrastive explainer knows about one feature, from the explain documents only."""
 
     at: list[tuple[int, float]]  # (token id, share of activation mass), best first
     before: list[tuple[int, float]]
@@ -60,12 +60,12 @@ class Evidence:
 
 
 def explain_tables(con: duckdb.DuckDBPyConnection) -> None:
-    """Temporary tables of the explainer's side of the split that every explainer reads."""
+    """Temporary tables of the explain documents, the only text explainers read."""
     con.execute(
         """
         create or replace temp table explain_tokens as
         select t.doc_id, t.position, t.token_id, d.source
-        from tokens t join label_split s using (doc_id) join documents d using (doc_id) where not s.holdout;
+        from tokens t join label_split s using (doc_id) join documents d using (doc_id) where s.part = 'explain';
         create or replace temp table explain_hits as
         select a.feature_id, a.doc_id, a.position, t.token_id, t.source, a.value
         from activations a join explain_tokens t using (doc_id, position);
@@ -76,7 +76,7 @@ def explain_tables(con: duckdb.DuckDBPyConnection) -> None:
 def gather_evidence(
     con: duckdb.DuckDBPyConnection, features: list[int], pool: WindowPool, fired: dict[int, Fired], vocab: dict[int, str]
 ) -> dict[int, Evidence]:
-    """``con`` has ``explain_tables``; ``pool``/``fired``: the explainer's side windows."""
+    """``con`` has ``explain_tables``; ``pool``/``fired``: windows of the explain documents."""
     at = _overrepresented(con, "select feature_id, token_id, value from explain_hits", top=6, min_count=1, min_lift=2)
     # The three tokens before each activation, each counted once.
     before = _overrepresented(
@@ -121,7 +121,7 @@ def _overrepresented(
     con: duckdb.DuckDBPyConnection, hits: str, *, top: int, min_count: int, min_lift: float
 ) -> dict[int, list[tuple[int, float]]]:
     """Per feature, the ``top`` tokens of ``hits`` (rows with feature_id, token_id, value) by KL
-    weight against the explainer side's background. Tokens seen fewer than ``min_count`` times or
+    weight against the explain documents' background. Tokens seen fewer than ``min_count`` times or
     less than ``min_lift`` times their background rate are left out: common tokens otherwise creep
     in by sheer frequency."""
     rows = con.execute(
@@ -182,8 +182,8 @@ def show_token(token: str) -> str:
 
 
 def candidates(ev: Evidence, vocab: dict[int, str]) -> list[Candidate]:
-    """A token phrase, a topic phrase and both together; a feature that never fired on the
-    explainer's side gets no candidate."""
+    """Phrases naming the token in its context, the topic, the words around it, the documents and
+    the source; a feature that never fired on the explain documents gets no candidate."""
     if not ev.at:
         return []
     named: dict[str, float] = {}  # variants differing only by case or spacing merge
@@ -215,4 +215,11 @@ def candidates(ev: Evidence, vocab: dict[int, str]) -> list[Candidate]:
     combined = token + ("; context: " + ", ".join(ev.words) if ev.words else "")
     if len(ev.titles) > 1:
         combined += " — from " + "; ".join(ev.titles)
-    return [Candidate(text, EXPLAINER, kind) for text, kind in ((combined, "combined"), (token, "token"), (topic, "topic"))]
+    phrases = [(combined, "combined"), (token, "token"), (topic, "topic")]
+    if ev.words:
+        phrases.append((", ".join(ev.words), "words"))
+    if ev.titles:
+        phrases.append(((where or "text") + " like " + "; ".join(ev.titles), "titles"))
+    if where:
+        phrases.append((where, "source"))
+    return [Candidate(text, EXPLAINER, kind) for text, kind in phrases]

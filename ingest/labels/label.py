@@ -1,9 +1,9 @@
 """Labelling, from evidence to a scored label per feature: used by the ingest and by `featureatlas label`.
 
-Explainers read only the explainer's side of the document split and each propose candidate labels.
-Every candidate is embedded; the one with the best embedding AUROC on the explainer's side windows
-is kept (so choosing never peeks at the held-out documents), and the kept label is then scored on
-held-out windows by every configured scorer. ``label_score`` is the first scorer's score.
+Explainers read only the explain documents (see ``windows``) and each propose candidate labels.
+Every candidate is embedded; the one with the best embedding AUROC on the choose documents' windows
+is kept, and the kept label is then scored on held-out windows by every configured scorer.
+``label_score`` is the first scorer's score.
 """
 
 from __future__ import annotations
@@ -46,6 +46,8 @@ class Labels:
     embeddings: np.ndarray
     candidates: pa.Table  # every candidate of every explainer, with its scores (DuckDB ``label_candidates``)
     summary: dict = field(default_factory=dict)
+    top_token: dict[int, str] = field(default_factory=dict)  # the strongest token per feature (explain documents)
+    judge: scorers.HeldOutJudge | None = None  # scores other label texts on the same held-out trials
 
 
 def label_features(
@@ -63,10 +65,13 @@ def label_features(
     label_connection(con)
     contrastive.explain_tables(con)
     vocab = dict(con.execute("select distinct token_id, token from tokens").fetchall())
-    log.info("labels: embedding the explainer-side and held-out windows")
-    explain_pool = window_pool(con, holdout=False, embed_fn=embed_fn, max_windows=cfg.label_explain_windows, seed=cfg.seed)
-    held_pool = window_pool(con, holdout=True, embed_fn=embed_fn, max_windows=cfg.label_holdout_windows, seed=cfg.seed)
+    log.info("labels: cutting windows, embedding those that judge labels")
+    cap = cfg.label_pool_windows
+    explain_pool = window_pool(con, part="explain", max_windows=cap, seed=cfg.seed)
+    choose_pool = window_pool(con, part="choose", embed_fn=embed_fn, max_windows=cap, seed=cfg.seed)
+    held_pool = window_pool(con, part="holdout", embed_fn=embed_fn, max_windows=cap, seed=cfg.seed)
     fired_explain = scorers.fired_in_pool(con, explain_pool, features)
+    fired_choose = scorers.fired_in_pool(con, choose_pool, features)
     fired_held = scorers.fired_in_pool(con, held_pool, features)
     evidence = contrastive.gather_evidence(con, features, explain_pool, fired_explain, vocab)
 
@@ -79,7 +84,8 @@ def label_features(
             proposed[f] = extra + proposed[f]  # an LLM label wins ties with the contrastive fallback
 
     top_token = {f: ev.at[0][0] for f, ev in evidence.items() if ev.at}
-    explain_trials = scorers.make_trials(explain_pool, fired_explain, top_token, seed=cfg.seed)
+    # Twice the windows to choose on as to report on: a noisy choice would waste good candidates.
+    choose_trials = scorers.make_trials(choose_pool, fired_choose, top_token, seed=cfg.seed, per_side=2 * scorers.PER_SIDE)
     held_trials = scorers.make_trials(held_pool, fired_held, top_token, seed=cfg.seed)
     flat = [(f, c) for f in features for c in proposed[f] if c.status == "ok"]
     vectors = embed_fn([c.text for _, c in flat]) if flat else np.zeros((0, EMBEDDING_DIM), np.float32)
@@ -88,7 +94,7 @@ def label_features(
     choice_auroc: list[float] = []
     held_auroc: list[float] = []
     for i, (f, c) in enumerate(tqdm(flat, desc="score candidates", unit="label")):
-        a = scorers.embedding_scores(explain_pool, explain_trials, {f: vectors[i]}).get(f, math.nan)
+        a = scorers.embedding_scores(choose_pool, choose_trials, {f: vectors[i]}).get(f, math.nan)
         h = scorers.embedding_scores(held_pool, held_trials, {f: vectors[i]}).get(f, math.nan)
         choice_auroc.append(a)
         held_auroc.append(h)
@@ -110,7 +116,7 @@ def label_features(
         i = chosen.get(f)
         if i is None:
             failed = [c for c in proposed[f] if c.status != "ok"]
-            out.text.append("dead feature (never fired on the explainer's documents)" if not failed else failed[0].detail)
+            out.text.append("unlabelled: never fired on the explain documents" if not failed else failed[0].detail)
             out.source.append("none")
             out.score.append(None)
             out.scores.append([])
@@ -148,11 +154,13 @@ def label_features(
             cand_rows["chosen"].append(ok and chosen.get(f) == j)
             j += ok
     out.candidates = pa.table(cand_rows, schema=LABEL_CANDIDATES_SCHEMA)
+    out.top_token = {f: vocab[t] for f, t in top_token.items()}
+    out.judge = scorers.HeldOutJudge(held_pool, held_trials, embed_fn)
     scored = [s for s in out.score if s is not None]
     out.summary = {
         "explainer": cfg.label_explainer, "scorers": list(cfg.label_scorers), "labelled": len(features),
         "scored": len(scored), "label_score_mean": float(np.mean(scored)) if scored else None,
-        "explain_windows": len(explain_pool), "holdout_windows": len(held_pool),
+        "windows": {"explain": len(explain_pool), "choose": len(choose_pool), "holdout": len(held_pool)},
         "failed": int(sum(1 for c in cand_rows["status"] if c != "ok")),
     }
     return out

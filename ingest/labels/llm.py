@@ -185,7 +185,7 @@ def explain(chat: Chat, features: list[int], pool: WindowPool, fired: dict[int, 
 
     def one(f: int) -> tuple[int, Candidate]:
         if f not in fired:
-            return f, Candidate("", EXPLAINER, "llm", "failed", "no firing windows on the explainer's side")
+            return f, Candidate("", EXPLAINER, "llm", "failed", "no firing windows in the explain documents")
         try:
             return f, Candidate(parse_label(chat(explain_prompt(pool, fired[f], logits.get(f, []), seed + f))), EXPLAINER, "llm")
         except ChatError as e:

@@ -54,7 +54,7 @@ def fired_in_pool(con: duckdb.DuckDBPyConnection, pool: WindowPool, features: li
         f"""
         select a.feature_id, a.doc_id, a.position, a.value
         from activations a join label_split s using (doc_id) join wanted_features using (feature_id)
-        where s.holdout = {bool(pool.holdout)} order by a.feature_id
+        where s.part = '{pool.part}' order by a.feature_id
         """
     ).to_arrow_table()
     con.unregister("wanted_features")
@@ -138,6 +138,19 @@ def embedding_scores(pool: WindowPool, trials: dict[int, Trial], label_embedding
         if t is not None:
             out[f] = auroc(pool.embeddings[t.positives] @ vec, pool.embeddings[t.negatives] @ vec)
     return out
+
+
+class HeldOutJudge:
+    """Embedding AUROC of any label texts on fixed held-out trials: baselines in a report are judged
+    on exactly the windows the real labels were."""
+
+    def __init__(self, pool: WindowPool, trials: dict[int, Trial], embed_fn):
+        self.pool, self.trials, self.embed_fn = pool, trials, embed_fn
+
+    def __call__(self, labels: dict[int, str]) -> dict[int, float]:
+        ids = [f for f in labels if f in self.trials]
+        vectors = self.embed_fn([labels[f] for f in ids]) if ids else []
+        return embedding_scores(self.pool, self.trials, dict(zip(ids, vectors)))
 
 
 _QUOTED = re.compile(r'"([^"]+)"')

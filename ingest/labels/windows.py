@@ -1,9 +1,11 @@
 """The text labels are judged on: a document split explainers never cross, and pools of short windows.
 
-One document in ``HOLDOUT_EVERY`` (chosen by a hash of its key, so the split is stable across runs
-and atlases) is held out: explainers build labels from the other documents only, and the reported
-scores come from held-out windows alone. Choosing between candidate labels uses windows from the
-explainer's side, so the reported score is never the one a label was picked on.
+Documents fall in three parts by a hash of their key (stable across runs and atlases): explainers
+write labels from ``explain`` documents only (3 in 5); the candidate labels of a feature compete on
+``choose`` windows (1 in 5); the kept label is scored on ``holdout`` windows (1 in 5). So a
+candidate is never chosen on the text it was written from (a label built from a feature's top
+windows would win there by construction), and the reported score comes from documents that neither
+writing nor choosing saw.
 
 A window is ``WINDOW`` consecutive tokens of one document (``position // WINDOW``). Every window of
 a split is embedded once and shared by all features: embedding per feature would not scale past a
@@ -22,34 +24,35 @@ import numpy as np
 import pyarrow as pa
 
 WINDOW = 16
-HOLDOUT_EVERY = 5
+PARTS = ("explain", "explain", "explain", "choose", "holdout")
 
 
-def holdout_mask(doc_keys: Sequence[str]) -> np.ndarray:
-    """True for the documents whose windows score labels and that no explainer may read."""
-    return np.array([zlib.crc32(b"label-holdout/" + k.encode()) % HOLDOUT_EVERY == 0 for k in doc_keys], dtype=bool)
+def split_parts(doc_keys: Sequence[str]) -> np.ndarray:
+    """The part (explain | choose | holdout) of each document."""
+    return np.array([PARTS[zlib.crc32(b"label-split/" + k.encode()) % len(PARTS)] for k in doc_keys], dtype=object)
 
 
 def label_connection(con: duckdb.DuckDBPyConnection) -> duckdb.DuckDBPyConnection:
-    """Registers ``label_split(doc_id, holdout)`` on a connection that holds the atlas tables
+    """Registers ``label_split(doc_id, part)`` on a connection that holds the atlas tables
     ``documents``, ``tokens`` and ``activations`` (published or about to be)."""
     doc_id, keys = zip(*con.execute("select doc_id, doc_key from documents order by doc_id").fetchall()) or ((), ())
-    con.register("label_split", pa.table({"doc_id": pa.array(doc_id, pa.int32()), "holdout": holdout_mask(keys)}))
+    con.register("label_split", pa.table({"doc_id": pa.array(doc_id, pa.int32()),
+                                          "part": pa.array(split_parts(keys), pa.string())}))
     return con
 
 
 @dataclass
 class WindowPool:
-    """Every window of one side of the split, with its text, tokens and embedding."""
+    """Every window of one part of the split, with its text, tokens and embedding."""
 
-    holdout: bool
+    part: str
     doc_id: np.ndarray  # [n] int
     window: np.ndarray  # [n] int, position // WINDOW
     texts: list[str]
     token_ids: list[np.ndarray]
     token_texts: list[list[str]]
     positions: list[np.ndarray]  # document position of each token
-    embeddings: np.ndarray  # [n, dim], unit norm
+    embeddings: np.ndarray | None  # [n, dim], unit norm; None for a pool that is only read
 
     def __len__(self) -> int:
         return len(self.texts)
@@ -66,17 +69,17 @@ class WindowPool:
 
 
 def window_pool(
-    con: duckdb.DuckDBPyConnection, *, holdout: bool, embed_fn, max_windows: int | None = None, seed: int = 0
+    con: duckdb.DuckDBPyConnection, *, part: str, embed_fn=None, max_windows: int | None = None, seed: int = 0
 ) -> WindowPool:
-    """The windows of one side of the split (a random ``max_windows`` of them when capped), embedded
-    with ``embed_fn(texts) -> [n, dim]``."""
+    """The windows of one part of the split (a random ``max_windows`` of them when capped), embedded
+    with ``embed_fn(texts) -> [n, dim]`` when given."""
     table = con.sql(
         f"""
         select t.doc_id, t.position // {WINDOW} as w, string_agg(t.token, '' order by t.position) as text,
                list(t.token_id order by t.position) as ids, list(t.position order by t.position) as pos,
                list(t.token order by t.position) as toks
         from tokens t join label_split s using (doc_id)
-        where s.holdout = {bool(holdout)} group by all order by all
+        where s.part = '{PARTS[PARTS.index(part)]}' group by all order by all
         """
     ).to_arrow_table()
     if max_windows is not None and table.num_rows > max_windows:
@@ -84,12 +87,12 @@ def window_pool(
         table = table.take(keep)
     texts = [t.strip() for t in table["text"].to_pylist()]
     return WindowPool(
-        holdout=holdout,
+        part=part,
         doc_id=table["doc_id"].to_numpy().astype(np.int64),
         window=table["w"].to_numpy().astype(np.int64),
         texts=texts,
         token_ids=[np.asarray(x, dtype=np.int64) for x in table["ids"].to_pylist()],
         token_texts=table["toks"].to_pylist(),
         positions=[np.asarray(x, dtype=np.int64) for x in table["pos"].to_pylist()],
-        embeddings=np.asarray(embed_fn(texts), dtype=np.float32),
+        embeddings=None if embed_fn is None else np.asarray(embed_fn(texts), dtype=np.float32),
     )
