@@ -18,7 +18,7 @@ from featureatlas.ingest.config import AtlasConfig
 from featureatlas.ingest.embed import embed
 from featureatlas.ingest.labels import scorers
 from featureatlas.ingest.labels.label import label_features
-from featureatlas.ingest.labels.llm import Chat, ChatError, OpenAIBackend
+from featureatlas.ingest.labels.llm import Chat, ChatError, OpenAIBackend, make_chat
 from featureatlas.ingest.labels.windows import label_connection, split_parts, window_pool
 from featureatlas.store.atlas import Atlas
 
@@ -232,3 +232,16 @@ def test_label_command_bad_input_exits_2(tiny_atlas, tmp_path, capsys, args, fla
     shutil.copytree(tiny_atlas, root)
     assert main(["label", "--atlas", str(root), *args]) == 2
     assert flag in capsys.readouterr().err
+
+
+def test_local_model_folder_backend(tiny_model_dir, tmp_path):
+    folder = tmp_path / "instruct"
+    shutil.copytree(tiny_model_dir, folder)
+    config = json.loads((folder / "tokenizer_config.json").read_text())
+    config["chat_template"] = "{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}assistant:"
+    (folder / "tokenizer_config.json").write_text(json.dumps(config))
+    cfg = AtlasConfig(label_explainer="llm", llm_model=str(folder), llm_max_calls=1)
+    chat = make_chat(cfg, None)
+    answer = chat([{"role": "user", "content": "the bridge"}], max_tokens=4)
+    assert isinstance(answer, str)
+    assert chat([{"role": "user", "content": "the bridge"}], max_tokens=4) == answer  # cached, within budget

@@ -90,9 +90,14 @@ class LocalBackend:
     def __call__(self, messages: list[dict], max_tokens: int) -> str:
         import torch
 
-        ids = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_tensors="pt").to(self.model.device)
-        with self.lock, torch.no_grad():
-            out = self.model.generate(ids, max_new_tokens=max_tokens, do_sample=False)
+        enc = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_tensors="pt", return_dict=True)
+        ids = enc["input_ids"].to(self.model.device)
+        try:
+            with self.lock, torch.no_grad():
+                out = self.model.generate(ids, attention_mask=enc["attention_mask"].to(ids.device), max_new_tokens=max_tokens,
+                                          do_sample=False)
+        except (RuntimeError, ValueError) as e:  # e.g. out of memory, a prompt past the context: this call fails
+            raise ChatError(f"{type(e).__name__}: {e}") from None
         return self.tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True)
 
 
