@@ -54,7 +54,8 @@ class Evidence:
 
     at: list[tuple[int, float]]  # (token id, share of activation mass), best first
     before: list[tuple[int, float]]
-    source: str | None
+    source: str | None  # the source it is most over-represented in
+    mostly: bool  # ... and where most of its activation mass is
     titles: list[str]
     words: list[str]
 
@@ -88,17 +89,21 @@ def gather_evidence(
         min_count=2,
         min_lift=6,  # three positions look back, so chance alone gives a lift of about 3
     )
-    source = dict(
-        con.execute(
+    # Per feature, the source with the highest lift (its share of the feature's activation mass over
+    # its share of the tokens), and whether the feature lives mostly there.
+    source = {
+        f: (src, bool(mostly))
+        for f, src, mostly in con.execute(
             """
             with corpus_share as (select source, count(*) / sum(count(*)) over () as share from explain_tokens group by source),
             fs as (select feature_id, source, sum(value) / sum(sum(value)) over (partition by feature_id) as share
                    from explain_hits group by feature_id, source)
-            select fs.feature_id, fs.source from fs join corpus_share c using (source)
-            where fs.share >= 0.6 and fs.share >= 1.5 * c.share
+            select fs.feature_id, arg_max(fs.source, fs.share / c.share),
+                   max(fs.share >= 0.6 and fs.share >= 1.5 * c.share)
+            from fs join corpus_share c using (source) where fs.share >= 1.2 * c.share group by fs.feature_id
             """
         ).fetchall()
-    )
+    }
     titles: dict[int, list[str]] = defaultdict(list)
     for f, title in con.execute(
         """
@@ -112,7 +117,8 @@ def gather_evidence(
             titles[f].append(title)
     words = _context_words(pool, fired, vocab)
     return {
-        f: Evidence(at.get(f, []), before.get(f, []), source.get(f), titles.get(f, [])[:TITLES_IN_LABEL], words.get(f, []))
+        f: Evidence(at.get(f, []), before.get(f, []), *source.get(f, (None, False)), titles.get(f, [])[:TITLES_IN_LABEL],
+                    words.get(f, []))
         for f in features
     }
 
@@ -183,7 +189,7 @@ def show_token(token: str) -> str:
 
 def candidates(ev: Evidence, vocab: dict[int, str]) -> list[Candidate]:
     """Phrases naming the token in its context, the topic, the words around it, the documents and
-    the source; a feature that never fired on the explain documents gets no candidate."""
+    the source (alone and with the words); a feature that never fired on the explain documents gets no candidate."""
     if not ev.at:
         return []
     named: dict[str, float] = {}  # variants differing only by case or spacing merge
@@ -206,7 +212,8 @@ def candidates(ev: Evidence, vocab: dict[int, str]) -> list[Candidate]:
     before = [b for b in dict.fromkeys(before) if b.lower() not in named]
     if before:
         token += " after " + ", ".join(before[:3])
-    where = SOURCE_NAMES.get(ev.source, ev.source) if ev.source else None
+    lean = SOURCE_NAMES.get(ev.source, ev.source) if ev.source else None
+    where = lean if ev.mostly else None
     if where:
         token += f" in {where}"
     topic = (where or "text") + (" about " + ", ".join(ev.words) if ev.words else "")
@@ -220,6 +227,8 @@ def candidates(ev: Evidence, vocab: dict[int, str]) -> list[Candidate]:
         phrases.append((", ".join(ev.words), "words"))
     if ev.titles:
         phrases.append(((where or "text") + " like " + "; ".join(ev.titles), "titles"))
-    if where:
-        phrases.append((where, "source"))
+    if lean:
+        phrases.append((lean, "source"))
+        if ev.words:
+            phrases.append((f"{lean}: " + ", ".join(ev.words), "source_words"))
     return [Candidate(text, EXPLAINER, kind) for text, kind in phrases]
