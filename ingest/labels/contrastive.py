@@ -36,7 +36,8 @@ SOURCE_NAMES = {
 TITLES_IN_LABEL = 3
 CONTEXT_WORDS = 4
 TOP_WINDOWS = 50  # the strongest windows whose words describe the context
-_WORD = re.compile(r"\s?[^\W\d_]{3,}")  # a whole word token (sub-word pieces say little about a topic)
+_WORD = re.compile(r" [^\W\d_]{3,}")  # a word-start token (sub-word pieces say little about a topic)
+COMMON_WORD_RATE = 0.05  # words in more windows than this (the, that, and) name no topic
 
 
 @dataclass
@@ -174,10 +175,13 @@ def _context_words(pool: WindowPool, fired: dict[int, Fired], vocab: dict[int, s
         scored = []
         for t, m in mass.items():
             p = window_rate[t]
-            if seen[t] >= 3 and m >= 3 * p:
+            if seen[t] >= 3 and m >= 3 * p and p <= COMMON_WORD_RATE:
                 scored.append((m * np.log(m / p), vocab[t].strip()))
         scored.sort(reverse=True)
-        out[f] = list(dict.fromkeys(w for _, w in scored))[:CONTEXT_WORDS]
+        words: dict[str, str] = {}  # case variants merge, the strongest spelling shown
+        for _, w in scored:
+            words.setdefault(w.lower(), w)
+        out[f] = list(words.values())[:CONTEXT_WORDS]
     return out
 
 
@@ -188,8 +192,9 @@ def show_token(token: str) -> str:
 
 
 def candidates(ev: Evidence, vocab: dict[int, str]) -> list[Candidate]:
-    """Phrases naming the token in its context, the topic, the words around it, the documents and
-    the source (alone and with the words); a feature that never fired on the explain documents gets no candidate."""
+    """Phrases naming the token in its context, the topic (the words around it), the documents it
+    fires in, the source it leans to, and all together: each says what kind of thing fires, none is
+    a bare word list. A feature that never fired on the explain documents gets no candidate."""
     if not ev.at:
         return []
     named: dict[str, float] = {}  # variants differing only by case or spacing merge
@@ -216,19 +221,15 @@ def candidates(ev: Evidence, vocab: dict[int, str]) -> list[Candidate]:
     where = lean if ev.mostly else None
     if where:
         token += f" in {where}"
-    topic = (where or "text") + (" about " + ", ".join(ev.words) if ev.words else "")
-    if ev.titles:
-        topic += " (" + "; ".join(ev.titles) + ")"
+    kind_of_text = lean or "text"
     combined = token + ("; context: " + ", ".join(ev.words) if ev.words else "")
     if len(ev.titles) > 1:
         combined += " — from " + "; ".join(ev.titles)
-    phrases = [(combined, "combined"), (token, "token"), (topic, "topic")]
+    phrases = [(combined, "combined"), (token, "token")]
     if ev.words:
-        phrases.append((", ".join(ev.words), "words"))
+        phrases.append((f"{kind_of_text} about " + ", ".join(ev.words), "topic"))
     if ev.titles:
-        phrases.append(((where or "text") + " like " + "; ".join(ev.titles), "titles"))
+        phrases.append((f"{kind_of_text} like " + "; ".join(ev.titles), "titles"))
     if lean:
         phrases.append((lean, "source"))
-        if ev.words:
-            phrases.append((f"{lean}: " + ", ".join(ev.words), "source_words"))
     return [Candidate(text, EXPLAINER, kind) for text, kind in phrases]
