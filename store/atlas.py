@@ -140,4 +140,8 @@ def summarize(manifest: dict[str, Any]) -> str:
             if k in m
         ),
     ]
+    labels = manifest.get("labels")
+    if labels and labels.get("label_score_mean") is not None:
+        lines.append(f"labels: {labels['explainer']}, mean {labels['scorers'][0]} score {labels['label_score_mean']:.3f} on "
+                     f"held-out windows ({labels['scored']:,} of {labels['labelled']:,} features scored)")
     return "\n".join(lines)

@@ -35,3 +35,8 @@ def test_real_model_and_corpus_end_to_end(tmp_path):
            where d.source = 'python'"""
     ).fetchone()[0]
     assert python_features > 0
+    # Labels were written from some documents and scored on others.
+    labels = manifest["labels"]
+    assert labels["explainer"] == "contrastive" and labels["scored"] > 0 and 0 < labels["label_score_mean"] < 1
+    assert con.execute("select count(*) from label_candidates where chosen").fetchone()[0] == labels["labelled"] - con.execute(
+        "select count(*) from features where label_source = 'none'").fetchone()[0]
