@@ -54,10 +54,13 @@ class AtlasConfig:
     harvest_batch: int = 16
     shard_tokens: int = 65_536
 
-    # Dictionary.
+    # Dictionary: topk | batchtopk | relu | jumprelu (see ingest/sae.py).
     architecture: str = "topk"
     d_sae: int = 4096
+    # Active latents per token (top-k families); the stored code width is 2k for relu/jumprelu.
     k: int = 32
+    # relu: L1 weight (default 5, Anthropic's); jumprelu: L0 weight (default 1). Unused by top-k.
+    sparsity_coef: float | None = None
     # Token budget of SAE training (several epochs over the cache when larger than it).
     train_tokens: int = 2_500_000
     train_batch: int = 1024
@@ -115,8 +118,10 @@ class AtlasConfig:
             raise ConfigError("--d-sae", f"must be at least 1, got {self.d_sae}")
         if not 1 <= self.k <= self.d_sae:
             raise ConfigError("--k", f"must be between 1 and d_sae ({self.d_sae}), got {self.k}")
-        if self.architecture != "topk":
-            raise ConfigError("--architecture", f"only 'topk' is implemented, got {self.architecture!r}")
+        if self.architecture not in ("topk", "batchtopk", "relu", "jumprelu"):
+            raise ConfigError("--architecture", f"must be topk, batchtopk, relu or jumprelu, got {self.architecture!r}")
+        if self.sparsity_coef is not None and self.sparsity_coef < 0:
+            raise ConfigError("--sparsity-coef", f"must be >= 0, got {self.sparsity_coef}")
         if self.tokens < self.context_len:
             raise ConfigError("--tokens", f"must be at least one context ({self.context_len}), got {self.tokens}")
         if self.context_len < 2:

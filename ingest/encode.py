@@ -17,7 +17,7 @@ from tqdm import tqdm
 
 from .config import AtlasConfig
 from .model import SubjectModel
-from .sae import TopKSAE
+from .sae import SAE
 from .tokens import TokenizedCorpus
 
 
@@ -35,10 +35,10 @@ class Codes:
 
 
 @torch.no_grad()
-def encode_tokens(sae: TopKSAE, acts: np.ndarray, is_bos: np.ndarray, *, batch: int = 8192, device: torch.device) -> Codes:
+def encode_tokens(sae: SAE, acts: np.ndarray, is_bos: np.ndarray, *, batch: int = 8192, device: torch.device) -> Codes:
     n = len(acts)
-    values = np.zeros((n, sae.k), dtype=np.float32)
-    indices = np.zeros((n, sae.k), dtype=np.int32)
+    values = np.zeros((n, sae.code_width), dtype=np.float32)
+    indices = np.zeros((n, sae.code_width), dtype=np.int32)
     sae = sae.to(device)
     for i in tqdm(range(0, n, batch), desc="encode", unit="batch"):
         x = torch.from_numpy(np.asarray(acts[i : i + batch], dtype=np.float32)).to(device)
@@ -161,7 +161,7 @@ def example_texts(examples: pa.Table, per_feature: int, d_sae: int) -> list[list
 
 
 @torch.no_grad()
-def logit_effects(sae: TopKSAE, model: SubjectModel, vocab: list[str], n: int, *, chunk: int = 512) -> tuple[list, list]:
+def logit_effects(sae: SAE, model: SubjectModel, vocab: list[str], n: int, *, chunk: int = 512) -> tuple[list, list]:
     """Top ``n`` promoted and suppressed tokens of each decoder direction through the final norm's
     gain and the unembedding (a direct effect: it ignores every later layer)."""
     gain, unembed = model.unembedding()
@@ -169,7 +169,7 @@ def logit_effects(sae: TopKSAE, model: SubjectModel, vocab: list[str], n: int, *
     pos: list = []
     neg: list = []
     for i in tqdm(range(0, sae.d_sae, chunk), desc="logit effects", unit="chunk"):
-        logits = (sae.W_dec[i : i + chunk].to(model.device) * gain.to(model.device)) @ unembed.T
+        logits = (sae.unit_decoder()[i : i + chunk].to(model.device) * gain.to(model.device)) @ unembed.T
         for sign, out in ((1, pos), (-1, neg)):
             vals, idx = (sign * logits).topk(n, dim=-1)
             for vs, ids in zip((sign * vals).cpu().tolist(), idx.cpu().tolist()):

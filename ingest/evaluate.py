@@ -7,7 +7,7 @@ import torch
 from tqdm import tqdm
 
 from .model import SubjectModel
-from .sae import TopKSAE
+from .sae import SAE
 from .tokens import TokenizedCorpus
 
 # Part of the evaluate stage's key: bump it when the metrics change, so old results are recomputed.
@@ -15,7 +15,7 @@ METRICS_VERSION = 2
 
 
 @torch.no_grad()
-def reconstruction_metrics(sae: TopKSAE, acts: np.ndarray, *, batch: int = 4096) -> dict[str, float]:
+def reconstruction_metrics(sae: SAE, acts: np.ndarray, *, batch: int = 4096) -> dict[str, float]:
     """``acts`` [n, d_in]: held-out rows, BOS excluded. ``err`` is kept per token (not summed on
     the fly) so the metric can be restricted without a second pass.
 
@@ -28,11 +28,10 @@ def reconstruction_metrics(sae: TopKSAE, acts: np.ndarray, *, batch: int = 4096)
     fired = torch.zeros(sae.d_sae, dtype=torch.bool)
     for i in range(0, len(x_all), batch):
         x = x_all[i : i + batch]
-        code = sae.encode(x)
-        err[i : i + batch] = (x - sae.decode(code)).pow(2).sum(1)
-        active = code.values > 0
+        active = sae.activations(x) > 0  # all of them: a threshold architecture's L0 is not capped
+        err[i : i + batch] = (x - sae.reconstruct(x)).pow(2).sum(1)
         l0 += float(active.sum())
-        fired[code.indices[active]] = True
+        fired |= active.any(0)
     # A handful of tokens (mostly the first after BOS) carry norms ~100x the median and dominate the
     # pooled variance; we also report the figure without them so neither number hides the other.
     norm = x_all.norm(dim=1)
@@ -60,7 +59,7 @@ def _variance(x: torch.Tensor) -> torch.Tensor:
 
 
 def loss_recovered(
-    model: SubjectModel, sae: TopKSAE, corpus: TokenizedCorpus, layer: int, *, contexts: int, batch: int
+    model: SubjectModel, sae: SAE, corpus: TokenizedCorpus, layer: int, *, contexts: int, batch: int
 ) -> dict[str, float]:
     """CE of the model with block ``layer``'s output replaced by the reconstruction, against the clean
     model and against zero-ablation: (CE_zero - CE_sae) / (CE_zero - CE_clean)."""

@@ -28,10 +28,10 @@ from .harvest import harvest, load_activations
 from .labels.label import LABELS_VERSION, label_features
 from .labels.llm import make_chat
 from .model import SubjectModel, load_model
-from .sae import TopKSAE
+from .sae import SAE
 from .stages import Stages, stage_key
 from .tokens import TokenizedCorpus, tokenize_corpus
-from .train import train_topk
+from .train import train_sae
 
 log = logging.getLogger(__name__)
 # Part of the publish key: bump it when the published layout changes.
@@ -84,14 +84,15 @@ def run_ingest(cfg: AtlasConfig) -> dict[str, Any]:
     norms = {"bos_mean_norm": _mean_norm(acts[is_bos]), "token_mean_norm": _mean_norm(acts[~is_bos][:20_000])}
 
     # train -> dictionary
-    train_key = stage_key(harvest_key, cfg.architecture, cfg.d_sae, cfg.k, cfg.train_tokens, cfg.train_batch,
+    train_key = stage_key(harvest_key, cfg.architecture, cfg.sparsity_coef, cfg.d_sae, cfg.k, cfg.train_tokens, cfg.train_batch,
                           cfg.lr_value, cfg.aux_k, cfg.aux_coef, cfg.dead_tokens, cfg.seed)
     meta = {"model_name": cfg.model, "hook_name": hook_name(layer), "hook_layer": layer, "context_size": cfg.context_len,
-            "prepend_bos": True, "architecture": "topk"}
+            "prepend_bos": True}
     if stages.finished("train", train_key) is None:
         with stages.run("train", train_key) as s:
-            result = train_topk(
-                acts[~is_bos & ~is_eval], d_sae=cfg.d_sae, k=cfg.k, tokens=cfg.train_tokens, batch=cfg.train_batch,
+            result = train_sae(
+                acts[~is_bos & ~is_eval], architecture=cfg.architecture, d_sae=cfg.d_sae, k=cfg.k,
+                sparsity_coef=cfg.sparsity_coef, tokens=cfg.train_tokens, batch=cfg.train_batch,
                 lr=cfg.lr_value, aux_k=cfg.aux_k, aux_coef=cfg.aux_coef, dead_tokens=cfg.dead_tokens, seed=cfg.seed,
                 device=model.device, meta=meta, checkpoint=stages.folder("train") / "checkpoint.pt",
             )
@@ -99,7 +100,7 @@ def run_ingest(cfg: AtlasConfig) -> dict[str, Any]:
             (stages.folder("train") / "checkpoint.pt").unlink(missing_ok=True)
             s.update(steps=result.steps, tokens=result.tokens, input_scale=result.input_scale,
                      train_fvu=result.final_fvu, train_dead_fraction=result.dead_fraction)
-    sae = TopKSAE.load(stages.folder("train") / DICTIONARY)
+    sae = SAE.load(stages.folder("train") / DICTIONARY)
 
     # evaluate on the held-out split
     eval_key = stage_key(train_key, cfg.ce_eval_contexts, METRICS_VERSION)
@@ -205,7 +206,7 @@ def _analyse(cfg, model, sae, corpus, acts, is_bos, vocab, folder: Path) -> dict
         cols["histogram"].append(hist)
     features = pa.table({
         "feature_id": np.arange(sae.d_sae, dtype=np.int32),
-        "decoder": pa.FixedSizeListArray.from_arrays(sae.W_dec.detach().numpy().astype(np.float32).ravel(), sae.d_in),
+        "decoder": pa.FixedSizeListArray.from_arrays(sae.unit_decoder().numpy().astype(np.float32).ravel(), sae.d_in),
         "label": labels.text,
         "label_source": labels.source,
         "label_score": pa.array(labels.score, pa.float32()),
@@ -270,7 +271,7 @@ def _manifest(cfg, model, layer, sae, corpus, is_bos, is_eval, metrics, stages, 
         "model": {"name": cfg.model, "n_layers": model.n_layers, "d_model": model.d_model, "dtype": str(model.dtype),
                   "vocab_size": int(model.model.get_output_embeddings().weight.shape[0])},
         "hook": {"layer": layer, "name": hook_name(layer), "point": "residual stream after block"},
-        "dictionary": {"architecture": "topk", "d_in": sae.d_in, "d_sae": sae.d_sae, "k": sae.k,
+        "dictionary": {"architecture": sae.architecture, "d_in": sae.d_in, "d_sae": sae.d_sae, "k": sae.k,
                        "format": "saelens", "path": DICTIONARY},
         "metrics": metrics,
         "corpus": {"sources": cfg.corpus, "weights": cfg.corpus_weights, "hash": corpus_hash,

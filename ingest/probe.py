@@ -14,7 +14,7 @@ from featureatlas.store.atlas import Atlas
 
 from .config import ConfigError
 from .model import SubjectModel, load_model
-from .sae import TopKSAE
+from .sae import SAE
 
 MAX_PROBE_TOKENS = 512
 
@@ -42,16 +42,16 @@ class Probe:
         self.atlas = atlas
         self._device = device
         self._lock = threading.Lock()
-        self._loaded: tuple[SubjectModel, TopKSAE, int] | None = None
+        self._loaded: tuple[SubjectModel, SAE, int] | None = None
 
-    def _load(self) -> tuple[SubjectModel, TopKSAE, int]:
+    def _load(self) -> tuple[SubjectModel, SAE, int]:
         with self._lock:
             if self._loaded is None:
                 cfg = self.atlas.manifest["config"]
                 model = load_model(
                     cfg["model"], device=self._device or cfg["device"], dtype=cfg["dtype"], cache_dir=cfg["model_cache"]
                 )
-                sae = TopKSAE.load(self.atlas.dictionary_dir, device=model.device)
+                sae = SAE.load(self.atlas.dictionary_dir, device=model.device)
                 self._loaded = (model, sae, int(self.atlas.manifest["hook"]["layer"]))
         return self._loaded
 

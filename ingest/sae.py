@@ -1,8 +1,21 @@
-"""The TopK sparse autoencoder, and its file format (SAELens layout).
+"""The sparse autoencoder in its four architectures, and its file format (SAELens layout).
+
+- ``topk`` (Gao et al. 2024): the k largest pre-activations per token.
+- ``batchtopk`` (Bussmann et al. 2024): top ``k * batch`` over a whole batch while training; at
+  inference one learned threshold, so L0 varies per token around k.
+- ``relu`` (Anthropic, Scaling Monosemanticity): ReLU, trained with an L1 penalty weighted by
+  decoder norms.
+- ``jumprelu`` (Rajamanoharan et al. 2024): a learned threshold per latent, trained with an L0
+  penalty through straight-through estimators.
 
 The class owns ``save``/``load`` so the model and its files cannot drift apart. Weights follow
 SAELens names and shapes: ``W_enc [d_in, d_sae]``, ``b_enc [d_sae]``, ``W_dec [d_sae, d_in]``,
-``b_dec [d_in]``; the encoder subtracts ``b_dec`` first (``apply_b_dec_to_input``).
+``b_dec [d_in]`` and, for threshold architectures, ``threshold [d_sae]``; the encoder subtracts
+``b_dec`` first (``apply_b_dec_to_input``).
+
+The atlas stores a fixed-width sparse code per token (``SparseCode``): k wide for top-k, ``2k`` wide
+(the strongest actives, zeros for the rest) for the threshold architectures, whose L0 varies.
+Metrics and reconstructions always use the full activation.
 """
 
 from __future__ import annotations
@@ -35,20 +48,37 @@ class ForwardOutput(NamedTuple):
     """[N, d_sae] encoder pre-activations, kept for the AuxK loss."""
 
 
-class TopKSAE(nn.Module):
-    def __init__(self, d_in: int, d_sae: int, k: int, *, meta: dict[str, Any] | None = None):
+ARCHITECTURES = ("topk", "batchtopk", "relu", "jumprelu")
+# Our architecture names as SAELens spells them (its "standard" is a ReLU dictionary).
+SAELENS_NAMES = {"topk": "topk", "batchtopk": "jumprelu", "relu": "standard", "jumprelu": "jumprelu"}
+
+
+class SAE(nn.Module):
+    def __init__(self, d_in: int, d_sae: int, k: int, *, architecture: str = "topk", meta: dict[str, Any] | None = None):
         super().__init__()
-        self.d_in, self.d_sae, self.k = d_in, d_sae, k
+        if architecture not in ARCHITECTURES:
+            raise ValueError(f"architecture must be one of {ARCHITECTURES}, got {architecture!r}")
+        self.d_in, self.d_sae, self.k, self.architecture = d_in, d_sae, k, architecture
         self.meta = dict(meta or {})
         self.W_enc = nn.Parameter(torch.empty(d_in, d_sae))
         self.b_enc = nn.Parameter(torch.zeros(d_sae))
         self.W_dec = nn.Parameter(torch.empty(d_sae, d_in))
         self.b_dec = nn.Parameter(torch.zeros(d_in))
+        if architecture == "jumprelu":
+            self.threshold = nn.Parameter(torch.zeros(d_sae))
+        elif architecture == "batchtopk":
+            self.register_buffer("threshold", torch.zeros(d_sae))  # one value, learned as a running estimate
+
+    @property
+    def code_width(self) -> int:
+        """Latents kept per token in the atlas's sparse code."""
+        return self.k if self.architecture == "topk" else min(2 * self.k, self.d_sae)
 
     @classmethod
-    def initialized(cls, d_in: int, d_sae: int, k: int, *, seed: int = 0, meta: dict | None = None) -> "TopKSAE":
+    def initialized(cls, d_in: int, d_sae: int, k: int, *, architecture: str = "topk", seed: int = 0,
+                    meta: dict | None = None) -> "SAE":
         """Random unit decoder rows and the encoder tied to their transpose (Gao et al., sec. A.1)."""
-        sae = cls(d_in, d_sae, k, meta=meta)
+        sae = cls(d_in, d_sae, k, architecture=architecture, meta=meta)
         gen = torch.Generator().manual_seed(seed)
         with torch.no_grad():
             sae.W_dec.copy_(torch.randn(d_sae, d_in, generator=gen))
@@ -59,9 +89,23 @@ class TopKSAE(nn.Module):
     def pre_activations(self, x: torch.Tensor) -> torch.Tensor:
         return (x - self.b_dec) @ self.W_enc + self.b_enc
 
+    def activations(self, x: torch.Tensor) -> torch.Tensor:
+        """[N, d_sae] inference activations, zeros for inactive latents."""
+        pre = self.pre_activations(x)
+        if self.architecture == "topk":
+            values, indices = pre.topk(self.k, dim=-1, sorted=False)
+            return torch.zeros_like(pre).scatter_(-1, indices, values.relu())
+        if self.architecture == "relu":
+            return pre.relu()
+        return pre * (pre > self.threshold.clamp_min(0))  # a threshold below 0 would let negatives through
+
     def encode(self, x: torch.Tensor) -> SparseCode:
-        values, indices = self.pre_activations(x).topk(self.k, dim=-1, sorted=False)
-        return SparseCode(values.relu(), indices)
+        """The ``code_width`` strongest actives per row (zeros where fewer are active)."""
+        if self.architecture == "topk":
+            values, indices = self.pre_activations(x).topk(self.k, dim=-1, sorted=False)
+            return SparseCode(values.relu(), indices)
+        values, indices = self.activations(x).topk(self.code_width, dim=-1, sorted=False)
+        return SparseCode(values, indices)
 
     def decode(self, code: SparseCode) -> torch.Tensor:
         # Gathers only the k active decoder rows: k * d_in work per row instead of d_sae * d_in.
@@ -82,7 +126,15 @@ class TopKSAE(nn.Module):
         return ForwardOutput(self.decode(code), code, pre)
 
     def reconstruct(self, x: torch.Tensor) -> torch.Tensor:
-        return self.decode(self.encode(x))
+        """From the full activation: a threshold architecture's L0 may exceed the stored code width."""
+        if self.architecture == "topk":
+            return self.decode(self.encode(x))
+        return self.activations(x) @ self.W_dec + self.b_dec
+
+    @torch.no_grad()
+    def unit_decoder(self) -> torch.Tensor:
+        """Decoder rows scaled to unit norm: the feature directions (a relu dictionary's rows are not)."""
+        return self.W_dec / self.W_dec.norm(dim=1, keepdim=True).clamp_min(1e-8)
 
     @torch.no_grad()
     def normalize_decoder(self) -> None:
@@ -100,19 +152,21 @@ class TopKSAE(nn.Module):
     def fold_input_scale(self, scale: float) -> None:
         """Turn a dictionary trained on ``x * scale`` into one that takes raw ``x``.
 
-        Pre-activations become ``pre / scale`` (same top-k choice), activations are in raw units, and
-        decoder rows stay unit norm: only the biases change.
+        Pre-activations become ``pre / scale`` (same choices, thresholds scaled alike), activations
+        are in raw units, and decoder rows keep their norms: only biases and thresholds change.
         """
         self.b_enc.div_(scale)
         self.b_dec.div_(scale)
+        if hasattr(self, "threshold"):
+            self.threshold.div_(scale)
 
     def save(self, folder: str | Path) -> None:
         folder = Path(folder)
         folder.mkdir(parents=True, exist_ok=True)
-        tensors = {name: p.detach().float().cpu().contiguous() for name, p in self.named_parameters()}
+        tensors = {name: p.detach().float().cpu().contiguous() for name, p in self.state_dict().items()}
         save_file(tensors, folder / WEIGHTS_FILE)
         cfg = {
-            "architecture": "topk",
+            "architecture": SAELENS_NAMES[self.architecture],
             "d_in": self.d_in,
             "d_sae": self.d_sae,
             "k": self.k,
@@ -122,17 +176,17 @@ class TopKSAE(nn.Module):
             "normalize_activations": "none",
             "reshape_activations": "none",
             **{k: v for k, v in self.meta.items() if k in ("model_name", "hook_name", "hook_layer")},
-            "metadata": self.meta,
+            "metadata": {**self.meta, "featureatlas_architecture": self.architecture},
         }
         (folder / CFG_FILE).write_text(json.dumps(cfg, indent=2))
 
     @classmethod
-    def load(cls, folder: str | Path, device: str | torch.device = "cpu") -> "TopKSAE":
+    def load(cls, folder: str | Path, device: str | torch.device = "cpu") -> "SAE":
+        """A dictionary this class saved (other people's formats: ``loaders``)."""
         folder = Path(folder)
         cfg = json.loads((folder / CFG_FILE).read_text())
-        if cfg.get("architecture") != "topk":
-            raise ValueError(f"{folder}: architecture {cfg.get('architecture')!r} is not topk")
-        k = int(cfg.get("k") or cfg.get("activation_fn_kwargs", {}).get("k"))
-        sae = cls(int(cfg["d_in"]), int(cfg["d_sae"]), k, meta=cfg.get("metadata") or {})
+        meta = dict(cfg.get("metadata") or {})
+        architecture = meta.pop("featureatlas_architecture", "topk")
+        sae = cls(int(cfg["d_in"]), int(cfg["d_sae"]), int(cfg["k"]), architecture=architecture, meta=meta)
         sae.load_state_dict(load_file(folder / WEIGHTS_FILE))
         return sae.to(device)

@@ -1,5 +1,13 @@
-"""Training a TopK dictionary on cached activations (Gao et al. 2024, "Scaling and evaluating
-sparse autoencoders"), with AuxK to revive dead latents.
+"""Training a dictionary on cached activations, in any of ``sae.ARCHITECTURES``.
+
+One loop for all four; what differs is the forward pass and the sparsity term (``_objective``):
+- topk / batchtopk (Gao et al. 2024; Bussmann et al. 2024): the reconstruction alone, with AuxK to
+  revive dead latents; decoder rows kept at unit norm.
+- relu (Anthropic, Scaling Monosemanticity, April 2024 update): squared error plus
+  ``sparsity_coef * sum_i f_i * ||W_dec,i||`` on inputs scaled to E||x||^2 = d_in, the penalty warmed
+  up over the first 5% of steps; decoder norms are free (the penalty keeps them honest).
+- jumprelu (Rajamanoharan et al. 2024): squared error plus ``sparsity_coef * L0``, thresholds learned
+  through straight-through estimators with a rectangle kernel of width ``JUMP_BANDWIDTH``.
 """
 
 from __future__ import annotations
@@ -8,19 +16,20 @@ import logging
 import math
 from dataclasses import dataclass
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 import torch
 from tqdm import tqdm
 
-from .sae import TopKSAE
+from .sae import SAE
 
 log = logging.getLogger(__name__)
 
 
 @dataclass
 class TrainResult:
-    sae: TopKSAE
+    sae: SAE
     input_scale: float
     steps: int
     tokens: int
@@ -47,7 +56,7 @@ def fvu(x: torch.Tensor, x_hat: torch.Tensor) -> torch.Tensor:
     return (x - x_hat).pow(2).sum() / (x - x.mean(0)).pow(2).sum()
 
 
-def auxk_loss(sae: TopKSAE, pre: torch.Tensor, residual: torch.Tensor, dead: torch.Tensor, aux_k: int) -> torch.Tensor:
+def auxk_loss(sae: SAE, pre: torch.Tensor, residual: torch.Tensor, dead: torch.Tensor, aux_k: int) -> torch.Tensor:
     """Let the top ``aux_k`` dead latents model what the live ones missed (Gao et al., A.2)."""
     n_dead = int(dead.sum())
     if n_dead == 0:
@@ -59,17 +68,96 @@ def auxk_loss(sae: TopKSAE, pre: torch.Tensor, residual: torch.Tensor, dead: tor
     return fvu(residual, recon).nan_to_num(0.0)
 
 
+JUMP_BANDWIDTH = 0.05
+JUMP_INIT_THRESHOLD = 0.05
+# Defaults of ``sparsity_coef`` (relu: Anthropic's lambda with E||x||^2 = d_in).
+SPARSITY_COEF = {"relu": 5.0, "jumprelu": 1.0}
+BATCHTOPK_THRESHOLD_DECAY = 0.99
+
+
+class _JumpReLU(torch.autograd.Function):
+    """pre * H(pre - t): the true gradient for pre; for t, a rectangle-kernel estimate."""
+
+    @staticmethod
+    def forward(ctx, pre, threshold):
+        ctx.save_for_backward(pre, threshold)
+        return pre * (pre > threshold)
+
+    @staticmethod
+    def backward(ctx, grad):
+        pre, threshold = ctx.saved_tensors
+        near = ((pre - threshold).abs() < JUMP_BANDWIDTH / 2).to(pre.dtype)
+        grad_t = -(threshold / JUMP_BANDWIDTH) * near * grad
+        return grad * (pre > threshold), grad_t.sum(0)
+
+
+class _Step(torch.autograd.Function):
+    """H(pre - t), with the same kernel for the threshold's gradient (none for pre)."""
+
+    @staticmethod
+    def forward(ctx, pre, threshold):
+        ctx.save_for_backward(pre, threshold)
+        return (pre > threshold).to(pre.dtype)
+
+    @staticmethod
+    def backward(ctx, grad):
+        pre, threshold = ctx.saved_tensors
+        near = ((pre - threshold).abs() < JUMP_BANDWIDTH / 2).to(pre.dtype)
+        return None, (-(1.0 / JUMP_BANDWIDTH) * near * grad).sum(0)
+
+
+class StepOutput(NamedTuple):
+    x_hat: torch.Tensor
+    pre: torch.Tensor
+    fired: torch.Tensor  # [d_sae] bool: latents active on some row of the batch
+    loss: torch.Tensor  # without AuxK
+
+
+def _objective(sae: SAE, x: torch.Tensor, sparsity_coef: float, warm: float) -> StepOutput:
+    """The training forward pass and loss. ``warm`` in [0, 1] ramps the relu penalty in."""
+    if sae.architecture == "topk":
+        out = sae(x)
+        fired = torch.zeros(sae.d_sae, dtype=torch.bool, device=x.device)
+        fired[out.code.indices[out.code.values > 0]] = True
+        return StepOutput(out.x_hat, out.pre_acts, fired, fvu(x, out.x_hat))
+    pre = sae.pre_activations(x)
+    if sae.architecture == "batchtopk":
+        post = pre.relu()
+        keep = post.flatten().topk(sae.k * len(x), sorted=False).indices
+        acts = torch.zeros_like(post).flatten().scatter_(0, keep, post.flatten()[keep]).view_as(post)
+        with torch.no_grad():  # the inference threshold: a running estimate of the smallest kept activation
+            kept = acts[acts > 0]
+            if len(kept):
+                t = sae.threshold
+                t.mul_(BATCHTOPK_THRESHOLD_DECAY).add_((1 - BATCHTOPK_THRESHOLD_DECAY) * kept.min())
+        x_hat = acts @ sae.W_dec + sae.b_dec
+        loss = fvu(x, x_hat)
+    else:
+        if sae.architecture == "relu":
+            acts = pre.relu()
+            penalty = warm * (acts * sae.W_dec.norm(dim=1)).sum(-1)
+        else:
+            threshold = sae.threshold.clamp_min(1e-6)
+            acts = _JumpReLU.apply(pre, threshold)
+            penalty = _Step.apply(pre, threshold).sum(-1)
+        x_hat = acts @ sae.W_dec + sae.b_dec
+        loss = ((x - x_hat).pow(2).sum(-1) + sparsity_coef * penalty).mean() / x.shape[1]
+    return StepOutput(x_hat, pre, (acts > 0).any(0), loss)
+
+
 def _save_checkpoint(path: Path, state: dict) -> None:
     tmp = path.with_name(path.name + ".tmp")
     torch.save(state, tmp)
     tmp.replace(path)
 
 
-def train_topk(
+def train_sae(
     acts: np.ndarray,
     *,
+    architecture: str = "topk",
     d_sae: int,
     k: int,
+    sparsity_coef: float | None = None,
     tokens: int,
     batch: int,
     lr: float,
@@ -92,9 +180,13 @@ def train_topk(
     n, d_in = acts.shape
     sample = torch.from_numpy(acts[gen.choice(n, size=min(n, 16_384), replace=False)].astype(np.float32))
     scale = input_scale(sample)
-    sae = TopKSAE.initialized(d_in, d_sae, k, seed=seed, meta=meta)
+    sae = SAE.initialized(d_in, d_sae, k, architecture=architecture, seed=seed, meta=meta)
+    coef = SPARSITY_COEF.get(architecture, 0.0) if sparsity_coef is None else sparsity_coef
+    unit_decoder = architecture != "relu"  # relu's penalty weighs decoder norms, so they stay free
     with torch.no_grad():
         sae.b_dec.copy_(geometric_median(sample * scale))
+        if architecture == "jumprelu":
+            sae.threshold.fill_(JUMP_INIT_THRESHOLD)
     sae.to(device)
     # Adam's eps scaled down as in Gao et al.: gradients of a unit-variance objective are small.
     opt = torch.optim.Adam(sae.parameters(), lr=lr, betas=(0.9, 0.999), eps=6.25e-10)
@@ -117,7 +209,8 @@ def train_topk(
         gen.bit_generator.state = state["rng"]
         order, cursor, start, recent, scale = state["order"], state["cursor"], state["step"], state["recent"], state["scale"]
         log.info("train: resuming from step %d of %d", start, steps)
-    bar = tqdm(total=steps * batch, initial=start * batch, desc=f"train topk d_sae={d_sae} k={k}", unit="tok", unit_scale=True)
+    bar = tqdm(total=steps * batch, initial=start * batch, desc=f"train {architecture} d_sae={d_sae} k={k}", unit="tok",
+               unit_scale=True)
     for step in range(start, steps):
         if checkpoint is not None and step > start and step % checkpoint_every == 0:
             _save_checkpoint(checkpoint, {
@@ -130,22 +223,22 @@ def train_topk(
         idx = np.sort(order[cursor : cursor + batch])  # sorted: faster gather from a memory map
         cursor += batch
         x = torch.from_numpy(acts[idx].astype(np.float32)).to(device) * scale
-        out = sae(x)
-        loss = fvu(x, out.x_hat)
+        out = _objective(sae, x, coef, min(1.0, step / max(1, steps // 20)))
+        loss = out.loss
         dead = since_fired >= dead_tokens
-        if aux_coef > 0 and bool(dead.any()):
-            loss = loss + aux_coef * auxk_loss(sae, out.pre_acts, (x - out.x_hat).detach(), dead, aux_k)
+        if architecture in ("topk", "batchtopk") and aux_coef > 0 and bool(dead.any()):
+            loss = loss + aux_coef * auxk_loss(sae, out.pre, (x - out.x_hat).detach(), dead, aux_k)
         opt.zero_grad(set_to_none=True)
         loss.backward()
-        sae.remove_parallel_decoder_grad()
+        if unit_decoder:
+            sae.remove_parallel_decoder_grad()
         opt.step()
         sched.step()
-        sae.normalize_decoder()
+        if unit_decoder:
+            sae.normalize_decoder()
         with torch.no_grad():
-            fired = torch.zeros(d_sae, dtype=torch.bool, device=device)
-            fired[out.code.indices[out.code.values > 0]] = True
             since_fired += len(idx)
-            since_fired[fired] = 0
+            since_fired[out.fired] = 0
         recent.append(float(fvu(x, out.x_hat.detach())))
         recent = recent[-50:]
         bar.update(len(idx))

@@ -7,7 +7,7 @@ import pytest
 import torch
 from featureatlas.ingest import pipeline
 from featureatlas.ingest.harvest import load_activations
-from featureatlas.ingest.sae import TopKSAE
+from featureatlas.ingest.sae import SAE
 from featureatlas.ingest.tokens import TokenizedCorpus
 from featureatlas.store.atlas import Atlas, AtlasNotFound
 
@@ -46,7 +46,7 @@ def test_atlas_tables_are_consistent(tiny_atlas):
 
 def test_examples_show_the_features_real_activations(tiny_atlas):
     atlas = Atlas(tiny_atlas)
-    sae = TopKSAE.load(atlas.dictionary_dir)
+    sae = SAE.load(atlas.dictionary_dir)
     corpus = TokenizedCorpus.load(tiny_atlas / "cache" / "corpus")
     cfg = atlas.manifest["config"]
     acts = load_activations(tiny_atlas / "cache" / "harvest", corpus, cfg["shard_tokens"])
