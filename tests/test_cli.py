@@ -19,6 +19,8 @@ def base(tmp_path, tiny_model_dir, corpus_dir):
         (["--d-sae", "0"], "--d-sae"),
         (["--k", "64"], "--k"),
         (["--device", "cuda"], "--device"),
+        (["--architecture", "gated"], "--architecture"),
+        (["--architecture", "relu", "--sparsity-coef", "-1"], "--sparsity-coef"),
     ],
 )
 def test_bad_input_exits_2_with_one_line_and_writes_nothing(base, tmp_path, capsys, extra, flag, monkeypatch):

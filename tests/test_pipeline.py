@@ -151,3 +151,20 @@ def test_crash_while_publishing_keeps_the_previous_atlas(tmp_path, tiny_model_di
     assert _tree_hash(Path(cfg.atlas)) == before
     assert Atlas(cfg.atlas).manifest["dictionary"]["k"] == 4
     assert json.loads((Path(cfg.atlas) / "manifest.json").read_text())["dictionary"]["k"] == 4
+
+
+@pytest.mark.parametrize("architecture", ["relu", "jumprelu"])
+def test_threshold_architectures_build_an_atlas(tmp_path, tiny_model_dir, corpus_dir, architecture):
+    cfg = tiny_config(tmp_path / "atlas", tiny_model_dir, corpus_dir, architecture=architecture, sparsity_coef=0.5)
+    manifest = pipeline.run_ingest(cfg)
+    assert manifest["dictionary"]["architecture"] == architecture
+    atlas = Atlas(cfg.atlas)
+    sae = SAE.load(atlas.dictionary_dir)
+    assert sae.architecture == architecture and sae.code_width == 2 * cfg.k
+    # The stored code holds at most 2k latents per token, and the published decoder rows are unit norm.
+    per_token = atlas.duckdb().execute(
+        "select max(n) from (select count(*) as n from activations group by doc_id, position)").fetchone()[0]
+    assert 0 < per_token <= 2 * cfg.k
+    dec = np.stack(atlas.features.to_arrow()["decoder"].to_numpy(zero_copy_only=False))
+    np.testing.assert_allclose(np.linalg.norm(dec, axis=1), 1.0, atol=1e-4)
+    assert manifest["metrics"]["l0"] > 0
