@@ -24,6 +24,7 @@ _OVERRIDES: dict[str, tuple[type, str]] = {
     "tokens": (int, "tokens to harvest, train and held-out together"),
     "context_len": (int, "tokens per context, BOS included"),
     "eval_fraction": (float, "share of documents held out for metrics"),
+    "dictionary": (str, "load this dictionary (SAELens, sparsify, dictionary_learning, Gemma Scope, OpenAI) instead of training"),
     "architecture": (str, "topk (default), batchtopk, relu or jumprelu"),
     "sparsity_coef": (float, "relu: L1 weight (default 5); jumprelu: L0 weight (default 1)"),
     "d_sae": (int, "dictionary size (features)"),

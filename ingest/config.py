@@ -54,6 +54,9 @@ class AtlasConfig:
     harvest_batch: int = 16
     shard_tokens: int = 65_536
 
+    # A dictionary to load instead of training one (SAELens, sparsify, dictionary_learning, Gemma
+    # Scope or OpenAI files; see ingest/loaders.py). Its hook layer is used unless ``layer`` is set.
+    dictionary: str = ""
     # Dictionary: topk | batchtopk | relu | jumprelu (see ingest/sae.py).
     architecture: str = "topk"
     d_sae: int = 4096

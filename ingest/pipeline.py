@@ -20,13 +20,14 @@ from featureatlas.store.atlas import CACHE, DICTIONARY, DUCKDB, LANCE, MANIFEST
 from featureatlas.store.publish import publish, write_duckdb, write_lance
 
 from . import encode as enc
-from .config import AtlasConfig
+from .config import AtlasConfig, ConfigError
 from .corpus import corpus_fingerprint
 from .embed import embed
 from .evaluate import METRICS_VERSION, loss_recovered, reconstruction_metrics
 from .harvest import harvest, load_activations
 from .labels.label import LABELS_VERSION, label_features
 from .labels.llm import make_chat
+from .loaders import load_dictionary
 from .model import SubjectModel, load_model
 from .sae import SAE
 from .stages import Stages, stage_key
@@ -56,7 +57,9 @@ def run_ingest(cfg: AtlasConfig) -> dict[str, Any]:
     root = Path(cfg.atlas)
     corpus_hash = corpus_fingerprint(cfg.corpus)  # checks user paths before anything is written
     model = load_model(cfg.model, device=cfg.device, dtype=cfg.dtype, cache_dir=cfg.model_cache, layer=cfg.layer)
-    layer = cfg.layer if cfg.layer is not None else model.n_layers // 2
+    loaded = _loaded_dictionary(cfg, model)  # checked before anything is written
+    named_layer = loaded.meta.get("hook_layer") if loaded is not None else None
+    layer = cfg.layer if cfg.layer is not None else named_layer if named_layer is not None else model.n_layers // 2
     stages = Stages(root / CACHE)
 
     # corpus -> contexts
@@ -83,23 +86,32 @@ def run_ingest(cfg: AtlasConfig) -> dict[str, Any]:
     acts = load_activations(stages.folder("harvest"), corpus, cfg.shard_tokens)
     norms = {"bos_mean_norm": _mean_norm(acts[is_bos]), "token_mean_norm": _mean_norm(acts[~is_bos][:20_000])}
 
-    # train -> dictionary
-    train_key = stage_key(harvest_key, cfg.architecture, cfg.sparsity_coef, cfg.d_sae, cfg.k, cfg.train_tokens, cfg.train_batch,
-                          cfg.lr_value, cfg.aux_k, cfg.aux_coef, cfg.dead_tokens, cfg.seed)
+    # train (or load) -> dictionary
     meta = {"model_name": cfg.model, "hook_name": hook_name(layer), "hook_layer": layer, "context_size": cfg.context_len,
             "prepend_bos": True}
+    if loaded is not None:
+        train_key = stage_key(harvest_key, "loaded", _fingerprint(Path(cfg.dictionary).expanduser()), cfg.k)
+    else:
+        train_key = stage_key(harvest_key, cfg.architecture, cfg.sparsity_coef, cfg.d_sae, cfg.k, cfg.train_tokens,
+                              cfg.train_batch, cfg.lr_value, cfg.aux_k, cfg.aux_coef, cfg.dead_tokens, cfg.seed)
     if stages.finished("train", train_key) is None:
         with stages.run("train", train_key) as s:
-            result = train_sae(
-                acts[~is_bos & ~is_eval], architecture=cfg.architecture, d_sae=cfg.d_sae, k=cfg.k,
-                sparsity_coef=cfg.sparsity_coef, tokens=cfg.train_tokens, batch=cfg.train_batch,
-                lr=cfg.lr_value, aux_k=cfg.aux_k, aux_coef=cfg.aux_coef, dead_tokens=cfg.dead_tokens, seed=cfg.seed,
-                device=model.device, meta=meta, checkpoint=stages.folder("train") / "checkpoint.pt",
-            )
-            result.sae.save(stages.folder("train") / DICTIONARY)
-            (stages.folder("train") / "checkpoint.pt").unlink(missing_ok=True)
-            s.update(steps=result.steps, tokens=result.tokens, input_scale=result.input_scale,
-                     train_fvu=result.final_fvu, train_dead_fraction=result.dead_fraction)
+            if loaded is not None:  # saved in our layout, with our hook, like a trained one
+                loaded.meta.update(meta)
+                loaded.save(stages.folder("train") / DICTIONARY)
+                s.update(loaded_from=str(cfg.dictionary), format=loaded.meta["loaded_from"]["format"],
+                         architecture=loaded.architecture)
+            else:
+                result = train_sae(
+                    acts[~is_bos & ~is_eval], architecture=cfg.architecture, d_sae=cfg.d_sae, k=cfg.k,
+                    sparsity_coef=cfg.sparsity_coef, tokens=cfg.train_tokens, batch=cfg.train_batch,
+                    lr=cfg.lr_value, aux_k=cfg.aux_k, aux_coef=cfg.aux_coef, dead_tokens=cfg.dead_tokens, seed=cfg.seed,
+                    device=model.device, meta=meta, checkpoint=stages.folder("train") / "checkpoint.pt",
+                )
+                result.sae.save(stages.folder("train") / DICTIONARY)
+                (stages.folder("train") / "checkpoint.pt").unlink(missing_ok=True)
+                s.update(steps=result.steps, tokens=result.tokens, input_scale=result.input_scale,
+                         train_fvu=result.final_fvu, train_dead_fraction=result.dead_fraction)
     sae = SAE.load(stages.folder("train") / DICTIONARY)
 
     # evaluate on the held-out split
@@ -148,6 +160,26 @@ def run_ingest(cfg: AtlasConfig) -> dict[str, Any]:
     publish(root, build, manifest)
     log.info("atlas published at %s", root)
     return manifest
+
+
+def _loaded_dictionary(cfg: AtlasConfig, model: SubjectModel) -> SAE | None:
+    """The dictionary ``--dictionary`` names, checked against the model's hook point."""
+    if not cfg.dictionary:
+        return None
+    sae = load_dictionary(cfg.dictionary, k=cfg.k)
+    if sae.d_in != model.d_model:
+        raise ConfigError("--dictionary", f"its d_in is {sae.d_in} but {cfg.model}'s residual stream has d_model "
+                                          f"{model.d_model}: it was trained on another model or hook point")
+    layer = cfg.layer if cfg.layer is not None else sae.meta.get("hook_layer")
+    if layer is not None and not 0 <= layer < model.n_layers:
+        raise ConfigError("--layer", f"the dictionary's hook layer {layer} is outside the model's 0..{model.n_layers - 1}")
+    return sae
+
+
+def _fingerprint(path: Path) -> list:
+    """Names, sizes and modification times: enough to notice a replaced dictionary file."""
+    files = [path] if path.is_file() else sorted(p for p in path.rglob("*") if p.is_file())
+    return [(str(p), p.stat().st_size, p.stat().st_mtime_ns) for p in files]
 
 
 def _analyse(cfg, model, sae, corpus, acts, is_bos, vocab, folder: Path) -> dict[str, Any]:
@@ -271,7 +303,8 @@ def _manifest(cfg, model, layer, sae, corpus, is_bos, is_eval, metrics, stages, 
         "model": {"name": cfg.model, "n_layers": model.n_layers, "d_model": model.d_model, "dtype": str(model.dtype),
                   "vocab_size": int(model.model.get_output_embeddings().weight.shape[0])},
         "hook": {"layer": layer, "name": hook_name(layer), "point": "residual stream after block"},
-        "dictionary": {"architecture": sae.architecture, "d_in": sae.d_in, "d_sae": sae.d_sae, "k": sae.k,
+        "dictionary": {"architecture": sae.architecture, "source": sae.meta.get("loaded_from", "trained"),
+                       "d_in": sae.d_in, "d_sae": sae.d_sae, "k": sae.k,
                        "format": "saelens", "path": DICTIONARY},
         "metrics": metrics,
         "corpus": {"sources": cfg.corpus, "weights": cfg.corpus_weights, "hash": corpus_hash,

@@ -49,16 +49,21 @@ class ForwardOutput(NamedTuple):
 
 
 ARCHITECTURES = ("topk", "batchtopk", "relu", "jumprelu")
+LAYER_NORM_EPS = 1e-5
 # Our architecture names as SAELens spells them (its "standard" is a ReLU dictionary).
 SAELENS_NAMES = {"topk": "topk", "batchtopk": "jumprelu", "relu": "standard", "jumprelu": "jumprelu"}
 
 
 class SAE(nn.Module):
-    def __init__(self, d_in: int, d_sae: int, k: int, *, architecture: str = "topk", meta: dict[str, Any] | None = None):
+    def __init__(self, d_in: int, d_sae: int, k: int, *, architecture: str = "topk", layer_norm_input: bool = False,
+                 meta: dict[str, Any] | None = None):
         super().__init__()
         if architecture not in ARCHITECTURES:
             raise ValueError(f"architecture must be one of {ARCHITECTURES}, got {architecture!r}")
         self.d_in, self.d_sae, self.k, self.architecture = d_in, d_sae, k, architecture
+        # OpenAI's TopK dictionaries read each token layer-normed (x - mean) / (std + eps) and undo it
+        # after decoding; ours never do.
+        self.layer_norm_input = layer_norm_input
         self.meta = dict(meta or {})
         self.W_enc = nn.Parameter(torch.empty(d_in, d_sae))
         self.b_enc = nn.Parameter(torch.zeros(d_sae))
@@ -86,7 +91,14 @@ class SAE(nn.Module):
             sae.W_enc.copy_(sae.W_dec.T)
         return sae
 
+    def _layer_norm(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        mean = x.mean(-1, keepdim=True)
+        std = (x - mean).std(-1, keepdim=True)
+        return (x - mean) / (std + LAYER_NORM_EPS), mean, std
+
     def pre_activations(self, x: torch.Tensor) -> torch.Tensor:
+        if self.layer_norm_input:
+            x = self._layer_norm(x)[0]
         return (x - self.b_dec) @ self.W_enc + self.b_enc
 
     def activations(self, x: torch.Tensor) -> torch.Tensor:
@@ -128,8 +140,13 @@ class SAE(nn.Module):
     def reconstruct(self, x: torch.Tensor) -> torch.Tensor:
         """From the full activation: a threshold architecture's L0 may exceed the stored code width."""
         if self.architecture == "topk":
-            return self.decode(self.encode(x))
-        return self.activations(x) @ self.W_dec + self.b_dec
+            out = self.decode(self.encode(x))
+        else:
+            out = self.activations(x) @ self.W_dec + self.b_dec
+        if self.layer_norm_input:
+            _, mean, std = self._layer_norm(x)
+            out = out * (std + LAYER_NORM_EPS) + mean
+        return out
 
     @torch.no_grad()
     def unit_decoder(self) -> torch.Tensor:
@@ -173,7 +190,7 @@ class SAE(nn.Module):
             "dtype": "float32",
             "device": "cpu",
             "apply_b_dec_to_input": True,
-            "normalize_activations": "none",
+            "normalize_activations": "layer_norm" if self.layer_norm_input else "none",
             "reshape_activations": "none",
             **{k: v for k, v in self.meta.items() if k in ("model_name", "hook_name", "hook_layer")},
             "metadata": {**self.meta, "featureatlas_architecture": self.architecture},
@@ -187,6 +204,7 @@ class SAE(nn.Module):
         cfg = json.loads((folder / CFG_FILE).read_text())
         meta = dict(cfg.get("metadata") or {})
         architecture = meta.pop("featureatlas_architecture", "topk")
-        sae = cls(int(cfg["d_in"]), int(cfg["d_sae"]), int(cfg["k"]), architecture=architecture, meta=meta)
+        sae = cls(int(cfg["d_in"]), int(cfg["d_sae"]), int(cfg["k"]), architecture=architecture,
+                  layer_norm_input=cfg.get("normalize_activations") == "layer_norm", meta=meta)
         sae.load_state_dict(load_file(folder / WEIGHTS_FILE))
         return sae.to(device)
