@@ -8,7 +8,7 @@ import logging
 import sys
 from typing import Any, Sequence
 
-from featureatlas.ingest.config import PROFILES, AtlasConfig, ConfigError, load_config
+from featureatlas.ingest.config import EXPLAINERS, PROFILES, SCORERS, AtlasConfig, ConfigError, load_config
 from featureatlas.store.search import SEARCH_MODES
 
 EXIT_BAD_INPUT = 2
@@ -63,8 +63,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     _add_ingest(sub)
     p = sub.add_parser("label", help="re-label an existing atlas in place (new LanceDB version)")
     p.add_argument("--atlas", default=AtlasConfig.atlas)
-    p.add_argument("--explainer", choices=("contrastive", "llm"), help="who writes labels (default: the atlas's)")
-    p.add_argument("--scorer", nargs="+", choices=("embedding", "simulation", "detection"),
+    p.add_argument("--explainer", choices=EXPLAINERS, help="who writes labels (default: the atlas's)")
+    p.add_argument("--scorer", nargs="+", choices=SCORERS,
                    help="scorers on held-out windows; the first gives label_score")
     p.add_argument("--features", help="ids and ranges, e.g. 3,7,100-120 (default: all)")
     p.add_argument("--llm-url", help="OpenAI-compatible endpoint, e.g. http://127.0.0.1:8080/v1")

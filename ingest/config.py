@@ -12,6 +12,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+EXPLAINERS = ("contrastive", "llm")  # ingest/labels/
+SCORERS = ("embedding", "simulation", "detection")
+ARCHITECTURES = ("topk", "batchtopk", "relu", "jumprelu")  # ingest/sae.py
+
 
 class ConfigError(ValueError):
     """Bad user input. ``flag`` names the option to fix; the CLI prints it and exits with 2."""
@@ -121,8 +125,8 @@ class AtlasConfig:
             raise ConfigError("--d-sae", f"must be at least 1, got {self.d_sae}")
         if not 1 <= self.k <= self.d_sae:
             raise ConfigError("--k", f"must be between 1 and d_sae ({self.d_sae}), got {self.k}")
-        if self.architecture not in ("topk", "batchtopk", "relu", "jumprelu"):
-            raise ConfigError("--architecture", f"must be topk, batchtopk, relu or jumprelu, got {self.architecture!r}")
+        if self.architecture not in ARCHITECTURES:
+            raise ConfigError("--architecture", f"must be one of {', '.join(ARCHITECTURES)}, got {self.architecture!r}")
         if self.sparsity_coef is not None and self.sparsity_coef < 0:
             raise ConfigError("--sparsity-coef", f"must be >= 0, got {self.sparsity_coef}")
         if self.tokens < self.context_len:
@@ -139,9 +143,9 @@ class AtlasConfig:
             raise ConfigError("--device", f"must be cpu or cuda, got {self.device!r}")
         if self.dtype not in ("auto", "float32", "bfloat16", "float16"):
             raise ConfigError("--dtype", f"must be auto, float32, bfloat16 or float16, got {self.dtype!r}")
-        if self.label_explainer not in ("contrastive", "llm"):
-            raise ConfigError("--explainer", f"must be contrastive or llm, got {self.label_explainer!r}")
-        bad = [s for s in self.label_scorers if s not in ("embedding", "simulation", "detection")]
+        if self.label_explainer not in EXPLAINERS:
+            raise ConfigError("--explainer", f"must be one of {', '.join(EXPLAINERS)}, got {self.label_explainer!r}")
+        bad = [s for s in self.label_scorers if s not in SCORERS]
         if bad or not self.label_scorers:
             raise ConfigError("--scorer", f"choose from embedding, simulation, detection; got {self.label_scorers}")
         needs_llm = self.label_explainer == "llm" or "detection" in self.label_scorers

@@ -28,6 +28,8 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from .config import ARCHITECTURES
+
 WEIGHTS_FILE = "sae_weights.safetensors"
 CFG_FILE = "cfg.json"
 
@@ -48,7 +50,6 @@ class ForwardOutput(NamedTuple):
     """[N, d_sae] encoder pre-activations, kept for the AuxK loss."""
 
 
-ARCHITECTURES = ("topk", "batchtopk", "relu", "jumprelu")
 LAYER_NORM_EPS = 1e-5
 # Our architecture names as SAELens spells them (its "standard" is a ReLU dictionary).
 SAELENS_NAMES = {"topk": "topk", "batchtopk": "jumprelu", "relu": "standard", "jumprelu": "jumprelu"}

@@ -1,4 +1,4 @@
-"""Training a dictionary on cached activations, in any of ``sae.ARCHITECTURES``.
+"""Training a dictionary on cached activations, in any of ``config.ARCHITECTURES``.
 
 One loop for all four; what differs is the forward pass and the sparsity term (``_objective``):
 - topk / batchtopk (Gao et al. 2024; Bussmann et al. 2024): the reconstruction alone, with AuxK to

@@ -25,7 +25,6 @@ from .contrastive import Candidate
 from .windows import label_connection, window_pool
 
 log = logging.getLogger(__name__)
-EXPLAINERS = ("contrastive", "llm")
 # Part of the ingest's analysis-stage key: bump it when labelling changes, so old labels are redone.
 LABELS_VERSION = 5
 # A feature whose top activations (explainer side) all sit on one token id: it scores high on

@@ -23,7 +23,6 @@ import pyarrow as pa
 
 from .windows import WINDOW, WindowPool
 
-SCORERS = ("embedding", "simulation", "detection")
 PER_SIDE = 20  # positives per feature (negatives match their number)
 QUANTILE_BANDS = 4
 MIN_POSITIVES = 4  # fewer firing windows than this: no score rather than a noisy one
