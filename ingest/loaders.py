@@ -108,8 +108,10 @@ def _saelens(path: Path, k: int) -> SAE:
 def _sparsify(path: Path, k: int) -> SAE:
     cfg = json.loads((path / "cfg.json").read_text())
     w = load_file(path / "sae.safetensors")
-    if "W_skip" in w:
-        raise ValueError("skip connections (transcoders) are not supported")
+    if "W_skip" in w or cfg.get("transcode"):
+        raise ValueError("transcoders and skip connections are not supported")
+    if cfg.get("activation", "topk") != "topk":
+        raise ValueError(f"activation {cfg['activation']!r} is not supported (topk is)")
     meta = {"hook_name": path.name, **_layer_from_hook(path.name)}
     return _build("topk", int(cfg["k"]), w["encoder.weight"].T, w["encoder.bias"], w["W_dec"], w["b_dec"], meta=meta)
 

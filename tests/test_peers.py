@@ -28,3 +28,19 @@ def test_saelens_reads_ours_and_we_read_theirs(tmp_path, architecture):
         theirs.save_model(str(tmp_path / "theirs"))
         back = load_dictionary(tmp_path / "theirs", k=4)
         torch.testing.assert_close(back.activations(x), expected, rtol=1e-5, atol=1e-5)
+
+
+def test_sparsify_reads_as_it_encodes(tmp_path):
+    sparsify = pytest.importorskip("sparsify")
+    coder = sparsify.SparseCoder(16, sparsify.SparseCoderConfig(num_latents=48, k=4), device="cpu")
+    with torch.no_grad():
+        coder.encoder.bias.normal_(generator=torch.Generator().manual_seed(1))
+        coder.b_dec.normal_(generator=torch.Generator().manual_seed(2))
+    coder.save_to_disk(tmp_path / "layers.3")
+    x = torch.randn(64, 16, generator=torch.Generator().manual_seed(4))
+    with torch.no_grad():
+        out = coder.encode(x)
+        expected = torch.zeros(64, 48).scatter(-1, out.top_indices, out.top_acts)
+        ours = load_dictionary(tmp_path / "layers.3", k=8)
+        torch.testing.assert_close(ours.activations(x), expected, rtol=1e-5, atol=1e-5)
+    assert ours.meta["hook_layer"] == 3
