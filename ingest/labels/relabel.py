@@ -51,6 +51,9 @@ def atlas_config(atlas: Atlas, overrides: dict[str, Any]) -> AtlasConfig:
 def relabel(root: str | Path, overrides: dict[str, Any], features: str | None = None) -> dict[str, Any]:
     """Re-label ``features`` (all by default) of the atlas at ``root``; returns the label summary."""
     atlas = Atlas(root)
+    if "label_scores" not in atlas.features.schema.names:
+        raise ConfigError("--atlas", f"{atlas.root} was published by an older Feature Atlas without label scores; "
+                                     "re-run `featureatlas ingest` on it (finished stages are reused)")
     cfg = atlas_config(atlas, overrides)
     ids = parse_features(features, atlas.d_sae)
     needs_llm = cfg.label_explainer == "llm" or "detection" in cfg.label_scorers
