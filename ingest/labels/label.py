@@ -108,9 +108,8 @@ def label_features(
     for row, f in enumerate(features):
         out.features.append(f)
         i = chosen.get(f)
-        if i is None:
-            failed = [c for c in proposed[f] if c.status != "ok"]
-            out.text.append("unlabelled: never fired on the explain documents" if not failed else failed[0].detail)
+        if i is None:  # no candidate at all: an LLM is only asked about features that have contrastive ones
+            out.text.append("unlabelled: never fired on the explain documents")
             out.source.append("none")
             out.score.append(None)
             out.scores.append([])
