@@ -6,6 +6,7 @@ import argparse
 import json
 import logging
 import sys
+from pathlib import Path
 from typing import Any, Sequence
 
 from featureatlas.ingest.config import EXPLAINERS, PROFILES, SCORERS, AtlasConfig, ConfigError, load_config
@@ -72,6 +73,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--llm-api-key-env", help="environment variable holding the endpoint's API key")
     p.add_argument("--llm-max-calls", type=int, help="budget of LLM calls for this run")
     p.add_argument("--json", action="store_true")
+    p = sub.add_parser("sweep", help="scaling laws: a grid of dictionaries on an atlas's cached activations")
+    p.add_argument("--atlas", default=AtlasConfig.atlas)
+    p.add_argument("--features", nargs="+", type=int, default=[512, 1024, 2048, 4096])
+    p.add_argument("--tokens", nargs="+", type=int, default=[250_000, 500_000, 1_000_000])
+    p.add_argument("--k", type=int, default=32)
+    p.add_argument("--batch", type=int, default=1024)
+    p.add_argument("--target-compute", type=float, help="FLOPs to plan for (default: 100x the largest run)")
+    p.add_argument("--out", help="folder for sweep.json and the plots (default: ATLAS/sweep)")
     p = sub.add_parser("info", help="print an atlas's manifest summary")
     p.add_argument("--atlas", default=AtlasConfig.atlas)
     p.add_argument("--json", action="store_true")
@@ -130,6 +139,35 @@ def _label(args: argparse.Namespace) -> int:
           f"labelled {summary['labelled']} features with {summary['explainer']}; {summary['scored']} scored on held-out "
           f"windows, mean {summary['scorers'][0]} score {summary['label_score_mean'] or float('nan'):.3f}; "
           f"{summary['failed']} failed LLM calls")
+    return 0
+
+
+def _sweep(args: argparse.Namespace) -> int:
+    import torch
+    from featureatlas.ingest import sweep
+    from featureatlas.ingest.harvest import cached_split
+    from featureatlas.store.atlas import CACHE
+
+    atlas = _open(args.atlas)
+    if min(args.features) < 1 or min(args.tokens) < args.batch or args.k < 1:
+        raise ConfigError("--features", "feature counts >= 1, token budgets >= --batch and k >= 1 please")
+    if not (atlas.root / CACHE / "harvest").is_dir():
+        raise ConfigError("--atlas", f"{atlas.root}/{CACHE}/harvest is gone: re-run `featureatlas ingest` to rebuild it")
+    train, held = cached_split(atlas.root / CACHE, atlas.manifest["config"]["shard_tokens"])
+    runs = sweep.run_grid(train, held, features=sorted(args.features), tokens=sorted(args.tokens), k=args.k,
+                          batch=args.batch, seed=0, device=torch.device(atlas.manifest["config"]["device"]))
+    target = args.target_compute or 100 * max(r.compute for r in runs)
+    result = sweep.fit(runs, target)
+    out = sweep.write(runs, result, sweep_dir := (atlas.root / "sweep" if args.out is None else Path(args.out)))
+    try:
+        pngs = [str(p) for p in sweep.plot(runs, result, sweep_dir)]
+    except ImportError:
+        pngs = ["(no plots: matplotlib is not installed)"]
+    law = result["fvu_vs_compute"]
+    print(f"{len(runs)} runs; frontier: FVU = {law['a']:.3g} * C^{law['exponent']:.3f}")
+    print(f"at C = {target:.3g} FLOPs: ~{result['optimal_features']:,.0f} features, ~{result['optimal_tokens']:,.0f} "
+          f"tokens, predicted FVU {result['predicted_fvu']:.4f}")
+    print("wrote", out, *pngs)
     return 0
 
 
@@ -213,8 +251,8 @@ def _table(header: list[str], rows: list[list[Any]]) -> str:
     return "\n".join(lines)
 
 
-_COMMANDS = {"ingest": _ingest, "label": _label, "info": _info, "serve": _serve, "search": _query, "neighbors": _query,
-             "sql": _query, "probe": _query}
+_COMMANDS = {"ingest": _ingest, "label": _label, "sweep": _sweep, "info": _info, "serve": _serve, "search": _query,
+             "neighbors": _query, "sql": _query, "probe": _query}
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -79,3 +79,13 @@ def load_activations(folder: Path, corpus: TokenizedCorpus, shard_tokens: int) -
     """All harvested rows [n_tokens, d] (float16), in corpus token order."""
     plan = shard_plan(corpus, shard_tokens)
     return np.concatenate([np.load(shard_path(folder, i), mmap_mode="r") for i in range(len(plan))])
+
+
+def cached_split(cache: Path, shard_tokens: int) -> tuple[np.ndarray, np.ndarray]:
+    """(training rows, held-out rows) of an atlas's harvest cache, BOS excluded: what benchmarks and
+    sweeps train on without running the model again."""
+    corpus = TokenizedCorpus.load(cache / "corpus")
+    acts = load_activations(cache / "harvest", corpus, shard_tokens)
+    keep = corpus.token_position() > 0
+    held = corpus.ctx_eval[corpus.token_context()]
+    return np.ascontiguousarray(acts[keep & ~held]), np.ascontiguousarray(acts[keep & held])

@@ -18,8 +18,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from featureatlas.ingest.evaluate import reconstruction_metrics
-from featureatlas.ingest.harvest import load_activations
-from featureatlas.ingest.tokens import TokenizedCorpus
+from featureatlas.ingest.harvest import cached_split
 from featureatlas.ingest.train import train_sae
 from featureatlas.store.atlas import CACHE, Atlas
 
@@ -83,13 +82,7 @@ def main() -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     atlas = Atlas(args.atlas)
-    cache = Path(atlas.root) / CACHE
-    corpus = TokenizedCorpus.load(cache / "corpus")
-    acts = load_activations(cache / "harvest", corpus, atlas.manifest["config"]["shard_tokens"])
-    is_bos = corpus.token_position() == 0
-    is_eval = corpus.ctx_eval[corpus.token_context()]
-    train = np.ascontiguousarray(acts[~is_bos & ~is_eval])
-    held = np.ascontiguousarray(acts[~is_bos & is_eval])
+    train, held = cached_split(Path(atlas.root) / CACHE, atlas.manifest["config"]["shard_tokens"])
     lr = 2e-4 / (args.d_sae / 16384) ** 0.5  # our default rule, given to both
     report: dict = {"d_in": int(train.shape[1]), "d_sae": args.d_sae, "k": args.k, "tokens": args.tokens,
                     "batch": args.batch, "lr": lr, "threads": torch.get_num_threads(), "train_rows": len(train),

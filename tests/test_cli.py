@@ -76,3 +76,21 @@ def test_query_commands_print_tables_and_json(tiny_atlas, capsys):
 def test_query_command_errors_exit_2(tiny_atlas, capsys, args, flag):
     assert main(args + ["--atlas", str(tiny_atlas)]) == 2
     assert capsys.readouterr().err.strip().splitlines()[-1].startswith(f"featureatlas: error: {flag}")
+
+
+def test_sweep_fits_a_power_law_and_draws_it(tiny_atlas, tmp_path, capsys):
+    import json
+
+    out = tmp_path / "sweep"
+    assert main(["sweep", "--atlas", str(tiny_atlas), "--features", "8", "16", "32", "--tokens", "2048", "8192",
+                 "--k", "2", "--batch", "256", "--out", str(out)]) == 0
+    result = json.loads((out / "sweep.json").read_text())
+    assert len(result["runs"]) == 6 and len(result["frontier"]) >= 2
+    computes = [r["compute"] for r in result["frontier"]]
+    fvus = [r["fvu"] for r in result["frontier"]]
+    assert computes == sorted(computes) and fvus == sorted(fvus, reverse=True)
+    assert result["fvu_vs_compute"]["exponent"] < 0  # more compute, lower FVU
+    assert result["optimal_features"] > 0 and result["optimal_tokens"] > 0
+    for png in ("sweep_fvu_vs_compute.png", "sweep_features_vs_tokens.png"):
+        assert (out / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "frontier: FVU =" in capsys.readouterr().out
