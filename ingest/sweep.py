@@ -30,7 +30,7 @@ class Run:
     features: int
     tokens: int
     compute: float  # FLOPs
-    fvu: float  # held-out
+    fvu: float  # held-out, without the outlier tokens (see evaluate.py)
     dead_fraction: float
     seconds: float
 
@@ -44,8 +44,10 @@ def run_grid(train: np.ndarray, held: np.ndarray, *, features: list[int], tokens
             sae = train_sae(train, d_sae=f, k=min(k, f), tokens=t, batch=batch, lr=2e-4 / (f / 16384) ** 0.5, aux_k=256,
                             aux_coef=1 / 32, dead_tokens=min(200_000, t // 2), seed=seed, device=device).sae
             m = reconstruction_metrics(sae, held)
-            runs.append(Run(f, t, 6.0 * train.shape[1] * f * t, m["fvu"], m["dead_fraction"], time.perf_counter() - t0))
-            log.info("sweep: F=%d T=%d FVU=%.4f", f, t, m["fvu"])
+            # Typical tokens: the few outliers (norm > 10x the median) would otherwise dominate the pooled FVU.
+            fvu = 1 - m["variance_explained_without_outliers"]
+            runs.append(Run(f, t, 6.0 * train.shape[1] * f * t, fvu, m["dead_fraction"], time.perf_counter() - t0))
+            log.info("sweep: F=%d T=%d FVU=%.4f", f, t, fvu)
     return runs
 
 
