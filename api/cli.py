@@ -149,8 +149,12 @@ def _sweep(args: argparse.Namespace) -> int:
     from featureatlas.store.atlas import CACHE
 
     atlas = _open(args.atlas)
-    if min(args.features) < 1 or min(args.tokens) < args.batch or args.k < 1:
-        raise ConfigError("--features", "feature counts >= 1, token budgets >= --batch and k >= 1 please")
+    if min(args.features) < 1:
+        raise ConfigError("--features", "feature counts must be at least 1")
+    if args.batch < 1 or min(args.tokens) < args.batch:
+        raise ConfigError("--tokens", f"every token budget must be at least one batch ({args.batch})")
+    if args.k < 1:
+        raise ConfigError("--k", "must be at least 1")
     if not (atlas.root / CACHE / "harvest").is_dir():
         raise ConfigError("--atlas", f"{atlas.root}/{CACHE}/harvest is gone: re-run `featureatlas ingest` to rebuild it")
     train, held = cached_split(atlas.root / CACHE, atlas.manifest["config"]["shard_tokens"])
@@ -158,9 +162,10 @@ def _sweep(args: argparse.Namespace) -> int:
                           batch=args.batch, seed=0, device=torch.device(atlas.manifest["config"]["device"]))
     target = args.target_compute or 100 * max(r.compute for r in runs)
     result = sweep.fit(runs, target)
-    out = sweep.write(runs, result, sweep_dir := (atlas.root / "sweep" if args.out is None else Path(args.out)))
+    folder = atlas.root / "sweep" if args.out is None else Path(args.out)
+    out = sweep.write(runs, result, folder)
     try:
-        pngs = [str(p) for p in sweep.plot(runs, result, sweep_dir)]
+        pngs = [str(p) for p in sweep.plot(runs, result, folder)]
     except ImportError:
         pngs = ["(no plots: matplotlib is not installed)"]
     law = result["fvu_vs_compute"]
