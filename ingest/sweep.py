@@ -103,14 +103,9 @@ def plot(runs: list[Run], result: dict, out: Path) -> list[Path]:
     law = result["fvu_vs_compute"]
     ax.plot(grid, law["a"] * grid ** law["exponent"], "--", color="crimson",
             label=f"FVU = {law['a']:.3g} · C^{law['exponent']:.3f}")
-    ax.set(xscale="log", yscale="log", xlabel="training compute C = 6·d_in·F·T (FLOPs)", ylabel="held-out FVU",
+    ax.set(xlabel="training compute C = 6·d_in·F·T (FLOPs)", ylabel="held-out FVU",
            title="TopK dictionaries: FVU vs compute (fixed k)")
-    fig.colorbar(sc, label="log2 features")
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    loss_png = out / "sweep_fvu_vs_compute.png"
-    fig.savefig(loss_png, dpi=120)
-    plt.close(fig)
+    loss_png = _save(fig, ax, sc, "log2 features", out / "sweep_fvu_vs_compute.png")
 
     fig, ax = plt.subplots(figsize=(6, 4.2))
     sc = ax.scatter([r.tokens for r in runs], [r.features for r in runs], c=[r.fvu for r in runs], cmap="magma_r", s=60)
@@ -119,15 +114,22 @@ def plot(runs: list[Run], result: dict, out: Path) -> list[Path]:
             ax.plot(r.tokens, r.features, "s", mfc="none", mec="crimson", ms=13)
     ax.plot(result["optimal_tokens"], result["optimal_features"], "*", color="crimson", ms=14,
             label=f"optimal at C={result['target_compute']:.2g}")
-    ax.set(xscale="log", yscale="log", xlabel="training tokens T", ylabel="features F",
-           title="Grid (colour: FVU; squares: frontier)")
-    fig.colorbar(sc, label="held-out FVU")
+    ax.set(xlabel="training tokens T", ylabel="features F", title="Grid (colour: FVU; squares: frontier)")
+    grid_png = _save(fig, ax, sc, "held-out FVU", out / "sweep_features_vs_tokens.png")
+    return [loss_png, grid_png]
+
+
+def _save(fig, ax, points, colour_label: str, path: Path) -> Path:
+    """Log-log axes, a colour bar for ``points``, the legend; written as PNG and closed."""
+    import matplotlib.pyplot as plt
+
+    ax.set(xscale="log", yscale="log")
+    fig.colorbar(points, label=colour_label)
     ax.legend(fontsize=8)
     fig.tight_layout()
-    grid_png = out / "sweep_features_vs_tokens.png"
-    fig.savefig(grid_png, dpi=120)
+    fig.savefig(path, dpi=120)
     plt.close(fig)
-    return [loss_png, grid_png]
+    return path
 
 
 def write(runs: list[Run], result: dict, out: Path) -> Path:
