@@ -208,8 +208,7 @@ def _analyse(cfg, model, sae, corpus, acts, is_bos, vocab, folder: Path) -> dict
     snippets = enc.example_texts(examples, cfg.context_embedding_examples, sae.d_sae)
     flat = [t for per in snippets for t in per]
     flat_emb = embed(flat, name=cfg.embedder, progress=True)
-    label_emb = labels.embeddings
-    context_emb = np.zeros_like(label_emb)
+    context_emb = np.zeros_like(labels.embeddings)
     i = 0
     for f, per in enumerate(snippets):
         if per:
@@ -239,12 +238,7 @@ def _analyse(cfg, model, sae, corpus, acts, is_bos, vocab, folder: Path) -> dict
     features = pa.table({
         "feature_id": np.arange(sae.d_sae, dtype=np.int32),
         "decoder": pa.FixedSizeListArray.from_arrays(sae.unit_decoder().numpy().astype(np.float32).ravel(), sae.d_in),
-        "label": labels.text,
-        "label_source": labels.source,
-        "label_score": pa.array(labels.score, pa.float32()),
-        "label_scores": labels.scores,
-        "single_token": labels.single_token,
-        "label_embedding": pa.FixedSizeListArray.from_arrays(label_emb.ravel(), label_emb.shape[1]),
+        **labels.columns(),
         "context_embedding": pa.FixedSizeListArray.from_arrays(context_emb.ravel(), context_emb.shape[1]),
         **cols,
         "logit_positive": logit_pos,

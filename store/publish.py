@@ -26,7 +26,6 @@ STAGING = ".staging"
 ANN_MIN_ROWS = 50_000
 
 
-
 def search_text(labels: list[str], top_tokens: list[list[str]]) -> pa.Array:
     """What the full-text index covers: the label and the feature's top tokens."""
     return pa.array([f"{label} {' '.join(t.strip() for t in tokens)}" for label, tokens in zip(labels, top_tokens)], pa.string())

@@ -48,6 +48,17 @@ class Labels:
     top_token: dict[int, str] = field(default_factory=dict)  # the strongest token per feature (explain documents)
     judge: scorers.HeldOutJudge | None = None  # scores other label texts on the same held-out trials
 
+    def columns(self) -> dict[str, pa.Array | list]:
+        """The feature-table columns labelling owns (``store.publish.LABEL_COLUMNS``), in ``features`` order."""
+        return {
+            "label": self.text,
+            "label_source": self.source,
+            "label_score": pa.array(self.score, pa.float32()),
+            "label_scores": self.scores,
+            "single_token": self.single_token,
+            "label_embedding": pa.FixedSizeListArray.from_arrays(self.embeddings.ravel(), self.embeddings.shape[1]),
+        }
+
 
 def label_features(
     con: duckdb.DuckDBPyConnection,

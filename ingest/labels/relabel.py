@@ -67,15 +67,7 @@ def relabel(root: str | Path, overrides: dict[str, Any], features: str | None = 
         labels = label_features(con, ids, cfg, lambda t: embed(t, name=cfg.embedder, progress=True), chat=chat, logits=logits)
     finally:
         con.close()
-    table = pa.table({
-        "feature_id": pa.array(labels.features, pa.int32()),
-        "label": labels.text,
-        "label_source": labels.source,
-        "label_score": pa.array(labels.score, pa.float32()),
-        "label_scores": labels.scores,
-        "single_token": labels.single_token,
-        "label_embedding": pa.FixedSizeListArray.from_arrays(labels.embeddings.ravel(), labels.embeddings.shape[1]),
-    })
+    table = pa.table({"feature_id": pa.array(labels.features, pa.int32()), **labels.columns()})
     summary = {**labels.summary, "features": "all" if features is None else features}
     update_labels(atlas.root, table, labels.candidates, summary)
     return summary
