@@ -21,7 +21,7 @@ import duckdb
 import numpy as np
 import pyarrow as pa
 
-from .windows import WINDOW, WindowPool
+from .windows import WINDOW, KeyIndex, WindowPool
 
 PER_SIDE = 20  # positives per feature (negatives match their number)
 QUANTILE_BANDS = 4
@@ -175,8 +175,7 @@ class Simulator:
         self.tokens = np.concatenate(pool.token_ids) if len(pool) else np.zeros(0, np.int64)
         positions = np.concatenate(pool.positions) if len(pool) else np.zeros(0, np.int64)
         docs = np.repeat(pool.doc_id, [len(t) for t in pool.token_ids])
-        self.keys = docs << 32 | positions
-        self._order = np.argsort(self.keys)
+        self._where = KeyIndex(docs << 32 | positions)
         self.by_key: dict[str, list[int]] = {}
         for tid, text in vocab.items():
             self.by_key.setdefault(token_key(text), []).append(tid)
@@ -190,10 +189,8 @@ class Simulator:
     def score(self, label: str, fired: Fired) -> Simulation:
         predicted = np.isin(self.tokens, self.matcher(label)).astype(np.float32)
         actual = np.zeros(len(self.tokens), dtype=np.float32)
-        at = np.searchsorted(self.keys[self._order], fired.token_keys)
-        at = np.clip(at, 0, max(len(self.keys) - 1, 0))
-        ok = self.keys[self._order][at] == fired.token_keys
-        actual[self._order[at[ok]]] = fired.token_values[ok]
+        at = self._where.find(fired.token_keys)
+        actual[at[at >= 0]] = fired.token_values[at >= 0]
         on = actual > 0
         hits = float((predicted * on).sum())
         precision = hits / predicted.sum() if predicted.sum() else 0.0

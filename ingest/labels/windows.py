@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import zlib
 from dataclasses import dataclass
+from functools import cached_property
 from typing import Sequence
 
 import duckdb
@@ -57,15 +58,27 @@ class WindowPool:
     def __len__(self) -> int:
         return len(self.texts)
 
+    @cached_property
+    def _index(self) -> "KeyIndex":
+        return KeyIndex(self.doc_id << 32 | self.window)
+
     def rows(self, doc_id: np.ndarray, window: np.ndarray) -> np.ndarray:
         """Pool row of each (doc_id, window) pair; -1 where the pool has none."""
-        if len(self) == 0:
-            return np.full(len(doc_id), -1, dtype=np.int64)
-        key = self.doc_id << 32 | self.window
-        want = np.asarray(doc_id, dtype=np.int64) << 32 | np.asarray(window, dtype=np.int64)
-        order = np.argsort(key)
-        at = np.clip(np.searchsorted(key[order], want), 0, len(key) - 1)
-        return np.where(key[order][at] == want, order[at], -1)
+        return self._index.find(np.asarray(doc_id, dtype=np.int64) << 32 | np.asarray(window, dtype=np.int64))
+
+
+class KeyIndex:
+    """Where each wanted int64 key sits in an unsorted array of distinct keys (binary search); -1 if absent."""
+
+    def __init__(self, keys: np.ndarray):
+        self._order = np.argsort(keys)
+        self._sorted = keys[self._order]
+
+    def find(self, want: np.ndarray) -> np.ndarray:
+        if len(self._sorted) == 0:
+            return np.full(len(want), -1, dtype=np.int64)
+        at = np.clip(np.searchsorted(self._sorted, want), 0, len(self._sorted) - 1)
+        return np.where(self._sorted[at] == want, self._order[at], -1)
 
 
 def window_pool(
