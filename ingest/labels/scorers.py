@@ -80,9 +80,7 @@ class TokenIndex:
     """Which pool rows hold a given token id."""
 
     def __init__(self, pool: WindowPool):
-        lengths = np.array([len(t) for t in pool.token_ids], dtype=np.int64)
-        tokens = np.concatenate(pool.token_ids) if len(pool) else np.zeros(0, np.int64)
-        rows = np.repeat(np.arange(len(pool)), lengths)
+        tokens, rows, _ = pool.flat
         order = np.argsort(tokens, kind="stable")
         self._tokens, self._rows = tokens[order], rows[order]
 
@@ -172,10 +170,8 @@ class Simulator:
     """Token matchers compiled from labels, run over every token of a pool."""
 
     def __init__(self, pool: WindowPool, vocab: dict[int, str]):
-        self.tokens = np.concatenate(pool.token_ids) if len(pool) else np.zeros(0, np.int64)
-        positions = np.concatenate(pool.positions) if len(pool) else np.zeros(0, np.int64)
-        docs = np.repeat(pool.doc_id, [len(t) for t in pool.token_ids])
-        self._where = KeyIndex(docs << 32 | positions)
+        self.tokens, rows, positions = pool.flat
+        self._where = KeyIndex(pool.doc_id[rows] << 32 | positions)
         self.by_key: dict[str, list[int]] = {}
         for tid, text in vocab.items():
             self.by_key.setdefault(token_key(text), []).append(tid)

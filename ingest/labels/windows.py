@@ -59,6 +59,15 @@ class WindowPool:
         return len(self.texts)
 
     @cached_property
+    def flat(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Every token of the pool in one array: (token ids, pool row, document position)."""
+        if len(self) == 0:
+            empty = np.zeros(0, np.int64)
+            return empty, empty, empty
+        rows = np.repeat(np.arange(len(self)), [len(t) for t in self.token_ids])
+        return np.concatenate(self.token_ids), rows, np.concatenate(self.positions)
+
+    @cached_property
     def _index(self) -> "KeyIndex":
         return KeyIndex(self.doc_id << 32 | self.window)
 
