@@ -7,22 +7,26 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from featureatlas.ingest.config import ConfigError
 from featureatlas.store.atlas import SORTABLE, Atlas
 from featureatlas.store.search import SEARCH_MODES
 from featureatlas.store.sql import SQLError, execute_sql
-from litestar import Litestar, Request, Response, get, post
+from litestar import Litestar, MediaType, Request, Response, get, post
 from litestar.di import NamedDependency, Provide
 from litestar.exceptions import HTTPException, ValidationException
 from litestar.openapi import OpenAPIConfig
 from litestar.params import FromPath, JSONBody, Parameter
+from litestar.static_files import create_static_files_router
 
 from .service import MAX_K, AtlasService, NotFound
 
 log = logging.getLogger(__name__)
 MAX_PAGE = 1000
+# The browser UI: plain files, served by this app so it works offline (no CDN, no build step).
+WEB = Path(__file__).with_name("web")
 Service = NamedDependency[AtlasService]
 
 
@@ -62,7 +66,28 @@ def healthz(service: Service) -> dict[str, Any]:
 @get("/api/atlas", sync_to_thread=False)
 def atlas_summary(service: Service) -> dict[str, Any]:
     m = service.atlas.manifest
-    return {k: m.get(k) for k in ("model", "hook", "dictionary", "metrics", "corpus", "tokens", "created_at")}
+    return {k: m.get(k) for k in ("model", "hook", "dictionary", "metrics", "corpus", "tokens", "labels", "created_at")}
+
+
+@get("/api/map", sync_to_thread=True)
+def feature_map(service: Service) -> Response:
+    """Every feature's map position, density, label and label cluster, as parallel arrays."""
+    return Response(service.feature_map(), media_type=MediaType.JSON)
+
+
+def _page() -> Response:
+    # One document for every page: the script reads the path and draws the view.
+    return Response((WEB / "index.html").read_bytes(), media_type=MediaType.HTML)
+
+
+@get(["/", "/search", "/probe", "/map"], sync_to_thread=False, include_in_schema=False)
+def page() -> Response:
+    return _page()
+
+
+@get("/features/{feature_id:int}", sync_to_thread=False, include_in_schema=False)
+def feature_page(feature_id: FromPath[int]) -> Response:
+    return _page()
 
 
 @get("/api/features", sync_to_thread=True)
@@ -142,7 +167,9 @@ def create_app(atlas: Atlas, *, probe_device: str | None = None) -> Litestar:
     return Litestar(
         # The first query otherwise pays for loading the embedder and the tables (~1-4 s).
         on_startup=[service.warm_up],
-        route_handlers=[healthz, atlas_summary, list_features, feature_detail, neighbors, search, contrast, activations, sql],
+        route_handlers=[healthz, atlas_summary, list_features, feature_detail, neighbors, feature_map, search, contrast,
+                        activations, sql, page, feature_page,
+                        create_static_files_router("/static", directories=[WEB], include_in_schema=False)],
         dependencies={"service": Provide(lambda: service, use_cache=True, sync_to_thread=False)},
         exception_handlers={HTTPException: _http_error, ValueError: _bad_input, NotFound: _not_found, Exception: _internal},
         openapi_config=OpenAPIConfig(title="Feature Atlas", version="0.1.0", path="/schema"),

@@ -13,6 +13,7 @@ from featureatlas.ingest.embed import embed
 from featureatlas.ingest.probe import Probe
 from featureatlas.store import search as S
 from featureatlas.store.atlas import Atlas
+from featureatlas.store.map_view import NoMap, map_json
 from featureatlas.store.search import SEARCH_MODES
 
 # Features firing on more than this share of tokens are down-weighted in fused search: they match
@@ -45,6 +46,7 @@ class AtlasService:
         self.atlas = atlas
         self.probe = Probe(atlas, device=probe_device)
         self.embedder = atlas.manifest["config"].get("embedder", "minilm")
+        self._map: bytes | None = None
 
     def warm_up(self) -> None:
         """Load the embedder and open the tables now; the model behind search by inference stays
@@ -69,7 +71,7 @@ class AtlasService:
         row["top_examples"] = [e for e in examples if e["kind"] == "top"]
         row["quantile_examples"] = [e for e in examples if e["kind"] != "top"]
         bins = len(row["histogram"])
-        row["histogram_edges"] = [row["max_activation"] * i / bins for i in range(bins + 1)]
+        row["histogram_edges"] = [row["max_activation"] * i / bins for i in range(bins + 1)] if bins else []
         return row
 
     def _summaries(self, ids: list[int]) -> dict[int, dict[str, Any]]:
@@ -102,6 +104,16 @@ class AtlasService:
             after = "".join(tokens[i + 1 : i + 1 + SNIPPET_AFTER])
             out[f] = f"{before}[[{tokens[i]}]]{after}".replace("\n", "⏎")
         return out
+
+    def feature_map(self) -> bytes:
+        """The map document (``store.map_view``), built on first request and kept: it is the same
+        for every visitor until the atlas is re-labelled, and a restart picks that up."""
+        if self._map is None:
+            try:
+                self._map = map_json(self.atlas)
+            except NoMap as e:
+                raise NotFound(str(e)) from None
+        return self._map
 
     # -- search ---------------------------------------------------------------------------------
 
@@ -172,7 +184,10 @@ class AtlasService:
         info = self._summaries(ids)
         tokens = []
         for tok, row, vals in zip(result.tokens, result.indices, result.values):
-            feats = [{"feature_id": int(f), "value": float(v), "label": info[int(f)]["label"]}
+            # relative: against the feature's own corpus maximum, comparable across features (raw
+            # values are not: the first tokens of a text fire with outsized values)
+            feats = [{"feature_id": int(f), "value": float(v), "label": info[int(f)]["label"],
+                      "relative": float(v) / max(info[int(f)]["max_activation"] or 0.0, 1e-6)}
                      for f, v in zip(row[:k], vals[:k]) if v > 0]
             tokens.append({"token": tok, "features": feats})
         return {"tokens": tokens}

@@ -88,6 +88,8 @@ class AtlasConfig:
     example_window_before: int = 24
     example_window_after: int = 8
     logit_effects: int = 10
+    # The feature map: UMAP over the decoder directions with this many neighbours per point.
+    map_neighbors: int = 15
 
     # Labels. Explainers write candidate labels from one part of a document split, the best candidate
     # is chosen on a second and scored on a third, held out, by each scorer (the first gives ``label_score``).
@@ -156,6 +158,8 @@ class AtlasConfig:
             raise ConfigError("--llm-url", f"must start with http:// or https://, got {self.llm_url!r}")
         if self.llm_max_calls < 0 or self.llm_workers < 1 or self.llm_timeout <= 0:
             raise ConfigError("--llm-max-calls", "llm_max_calls >= 0, llm_workers >= 1 and llm_timeout > 0 please")
+        if self.map_neighbors < 2:
+            raise ConfigError("--map-neighbors", f"must be at least 2, got {self.map_neighbors}")
         if self.layer is not None and self.layer < 0:
             raise ConfigError("--layer", f"must be >= 0, got {self.layer}")
 

@@ -24,6 +24,7 @@ from .config import AtlasConfig, ConfigError
 from .corpus import corpus_fingerprint
 from .embed import embed
 from .evaluate import METRICS_VERSION, loss_recovered, reconstruction_metrics
+from .feature_map import MAP_VERSION, feature_map
 from .harvest import harvest, load_activations
 from .labels.label import LABELS_VERSION, label_features
 from .labels.llm import make_chat
@@ -36,7 +37,7 @@ from .train import train_sae
 
 log = logging.getLogger(__name__)
 # Part of the publish key: bump it when the published layout changes.
-PUBLISH_FORMAT = 1
+PUBLISH_FORMAT = 2
 PACKAGES = ("featureatlas", "torch", "transformers", "sentence-transformers", "duckdb", "lancedb", "litestar")
 
 
@@ -135,8 +136,16 @@ def run_ingest(cfg: AtlasConfig) -> dict[str, Any]:
             s.update(_analyse(cfg, model, sae, corpus, acts, is_bos, vocab, folder))
     del acts
 
+    # the feature map: depends on the dictionary alone, so a re-label keeps it
+    map_key = stage_key(train_key, MAP_VERSION, cfg.map_neighbors, cfg.seed)
+    if stages.finished("map", map_key) is None:
+        with stages.run("map", map_key) as s:
+            xy = feature_map(sae.unit_decoder().numpy(), neighbors=cfg.map_neighbors, seed=cfg.seed)
+            pq.write_table(pa.table({"map_x": xy[:, 0], "map_y": xy[:, 1]}), stages.folder("map") / "map.parquet")
+            s.update(features=len(xy))
+
     # publish, unless the atlas on disk was built from exactly these stage outputs
-    publish_key = stage_key(analysis_key, eval_key, PUBLISH_FORMAT)
+    publish_key = stage_key(analysis_key, map_key, eval_key, PUBLISH_FORMAT)
     existing = json.loads((root / MANIFEST).read_text()) if (root / MANIFEST).is_file() else {}
     if existing.get("publish_key") == publish_key:
         log.info("publish   skipped: %s already holds these results", root)
@@ -148,6 +157,9 @@ def run_ingest(cfg: AtlasConfig) -> dict[str, Any]:
     def build(staging: Path) -> None:
         sae.save(staging / DICTIONARY)
         features = pq.read_table(folder / "features.parquet")
+        xy = pq.read_table(stages.folder("map") / "map.parquet")
+        for name in xy.column_names:
+            features = features.append_column(name, xy[name])
         write_lance(staging / LANCE, features, pq.read_table(folder / "examples.parquet"), sae.d_in)
         write_duckdb(staging / DUCKDB, {
             "documents": _documents_table(corpus),

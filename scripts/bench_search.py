@@ -22,6 +22,8 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import httpx
@@ -29,6 +31,7 @@ import numpy as np
 import pyarrow as pa
 from featureatlas.ingest.embed import embed
 from featureatlas.store.publish import publish, write_duckdb, write_lance
+from featureatlas.store.schema import EXAMPLES_SCHEMA
 
 D_MODEL = 576
 # Requests before timing starts (their latencies are reported apart, as cold_*).
@@ -45,7 +48,10 @@ WORDS = (
 def synthetic_features(n: int, seed: int = 0) -> tuple[pa.Table, np.ndarray]:
     rng = np.random.default_rng(seed)
     centres = rng.standard_normal((int(np.sqrt(n)), D_MODEL)).astype(np.float32)
-    decoder = centres[rng.integers(0, len(centres), n)] + 0.6 * rng.standard_normal((n, D_MODEL)).astype(np.float32)
+    assign = rng.integers(0, len(centres), n)
+    decoder = centres[assign] + 0.6 * rng.standard_normal((n, D_MODEL)).astype(np.float32)
+    # The map UMAP would draw: one blob per centre (UMAP itself would take hours at 1M points here).
+    xy = rng.uniform(-1, 1, (len(centres), 2))[assign] + 0.4 / np.sqrt(len(centres)) * rng.standard_normal((n, 2))
     decoder /= np.linalg.norm(decoder, axis=1, keepdims=True)
     word_emb = embed(WORDS)
     picks = rng.integers(0, len(WORDS), (n, 3))
@@ -61,6 +67,8 @@ def synthetic_features(n: int, seed: int = 0) -> tuple[pa.Table, np.ndarray]:
         "label": labels,
         "label_source": ["synthetic"] * n,
         "label_score": rng.random(n).astype(np.float32),
+        "label_scores": pa.array([[]] * n, pa.list_(pa.struct([("scorer", pa.string()), ("score", pa.float32())]))),
+        "single_token": np.zeros(n, bool),
         "label_embedding": fixed(label_emb, dim),
         "context_embedding": fixed(label_emb, dim),
         "density": density,
@@ -71,24 +79,27 @@ def synthetic_features(n: int, seed: int = 0) -> tuple[pa.Table, np.ndarray]:
         "logit_positive": pa.array([[]] * n, pa.list_(pa.struct([("token", pa.string()), ("value", pa.float32())]))),
         "logit_negative": pa.array([[]] * n, pa.list_(pa.struct([("token", pa.string()), ("value", pa.float32())]))),
         "histogram": pa.array([[]] * n, pa.list_(pa.int64())),
+        "map_x": xy[:, 0].astype(np.float32),
+        "map_y": xy[:, 1].astype(np.float32),
     })
     return table, decoder
 
 
-def build_atlas(root: Path, n: int) -> np.ndarray:
-    features, decoder = synthetic_features(n)
-    examples = pa.table({"feature_id": pa.array([], pa.int32()), "kind": pa.array([], pa.string()),
-                         "doc_id": pa.array([], pa.int32()), "start": pa.array([], pa.int32()),
-                         "tokens": pa.array([], pa.list_(pa.string())), "activations": pa.array([], pa.list_(pa.float32())),
-                         "max_activation": pa.array([], pa.float32()), "max_position": pa.array([], pa.int32())})
+def build_atlas(root: Path, features: pa.Table, examples: pa.Table | None = None, dictionary=None) -> None:
+    """Publish ``features`` (and ``examples``, and a ``dictionary`` SAE if given) as an atlas."""
+    examples = examples if examples is not None else EXAMPLES_SCHEMA.empty_table()
+    n = features.num_rows
     empty = lambda **cols: pa.table({k: pa.array([], t) for k, t in cols.items()})  # noqa: E731
     manifest = {"format": 1, "dictionary": {"d_sae": n, "d_in": D_MODEL, "k": 32, "architecture": "topk"},
                 "config": {"embedder": "minilm", "model": "smollm2", "device": "cpu", "dtype": "auto",
                            "model_cache": "~/.cache/featureatlas/models"},
-                "hook": {"layer": 15}, "synthetic": True}
+                "model": {"name": "synthetic"}, "hook": {"layer": 15}, "synthetic": True}
 
     def build(staging: Path) -> None:
-        (staging / "dictionary").mkdir()
+        if dictionary is not None:
+            dictionary.save(staging / "dictionary")
+        else:
+            (staging / "dictionary").mkdir()
         write_lance(staging / "lance", features, examples, D_MODEL)
         write_duckdb(staging / "analytics.duckdb", {
             "documents": empty(doc_id=pa.int32(), doc_key=pa.string(), source=pa.string(), title=pa.string(), text=pa.string()),
@@ -98,7 +109,6 @@ def build_atlas(root: Path, n: int) -> np.ndarray:
         })
 
     publish(root, build, manifest)
-    return decoder
 
 
 def reuse(root: Path) -> np.ndarray:
@@ -126,24 +136,35 @@ def timed(client: httpx.Client, url: str, params: dict | None = None) -> tuple[f
     return ms, r.json()
 
 
-def measure(root: Path, decoder: np.ndarray, requests: int, seed: int = 1) -> dict:
+@contextmanager
+def serving(root: Path) -> Iterator[str]:
+    """``featureatlas serve`` on a free loopback port, as a subprocess; yields its base URL once it
+    answers, and stops it on exit."""
     port = free_port()
     server = subprocess.Popen(
         [sys.executable, "-m", "featureatlas.api.cli", "serve", "--atlas", str(root), "--port", str(port)],
         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env={**os.environ, "HF_HUB_OFFLINE": "1"},
     )
-    rng = np.random.default_rng(seed)
+    base = f"http://127.0.0.1:{port}"
     try:
-        base = f"http://127.0.0.1:{port}"
+        for _ in range(600):
+            try:
+                if httpx.get(f"{base}/healthz").status_code == 200:
+                    break
+            except httpx.TransportError:
+                time.sleep(0.1)
+        else:
+            raise RuntimeError("server did not start")
+        yield base
+    finally:
+        server.send_signal(signal.SIGINT)
+        server.wait(timeout=30)
+
+
+def measure(root: Path, decoder: np.ndarray, requests: int, seed: int = 1) -> dict:
+    rng = np.random.default_rng(seed)
+    with serving(root) as base:
         with httpx.Client(base_url=base, timeout=30) as client:
-            for _ in range(600):
-                try:
-                    if client.get("/healthz").status_code == 200:
-                        break
-                except httpx.TransportError:
-                    time.sleep(0.1)
-            else:
-                raise RuntimeError("server did not start")
             ids = rng.integers(0, len(decoder), requests)
             queries = [" ".join(rng.choice(WORDS, 2)) for _ in range(requests)]
             cold = {"neighbors": [], "search": []}
@@ -163,9 +184,6 @@ def measure(root: Path, decoder: np.ndarray, requests: int, seed: int = 1) -> di
                 recalls.append(len(got & set(exact.tolist())) / 10)
                 ms, _ = timed(client, "/api/search", {"q": q, "mode": "label", "k": 10})
                 search_ms.append(ms)
-    finally:
-        server.send_signal(signal.SIGINT)
-        server.wait(timeout=30)
     pct = lambda xs, p: float(np.percentile(xs, p))  # noqa: E731
     return {
         "neighbors_p50_ms": pct(neigh_ms, 50), "neighbors_p99_ms": pct(neigh_ms, 99),
@@ -188,7 +206,11 @@ def main() -> None:
         for n in args.sizes:
             root = work / f"atlas-{n}"
             t0 = time.perf_counter()
-            decoder = reuse(root) if (root / "manifest.json").is_file() else build_atlas(root, n)
+            if (root / "manifest.json").is_file():
+                decoder = reuse(root)
+            else:
+                features, decoder = synthetic_features(n)
+                build_atlas(root, features)
             build_s = time.perf_counter() - t0
             results[str(n)] = {**measure(root, decoder, args.requests), "build_s": build_s}
             del decoder

@@ -34,6 +34,9 @@ def features_schema(d_model: int) -> pa.Schema:
             ("logit_negative", _logit),
             # counts in equal-width bins over [0, max_activation]
             ("histogram", pa.list_(pa.int64())),
+            # the feature map (ingest/feature_map.py): UMAP of the decoder directions, in [-1, 1]
+            ("map_x", pa.float32()),
+            ("map_y", pa.float32()),
         ]
     )
 
@@ -74,7 +77,8 @@ create table documents (doc_id integer primary key, doc_key varchar, source varc
 create table tokens (doc_id integer, position integer, token_id integer, token varchar, split varchar);
 create table activations (doc_id integer, position integer, feature_id integer, value real);
 create table features (feature_id integer primary key, label varchar, label_source varchar, label_score real,
-                       single_token boolean, density double, n_active bigint, mean_activation real, max_activation real);
+                       single_token boolean, density double, n_active bigint, mean_activation real, max_activation real,
+                       map_x real, map_y real);
 create table label_candidates (feature_id integer, explainer varchar, kind varchar, label varchar, status varchar,
                                detail varchar, choice_auroc real, holdout_auroc real, chosen boolean);
 """

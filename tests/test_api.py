@@ -89,6 +89,9 @@ def test_activations_per_token(client):
     assert body["tokens"] and all(len(t["features"]) <= 3 for t in body["tokens"])
     vals = [f["value"] for f in body["tokens"][0]["features"]]
     assert vals == sorted(vals, reverse=True) and all(v > 0 for v in vals)
+    f = body["tokens"][0]["features"][0]
+    maximum = client.get(f"/api/features/{f['feature_id']}").json()["max_activation"]
+    assert f["relative"] == pytest.approx(f["value"] / maximum, rel=1e-5)
 
 
 def test_contrast(client):

@@ -1,0 +1,303 @@
+// The atlas in a browser: one page, five views (home, search, feature, probe, map), all drawn
+// from the JSON API of the same server. No framework and no build step: the files served are the
+// files in this folder. Text from the corpus is untrusted, so it only ever enters the page as
+// textContent (the `h` helper), never as HTML.
+import { api, h } from "/static/dom.js";
+import { drawMap } from "/static/map.js";
+
+const view = document.getElementById("view");
+
+const fmt = {
+  pct: (x) => (x === null || x === undefined ? "–" : `${(100 * x).toFixed(x < 0.001 ? 4 : x < 0.1 ? 2 : 1)}%`),
+  num: (x, d = 3) => (x === null || x === undefined ? "–" : Number(x).toPrecision(d)),
+  int: (x) => (x === null || x === undefined ? "–" : Number(x).toLocaleString("en")),
+};
+
+// Tokens as the model saw them: newlines and tabs made visible, leading spaces kept.
+const showToken = (t) => t.replace(/\n/g, "⏎").replace(/\t/g, "⇥");
+
+const featureLink = (id, label) => h("a", { href: `/features/${id}` }, `#${id}`, label ? ` ${label}` : "");
+
+function done(name) {
+  // For tests and scripts/bench_ui.py: when the view's data is on screen.
+  document.body.dataset.ready = name;
+  performance.mark(`fa:${name}`);
+}
+
+function fail(err) {
+  view.replaceChildren(h("h1", {}, "Something went wrong"), h("p", { class: "error", role: "alert" }, String(err.message || err)));
+  done("error");
+}
+
+// -- home --------------------------------------------------------------------------------------
+
+async function home() {
+  const [a, best] = await Promise.all([api("/api/atlas"), api("/api/features?sort=label_score&limit=15")]);
+  const m = a.metrics || {};
+  const corpus = a.corpus || {};
+  const stat = (k, v) => h("div", {}, h("dt", {}, k), h("dd", {}, v));
+  document.title = `Feature Atlas: ${a.model?.name ?? "atlas"}`;
+  view.replaceChildren(
+    h("h1", {}, `${a.model?.name ?? "?"}, layer ${a.hook?.layer ?? "?"}`),
+    h("dl", { class: "stats" },
+      stat("features", fmt.int(a.dictionary?.d_sae)),
+      stat("architecture", `${a.dictionary?.architecture ?? "?"}${a.dictionary?.k ? `, k=${a.dictionary.k}` : ""}`),
+      stat("L0 (held out)", fmt.num(m.l0)),
+      stat("variance explained", fmt.pct(m.variance_explained)),
+      stat("loss recovered", fmt.pct(m.loss_recovered)),
+      stat("dead features", fmt.pct(m.dead_fraction)),
+      stat("corpus", (corpus.sources || []).join(", ") || "–"),
+      stat("documents", fmt.int(corpus.documents)),
+      stat("tokens", fmt.int(a.tokens?.harvested)),
+      stat("labels", a.labels ? `${a.labels.explainer}, mean score ${fmt.num(a.labels.label_score_mean)}` : "–"),
+    ),
+    h("form", { role: "search", action: "/search", style: "margin:1.2rem 0" },
+      h("input", { type: "search", name: "q", "aria-label": "Search features", placeholder: "e.g. Python function arguments, French, kings and queens" })),
+    h("h2", {}, "Best-labelled features"),
+    h("ul", { class: "hits" }, best.features.map((f) => h("li", {},
+      featureLink(f.feature_id, f.label),
+      h("div", { class: "meta" }, `score ${fmt.num(f.label_score)} · density ${fmt.pct(f.density)}`)))),
+  );
+  done("home");
+}
+
+// -- search ------------------------------------------------------------------------------------
+
+function snippet(text) {
+  // The API marks the strongest token as [[token]].
+  const out = h("div", { class: "snippet" });
+  if (!text) return out;
+  const i = text.indexOf("[["), j = text.indexOf("]]", i + 2);
+  if (i < 0 || j < 0) { out.append(text); return out; }
+  out.append(text.slice(0, i), h("mark", {}, text.slice(i + 2, j)), text.slice(j + 2));
+  return out;
+}
+
+async function search(params) {
+  const q = (params.get("q") || "").trim();
+  document.querySelector("#searchbar input").value = q;
+  if (!q) {
+    view.replaceChildren(h("h1", {}, "Search"), h("p", { class: "muted" }, "Type what you are looking for in the box above: a topic, a word, a code construct."));
+    return done("search");
+  }
+  view.replaceChildren(h("h1", {}, `Features for “${q}”`), h("p", { class: "muted" }, "Searching…"));
+  const r = await api(`/api/search?${new URLSearchParams({ q, k: "20" })}`);
+  const ids = r.hits.map((x) => x.feature_id).join(",");
+  view.replaceChildren(
+    h("h1", {}, `Features for “${q}”`),
+    h("p", { class: "meta" }, `${r.hits.length} features · `, r.hits.length ? h("a", { href: `/map?${new URLSearchParams({ highlight: ids, q })}` }, "show them on the map") : ""),
+    h("ol", { class: "hits" }, r.hits.map((x) => h("li", {},
+      featureLink(x.feature_id, x.label),
+      h("div", { class: "meta" },
+        `score ${x.score.toFixed(4)} · density ${fmt.pct(x.density)}${x.down_weighted ? " (dense: down-weighted)" : ""} · matched by `,
+        Object.entries(x.matched_by).map(([sig, rank]) => h("span", { class: "badge", title: `rank ${rank} by ${sig}` }, `${sig} #${rank}`))),
+      snippet(x.snippet)))),
+  );
+  done("search");
+}
+
+// -- feature page ------------------------------------------------------------------------------
+
+export function shadedTokens(tokens, values, max, cls = "example") {
+  // Background opacity is the activation over the feature's maximum; the value is on hover and
+  // in the accessible name, so it is not conveyed by colour alone.
+  const line = h("div", { class: cls });
+  tokens.forEach((t, i) => {
+    const v = values[i] || 0;
+    if (v <= 0) { line.append(h("span", { class: "tok" }, showToken(t))); return; }
+    const a = Math.min(1, v / (max || 1));
+    line.append(h("span", {
+      class: "tok", "data-act": v.toFixed(3), title: `${v.toFixed(3)}`, tabindex: "0",
+      "aria-label": `${t.trim() || "space"}: ${v.toFixed(2)}`, style: `background: rgb(var(--hot) / ${(0.12 + 0.78 * a).toFixed(3)})`,
+    }, showToken(t)));
+  });
+  return line;
+}
+
+function histogram(counts, edges) {
+  const svgNS = "http://www.w3.org/2000/svg";
+  const svg = document.createElementNS(svgNS, "svg");
+  svg.setAttribute("class", "histogram");
+  svg.setAttribute("viewBox", `0 0 ${counts.length * 10} 100`);
+  svg.setAttribute("preserveAspectRatio", "none");
+  svg.setAttribute("role", "img");
+  svg.setAttribute("aria-label", `activation histogram, ${counts.length} bins from 0 to ${fmt.num(edges[edges.length - 1])}`);
+  const top = Math.log1p(Math.max(1, ...counts));
+  counts.forEach((c, i) => {
+    const r = document.createElementNS(svgNS, "rect");
+    const hgt = c ? Math.max(2, (98 * Math.log1p(c)) / top) : 0;
+    r.setAttribute("x", i * 10 + 1); r.setAttribute("width", 8);
+    r.setAttribute("y", 100 - hgt); r.setAttribute("height", hgt);
+    const t = document.createElementNS(svgNS, "title");
+    t.textContent = `${fmt.num(edges[i])}–${fmt.num(edges[i + 1])}: ${c.toLocaleString("en")} tokens`;
+    r.append(t);
+    svg.append(r);
+  });
+  return svg;
+}
+
+function neighbourList(list) {
+  if (!list) return h("p", { class: "muted" }, "unavailable");
+  if (!list.neighbors.length) return h("p", { class: "muted" }, "none");
+  return h("ol", { class: "neighbors" }, list.neighbors.map((n) => h("li", {},
+    featureLink(n.feature_id, n.label), h("span", { class: "meta" }, ` ${n.similarity.toFixed(3)}`))));
+}
+
+async function feature(id) {
+  // Neighbours are secondary: the page renders even if one of them fails.
+  const optional = (p) => p.catch(() => null);
+  const [f, byDecoder, byCoactivation] = await Promise.all([
+    api(`/api/features/${id}`),
+    optional(api(`/api/features/${id}/neighbors?by=decoder&k=10`)),
+    optional(api(`/api/features/${id}/neighbors?by=coactivation&k=10`)),
+  ]);
+  document.title = `#${id} ${f.label || ""} · Feature Atlas`;
+  const scores = (f.label_scores || []).map((s) => `${s.scorer} ${fmt.num(s.score)}`).join(", ");
+  const examples = (list) => list.length ? list.map((e) => shadedTokens(e.tokens, e.activations, f.max_activation))
+    : [h("p", { class: "muted" }, "none (the feature never fired on the corpus)")];
+  const logits = (list) => h("ul", { class: "logits" }, (list || []).map((l) => h("li", {}, h("span", {}, showToken(l.token)), h("span", {}, l.value.toFixed(3)))));
+  view.replaceChildren(
+    h("h1", {}, `#${f.feature_id} `, f.label || h("span", { class: "muted" }, "(no label)")),
+    h("p", { class: "meta" },
+      `label by ${f.label_source || "?"}${f.label_score !== null && f.label_score !== undefined ? ` · label score ${fmt.num(f.label_score)}` : ""}${scores ? ` (${scores})` : ""}`,
+      f.single_token ? " · single-token feature" : "",
+      " · ", h("a", { href: `/features/${f.feature_id}`, rel: "bookmark" }, "permalink"),
+      " · ", h("a", { href: `/map?feature=${f.feature_id}` }, "on the map")),
+    h("dl", { class: "stats" },
+      ...[["density", fmt.pct(f.density)], ["fires on", `${fmt.int(f.n_active)} tokens`],
+        ["max activation", fmt.num(f.max_activation)], ["mean activation", fmt.num(f.mean_activation)]]
+        .map(([k, v]) => h("div", {}, h("dt", {}, k), h("dd", {}, v)))),
+    h("h2", {}, "Activation histogram"),
+    f.histogram && f.histogram.length ? histogram(f.histogram, f.histogram_edges) : h("p", { class: "muted" }, "none"),
+    h("h2", {}, "Top examples"),
+    h("section", { "aria-label": "top examples", id: "top-examples" }, examples(f.top_examples)),
+    h("h2", {}, "Examples across activation quantiles"),
+    h("section", { "aria-label": "quantile examples" }, examples(f.quantile_examples)),
+    h("div", { class: "columns" },
+      h("section", {}, h("h2", {}, "Promotes (logits)"), logits(f.logit_positive)),
+      h("section", {}, h("h2", {}, "Suppresses (logits)"), logits(f.logit_negative)),
+      h("section", {}, h("h2", {}, "Decoder neighbours"), neighbourList(byDecoder)),
+      h("section", {}, h("h2", {}, "Co-activation neighbours"), neighbourList(byCoactivation))),
+  );
+  done("feature");
+}
+
+// -- probe -------------------------------------------------------------------------------------
+
+async function probe(params) {
+  const text = h("textarea", { id: "probe-text", "aria-label": "Text to run through the model" }, params.get("text") || "");
+  const out = h("div", { "aria-live": "polite" });
+  const run = async (ev) => {
+    ev?.preventDefault();
+    if (!text.value.trim()) return;
+    out.replaceChildren(h("p", { class: "muted" }, "Running the model…"));
+    try {
+      showProbe(out, await api("/api/activations", { text: text.value, k: 8 }));
+    } catch (err) {
+      out.replaceChildren(h("p", { class: "error", role: "alert" }, err.message));
+    }
+    done("probe");
+  };
+  view.replaceChildren(
+    h("h1", {}, "Probe"),
+    h("p", { class: "muted" }, "Run text through the model and the dictionary. Each token is shaded by how strongly its features fire compared with the most they fire anywhere in the corpus. Select a token to list its features, then a feature to shade the text by it alone."),
+    h("form", { onsubmit: run }, text, h("p", {}, h("button", { type: "submit" }, "Run"))),
+    out,
+  );
+  if (text.value.trim()) await run(); else done("probe");
+}
+
+function showProbe(out, result) {
+  // Shading is relative activation (value over the feature's corpus maximum), capped at 1.
+  const tokens = result.tokens;
+  const detail = h("section", { "aria-label": "features of the selected token" });
+  let shadeBy = null;
+  const buttons = tokens.map((t, i) => h("button", {
+    type: "button", "aria-pressed": "false", "data-index": String(i), onclick: () => select(i),
+  }, showToken(t.token)));
+  const shade = () => {
+    const value = (t) => (shadeBy === null ? Math.max(0, ...t.features.map((f) => f.relative))
+      : (t.features.find((f) => f.feature_id === shadeBy)?.relative || 0));
+    buttons.forEach((b, i) => {
+      const v = value(tokens[i]);
+      b.style.background = v > 0 ? `rgb(var(--hot) / ${(0.1 + 0.8 * Math.min(1, v)).toFixed(3)})` : "";
+      b.dataset.act = v.toFixed(3);
+      b.title = v > 0 ? `${(100 * v).toFixed(0)}% of its corpus maximum` : "";
+    });
+  };
+  function select(i) {
+    buttons.forEach((b, j) => b.setAttribute("aria-pressed", String(i === j)));
+    const t = tokens[i];
+    detail.replaceChildren(
+      h("h2", {}, `Token “${showToken(t.token)}”`),
+      t.features.length ? h("ol", { class: "neighbors" }, t.features.map((f) => h("li", {},
+        featureLink(f.feature_id, f.label), h("span", { class: "meta" }, ` ${f.value.toFixed(3)} (${(100 * f.relative).toFixed(0)}% of max) `),
+        h("button", { type: "button", onclick: () => { shadeBy = f.feature_id; shade(); } }, "shade by this")))) : h("p", { class: "muted" }, "no feature fires here"),
+      shadeBy !== null ? h("p", {}, h("button", { type: "button", onclick: () => { shadeBy = null; shade(); } }, "shade by strongest feature again")) : "",
+    );
+  }
+  shade();
+  out.replaceChildren(h("div", { class: "probe-tokens", id: "probe-tokens" }, buttons), detail);
+}
+
+// -- map ---------------------------------------------------------------------------------------
+
+async function map(params) {
+  view.replaceChildren(h("h1", {}, "Map of the features"), h("p", { class: "muted" }, "Loading the map…"));
+  let highlight = (params.get("highlight") || "").split(",").filter(Boolean).map(Number);
+  const center = params.has("feature") ? Number(params.get("feature")) : null;
+  const [data, near] = await Promise.all([
+    api("/api/map"),
+    center === null ? null : api(`/api/features/${center}/neighbors?by=decoder&k=10`).catch(() => null),
+  ]);
+  if (center !== null) highlight = [center, ...(near ? near.neighbors.map((n) => n.feature_id) : [])];
+  const title = center !== null ? `Feature #${center} and its decoder neighbours`
+    : params.get("q") ? `Search results for “${params.get("q")}”` : null;
+  drawMap(view, data, { highlight, title, onOpen: (id) => navigate(`/features/${id}`) });
+  done("map");
+}
+
+// -- routing -----------------------------------------------------------------------------------
+
+async function route() {
+  const { pathname, searchParams } = new URL(location.href);
+  document.body.dataset.ready = "";
+  view.classList.toggle("wide", pathname === "/map");
+  try {
+    const m = pathname.match(/^\/features\/(\d+)$/);
+    if (m) await feature(Number(m[1]));
+    else if (pathname === "/search") await search(searchParams);
+    else if (pathname === "/probe") await probe(searchParams);
+    else if (pathname === "/map") await map(searchParams);
+    else await home();
+  } catch (err) {
+    fail(err);
+  }
+}
+
+export function navigate(url) {
+  history.pushState(null, "", url);
+  window.scrollTo(0, 0);
+  route().then(() => view.focus({ preventScroll: true }));
+}
+
+document.addEventListener("click", (ev) => {
+  const a = ev.target.closest("a");
+  if (!a || a.target || ev.ctrlKey || ev.metaKey || ev.shiftKey || ev.button !== 0) return;
+  const url = new URL(a.href, location.href);
+  const page = url.origin === location.origin && !/^\/(api|schema|static)\b/.test(url.pathname);
+  if (!page || (url.pathname === location.pathname && url.search === location.search && url.hash)) return;
+  ev.preventDefault();
+  navigate(url.pathname + url.search);
+});
+
+document.addEventListener("submit", (ev) => {
+  const form = ev.target;
+  if (form.getAttribute("action") !== "/search") return;
+  ev.preventDefault();
+  const q = new FormData(form).get("q") || "";
+  navigate(`/search?${new URLSearchParams({ q })}`);
+});
+
+window.addEventListener("popstate", route);
+route();

@@ -1,0 +1,158 @@
+"""Browser speed of the UI, in headless Chromium on loopback: a feature page's first render on a
+16k-feature atlas and the map's first draw with 100k points.
+
+    .venv/bin/python scripts/bench_ui.py --out ui.json [--screenshots DIR] [--workdir DIR]
+
+Both atlases are synthetic but full-sized where it matters: every feature of the page atlas has 20
+top and 8 quantile examples of 32 tokens, a 24-bin histogram, 10+10 logit effects and a dictionary
+(so the page's neighbour lists run as on a real atlas); the map atlas has 100k points in clusters.
+Times are read from the page itself: ``performance.mark`` when the view's data is on screen,
+measured from the start of navigation (HTML, scripts, API calls and drawing included). The baseline
+in the same run is the server alone: the same API calls the page makes, over HTTP, without a browser.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import tempfile
+import time
+from pathlib import Path
+
+import httpx
+import numpy as np
+import pyarrow as pa
+import torch
+from bench_search import D_MODEL, WORDS, build_atlas, serving, synthetic_features
+from featureatlas.ingest.sae import SAE
+from featureatlas.store.schema import EXAMPLES_SCHEMA
+from playwright.sync_api import sync_playwright
+
+CHROMIUM = "/usr/bin/chromium"
+TOP, QUANTILE, WINDOW, PEAK = 20, 8, 32, 24
+BINS, LOGITS = 24, 10
+
+
+def page_atlas_parts(n: int, seed: int = 0) -> tuple[pa.Table, pa.Table, SAE]:
+    """Features with histograms and logit effects, their examples, and a dictionary whose decoder
+    is the features' decoder."""
+    rng = np.random.default_rng(seed)
+    features, decoder = synthetic_features(n, seed)
+    vocab = np.array([f" {w}" for w in WORDS] + [".", ",", "\n", " the", " of"], dtype=object)
+    counts = (rng.pareto(1.5, (n, BINS)) * 50).astype(np.int64)
+    logit = pa.list_(pa.struct([("token", pa.string()), ("value", pa.float32())]))
+    logits = lambda sign: pa.array([[{"token": str(t), "value": float(sign * v)} for t, v in  # noqa: E731
+                                     zip(rng.choice(vocab, LOGITS), np.sort(rng.random(LOGITS))[::-1])] for _ in range(n)], logit)
+    features = features.set_column(features.schema.get_field_index("histogram"), "histogram",
+                                   pa.array(list(counts), pa.list_(pa.int64())))
+    features = features.set_column(features.schema.get_field_index("logit_positive"), "logit_positive", logits(1))
+    features = features.set_column(features.schema.get_field_index("logit_negative"), "logit_negative", logits(-1))
+
+    per = TOP + QUANTILE
+    rows = n * per
+    peak = np.repeat(features["max_activation"].to_numpy(), per) * np.tile(np.r_[np.ones(TOP), np.linspace(0.2, 0.9, QUANTILE)], n)
+    acts = np.clip(rng.exponential(0.15, (rows, WINDOW)) - 0.2, 0, None) * peak[:, None]
+    acts[:, PEAK] = peak
+    tokens = vocab[rng.integers(0, len(vocab), rows * WINDOW)].astype(str)
+    offsets = pa.array(np.arange(rows + 1, dtype=np.int32) * WINDOW)
+    examples = pa.table({
+        "feature_id": np.repeat(np.arange(n, dtype=np.int32), per),
+        "kind": np.tile(np.array(["top"] * TOP + ["quantile"] * QUANTILE), n),
+        "doc_id": rng.integers(0, 5000, rows).astype(np.int32),
+        "start": rng.integers(0, 1000, rows).astype(np.int32),
+        "tokens": pa.ListArray.from_arrays(offsets, pa.array(tokens, pa.string())),
+        "activations": pa.ListArray.from_arrays(offsets, pa.array(acts.astype(np.float32).ravel())),
+        "max_activation": peak.astype(np.float32),
+        "max_position": np.full(rows, PEAK, np.int32),
+    }).cast(EXAMPLES_SCHEMA)
+
+    sae = SAE(D_MODEL, n, 32)
+    with torch.no_grad():
+        sae.W_dec.copy_(torch.from_numpy(decoder))
+        sae.W_enc.copy_(torch.from_numpy(decoder.T.copy()))
+    return features, examples, sae
+
+
+def browser_times(base: str, paths: list[str], mark: str, shots: Path | None, shot_name: str) -> list[float]:
+    """Milliseconds from navigation start to ``mark`` for each path, one fresh page (same browser,
+    so scripts come from its cache after the first) per path; fails on any console error."""
+    times, errors = [], []
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM)
+        context = browser.new_context(viewport={"width": 1280, "height": 900})
+        for i, path in enumerate(paths):
+            page = context.new_page()
+            page.on("console", lambda m: errors.append(m.text) if m.type == "error" else None)
+            page.on("pageerror", lambda e: errors.append(str(e)))
+            page.goto(base + path)
+            page.wait_for_function(f"document.body.dataset.ready === {mark!r} || document.body.dataset.ready === 'error'",
+                                   timeout=60_000)
+            if page.evaluate("document.body.dataset.ready") != mark:
+                raise RuntimeError(f"{path}: {page.inner_text('main')}")
+            times.append(page.evaluate(f"performance.getEntriesByName('fa:{mark}')[0].startTime"))
+            if shots and i == 0:
+                page.screenshot(path=str(shots / f"{shot_name}.png"))
+            page.close()
+        browser.close()
+    if errors:
+        raise RuntimeError(f"console errors: {errors[:5]}")
+    return times
+
+
+def api_times(base: str, calls: list[list[str]]) -> list[float]:
+    """The baseline: the same API calls a view makes, in sequence over HTTP, without a browser."""
+    out = []
+    with httpx.Client(base_url=base, timeout=60) as client:
+        for urls in calls:
+            t0 = time.perf_counter()
+            for u in urls:
+                client.get(u).raise_for_status()
+            out.append((time.perf_counter() - t0) * 1000)
+    return out
+
+
+def stats(xs: list[float]) -> dict[str, float]:
+    return {"first_ms": xs[0], "p50_ms": float(np.percentile(xs[1:], 50)), "p90_ms": float(np.percentile(xs[1:], 90)),
+            "runs": len(xs)}
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--page-features", type=int, default=16_384)
+    p.add_argument("--map-features", type=int, default=100_000)
+    p.add_argument("--pages", type=int, default=20, help="feature pages loaded (the first is reported apart)")
+    p.add_argument("--maps", type=int, default=5, help="map loads")
+    p.add_argument("--workdir", help="keep the synthetic atlases here and reuse them (default: a temp folder)")
+    p.add_argument("--screenshots", help="save a screenshot of each view here")
+    p.add_argument("--out")
+    args = p.parse_args()
+    shots = Path(args.screenshots) if args.screenshots else None
+    if shots:
+        shots.mkdir(parents=True, exist_ok=True)
+    result: dict = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        work = Path(args.workdir or tmp)
+        page_root, map_root = work / f"ui-page-{args.page_features}", work / f"ui-map-{args.map_features}"
+        if not (page_root / "manifest.json").is_file():
+            build_atlas(page_root, *page_atlas_parts(args.page_features))
+        if not (map_root / "manifest.json").is_file():
+            build_atlas(map_root, synthetic_features(args.map_features)[0])
+
+        ids = np.random.default_rng(1).integers(0, args.page_features, args.pages).tolist()
+        with serving(page_root) as base:
+            page_ms = browser_times(base, [f"/features/{i}" for i in ids], "feature", shots, "feature")
+            api_ms = api_times(base, [[f"/api/features/{i}", f"/api/features/{i}/neighbors?by=decoder&k=10",
+                                       f"/api/features/{i}/neighbors?by=coactivation&k=10"] for i in ids])
+        result["feature_page"] = {"features": args.page_features, **stats(page_ms), "api_only": stats(api_ms)}
+
+        with serving(map_root) as base:
+            map_ms = browser_times(base, ["/map"] * args.maps, "map", shots, "map")
+            api_ms = api_times(base, [["/api/map"]] * args.maps)
+        result["map"] = {"features": args.map_features, **stats(map_ms), "api_only": stats(api_ms)}
+    print(json.dumps(result, indent=2))
+    if args.out:
+        Path(args.out).write_text(json.dumps(result, indent=2))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,94 @@
+"""The map view of an atlas: every feature's stored 2-D position (ingest/feature_map.py), its
+density and label, and a label cluster to colour it by.
+
+Clusters are k-means over the label embeddings *as they are now*, computed when the map is first
+asked for: a re-label (``featureatlas label``) can never leave stale clusters behind, and spherical
+k-means over 100k 384-d vectors takes about a second here.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import numpy as np
+
+from .atlas import Atlas
+
+MAX_CLUSTERS = 12  # more colours than this are hard to tell apart on a map
+# Rows read per batch: bounds memory at 1M features (embeddings are 1.5 KB a row).
+READ_BATCH = 65_536
+KMEANS_SAMPLE = 50_000
+KMEANS_ITERATIONS = 20
+
+
+class NoMap(LookupError):
+    pass
+
+
+def label_clusters(embeddings: np.ndarray, *, k: int, seed: int = 0) -> np.ndarray:
+    """[k, dim] unit centroids of spherical k-means over unit ``embeddings`` (rows of zeros, the
+    unlabelled features, are left out), seeded with k-means++ on a sample."""
+    live = embeddings[np.linalg.norm(embeddings, axis=1) > 0]
+    rng = np.random.default_rng(seed)
+    if len(live) > KMEANS_SAMPLE:
+        live = live[rng.choice(len(live), KMEANS_SAMPLE, replace=False)]
+    k = min(k, len(live))
+    if k == 0:
+        return np.zeros((0, embeddings.shape[1]), np.float32)
+    centroids = [live[rng.integers(len(live))]]
+    for _ in range(1, k):
+        distance = np.maximum(1 - (live @ np.stack(centroids).T).max(1), 0)
+        p = distance / distance.sum() if distance.sum() > 0 else None
+        centroids.append(live[rng.choice(len(live), p=p)])
+    c = np.stack(centroids)
+    for _ in range(KMEANS_ITERATIONS):
+        assign = (live @ c.T).argmax(1)
+        for j in range(k):
+            members = live[assign == j]
+            if len(members):
+                v = members.sum(0)
+                c[j] = v / max(float(np.linalg.norm(v)), 1e-8)
+    return c.astype(np.float32)
+
+
+def map_json(atlas: Atlas, *, seed: int = 0) -> bytes:
+    """The whole map as one JSON document of parallel arrays (compact enough for 100k points):
+    ``feature_id``, ``x``, ``y``, ``density``, ``label``, ``cluster`` (-1: unlabelled), and
+    ``clusters`` (id, name = the member label nearest the centroid, size)."""
+    table = atlas.features
+    if "map_x" not in table.schema.names:
+        raise NoMap("this atlas has no feature map: it was published before maps existed; run its "
+                    "`featureatlas ingest` again (finished stages are reused, only the map is computed)")
+    n = table.count_rows()
+    columns = ["feature_id", "map_x", "map_y", "density", "label", "label_embedding"]
+    parts: dict[str, list] = {c: [] for c in columns}
+    for start in range(0, n, READ_BATCH):
+        batch = table.take_offsets(list(range(start, min(n, start + READ_BATCH)))).select(columns).to_arrow()
+        for c in columns:
+            parts[c].append(batch[c].combine_chunks())
+    emb = np.concatenate([a.flatten().to_numpy().reshape(len(a), -1) for a in parts["label_embedding"]])
+    labels = [s for a in parts["label"] for s in a.to_pylist()]
+    k = max(1, min(MAX_CLUSTERS, round(np.sqrt(n / 8))))
+    centroids = label_clusters(emb, k=k, seed=seed)
+    similarity = emb @ centroids.T if len(centroids) else np.zeros((n, 0), np.float32)
+    cluster = np.where(np.linalg.norm(emb, axis=1) > 0, similarity.argmax(1) if len(centroids) else -1, -1)
+    clusters = []
+    for j in range(len(centroids)):
+        members = np.flatnonzero(cluster == j)
+        if len(members):
+            name = labels[members[similarity[members, j].argmax()]]
+            clusters.append({"id": j, "name": name, "size": int(len(members))})
+    # float64 before rounding: a rounded float32 prints as 0.12340000271797180 in JSON.
+    column = lambda c: np.concatenate([a.to_numpy() for a in parts[c]]).astype(np.float64)  # noqa: E731
+    doc: dict[str, Any] = {
+        "n": n,
+        "feature_id": column("feature_id").astype(np.int64).tolist(),
+        "x": np.round(column("map_x"), 4).tolist(),
+        "y": np.round(column("map_y"), 4).tolist(),
+        "density": np.round(column("density"), 7).tolist(),
+        "label": labels,
+        "cluster": cluster.tolist(),
+        "clusters": clusters,
+    }
+    return json.dumps(doc, separators=(",", ":")).encode()

@@ -1,0 +1,207 @@
+"""The UI in real headless Chromium (Debian's, at /usr/bin/chromium) against a real server on
+loopback: search and open a result, shaded examples that follow the API, the probe, the map, the
+keyboard, a phone-width dark page, and no console errors anywhere. Screenshots go to
+tests/output/browser/ for a person to look at."""
+
+import math
+import re
+import socket
+import threading
+import time
+from pathlib import Path
+
+import pytest
+from featureatlas.api.app import create_app
+from featureatlas.store.atlas import Atlas
+
+CHROMIUM = Path("/usr/bin/chromium")
+SHOTS = Path(__file__).parent / "output" / "browser"
+
+playwright = pytest.importorskip("playwright.sync_api", reason="playwright is installed by scripts/setup")
+if not CHROMIUM.exists():
+    pytest.skip("no /usr/bin/chromium (scripts/setup installs it where it runs as root)", allow_module_level=True)
+
+
+@pytest.fixture(scope="module")
+def server(tiny_atlas):
+    import uvicorn
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    srv = uvicorn.Server(uvicorn.Config(create_app(Atlas(tiny_atlas)), host="127.0.0.1", port=port, log_level="warning"))
+    thread = threading.Thread(target=srv.run, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 120
+    while not srv.started:
+        assert time.monotonic() < deadline, "server did not start"
+        time.sleep(0.05)
+    yield f"http://127.0.0.1:{port}"
+    srv.should_exit = True
+    thread.join(timeout=30)
+
+
+@pytest.fixture(scope="module")
+def browser():
+    with playwright.sync_playwright() as p:
+        b = p.chromium.launch(executable_path=str(CHROMIUM))
+        yield b
+        b.close()
+
+
+@pytest.fixture
+def page(browser, request):
+    """A fresh page that fails the test on any console error or uncaught exception."""
+    context = browser.new_context(viewport={"width": 1200, "height": 850})
+    pg = context.new_page()
+    errors: list[str] = []
+    pg.on("console", lambda m: errors.append(m.text) if m.type == "error" else None)
+    pg.on("pageerror", lambda e: errors.append(str(e)))
+    pg.console_errors = errors
+    yield pg
+    SHOTS.mkdir(parents=True, exist_ok=True)
+    pg.screenshot(path=str(SHOTS / f"{request.node.name}.png"), full_page=True)
+    context.close()
+    assert not errors, f"console errors: {errors}"
+
+
+def ready(pg, view: str, timeout: float = 60_000) -> None:
+    pg.wait_for_function(f"['{view}', 'error'].includes(document.body.dataset.ready)", timeout=timeout)
+    assert pg.evaluate("document.body.dataset.ready") == view, pg.inner_text("main")
+
+
+def api(pg, server: str, path: str, body=None):
+    r = pg.request.post(server + path, data=body) if body is not None else pg.request.get(server + path)
+    assert r.ok, r.text()
+    return r.json()
+
+
+def alpha(css: str) -> float:
+    """The alpha of a computed ``rgba(...)``/``rgb(... / a)`` colour; 0 for none."""
+    numbers = [float(x) for x in re.findall(r"[\d.]+", css)]
+    return numbers[3] if len(numbers) == 4 else (1.0 if len(numbers) == 3 else 0.0)
+
+
+def test_home_search_and_open_a_result(page, server):
+    page.goto(server + "/")
+    ready(page, "home")
+    assert "64" in page.inner_text(".stats")  # the dictionary size
+    page.fill("#searchbar input", "def")
+    page.press("#searchbar input", "Enter")
+    ready(page, "search")
+    assert page.url.endswith("/search?q=def")
+    hits = page.locator("ol.hits > li")
+    assert hits.count() > 0
+    expected = api(page, server, "/api/search?q=def&k=20")["hits"]
+    assert hits.count() == len(expected)
+    first = hits.first.locator("a").first
+    assert first.inner_text().startswith(f"#{expected[0]['feature_id']}")
+    first.click()
+    ready(page, "feature")
+    assert page.url.endswith(f"/features/{expected[0]['feature_id']}")
+    assert page.inner_text("h1").startswith(f"#{expected[0]['feature_id']}")
+    page.go_back()  # history works: the search comes back
+    ready(page, "search")
+
+
+def test_feature_page_shading_follows_the_activations(page, server):
+    live = api(page, server, "/api/features?sort=max_activation&limit=1")["features"][0]["feature_id"]
+    detail = api(page, server, f"/api/features/{live}")
+    page.goto(f"{server}/features/{live}")
+    ready(page, "feature")
+    rows = page.locator("#top-examples .example")
+    assert rows.count() == len(detail["top_examples"])
+    for i, example in enumerate(detail["top_examples"]):
+        spans = rows.nth(i).locator("span.tok")
+        assert spans.count() == len(example["tokens"])
+        shown = spans.evaluate_all(
+            "els => els.map(e => [e.dataset.act ? Number(e.dataset.act) : 0, getComputedStyle(e).backgroundColor])")
+        values = [v if v > 0 else 0.0 for v in example["activations"]]
+        assert [round(v, 3) for v, _ in shown] == [round(v, 3) for v in values]
+        # opacity grows with the activation: unshaded where it is 0, darkest at the maximum
+        for (v, bg), (w, bg2) in zip(shown, shown[1:] + shown[:1]):
+            if v < w:
+                assert alpha(bg) <= alpha(bg2) + 1e-6
+        assert all((alpha(bg) > 0) == (v > 0) for v, bg in shown)
+    # the neighbour lists link to features
+    assert page.locator("section:has(h2:text('Decoder neighbours')) a").count() > 0
+    assert page.locator("svg.histogram rect").count() == len(detail["histogram"])
+
+
+def test_unknown_feature_shows_an_error(page, server):
+    page.goto(f"{server}/features/999999")
+    ready(page, "error")
+    assert "no feature 999999" in page.inner_text("main")
+    # the browser logs the API's 404s; nothing else may fail
+    page.console_errors[:] = [e for e in page.console_errors if "404" not in e]
+
+
+def test_probe_shades_a_pasted_sentence(page, server):
+    text = "The bridge spans the bay."
+    page.goto(f"{server}/probe")
+    ready(page, "probe")
+    page.fill("#probe-text", text)
+    page.click("button[type=submit]")
+    page.wait_for_selector("#probe-tokens button")
+    expected = api(page, server, "/api/activations", {"text": text, "k": 8})["tokens"]
+    buttons = page.locator("#probe-tokens button")
+    assert buttons.count() == len(expected)
+    shades = buttons.evaluate_all("els => els.map(e => Number(e.dataset.act))")
+    strongest = [max([f["relative"] for f in t["features"]], default=0) for t in expected]
+    assert shades == pytest.approx([round(s, 3) for s in strongest], abs=1e-3)
+    assert any(s > 0 for s in shades)
+    # a click lists that token's features
+    buttons.nth(1).click()
+    listed = page.locator("section[aria-label='features of the selected token'] li")
+    assert listed.count() == len(expected[1]["features"])
+
+
+def test_map_draws_and_a_click_opens_the_feature(page, server):
+    page.goto(f"{server}/map")
+    ready(page, "map")
+    canvas = page.locator("#map-canvas")
+    painted = canvas.evaluate("""c => { const d = c.getContext('2d').getImageData(0, 0, c.width, c.height).data;
+                                       let n = 0; for (let i = 3; i < d.length; i += 4) if (d[i]) n++; return n; }""")
+    assert painted > 64  # every feature is at least a few pixels
+    doc = api(page, server, "/api/map")
+    # pick the feature farthest from all others so the click cannot land on a neighbour
+    pts = list(zip(doc["x"], doc["y"]))
+    target = max(range(len(pts)), key=lambda i: min(math.dist(pts[i], p) for j, p in enumerate(pts) if j != i))
+    at = canvas.evaluate(f"c => c.locate({doc['feature_id'][target]})")
+    canvas.hover(position=at)
+    assert f"#{doc['feature_id'][target]}" in page.inner_text(".tooltip")
+    canvas.click(position=at)
+    ready(page, "feature")
+    assert page.url.endswith(f"/features/{doc['feature_id'][target]}")
+
+
+def test_map_highlights_a_feature_and_works_from_the_keyboard(page, server):
+    page.goto(f"{server}/map?feature=5")
+    ready(page, "map")
+    links = page.locator("section:has(h2:text('Highlighted')) a")
+    assert links.count() >= 2 and links.first.inner_text().startswith("#5")
+    page.select_option("select", "cluster")  # recolour by label cluster
+    assert page.locator(".legend span").count() >= 2
+    page.focus("#map-canvas")
+    for key in ("+", "ArrowLeft", "ArrowRight", "-"):
+        page.keyboard.press(key)
+    page.keyboard.press("Enter")  # opens the feature nearest the centre cross
+    ready(page, "feature")
+    assert re.search(r"/features/\d+$", page.url)
+
+
+def test_phone_width_dark_mode(browser, server):
+    context = browser.new_context(viewport={"width": 390, "height": 800}, color_scheme="dark")
+    pg = context.new_page()
+    errors: list[str] = []
+    pg.on("pageerror", lambda e: errors.append(str(e)))
+    SHOTS.mkdir(parents=True, exist_ok=True)
+    for path, view in (("/", "home"), ("/features/3", "feature"), ("/map", "map")):
+        pg.goto(server + path)
+        ready(pg, view)
+        assert pg.evaluate("document.documentElement.scrollWidth <= window.innerWidth + 1"), f"{path} scrolls sideways"
+        pg.screenshot(path=str(SHOTS / f"phone-dark{path.replace('/', '-') or '-home'}.png"), full_page=True)
+    background = pg.evaluate("getComputedStyle(document.body).backgroundColor")
+    assert sum(float(x) for x in re.findall(r"\d+", background)[:3]) < 150  # a dark page
+    context.close()
+    assert not errors
