@@ -50,7 +50,8 @@ def page_atlas_parts(n: int, seed: int = 0) -> tuple[pa.Table, pa.Table, SAE]:
 
     per = TOP + QUANTILE
     rows = n * per
-    peak = np.repeat(features["max_activation"].to_numpy(), per) * np.tile(np.r_[np.ones(TOP), np.linspace(0.2, 0.9, QUANTILE)], n)
+    bands = np.r_[np.ones(TOP), np.linspace(0.2, 0.9, QUANTILE)]  # top examples peak at the max, quantiles below
+    peak = np.repeat(features["max_activation"].to_numpy(), per) * np.tile(bands, n)
     acts = np.clip(rng.exponential(0.15, (rows, WINDOW)) - 0.2, 0, None) * peak[:, None]
     acts[:, PEAK] = peak
     tokens = vocab[rng.integers(0, len(vocab), rows * WINDOW)].astype(str)
