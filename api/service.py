@@ -5,6 +5,7 @@ Each returns plain JSON-ready dicts. Input errors raise ``ValueError`` subclasse
 
 from __future__ import annotations
 
+import threading
 from typing import Any
 
 import numpy as np
@@ -47,6 +48,7 @@ class AtlasService:
         self.probe = Probe(atlas, device=probe_device)
         self.embedder = atlas.manifest["config"].get("embedder", "minilm")
         self._map: bytes | None = None
+        self._map_lock = threading.Lock()
 
     def warm_up(self) -> None:
         """Load the embedder and open the tables now; the model behind search by inference stays
@@ -55,6 +57,16 @@ class AtlasService:
         self.atlas.features.count_rows()
         self.atlas.examples.count_rows()
         self.atlas.list_features(limit=1)
+        S.decoder_neighbors(self.atlas, 0, 1)  # small atlases load their decoders for exact search here
+        # The map document takes seconds at 100k features: built in the background, so the server
+        # starts answering now and the first visitor of the map does not wait for all of it.
+        threading.Thread(target=self._warm_map, name="warm-map", daemon=True).start()
+
+    def _warm_map(self) -> None:
+        try:
+            self.feature_map()
+        except NotFound:
+            pass  # an atlas without a map: /api/map says so when asked
 
     # -- features -------------------------------------------------------------------------------
 
@@ -108,12 +120,13 @@ class AtlasService:
     def feature_map(self) -> bytes:
         """The map document (``store.map_view``), built on first request and kept: it is the same
         for every visitor until the atlas is re-labelled, and a restart picks that up."""
-        if self._map is None:
-            try:
-                self._map = map_json(self.atlas)
-            except NoMap as e:
-                raise NotFound(str(e)) from None
-        return self._map
+        with self._map_lock:  # one build, however many requests arrive while it runs
+            if self._map is None:
+                try:
+                    self._map = map_json(self.atlas)
+                except NoMap as e:
+                    raise NotFound(str(e)) from None
+            return self._map
 
     # -- search ---------------------------------------------------------------------------------
 
@@ -196,7 +209,7 @@ class AtlasService:
         self.check_feature(feature_id)
         _check_k(k)
         if by == "decoder":
-            ranked = S.vector_search(self.atlas, "decoder", S.decoder_vector(self.atlas, feature_id), k, exclude=feature_id)
+            ranked = S.decoder_neighbors(self.atlas, feature_id, k)
         elif by == "coactivation":
             ranked = S.coactivation_neighbors(self.atlas, feature_id, k)
         else:

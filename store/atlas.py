@@ -101,6 +101,19 @@ class Atlas:
         rows = self.features.search().where(f"feature_id = {fid}").select(["feature_id", *columns]).limit(1).to_list()
         return rows[0] if rows else None
 
+    @cached_property
+    def decoders(self):
+        """[d_sae, d_in] float32 unit decoder directions in feature-id order, read once (for exact
+        neighbour search on atlases too small to have a vector index)."""
+        import numpy as np
+
+        table = self.features.search().select(["feature_id", "decoder"]).limit(self.d_sae).to_arrow()
+        rows = table["decoder"].combine_chunks()
+        matrix = rows.flatten().to_numpy().reshape(len(rows), -1)
+        out = np.empty_like(matrix)
+        out[table["feature_id"].to_numpy()] = matrix
+        return out
+
     def feature(self, feature_id: int) -> dict | None:
         """One feature row without its decoder and embeddings (they are for search, not reading)."""
         columns = [c for c in self.features.schema.names if c not in ("feature_id", "decoder") and not c.endswith("_embedding")]

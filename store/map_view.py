@@ -18,7 +18,7 @@ from .atlas import Atlas
 MAX_CLUSTERS = 12  # more colours than this are hard to tell apart on a map
 # Rows read per batch: bounds memory at 1M features (embeddings are 1.5 KB a row).
 READ_BATCH = 65_536
-KMEANS_SAMPLE = 50_000
+KMEANS_SAMPLE = 20_000
 KMEANS_ITERATIONS = 20
 
 
@@ -26,10 +26,15 @@ class NoMap(LookupError):
     pass
 
 
+def _labelled(embeddings: np.ndarray) -> np.ndarray:
+    """Rows with a label embedding (unlabelled features have all zeros)."""
+    return np.einsum("ij,ij->i", embeddings, embeddings) > 0
+
+
 def label_clusters(embeddings: np.ndarray, *, k: int, seed: int = 0) -> np.ndarray:
     """[k, dim] unit centroids of spherical k-means over unit ``embeddings`` (rows of zeros, the
     unlabelled features, are left out), seeded with k-means++ on a sample."""
-    live = embeddings[np.linalg.norm(embeddings, axis=1) > 0]
+    live = embeddings[_labelled(embeddings)]
     rng = np.random.default_rng(seed)
     if len(live) > KMEANS_SAMPLE:
         live = live[rng.choice(len(live), KMEANS_SAMPLE, replace=False)]
@@ -41,15 +46,14 @@ def label_clusters(embeddings: np.ndarray, *, k: int, seed: int = 0) -> np.ndarr
         distance = np.maximum(1 - (live @ np.stack(centroids).T).max(1), 0)
         p = distance / distance.sum() if distance.sum() > 0 else None
         centroids.append(live[rng.choice(len(live), p=p)])
-    c = np.stack(centroids)
+    c = np.stack(centroids).astype(np.float32)
+    live = live.astype(np.float32, copy=False)
     for _ in range(KMEANS_ITERATIONS):
         assign = (live @ c.T).argmax(1)
-        for j in range(k):
-            members = live[assign == j]
-            if len(members):
-                v = members.sum(0)
-                c[j] = v / max(float(np.linalg.norm(v)), 1e-8)
-    return c.astype(np.float32)
+        sums = np.eye(k, dtype=np.float32)[assign].T @ live  # one product, not k boolean copies
+        norms = np.linalg.norm(sums, axis=1, keepdims=True)
+        c = np.where(norms > 0, sums / np.maximum(norms, 1e-8), c)  # an emptied cluster keeps its centre
+    return c
 
 
 def map_json(atlas: Atlas, *, seed: int = 0) -> bytes:
@@ -63,16 +67,15 @@ def map_json(atlas: Atlas, *, seed: int = 0) -> bytes:
     n = table.count_rows()
     columns = ["feature_id", "map_x", "map_y", "density", "label", "label_embedding"]
     parts: dict[str, list] = {c: [] for c in columns}
-    for start in range(0, n, READ_BATCH):
-        batch = table.take_offsets(list(range(start, min(n, start + READ_BATCH)))).select(columns).to_arrow()
+    for batch in table.search().select(columns).limit(n).to_batches(READ_BATCH):
         for c in columns:
-            parts[c].append(batch[c].combine_chunks())
+            parts[c].append(batch[c])
     emb = np.concatenate([a.flatten().to_numpy().reshape(len(a), -1) for a in parts["label_embedding"]])
     labels = [s for a in parts["label"] for s in a.to_pylist()]
     k = max(1, min(MAX_CLUSTERS, round(np.sqrt(n / 8))))
     centroids = label_clusters(emb, k=k, seed=seed)
     similarity = emb @ centroids.T if len(centroids) else np.zeros((n, 0), np.float32)
-    cluster = np.where(np.linalg.norm(emb, axis=1) > 0, similarity.argmax(1) if len(centroids) else -1, -1)
+    cluster = np.where(_labelled(emb), similarity.argmax(1) if len(centroids) else -1, -1)
     clusters = []
     for j in range(len(centroids)):
         members = np.flatnonzero(cluster == j)

@@ -109,6 +109,7 @@ def test_feature_page_shading_follows_the_activations(page, server):
     detail = api(page, server, f"/api/features/{live}")
     page.goto(f"{server}/features/{live}")
     ready(page, "feature")
+    page.wait_for_function("performance.getEntriesByName('fa:feature-complete').length > 0")
     rows = page.locator("#top-examples .example")
     assert rows.count() == len(detail["top_examples"])
     for i, example in enumerate(detail["top_examples"]):

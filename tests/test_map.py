@@ -1,6 +1,9 @@
 """The feature map: the layout keeps neighbours together, the clusters find planted groups, and the
 ``/api/map`` document matches the atlas."""
 
+import shutil
+
+import lancedb
 import numpy as np
 import pytest
 from featureatlas.api.app import create_app
@@ -81,3 +84,13 @@ def test_pages_and_static_files_are_served(tiny_atlas):
         assert client.get("/features/abc").status_code == 404
         # the pages stay out of the API schema
         assert not any(p in client.get("/schema/openapi.json").json()["paths"] for p in ("/", "/map", "/features/{feature_id}"))
+
+
+def test_an_atlas_without_a_map_says_how_to_get_one(tiny_atlas, tmp_path):
+    old = tmp_path / "old-atlas"
+    shutil.copytree(tiny_atlas, old)
+    lancedb.connect(str(old / "lance")).open_table("features").drop_columns(["map_x", "map_y"])
+    with TestClient(create_app(Atlas(old))) as client:
+        r = client.get("/api/map")
+        assert r.status_code == 404 and "featureatlas ingest" in r.json()["detail"]
+        assert client.get("/api/features/3").status_code == 200  # everything else still works

@@ -136,21 +136,23 @@ function histogram(counts, edges) {
   return svg;
 }
 
-function neighbourList(list) {
-  if (!list) return h("p", { class: "muted" }, "unavailable");
-  if (!list.neighbors.length) return h("p", { class: "muted" }, "none");
-  return h("ol", { class: "neighbors" }, list.neighbors.map((n) => h("li", {},
-    featureLink(n.feature_id, n.label), h("span", { class: "meta" }, ` ${n.similarity.toFixed(3)}`))));
+function neighbourList(request) {
+  // Filled in when its request answers: the page does not wait for the slowest list.
+  const box = h("div", {}, h("p", { class: "muted" }, "loading…"));
+  request.then((list) => box.replaceChildren(list.neighbors.length
+    ? h("ol", { class: "neighbors" }, list.neighbors.map((n) => h("li", {},
+      featureLink(n.feature_id, n.label), h("span", { class: "meta" }, ` ${n.similarity.toFixed(3)}`))))
+    : h("p", { class: "muted" }, "none")))
+    .catch((err) => box.replaceChildren(h("p", { class: "muted" }, `unavailable (${err.message})`)));
+  return { box, request };
 }
 
 async function feature(id) {
-  // Neighbours are secondary: the page renders even if one of them fails.
-  const optional = (p) => p.catch(() => null);
-  const [f, byDecoder, byCoactivation] = await Promise.all([
-    api(`/api/features/${id}`),
-    optional(api(`/api/features/${id}/neighbors?by=decoder&k=10`)),
-    optional(api(`/api/features/${id}/neighbors?by=coactivation&k=10`)),
-  ]);
+  // All three requests start together; the page is drawn when the feature arrives, and each
+  // neighbour list when its own answer does.
+  const byDecoder = neighbourList(api(`/api/features/${id}/neighbors?by=decoder&k=10`));
+  const byCoactivation = neighbourList(api(`/api/features/${id}/neighbors?by=coactivation&k=10`));
+  const f = await api(`/api/features/${id}`);
   document.title = `#${id} ${f.label || ""} · Feature Atlas`;
   const scores = (f.label_scores || []).map((s) => `${s.scorer} ${fmt.num(s.score)}`).join(", ");
   const examples = (list) => list.length ? list.map((e) => shadedTokens(e.tokens, e.activations, f.max_activation))
@@ -176,10 +178,12 @@ async function feature(id) {
     h("div", { class: "columns" },
       h("section", {}, h("h2", {}, "Promotes (logits)"), logits(f.logit_positive)),
       h("section", {}, h("h2", {}, "Suppresses (logits)"), logits(f.logit_negative)),
-      h("section", {}, h("h2", {}, "Decoder neighbours"), neighbourList(byDecoder)),
-      h("section", {}, h("h2", {}, "Co-activation neighbours"), neighbourList(byCoactivation))),
+      h("section", {}, h("h2", {}, "Decoder neighbours"), byDecoder.box),
+      h("section", {}, h("h2", {}, "Co-activation neighbours"), byCoactivation.box)),
   );
   done("feature");
+  await Promise.allSettled([byDecoder.request, byCoactivation.request]);
+  performance.mark("fa:feature-complete"); // the neighbour lists are in too
 }
 
 // -- probe -------------------------------------------------------------------------------------
