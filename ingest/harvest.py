@@ -75,10 +75,43 @@ def harvest(model: SubjectModel, corpus: TokenizedCorpus, layer: int, folder: Pa
     return {"shards": len(plan), "tokens": corpus.n_tokens, "tokens_per_s": rate}
 
 
-def load_activations(folder: Path, corpus: TokenizedCorpus, shard_tokens: int) -> np.ndarray:
-    """All harvested rows [n_tokens, d] (float16), in corpus token order."""
+class ShardedActivations:
+    """The harvest's shards as one [n_tokens, d] float16 array, read on demand.
+
+    Each shard is a memory map: nothing is loaded until rows are asked for, and the OS page cache
+    keeps the hot ones, so training on more tokens than fit in memory works, and an ingest holds one
+    copy of the activations (the page cache's) instead of two. Indexing takes what numpy indexing
+    takes along the first axis (an int array, a boolean mask, a slice) and returns an ndarray.
+    """
+
+    def __init__(self, shards: list[np.ndarray]):
+        self.shards = shards
+        self.starts = np.cumsum([0] + [len(s) for s in shards])
+        self.shape = (int(self.starts[-1]), shards[0].shape[1])
+        self.dtype = shards[0].dtype
+
+    def __len__(self) -> int:
+        return self.shape[0]
+
+    def __getitem__(self, key) -> np.ndarray:
+        if isinstance(key, slice):
+            key = np.arange(*key.indices(len(self)))
+        key = np.asarray(key)
+        rows = np.flatnonzero(key) if key.dtype == bool else key.astype(np.int64, copy=False)
+        if len(rows) and (rows.min() < 0 or rows.max() >= len(self)):
+            raise IndexError(f"rows outside 0..{len(self) - 1}")
+        out = np.empty((len(rows), self.shape[1]), dtype=self.dtype)
+        shard = np.searchsorted(self.starts, rows, side="right") - 1
+        for i in np.unique(shard):
+            mine = shard == i
+            out[mine] = self.shards[i][rows[mine] - self.starts[i]]
+        return out
+
+
+def load_activations(folder: Path, corpus: TokenizedCorpus, shard_tokens: int) -> ShardedActivations:
+    """All harvested rows [n_tokens, d] (float16), in corpus token order, memory-mapped."""
     plan = shard_plan(corpus, shard_tokens)
-    return np.concatenate([np.load(shard_path(folder, i), mmap_mode="r") for i in range(len(plan))])
+    return ShardedActivations([np.load(shard_path(folder, i), mmap_mode="r") for i in range(len(plan))])
 
 
 def cached_split(cache: Path, shard_tokens: int) -> tuple[np.ndarray, np.ndarray]:

@@ -85,7 +85,7 @@ def run_ingest(cfg: AtlasConfig) -> dict[str, Any]:
             s.update(harvest(model, corpus, layer, stages.folder("harvest"),
                              batch=cfg.harvest_batch, shard_tokens=cfg.shard_tokens))
     acts = load_activations(stages.folder("harvest"), corpus, cfg.shard_tokens)
-    norms = {"bos_mean_norm": _mean_norm(acts[is_bos]), "token_mean_norm": _mean_norm(acts[~is_bos][:20_000])}
+    norms = {"bos_mean_norm": _mean_norm(acts[is_bos]), "token_mean_norm": _mean_norm(acts[np.flatnonzero(~is_bos)[:20_000]])}
 
     # train (or load) -> dictionary
     meta = {"model_name": cfg.model, "hook_name": hook_name(layer), "hook_layer": layer, "context_size": cfg.context_len,
@@ -104,7 +104,7 @@ def run_ingest(cfg: AtlasConfig) -> dict[str, Any]:
                          architecture=loaded.architecture)
             else:
                 result = train_sae(
-                    acts[~is_bos & ~is_eval], architecture=cfg.architecture, d_sae=cfg.d_sae, k=cfg.k,
+                    acts, rows=np.flatnonzero(~is_bos & ~is_eval), architecture=cfg.architecture, d_sae=cfg.d_sae, k=cfg.k,
                     sparsity_coef=cfg.sparsity_coef, tokens=cfg.train_tokens, batch=cfg.train_batch,
                     lr=cfg.lr_value, aux_k=cfg.aux_k, aux_coef=cfg.aux_coef, dead_tokens=cfg.dead_tokens, seed=cfg.seed,
                     device=model.device, meta=meta, checkpoint=stages.folder("train") / "checkpoint.pt",

@@ -163,8 +163,9 @@ class SAE(nn.Module):
         """Keep unit-norm rows unit-norm to first order: drop each row gradient's radial part."""
         if self.W_dec.grad is None:
             return
-        radial = (self.W_dec.grad * self.W_dec).sum(dim=1, keepdim=True)
-        self.W_dec.grad.sub_(radial * self.W_dec)
+        # einsum and addcmul_: no [d_sae, d_in] temporaries (each a full pass over memory)
+        radial = torch.einsum("ij,ij->i", self.W_dec.grad, self.W_dec).unsqueeze(1)
+        self.W_dec.grad.addcmul_(radial, self.W_dec, value=-1)
 
     @torch.no_grad()
     def fold_input_scale(self, scale: float) -> None:

@@ -14,15 +14,17 @@ from __future__ import annotations
 
 import logging
 import math
+import warnings
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import NamedTuple
+from typing import Callable, NamedTuple
 
 import numpy as np
 import torch
 from tqdm import tqdm
 
-from .sae import SAE
+from .sae import SAE, ForwardOutput, SparseCode
 
 log = logging.getLogger(__name__)
 
@@ -56,15 +58,70 @@ def fvu(x: torch.Tensor, x_hat: torch.Tensor) -> torch.Tensor:
     return (x - x_hat).pow(2).sum() / (x - x.mean(0)).pow(2).sum()
 
 
-def auxk_loss(sae: SAE, pre: torch.Tensor, residual: torch.Tensor, dead: torch.Tensor, aux_k: int) -> torch.Tensor:
-    """Let the top ``aux_k`` dead latents model what the live ones missed (Gao et al., A.2)."""
+class _SelectedPreActs(torch.autograd.Function):
+    """The pre-activations of the selected latents, ``(x - b_dec) @ W_enc[:, j] + b_enc[j]`` for j in
+    ``indices`` [n, k], whose values the caller already has from a dense pass run without autograd.
+
+    Autograd through the dense pass would push a [n, d_sae] gradient, zero outside the top k,
+    through two more dense matmuls (for ``W_enc`` and, via ``x - b_dec``, for ``b_dec``); here the
+    backward touches only the n·k selected columns: one sparse [d_sae, n] x dense [n, d_in] product
+    (~4 ms instead of ~80 at n=1024, d_sae=8192 on 2 CPU cores) and one matrix-vector product."""
+
+    @staticmethod
+    def forward(ctx, values, centred, W_enc, b_enc, b_dec, indices):
+        ctx.save_for_backward(centred, W_enc, indices)
+        return values
+
+    @staticmethod
+    def backward(ctx, grad):
+        centred, W_enc, indices = ctx.saved_tensors
+        (n, k), d_sae = indices.shape, W_enc.shape[1]
+        cols, flat = indices.reshape(-1), grad.reshape(-1)
+        if centred.device.type == "cpu":
+            with warnings.catch_warnings():  # "sparse CSR support is in beta": this product is long supported
+                warnings.simplefilter("ignore", UserWarning)
+                rows = torch.sparse_csr_tensor(torch.arange(0, n * k + 1, k), cols, flat, (n, d_sae), check_invariants=False)
+                # dense [d_in, n] @ sparse [n, d_sae] lands in W_enc's own layout: the transposed
+                # sparse product is faster alone but its transpose copy costs more than it saves
+                grad_w = centred.t().contiguous() @ rows
+        else:  # dense matmuls are what accelerators are fast at
+            grad_w = centred.t() @ torch.zeros(n, d_sae, dtype=grad.dtype, device=grad.device).scatter_(1, indices, grad)
+        grad_b_enc = grad.new_zeros(d_sae).index_add_(0, cols, flat)
+        return None, None, grad_w, grad_b_enc, -(W_enc @ grad_b_enc), None
+
+
+Select = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+def _topk_forward(sae: SAE, x: torch.Tensor) -> tuple[ForwardOutput, Select]:
+    """The TopK training forward: the dense encoder pass without autograd, gradients through the
+    selected latents only, and the k decoder rows gathered. Returns also the function that gives
+    any other selection (AuxK's) its gradient the same way."""
+    with torch.no_grad():
+        centred = x - sae.b_dec
+        pre = torch.addmm(sae.b_enc, centred, sae.W_enc)
+        values, indices = pre.topk(sae.k, dim=-1, sorted=False)
+
+    def select(v: torch.Tensor, i: torch.Tensor) -> torch.Tensor:
+        return _SelectedPreActs.apply(v, centred, sae.W_enc, sae.b_enc, sae.b_dec, i)
+
+    code = SparseCode(select(values, indices).relu(), indices)
+    return ForwardOutput(sae.decode(code), code, pre), select
+
+
+def auxk_loss(pre: torch.Tensor, W_dec: torch.Tensor, residual: torch.Tensor, dead: torch.Tensor, aux_k: int,
+              select: Select | None = None) -> torch.Tensor:
+    """Let the top ``aux_k`` dead latents model what the live ones missed (Gao et al., A.2).
+    ``select`` gives the chosen values their gradient when ``pre`` was computed without one."""
     n_dead = int(dead.sum())
     if n_dead == 0:
         return pre.new_zeros(())
     masked = pre.masked_fill(~dead, float("-inf"))
     values, indices = masked.topk(min(aux_k, n_dead), dim=-1, sorted=False)
+    if select is not None:
+        values = select(values, indices)
     values = values.relu()
-    recon = torch.nn.functional.embedding_bag(indices, sae.W_dec, per_sample_weights=values, mode="sum")
+    recon = torch.nn.functional.embedding_bag(indices, W_dec, per_sample_weights=values, mode="sum")
     return fvu(residual, recon).nan_to_num(0.0)
 
 
@@ -111,15 +168,16 @@ class StepOutput(NamedTuple):
     pre: torch.Tensor
     fired: torch.Tensor  # [d_sae] bool: latents active on some row of the batch
     loss: torch.Tensor  # without AuxK
+    select: Select | None = None  # set when ``pre`` carries no gradient (see ``_topk_forward``)
 
 
 def _objective(sae: SAE, x: torch.Tensor, sparsity_coef: float, warm: float) -> StepOutput:
     """The training forward pass and loss. ``warm`` in [0, 1] ramps the relu penalty in."""
     if sae.architecture == "topk":
-        out = sae(x)
+        out, select = _topk_forward(sae, x)
         fired = torch.zeros(sae.d_sae, dtype=torch.bool, device=x.device)
         fired[out.code.indices[out.code.values > 0]] = True
-        return StepOutput(out.x_hat, out.pre_acts, fired, fvu(x, out.x_hat))
+        return StepOutput(out.x_hat, out.pre_acts, fired, fvu(x, out.x_hat), select)
     pre = sae.pre_activations(x)
     if sae.architecture == "batchtopk":
         post = pre.relu()
@@ -145,6 +203,43 @@ def _objective(sae: SAE, x: torch.Tensor, sparsity_coef: float, warm: float) -> 
     return StepOutput(x_hat, pre, (acts > 0).any(0), loss)
 
 
+class _Batches:
+    """Shuffled batches of ``rows`` of ``acts``, each read one step ahead on a worker thread so the
+    gather from the on-disk shards overlaps the current step's compute. Batches are sorted within
+    (memory maps read faster in order); each epoch is a fresh permutation.
+
+    ``state`` is the position *before* the next batch is drawn: a checkpoint that saves it resumes
+    reading the very batches an uninterrupted run would have read."""
+
+    def __init__(self, acts, rows: np.ndarray, batch: int, gen: np.random.Generator, *,
+                 order: np.ndarray | None = None, cursor: int = 0):
+        self.acts, self.rows, self.batch, self.gen = acts, rows, batch, gen
+        self.order = gen.permutation(len(rows)) if order is None else order
+        self.cursor = cursor
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="batches")
+        self._next = self._schedule()
+
+    def _schedule(self) -> tuple[dict, Future]:
+        state = {"rng": self.gen.bit_generator.state, "order": self.order, "cursor": self.cursor}
+        if self.cursor + self.batch > len(self.rows):  # a new epoch
+            self.order, self.cursor = self.gen.permutation(len(self.rows)), 0
+        picked = self.rows[np.sort(self.order[self.cursor : self.cursor + self.batch])]
+        self.cursor += self.batch
+        return state, self._pool.submit(lambda: np.asarray(self.acts[picked], dtype=np.float32))
+
+    @property
+    def state(self) -> dict:
+        return self._next[0]
+
+    def next(self) -> np.ndarray:
+        _, future = self._next
+        self._next = self._schedule()
+        return future.result()
+
+    def close(self) -> None:
+        self._pool.shutdown(cancel_futures=True)
+
+
 def _save_checkpoint(path: Path, state: dict) -> None:
     tmp = path.with_name(path.name + ".tmp")
     torch.save(state, tmp)
@@ -152,8 +247,9 @@ def _save_checkpoint(path: Path, state: dict) -> None:
 
 
 def train_sae(
-    acts: np.ndarray,
+    acts,
     *,
+    rows: np.ndarray | None = None,
     architecture: str = "topk",
     d_sae: int,
     k: int,
@@ -170,15 +266,17 @@ def train_sae(
     checkpoint: Path | None = None,
     checkpoint_every: int = 500,
 ) -> TrainResult:
-    """``acts`` [n, d_in] float16 rows (training split, BOS excluded), in any order.
+    """Train on ``rows`` (default: all) of ``acts``, [n, d_in] float16 rows indexable by an int
+    array: an ndarray or the harvest's ``ShardedActivations``, which streams them from disk.
 
     With ``checkpoint``, the whole training state (weights, Adam, schedule, data order, RNG, dead
     latent counters) is saved there every ``checkpoint_every`` steps, and a run that finds one
     continues from it: a killed run resumes to the same result as an uninterrupted one.
     """
     gen = np.random.default_rng(seed)
-    n, d_in = acts.shape
-    sample = torch.from_numpy(acts[gen.choice(n, size=min(n, 16_384), replace=False)].astype(np.float32))
+    rows = np.arange(len(acts)) if rows is None else np.asarray(rows, dtype=np.int64)
+    n, d_in = len(rows), acts.shape[1]
+    sample = torch.from_numpy(acts[np.sort(rows[gen.choice(n, size=min(n, 16_384), replace=False)])].astype(np.float32))
     scale = input_scale(sample)
     sae = SAE.initialized(d_in, d_sae, k, architecture=architecture, seed=seed, meta=meta)
     coef = SPARSITY_COEF.get(architecture, 0.0) if sparsity_coef is None else sparsity_coef
@@ -189,7 +287,8 @@ def train_sae(
             sae.threshold.fill_(JUMP_INIT_THRESHOLD)
     sae.to(device)
     # Adam's eps scaled down as in Gao et al.: gradients of a unit-variance objective are small.
-    opt = torch.optim.Adam(sae.parameters(), lr=lr, betas=(0.9, 0.999), eps=6.25e-10)
+    # fused: one kernel for all of Adam's passes (5.5 ms a step instead of 35 here at d_sae=8192).
+    opt = torch.optim.Adam(sae.parameters(), lr=lr, betas=(0.9, 0.999), eps=6.25e-10, fused=True)
     steps = max(1, tokens // batch)
     decay_from = int(steps * 0.8)
     sched = torch.optim.lr_scheduler.LambdaLR(
@@ -197,8 +296,7 @@ def train_sae(
     )
     since_fired = torch.zeros(d_sae, dtype=torch.long, device=device)
     recent: list[float] = []
-    order = gen.permutation(n)
-    cursor = 0
+    data = None
     start = 0
     if checkpoint is not None and checkpoint.is_file():
         state = torch.load(checkpoint, map_location=device, weights_only=False)
@@ -207,27 +305,24 @@ def train_sae(
         sched.load_state_dict(state["sched"])
         since_fired.copy_(state["since_fired"])
         gen.bit_generator.state = state["rng"]
-        order, cursor, start, recent, scale = state["order"], state["cursor"], state["step"], state["recent"], state["scale"]
+        data = _Batches(acts, rows, batch, gen, order=state["order"], cursor=state["cursor"])
+        start, recent, scale = state["step"], state["recent"], state["scale"]
         log.info("train: resuming from step %d of %d", start, steps)
+    data = data or _Batches(acts, rows, batch, gen)
     bar = tqdm(total=steps * batch, initial=start * batch, desc=f"train {architecture} d_sae={d_sae} k={k}", unit="tok",
                unit_scale=True)
     for step in range(start, steps):
         if checkpoint is not None and step > start and step % checkpoint_every == 0:
             _save_checkpoint(checkpoint, {
                 "sae": sae.state_dict(), "opt": opt.state_dict(), "sched": sched.state_dict(), "since_fired": since_fired,
-                "rng": gen.bit_generator.state, "order": order, "cursor": cursor, "step": step, "recent": recent,
-                "scale": scale,
+                **data.state, "step": step, "recent": recent, "scale": scale,
             })
-        if cursor + batch > n:  # a new epoch: a fresh shuffle across every context
-            order, cursor = gen.permutation(n), 0
-        idx = np.sort(order[cursor : cursor + batch])  # sorted: faster gather from a memory map
-        cursor += batch
-        x = torch.from_numpy(acts[idx].astype(np.float32)).to(device) * scale
+        x = torch.from_numpy(data.next()).to(device) * scale
         out = _objective(sae, x, coef, min(1.0, step / max(1, steps // 20)))
         loss = out.loss
         dead = since_fired >= dead_tokens
         if architecture in ("topk", "batchtopk") and aux_coef > 0 and bool(dead.any()):
-            loss = loss + aux_coef * auxk_loss(sae, out.pre, (x - out.x_hat).detach(), dead, aux_k)
+            loss = loss + aux_coef * auxk_loss(out.pre, sae.W_dec, (x - out.x_hat).detach(), dead, aux_k, out.select)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         if unit_decoder:
@@ -237,14 +332,15 @@ def train_sae(
         if unit_decoder:
             sae.normalize_decoder()
         with torch.no_grad():
-            since_fired += len(idx)
+            since_fired += len(x)
             since_fired[out.fired] = 0
         recent.append(float(fvu(x, out.x_hat.detach())))
         recent = recent[-50:]
-        bar.update(len(idx))
+        bar.update(len(x))
         if step % 20 == 0:
             bar.set_postfix(fvu=f"{np.mean(recent):.3f}", dead=f"{float(dead.float().mean()):.3f}")
     bar.close()
+    data.close()
     sae.fold_input_scale(scale)
     sae.cpu().eval()
     return TrainResult(

@@ -1,10 +1,12 @@
 import json
 
+import numpy as np
 import pytest
 import torch
 from featureatlas.ingest.evaluate import reconstruction_metrics
+from featureatlas.ingest.harvest import ShardedActivations
 from featureatlas.ingest.sae import SAE
-from featureatlas.ingest.train import fvu, geometric_median, train_sae
+from featureatlas.ingest.train import _topk_forward, auxk_loss, fvu, geometric_median, train_sae
 from safetensors.torch import load_file
 
 
@@ -44,6 +46,31 @@ def test_sparse_decoder_matches_dense_definition():
     vals, idx = pre.topk(4, dim=-1)
     expected = torch.zeros_like(pre).scatter(-1, idx, vals.relu())
     torch.testing.assert_close(dense, expected)
+
+
+def test_sparse_training_gradients_equal_dense_autograd():
+    """The TopK training forward (dense pass without autograd, gradients through the selected
+    latents only) must give every parameter exactly the gradient plain autograd gives, AuxK included."""
+    torch.manual_seed(0)
+    sae = SAE.initialized(24, 96, 4, seed=1)
+    with torch.no_grad():
+        sae.b_dec.normal_()
+        sae.b_enc.normal_()
+    x = torch.randn(50, 24)
+    dead = torch.rand(96) < 0.3
+
+    def grads(fast: bool) -> list[torch.Tensor]:
+        sae.zero_grad()
+        if fast:
+            out, select = _topk_forward(sae, x)
+        else:
+            out, select = sae(x), None
+        loss = fvu(x, out.x_hat) + 0.5 * auxk_loss(out.pre_acts, sae.W_dec, (x - out.x_hat).detach(), dead, 8, select)
+        loss.backward()
+        return [p.grad.clone() for p in (sae.W_enc, sae.b_enc, sae.W_dec, sae.b_dec)]
+
+    for fast, slow in zip(grads(True), grads(False)):
+        torch.testing.assert_close(fast, slow, rtol=1e-4, atol=1e-6)
 
 
 def test_folding_the_input_scale_changes_units_not_choices():
@@ -155,3 +182,26 @@ def test_killed_training_resumes_to_the_same_dictionary(tmp_path, monkeypatch):
     resumed = train_sae(x, **opts, checkpoint=ckpt, checkpoint_every=20).sae
     for name, p in whole.named_parameters():
         torch.testing.assert_close(p, dict(resumed.named_parameters())[name], rtol=0, atol=0)
+
+
+def test_training_streams_from_shards_exactly_as_from_memory(tmp_path):
+    rng = np.random.default_rng(0)
+    data = rng.standard_normal((3000, 16)).astype(np.float16)
+    for i, (a, b) in enumerate([(0, 1000), (1000, 1700), (1700, 3000)]):
+        np.save(tmp_path / f"{i}.npy", data[a:b])
+    acts = ShardedActivations([np.load(tmp_path / f"{i}.npy", mmap_mode="r") for i in range(3)])
+    assert acts.shape == data.shape and len(acts) == 3000
+    picks = np.array([5, 1500, 2999, 0, 1000, 999])
+    assert np.array_equal(acts[picks], data[picks])
+    mask = rng.random(3000) < 0.3
+    assert np.array_equal(acts[mask], data[mask])
+    assert np.array_equal(acts[990:1710], data[990:1710])
+    with pytest.raises(IndexError):
+        acts[np.array([3000])]
+
+    options = dict(d_sae=32, k=4, tokens=4000, batch=256, lr=1e-3, aux_k=8, aux_coef=1 / 32, dead_tokens=1000, seed=0,
+                   device=torch.device("cpu"))
+    streamed = train_sae(acts, rows=np.flatnonzero(mask), **options).sae.state_dict()
+    in_memory = train_sae(data[mask], **options).sae.state_dict()
+    for name in in_memory:
+        torch.testing.assert_close(streamed[name], in_memory[name], rtol=0, atol=0)
