@@ -65,7 +65,7 @@ class _SelectedPreActs(torch.autograd.Function):
     Autograd through the dense pass would push a [n, d_sae] gradient, zero outside the top k,
     through two more dense matmuls (for ``W_enc`` and, via ``x - b_dec``, for ``b_dec``); here the
     backward touches only the n·k selected columns: one sparse [d_sae, n] x dense [n, d_in] product
-    (~4 ms instead of ~80 at n=1024, d_sae=8192 on 2 CPU cores) and one matrix-vector product."""
+    (~9 ms instead of ~80 at n=1024, d_sae=8192 on 2 CPU cores) and one matrix-vector product."""
 
     @staticmethod
     def forward(ctx, values, centred, W_enc, b_enc, b_dec, indices):
@@ -296,7 +296,6 @@ def train_sae(
     )
     since_fired = torch.zeros(d_sae, dtype=torch.long, device=device)
     recent: list[float] = []
-    data = None
     start = 0
     if checkpoint is not None and checkpoint.is_file():
         state = torch.load(checkpoint, map_location=device, weights_only=False)
@@ -308,7 +307,8 @@ def train_sae(
         data = _Batches(acts, rows, batch, gen, order=state["order"], cursor=state["cursor"])
         start, recent, scale = state["step"], state["recent"], state["scale"]
         log.info("train: resuming from step %d of %d", start, steps)
-    data = data or _Batches(acts, rows, batch, gen)
+    else:
+        data = _Batches(acts, rows, batch, gen)
     bar = tqdm(total=steps * batch, initial=start * batch, desc=f"train {architecture} d_sae={d_sae} k={k}", unit="tok",
                unit_scale=True)
     for step in range(start, steps):
