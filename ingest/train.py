@@ -75,19 +75,27 @@ class _SelectedPreActs(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad):
         centred, W_enc, indices = ctx.saved_tensors
-        (n, k), d_sae = indices.shape, W_enc.shape[1]
-        cols, flat = indices.reshape(-1), grad.reshape(-1)
-        if centred.device.type == "cpu":
-            with warnings.catch_warnings():  # "sparse CSR support is in beta": this product is long supported
-                warnings.simplefilter("ignore", UserWarning)
-                rows = torch.sparse_csr_tensor(torch.arange(0, n * k + 1, k), cols, flat, (n, d_sae), check_invariants=False)
-                # dense [d_in, n] @ sparse [n, d_sae] lands in W_enc's own layout: the transposed
-                # sparse product is faster alone but its transpose copy costs more than it saves
-                grad_w = centred.t().contiguous() @ rows
-        else:  # dense matmuls are what accelerators are fast at
-            grad_w = centred.t() @ torch.zeros(n, d_sae, dtype=grad.dtype, device=grad.device).scatter_(1, indices, grad)
-        grad_b_enc = grad.new_zeros(d_sae).index_add_(0, cols, flat)
+        d_sae = W_enc.shape[1]
+        grad_w = _encoder_grad(centred, indices, grad, d_sae, sparse=centred.device.type == "cpu")
+        grad_b_enc = grad.new_zeros(d_sae).index_add_(0, indices.reshape(-1), grad.reshape(-1))
         return None, None, grad_w, grad_b_enc, -(W_enc @ grad_b_enc), None
+
+
+def _encoder_grad(centred: torch.Tensor, indices: torch.Tensor, grad: torch.Tensor, d_sae: int, *, sparse: bool
+                  ) -> torch.Tensor:
+    """[d_in, d_sae] gradient of ``W_enc`` from the selected latents' gradients ``grad`` [n, k]: a
+    sparse product on CPU; a dense one (scattered gradient) where dense matmuls are what the
+    device is fast at."""
+    n, k = indices.shape
+    if not sparse:
+        return centred.t() @ torch.zeros(n, d_sae, dtype=grad.dtype, device=grad.device).scatter_(1, indices, grad)
+    with warnings.catch_warnings():  # "sparse CSR support is in beta": this product is long supported
+        warnings.simplefilter("ignore", UserWarning)
+        rows = torch.sparse_csr_tensor(torch.arange(0, n * k + 1, k, device=grad.device), indices.reshape(-1),
+                                       grad.reshape(-1), (n, d_sae), check_invariants=False)
+        # dense [d_in, n] @ sparse [n, d_sae] lands in W_enc's own layout: the transposed sparse
+        # product is faster alone, but its transpose copy costs more than it saves
+        return centred.t().contiguous() @ rows
 
 
 Select = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]

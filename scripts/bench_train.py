@@ -77,6 +77,9 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=0)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--skip-saelens", action="store_true", help="ours only (when sae-lens is not installed)")
+    p.add_argument("--also", nargs="*", default=[], choices=["batchtopk", "relu", "jumprelu"],
+                   help="train our other architectures too, same budget (reported as ours_<name>; their L0 is "
+                        "set by their sparsity coefficient, not k)")
     p.add_argument("--out")
     args = p.parse_args()
     if args.threads:
@@ -89,13 +92,16 @@ def main() -> None:
                     "tokens_per_s": {}, "fvu": {}, "l0": {}, "dead_fraction": {}}
 
     flops = matmul_flops()
-    t0 = time.perf_counter()
-    ours = train_sae(train, d_sae=args.d_sae, k=args.k, tokens=args.tokens, batch=args.batch, lr=lr, aux_k=256,
-                     aux_coef=1 / 32, dead_tokens=200_000, seed=args.seed, device=torch.device("cpu")).sae
-    seconds = time.perf_counter() - t0
-    m = reconstruction_metrics(ours, held)
-    report["tokens_per_s"]["ours"] = args.tokens / seconds
-    report["fvu"]["ours"], report["l0"]["ours"], report["dead_fraction"]["ours"] = m["fvu"], m["l0"], m["dead_fraction"]
+    for architecture in ["topk", *args.also]:
+        name = "ours" if architecture == "topk" else f"ours_{architecture}"
+        t0 = time.perf_counter()
+        ours = train_sae(train, architecture=architecture, d_sae=args.d_sae, k=args.k, tokens=args.tokens,
+                         batch=args.batch, lr=lr, aux_k=256, aux_coef=1 / 32, dead_tokens=200_000, seed=args.seed,
+                         device=torch.device("cpu")).sae
+        seconds = time.perf_counter() - t0
+        m = reconstruction_metrics(ours, held)
+        report["tokens_per_s"][name] = args.tokens / seconds
+        report["fvu"][name], report["l0"][name], report["dead_fraction"][name] = m["fvu"], m["l0"], m["dead_fraction"]
     report["matmul_gflops"] = flops / 1e9
     report["fraction_of_matmul_limit"] = report["tokens_per_s"]["ours"] * 2 * train.shape[1] * args.d_sae / flops
 
@@ -111,9 +117,9 @@ def main() -> None:
         report["speedup_vs_saelens"] = report["tokens_per_s"]["ours"] / report["tokens_per_s"]["saelens"]
 
     print(f"d_sae={args.d_sae} k={args.k} tokens={args.tokens:,} batch={args.batch} threads={report['threads']}")
-    print(f"{'trainer':<10}{'tokens/s':>10}{'held-out FVU':>14}{'L0':>7}{'dead':>8}")
+    print(f"{'trainer':<16}{'tokens/s':>10}{'held-out FVU':>14}{'L0':>7}{'dead':>8}")
     for name in report["tokens_per_s"]:
-        print(f"{name:<10}{report['tokens_per_s'][name]:>10,.0f}{report['fvu'][name]:>14.4f}{report['l0'][name]:>7.1f}"
+        print(f"{name:<16}{report['tokens_per_s'][name]:>10,.0f}{report['fvu'][name]:>14.4f}{report['l0'][name]:>7.1f}"
               f"{report['dead_fraction'][name]:>8.4f}")
     if "speedup_vs_saelens" in report:
         print(f"speedup vs SAELens: {report['speedup_vs_saelens']:.2f}x")

@@ -6,7 +6,7 @@ import torch
 from featureatlas.ingest.evaluate import reconstruction_metrics
 from featureatlas.ingest.harvest import ShardedActivations
 from featureatlas.ingest.sae import SAE
-from featureatlas.ingest.train import _topk_forward, auxk_loss, fvu, geometric_median, train_sae
+from featureatlas.ingest.train import _encoder_grad, _topk_forward, auxk_loss, fvu, geometric_median, train_sae
 from safetensors.torch import load_file
 
 
@@ -71,6 +71,10 @@ def test_sparse_training_gradients_equal_dense_autograd():
 
     for fast, slow in zip(grads(True), grads(False)):
         torch.testing.assert_close(fast, slow, rtol=1e-4, atol=1e-6)
+    # the dense form used on accelerators gives the same W_enc gradient as the CPU's sparse one
+    indices, grad = torch.randn(50, 96).topk(4, dim=-1).indices, torch.randn(50, 4)
+    sparse, dense = (_encoder_grad(x, indices, grad, 96, sparse=flag) for flag in (True, False))
+    torch.testing.assert_close(sparse, dense)
 
 
 def test_folding_the_input_scale_changes_units_not_choices():
