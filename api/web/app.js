@@ -98,10 +98,10 @@ async function search(params) {
 
 // -- feature page ------------------------------------------------------------------------------
 
-export function shadedTokens(tokens, values, max, cls = "example") {
+function shadedTokens(tokens, values, max) {
   // Background opacity is the activation over the feature's maximum; the value is on hover and
   // in the accessible name, so it is not conveyed by colour alone.
-  const line = h("div", { class: cls });
+  const line = h("div", { class: "example" });
   tokens.forEach((t, i) => {
     const v = values[i] || 0;
     if (v <= 0) { line.append(h("span", { class: "tok" }, showToken(t))); return; }
@@ -279,7 +279,7 @@ async function route() {
   }
 }
 
-export function navigate(url) {
+function navigate(url) {
   history.pushState(null, "", url);
   window.scrollTo(0, 0);
   route().then(() => view.focus({ preventScroll: true }));
