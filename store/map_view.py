@@ -71,8 +71,11 @@ def map_json(atlas: Atlas, *, seed: int = 0) -> bytes:
     for batch in table.search().select(columns).limit(n).to_batches(READ_BATCH):
         for c in columns:
             parts[c].append(batch[c])
-    emb = np.concatenate([a.flatten().to_numpy().reshape(len(a), -1) for a in parts["label_embedding"]])
+    # In feature-id order: a re-label rewrites rows, and LanceDB need not keep them in place.
+    order = np.argsort(np.concatenate([a.to_numpy() for a in parts["feature_id"]]), kind="stable")
+    emb = np.concatenate([a.flatten().to_numpy().reshape(len(a), -1) for a in parts["label_embedding"]])[order]
     labels = [s for a in parts["label"] for s in a.to_pylist()]
+    labels = [labels[i] for i in order]
     k = max(1, min(MAX_CLUSTERS, round(np.sqrt(n / 8))))
     centroids = label_clusters(emb, k=k, seed=seed)
     similarity = emb @ centroids.T if len(centroids) else np.zeros((n, 0), np.float32)
@@ -84,7 +87,7 @@ def map_json(atlas: Atlas, *, seed: int = 0) -> bytes:
             name = labels[members[similarity[members, j].argmax()]]
             clusters.append({"id": j, "name": name, "size": int(len(members))})
     # float64 before rounding: a rounded float32 prints as 0.12340000271797180 in JSON.
-    column = lambda c: np.concatenate([a.to_numpy() for a in parts[c]]).astype(np.float64)  # noqa: E731
+    column = lambda c: np.concatenate([a.to_numpy() for a in parts[c]])[order].astype(np.float64)  # noqa: E731
     doc: dict[str, Any] = {
         "n": n,
         "feature_id": column("feature_id").astype(np.int64).tolist(),

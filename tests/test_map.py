@@ -5,6 +5,7 @@ import shutil
 
 import lancedb
 import numpy as np
+import pyarrow as pa
 import pytest
 from featureatlas.api.app import create_app
 from featureatlas.ingest.feature_map import MIN_UMAP_POINTS, feature_map
@@ -94,3 +95,21 @@ def test_an_atlas_without_a_map_says_how_to_get_one(tiny_atlas, tmp_path):
         r = client.get("/api/map")
         assert r.status_code == 404 and "featureatlas ingest" in r.json()["detail"]
         assert client.get("/api/features/3").status_code == 200  # everything else still works
+
+
+def test_map_stays_in_feature_order_after_rows_are_rewritten(tiny_atlas, tmp_path):
+    """A re-label rewrites rows through merge_insert, and LanceDB moves them to the end of the table."""
+    atlas_dir = tmp_path / "relabelled"
+    shutil.copytree(tiny_atlas, atlas_dir)
+    table = lancedb.connect(str(atlas_dir / "lance")).open_table("features")
+    rows = table.search().where("feature_id in (3, 40)").limit(2).to_arrow()
+    rows = rows.set_column(rows.schema.get_field_index("label"), "label", pa.array(["label three", "label forty"]))
+    table.merge_insert("feature_id").when_matched_update_all().execute(rows.select(table.schema.names))
+    assert table.search().select(["feature_id"]).limit(100).to_arrow()["feature_id"].to_pylist()[-2:] != [62, 63]
+    atlas = Atlas(atlas_dir)
+    with TestClient(create_app(atlas)) as client:
+        doc = client.get("/api/map").json()
+    assert doc["feature_id"] == list(range(atlas.d_sae))
+    assert doc["label"][3] == "label three" and doc["label"][40] == "label forty"
+    xy = atlas.duckdb_cursor().execute("select map_x, map_y from features where feature_id = 40").fetchone()
+    assert (doc["x"][40], doc["y"][40]) == pytest.approx(xy, abs=1e-4)

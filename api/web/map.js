@@ -49,7 +49,8 @@ export function drawMap(view, data, { highlight = [], title = null, onOpen }) {
   const legend = h("div", { class: "legend", "aria-label": "legend" });
   const state = { cx: 0, cy: 0, zoom: 1, hover: -1, focused: false };
   const zoomBy = (f) => { state.zoom = Math.min(400, Math.max(0.5, state.zoom * f)); schedule(); };
-  const marked = new Set(highlight.filter((i) => i >= 0 && i < n));
+  const position = new Map(data.feature_id.map((id, i) => [id, i]));
+  const marked = new Set(highlight.map((id) => position.get(id)).filter((i) => i !== undefined));
 
   view.replaceChildren(
     h("h1", {}, title || "Map of the features"),
@@ -246,7 +247,7 @@ export function drawMap(view, data, { highlight = [], title = null, onOpen }) {
   draw(); // the first frame now, not on the next animation frame: the caller marks the map drawn
   // For tests: screen position of a feature, in CSS pixels relative to the canvas.
   canvas.locate = (id) => {
-    const i = data.feature_id.indexOf(id);
+    const i = position.get(id);
     const [sx, sy] = toScreen(xs[i], ys[i]);
     return { x: sx / dpr, y: sy / dpr };
   };
