@@ -6,7 +6,15 @@ import torch
 from featureatlas.ingest.evaluate import reconstruction_metrics
 from featureatlas.ingest.harvest import ShardedActivations
 from featureatlas.ingest.sae import SAE
-from featureatlas.ingest.train import _encoder_grad, _topk_forward, auxk_loss, fvu, geometric_median, train_sae
+from featureatlas.ingest.train import (
+    _batchtopk_forward,
+    _encoder_grad,
+    _topk_forward,
+    auxk_loss,
+    fvu,
+    geometric_median,
+    train_sae,
+)
 from safetensors.torch import load_file
 
 
@@ -72,9 +80,35 @@ def test_sparse_training_gradients_equal_dense_autograd():
     for fast, slow in zip(grads(True), grads(False)):
         torch.testing.assert_close(fast, slow, rtol=1e-4, atol=1e-6)
     # the dense form used on accelerators gives the same W_enc gradient as the CPU's sparse one
-    indices, grad = torch.randn(50, 96).topk(4, dim=-1).indices, torch.randn(50, 4)
-    sparse, dense = (_encoder_grad(x, indices, grad, 96, sparse=flag) for flag in (True, False))
+    crow, cols, grad = torch.tensor([0, 3, 3, 7] + [7] * 47), torch.tensor([1, 5, 9, 0, 2, 50, 95]), torch.randn(7)
+    sparse, dense = (_encoder_grad(x, crow, cols, grad, 96, sparse=flag) for flag in (True, False))
     torch.testing.assert_close(sparse, dense)
+
+
+def test_sparse_batchtopk_gradients_equal_dense_autograd():
+    """BatchTopK's sparse training forward (a batch-wide top k·n, any number per row) against the
+    dense definition: zeros outside the kept pre-activations, decoded with a full matmul."""
+    torch.manual_seed(0)
+    sae = SAE.initialized(24, 96, 4, architecture="batchtopk", seed=1)
+    with torch.no_grad():
+        sae.b_dec.normal_()
+        sae.b_enc.normal_()
+    x = torch.randn(50, 24)
+
+    def grads(fast: bool) -> list[torch.Tensor]:
+        sae.zero_grad()
+        if fast:
+            x_hat = _batchtopk_forward(sae, x)[0]
+        else:
+            post = sae.pre_activations(x).relu()
+            keep = post.flatten().topk(sae.k * len(x)).indices
+            acts = torch.zeros_like(post).flatten().scatter(0, keep, post.flatten()[keep]).view_as(post)
+            x_hat = acts @ sae.W_dec + sae.b_dec
+        fvu(x, x_hat).backward()
+        return [p.grad.clone() for p in (sae.W_enc, sae.b_enc, sae.W_dec, sae.b_dec)]
+
+    for fast, slow in zip(grads(True), grads(False)):
+        torch.testing.assert_close(fast, slow, rtol=1e-4, atol=1e-6)
 
 
 def test_folding_the_input_scale_changes_units_not_choices():
