@@ -31,6 +31,15 @@ def describe(scores: list[float]) -> dict[str, float | int | None]:
     return {"n": int(len(a)), "mean": float(a.mean()), "p10": q[0], "p25": q[1], "median": q[2], "p75": q[3], "p90": q[4]}
 
 
+def top_example(atlas: Atlas, feature_id: int) -> str:
+    """The feature's strongest stored example, its strongest token in [[brackets]]."""
+    top = next((e for e in atlas.feature_examples(feature_id) if e["kind"] == "top"), None)
+    if top is None:
+        return ""
+    peak = int(np.argmax(top["activations"]))
+    return "".join(f"[[{t}]]" if i == peak else t for i, t in enumerate(top["tokens"])).strip()
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--atlas", default="atlas")
@@ -77,7 +86,7 @@ def main() -> None:
                 report["auroc_mean"][base] = describe(list(scores.values()))["mean"]
                 report["distribution"][base] = describe(list(scores.values()))
             report["examples"] = [
-                {"feature_id": f, "label": t, "score": s}
+                {"feature_id": f, "label": t, "score": s, "top_example": top_example(atlas, f)}
                 for f, t, s in list(zip(labels.features, labels.text, labels.score))[:: max(1, len(sample) // 10)][:10]
             ]
             baselines_done = True
@@ -90,6 +99,8 @@ def main() -> None:
             print(f"{name:<14}{d['n']:>5}{d['mean']:>8.3f}{d['p10']:>7.3f}{d['median']:>8.3f}{d['p90']:>7.3f}")
     for name, d in report["single_token"].items():
         print(f"{name}: {d['n']} single-token features (mean AUROC {d['auroc_mean_single']}), others {d['auroc_mean_others']}")
+    for e in report.get("examples", []):
+        print(f"#{e['feature_id']} {e['score'] or float('nan'):.2f} {e['label']!r}\n    {e['top_example']!r}")
     if args.out:
         with open(args.out, "w") as f:
             json.dump(report, f, indent=2, default=float)

@@ -16,7 +16,7 @@ import pytest
 from featureatlas.api.cli import main
 from featureatlas.ingest.config import AtlasConfig
 from featureatlas.ingest.embed import embed
-from featureatlas.ingest.labels import scorers
+from featureatlas.ingest.labels import scorers, themes
 from featureatlas.ingest.labels.label import label_features
 from featureatlas.ingest.labels.llm import Chat, ChatError, OpenAIBackend, make_chat
 from featureatlas.ingest.labels.windows import label_connection, split_parts, window_pool
@@ -118,6 +118,29 @@ def test_explainers_never_see_choose_or_held_out_documents(planted):
     assert out.score[bridge] is not None and out.score[bridge] > 0.8
     assert out.source[bridge] == "contrastive"
     assert out.single_token[out.features.index(TOKEN_FEATURE)]
+
+
+def test_rank_auroc_equals_the_pairwise_definition():
+    rng = np.random.default_rng(0)
+    scores = rng.normal(size=(6, 30))
+    want = [scorers.auroc(row[:12], row[12:]) for row in scores]
+    assert themes.rank_auroc(scores, 12) == pytest.approx(want)
+
+
+def test_theme_words_come_from_the_firing_windows_and_name_the_concept(planted):
+    pool = window_pool(planted, part="explain", embed_fn=embed)
+    fired = scorers.fired_in_pool(planted, pool, [BRIDGE_FEATURE])
+    trial = scorers.make_trials(pool, fired, {}, per_side=None)[BRIDGE_FEATURE]
+    assert sorted(trial.positives) == sorted(fired[BRIDGE_FEATURE].rows)  # every firing window
+    bank = themes.WordBank.build(pool, embed)
+    words = themes.theme(bank, pool, trial)
+    assert 1 <= len(words) <= themes.THEME_WORDS and len(set(words)) == len(words)
+    assert set(words) <= set(TOPICS["bridge"].split())  # only words of the windows it fires in
+    # The theme ranks the firing windows above the silent ones, as its label will be judged.
+    vec = embed(["about " + ", ".join(words)])[0]
+    assert scorers.auroc(pool.embeddings[trial.positives] @ vec, pool.embeddings[trial.negatives] @ vec) > 0.95
+    silent = scorers.Trial(trial.positives, np.array([], dtype=np.int64))
+    assert themes.theme(bank, pool, silent) == []
 
 
 class FakeOpenAI(BaseHTTPRequestHandler):

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import re
 from collections import defaultdict
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import duckdb
 import numpy as np
@@ -38,6 +38,7 @@ CONTEXT_WORDS = 4
 TOP_WINDOWS = 50  # the strongest windows whose words describe the context
 _WORD = re.compile(r" [^\W\d_]{3,}")  # a word-start token (sub-word pieces say little about a topic)
 COMMON_WORD_RATE = 0.05  # words in more windows than this (the, that, and) name no topic
+THEME_SIZES = (3, 5)  # a short and a long theme phrase compete
 
 
 @dataclass
@@ -58,7 +59,8 @@ class Evidence:
     source: str | None  # the source it is most over-represented in
     mostly: bool  # ... and where most of its activation mass is
     titles: list[str]
-    words: list[str]
+    words: list[str]  # counted: frequent in its strongest windows, rare in the pool
+    themes: list[str] = field(default_factory=list)  # chosen by meaning (``themes.py``), set by the caller
 
 
 def explain_tables(con: duckdb.DuckDBPyConnection) -> None:
@@ -192,9 +194,9 @@ def show_token(token: str) -> str:
 
 
 def candidates(ev: Evidence, vocab: dict[int, str]) -> list[Candidate]:
-    """Phrases naming the token in its context, the topic (the words around it), the documents it
-    fires in, the source it leans to, and all together: each says what kind of thing fires, none is
-    a bare word list. A feature that never fired on the explain documents gets no candidate."""
+    """Phrases naming the token in its context, the topic (the words around it, counted or chosen by
+    meaning), the documents it fires in, the source it leans to, and all together: each says what
+    kind of thing fires, none is a bare token list. A feature that never fired on the explain documents gets no candidate."""
     if not ev.at:
         return []
     named: dict[str, float] = {}  # variants differing only by case or spacing merge
@@ -228,6 +230,9 @@ def candidates(ev: Evidence, vocab: dict[int, str]) -> list[Candidate]:
     phrases = [(combined, "combined"), (token, "token")]
     if ev.words:
         phrases.append((f"{kind_of_text} about " + ", ".join(ev.words), "topic"))
+    for n in sorted({min(n, len(ev.themes)) for n in THEME_SIZES} - {0}):
+        words = ev.themes[:n]
+        phrases.append(("about " + (", ".join(words[:-1]) + " and " if n > 1 else "") + words[-1], "theme"))
     if ev.titles:
         phrases.append((f"{kind_of_text} like " + "; ".join(ev.titles), "titles"))
     if lean:

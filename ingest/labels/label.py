@@ -2,7 +2,9 @@
 
 Explainers read only the explain documents (see ``windows``) and each propose candidate labels.
 Every candidate is embedded; the one with the best embedding AUROC on the choose documents' windows
-is kept, and the kept label is then scored on held-out windows by every configured scorer.
+(every window the feature fires in there, against as many silent ones: fewer made the choice noisy,
+0.648 against 0.656 held-out AUROC on the quick atlas with 40) is kept, and the kept label is then
+scored on held-out windows by every configured scorer.
 ``label_score`` is the first scorer's score.
 """
 
@@ -20,13 +22,13 @@ from featureatlas.store.schema import EMBEDDING_DIM, LABEL_CANDIDATES_SCHEMA
 from tqdm import tqdm
 
 from ..config import AtlasConfig
-from . import contrastive, llm, scorers
+from . import contrastive, llm, scorers, themes
 from .contrastive import Candidate
 from .windows import label_connection, window_pool
 
 log = logging.getLogger(__name__)
 # Part of the ingest's analysis-stage key: bump it when labelling changes, so old labels are redone.
-LABELS_VERSION = 5
+LABELS_VERSION = 6
 # A feature whose top activations (explainer side) all sit on one token id: it scores high on
 # token matching trivially, so reports keep it apart.
 SINGLE_TOKEN_TOP = 10
@@ -77,13 +79,18 @@ def label_features(
     vocab = dict(con.execute("select distinct token_id, token from tokens").fetchall())
     log.info("labels: cutting windows, embedding those that judge labels")
     cap = cfg.label_pool_windows
-    explain_pool = window_pool(con, part="explain", max_windows=cap, seed=cfg.seed)
+    explain_pool = window_pool(con, part="explain", embed_fn=embed_fn, max_windows=cap, seed=cfg.seed)
     choose_pool = window_pool(con, part="choose", embed_fn=embed_fn, max_windows=cap, seed=cfg.seed)
     held_pool = window_pool(con, part="holdout", embed_fn=embed_fn, max_windows=cap, seed=cfg.seed)
     fired_explain = scorers.fired_in_pool(con, explain_pool, features)
     fired_choose = scorers.fired_in_pool(con, choose_pool, features)
     fired_held = scorers.fired_in_pool(con, held_pool, features)
     evidence = contrastive.gather_evidence(con, features, explain_pool, fired_explain, vocab)
+    top_token = {f: ev.at[0][0] for f, ev in evidence.items() if ev.at}
+    bank = themes.WordBank.build(explain_pool, embed_fn)
+    explain_trials = scorers.make_trials(explain_pool, fired_explain, top_token, seed=cfg.seed, per_side=None)
+    for f, words in themes.themes(bank, explain_pool, explain_trials).items():
+        evidence[f].themes = words
 
     proposed: dict[int, list[Candidate]] = {f: contrastive.candidates(evidence[f], vocab) for f in features}
     if cfg.label_explainer == "llm":
@@ -93,9 +100,7 @@ def label_features(
         for f, extra in written.items():
             proposed[f] = extra + proposed[f]  # an LLM label wins ties with the contrastive fallback
 
-    top_token = {f: ev.at[0][0] for f, ev in evidence.items() if ev.at}
-    # Twice the windows to choose on as to report on: a noisy choice would waste good candidates.
-    choose_trials = scorers.make_trials(choose_pool, fired_choose, top_token, seed=cfg.seed, per_side=2 * scorers.PER_SIDE)
+    choose_trials = scorers.make_trials(choose_pool, fired_choose, top_token, seed=cfg.seed, per_side=None)
     held_trials = scorers.make_trials(held_pool, fired_held, top_token, seed=cfg.seed)
     flat = [(f, c) for f in features for c in proposed[f] if c.status == "ok"]
     vectors = embed_fn([c.text for _, c in flat]) if flat else np.zeros((0, EMBEDDING_DIM), np.float32)

@@ -90,11 +90,12 @@ class TokenIndex:
 
 
 def make_trials(
-    pool: WindowPool, fired: dict[int, Fired], top_token: dict[int, int], *, seed: int = 0, per_side: int = PER_SIDE
+    pool: WindowPool, fired: dict[int, Fired], top_token: dict[int, int], *, seed: int = 0,
+    per_side: int | None = PER_SIDE,
 ) -> dict[int, Trial]:
     """Positives and negatives per feature, drawn with a per-feature seed so a feature's trial does
-    not depend on which other features are scored. Features firing in fewer than ``MIN_POSITIVES``
-    windows get no trial."""
+    not depend on which other features are scored. ``per_side=None``: every window it fires in.
+    Features firing in fewer than ``MIN_POSITIVES`` windows get no trial."""
     index = TokenIndex(pool)
     out: dict[int, Trial] = {}
     for f, hit in fired.items():
@@ -102,7 +103,7 @@ def make_trials(
             continue
         rng = np.random.default_rng([seed, f])
         bands = np.array_split(np.argsort(hit.values), QUANTILE_BANDS)
-        per_band = -(-per_side // QUANTILE_BANDS)
+        per_band = len(hit.rows) if per_side is None else -(-per_side // QUANTILE_BANDS)
         pos = np.concatenate([rng.choice(b, min(per_band, len(b)), replace=False) for b in bands if len(b)])
         positives = hit.rows[pos]
         silent = np.ones(len(pool), dtype=bool)
