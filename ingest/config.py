@@ -34,6 +34,7 @@ class AtlasConfig:
     # Residual stream after this block; None means the middle, n_layers // 2.
     layer: int | None = None
     device: str = "cpu"
+    # The model's dtype and the dictionary's training matmuls (autocast; weights stay fp32).
     # "auto": fp32 on CPU (bf16 is 4-7x slower there), bf16 on CUDA.
     dtype: str = "auto"
     # Torch intra-op threads on CPU; 0 keeps torch's default.

@@ -29,7 +29,7 @@ from .harvest import harvest, load_activations
 from .labels.label import LABELS_VERSION, label_features
 from .labels.llm import make_chat
 from .loaders import load_dictionary
-from .model import SubjectModel, load_model
+from .model import SubjectModel, load_model, resolve_dtype
 from .sae import SAE
 from .stages import Stages, stage_key
 from .tokens import TokenizedCorpus, tokenize_corpus
@@ -93,8 +93,11 @@ def run_ingest(cfg: AtlasConfig) -> dict[str, Any]:
     if loaded is not None:
         train_key = stage_key(harvest_key, "loaded", _fingerprint(Path(cfg.dictionary).expanduser()), cfg.k)
     else:
+        # fp32 adds nothing to the key, so dictionaries trained before the dtype was a choice stay valid
+        train_dtype = resolve_dtype(cfg.dtype, model.device)
         train_key = stage_key(harvest_key, cfg.architecture, cfg.sparsity_coef, cfg.d_sae, cfg.k, cfg.train_tokens,
-                              cfg.train_batch, cfg.lr_value, cfg.aux_k, cfg.aux_coef, cfg.dead_tokens, cfg.seed)
+                              cfg.train_batch, cfg.lr_value, cfg.aux_k, cfg.aux_coef, cfg.dead_tokens, cfg.seed,
+                              *([] if train_dtype == torch.float32 else [str(train_dtype)]))
     if stages.finished("train", train_key) is None:
         with stages.run("train", train_key) as s:
             if loaded is not None:  # saved in our layout, with our hook, like a trained one
@@ -108,6 +111,7 @@ def run_ingest(cfg: AtlasConfig) -> dict[str, Any]:
                     sparsity_coef=cfg.sparsity_coef, tokens=cfg.train_tokens, batch=cfg.train_batch,
                     lr=cfg.lr_value, aux_k=cfg.aux_k, aux_coef=cfg.aux_coef, dead_tokens=cfg.dead_tokens, seed=cfg.seed,
                     device=model.device, meta=meta, checkpoint=stages.folder("train") / "checkpoint.pt",
+                    compute_dtype=train_dtype,
                 )
                 result.sae.save(stages.folder("train") / DICTIONARY)
                 (stages.folder("train") / "checkpoint.pt").unlink(missing_ok=True)

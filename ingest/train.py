@@ -71,7 +71,7 @@ class _SelectedPreActs(torch.autograd.Function):
     @staticmethod
     def forward(ctx, values, centred, W_enc, b_enc, b_dec, crow, cols):
         ctx.save_for_backward(centred, W_enc, crow, cols)
-        return values
+        return values.to(W_enc.dtype)  # a bf16 dense pass (autocast) selects; the rest stays fp32
 
     @staticmethod
     def backward(ctx, grad):
@@ -297,6 +297,7 @@ def train_sae(
     meta: dict | None = None,
     checkpoint: Path | None = None,
     checkpoint_every: int = 500,
+    compute_dtype: torch.dtype = torch.float32,
 ) -> TrainResult:
     """Train on ``rows`` (default: all) of ``acts``, [n, d_in] float16 rows indexable by an int
     array: an ndarray or the harvest's ``ShardedActivations``, which streams them from disk.
@@ -304,6 +305,10 @@ def train_sae(
     With ``checkpoint``, the whole training state (weights, Adam, schedule, data order, RNG, dead
     latent counters) is saved there every ``checkpoint_every`` steps, and a run that finds one
     continues from it: a killed run resumes to the same result as an uninterrupted one.
+
+    ``compute_dtype`` bfloat16 runs the forward pass's matmuls under autocast (the dense encoder
+    pass is most of a step; tensor cores run it several times faster on a GPU); the parameters,
+    Adam, the selected latents' values and the loss stay fp32. On this kind of CPU bf16 is slower.
     """
     gen = np.random.default_rng(seed)
     rows = np.arange(len(acts)) if rows is None else np.asarray(rows, dtype=np.int64)
@@ -350,11 +355,12 @@ def train_sae(
                 **data.state, "step": step, "recent": recent, "scale": scale,
             })
         x = torch.from_numpy(data.next()).to(device) * scale
-        out = _objective(sae, x, coef, min(1.0, step / max(1, steps // 20)))
-        loss = out.loss
         dead = since_fired >= dead_tokens
-        if architecture in ("topk", "batchtopk") and aux_coef > 0 and bool(dead.any()):
-            loss = loss + aux_coef * auxk_loss(out.pre, sae.W_dec, (x - out.x_hat).detach(), dead, aux_k, out.select)
+        with torch.autocast(device.type, dtype=compute_dtype, enabled=compute_dtype != torch.float32):
+            out = _objective(sae, x, coef, min(1.0, step / max(1, steps // 20)))
+            loss = out.loss
+            if architecture in ("topk", "batchtopk") and aux_coef > 0 and bool(dead.any()):
+                loss = loss + aux_coef * auxk_loss(out.pre, sae.W_dec, (x - out.x_hat).detach(), dead, aux_k, out.select)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         if unit_decoder:

@@ -149,8 +149,9 @@ def test_geometric_median_resists_outliers():
     assert float(geometric_median(x).norm()) < 1.0 < float(x.mean(0).norm())
 
 
+@pytest.mark.parametrize("compute_dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])  # bf16: CUDA default
 @pytest.mark.parametrize("architecture,coef", [("topk", None), ("batchtopk", None), ("relu", 2.0), ("jumprelu", None)])
-def test_training_recovers_planted_sparse_features(architecture, coef):
+def test_training_recovers_planted_sparse_features(architecture, coef, compute_dtype):
     gen = torch.Generator().manual_seed(0)
     d, n_true = 32, 48
     true = torch.nn.functional.normalize(torch.randn(n_true, d, generator=gen), dim=1)
@@ -160,8 +161,10 @@ def test_training_recovers_planted_sparse_features(architecture, coef):
     result = train_sae(
         x.half().numpy(), architecture=architecture, sparsity_coef=coef, d_sae=96, k=3, tokens=300_000, batch=256,
         lr=3e-3, aux_k=32, aux_coef=1 / 32, dead_tokens=5_000, seed=0, device=torch.device("cpu"),
+        compute_dtype=compute_dtype,
     )
     sae = result.sae
+    assert all(p.dtype == torch.float32 for p in sae.parameters())
     if architecture != "relu":  # relu's decoder norms are free; its L1 penalty weighs them
         torch.testing.assert_close(sae.W_dec.norm(dim=1), torch.ones(96), atol=1e-4, rtol=0)
     m = reconstruction_metrics(sae, x[:4000].numpy())
