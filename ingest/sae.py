@@ -66,7 +66,12 @@ class SAE(nn.Module):
         # after decoding; ours never do.
         self.layer_norm_input = layer_norm_input
         self.meta = dict(meta or {})
-        self.W_enc = nn.Parameter(torch.empty(d_in, d_sae))
+        # The encoder is held a latent per row, like nn.Linear's weight; ``W_enc`` (SAELens's shape,
+        # what files hold) is its transpose as a view. Training's sparse gradient then writes
+        # contiguous rows (3.6 ms instead of 9.9 into columns at d_sae=8192 here), a matmul reads
+        # either layout at the same speed, and fused Adam wants a contiguous parameter (a
+        # transposed one costs it 13 ms instead of 2).
+        self.enc_weight = nn.Parameter(torch.empty(d_sae, d_in))
         self.b_enc = nn.Parameter(torch.zeros(d_sae))
         self.W_dec = nn.Parameter(torch.empty(d_sae, d_in))
         self.b_dec = nn.Parameter(torch.zeros(d_in))
@@ -74,6 +79,11 @@ class SAE(nn.Module):
             self.threshold = nn.Parameter(torch.zeros(d_sae))
         elif architecture == "batchtopk":
             self.register_buffer("threshold", torch.zeros(d_sae))  # one value, learned as a running estimate
+
+    @property
+    def W_enc(self) -> torch.Tensor:  # noqa: N802 (SAELens's name)
+        """[d_in, d_sae] encoder weights (a view: writes go to ``enc_weight``)."""
+        return self.enc_weight.t()
 
     @property
     def code_width(self) -> int:
@@ -163,8 +173,9 @@ class SAE(nn.Module):
         """Keep unit-norm rows unit-norm to first order: drop each row gradient's radial part."""
         if self.W_dec.grad is None:
             return
-        # einsum and addcmul_: no [d_sae, d_in] temporaries (each a full pass over memory)
-        radial = torch.einsum("ij,ij->i", self.W_dec.grad, self.W_dec).unsqueeze(1)
+        # vecdot and addcmul_: no [d_sae, d_in] temporaries (each a full pass over memory); einsum
+        # lowers to a batched matmul of 1x1 products, 4x slower
+        radial = torch.linalg.vecdot(self.W_dec.grad, self.W_dec).unsqueeze(1)
         self.W_dec.grad.addcmul_(radial, self.W_dec, value=-1)
 
     @torch.no_grad()
@@ -182,7 +193,9 @@ class SAE(nn.Module):
     def save(self, folder: str | Path) -> None:
         folder = Path(folder)
         folder.mkdir(parents=True, exist_ok=True)
-        tensors = {name: p.detach().float().cpu().contiguous() for name, p in self.state_dict().items()}
+        state = self.state_dict()
+        state["W_enc"] = state.pop("enc_weight").t()
+        tensors = {name: p.detach().float().cpu().contiguous() for name, p in state.items()}
         save_file(tensors, folder / WEIGHTS_FILE)
         cfg = {
             "architecture": SAELENS_NAMES[self.architecture],
@@ -208,5 +221,7 @@ class SAE(nn.Module):
         architecture = meta.pop("featureatlas_architecture", "topk")
         sae = cls(int(cfg["d_in"]), int(cfg["d_sae"]), int(cfg["k"]), architecture=architecture,
                   layer_norm_input=cfg.get("normalize_activations") == "layer_norm", meta=meta)
-        sae.load_state_dict(load_file(folder / WEIGHTS_FILE))
+        state = load_file(folder / WEIGHTS_FILE)
+        state["enc_weight"] = state.pop("W_enc").t()
+        sae.load_state_dict(state)
         return sae.to(device)

@@ -5,7 +5,8 @@ token budget and threads. Quality is measured on the atlas's held-out tokens.
     .venv/bin/python scripts/bench_train.py --atlas atlas --out train.json
 
 Also reports our tokens/s as a fraction of the machine's limit: the encoder forward alone costs
-2 * d_in * d_sae FLOPs per token, against the FLOP/s of a large fp32 matmul measured here.
+2 * d_in * d_sae FLOPs per token, against the FLOP/s of a large matmul measured here in the same
+dtype (``--device cuda --dtype bfloat16`` on a GPU).
 """
 
 from __future__ import annotations
@@ -23,22 +24,28 @@ from featureatlas.ingest.train import train_sae
 from featureatlas.store.atlas import CACHE, Atlas
 
 
-def matmul_flops(n: int = 2048, repeats: int = 5) -> float:
-    a, b = torch.randn(n, n), torch.randn(n, n)
+def matmul_flops(device: torch.device, dtype: torch.dtype, n: int = 2048, repeats: int = 5) -> float:
+    """FLOP/s of a large square matmul on ``device`` in ``dtype`` (the machine's limit for our step)."""
+    if device.type == "cuda":
+        n, repeats = 8192, 20
+    a, b = (torch.randn(n, n, device=device, dtype=dtype) for _ in range(2))
     a @ b
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    sync()
     t0 = time.perf_counter()
     for _ in range(repeats):
         a @ b
+    sync()
     return 2 * n**3 * repeats / (time.perf_counter() - t0)
 
 
-def train_saelens(x: np.ndarray, *, d_sae: int, k: int, tokens: int, batch: int, lr: float, seed: int):
+def train_saelens(x: np.ndarray, *, d_sae: int, k: int, tokens: int, batch: int, lr: float, seed: int, device: str):
     from sae_lens import TopKTrainingSAE, TopKTrainingSAEConfig
     from sae_lens.config import LoggingConfig
     from sae_lens.training.sae_trainer import SAETrainer, SAETrainerConfig
 
     torch.manual_seed(seed)
-    sae = TopKTrainingSAE(TopKTrainingSAEConfig(d_in=x.shape[1], d_sae=d_sae, k=k, device="cpu"))
+    sae = TopKTrainingSAE(TopKTrainingSAEConfig(d_in=x.shape[1], d_sae=d_sae, k=k, device=device))
     gen = np.random.default_rng(seed)
 
     def batches():
@@ -47,7 +54,7 @@ def train_saelens(x: np.ndarray, *, d_sae: int, k: int, tokens: int, batch: int,
             for i in range(0, len(order) - batch + 1, batch):
                 yield torch.from_numpy(x[np.sort(order[i : i + batch])].astype(np.float32))
 
-    cfg = SAETrainerConfig(total_training_samples=tokens, train_batch_size_samples=batch, lr=lr, lr_end=lr, device="cpu",
+    cfg = SAETrainerConfig(total_training_samples=tokens, train_batch_size_samples=batch, lr=lr, lr_end=lr, device=device,
                            logger=LoggingConfig(log_to_wandb=False))
     SAETrainer(cfg=cfg, sae=sae, data_provider=batches()).fit()
     return sae.eval()
@@ -76,6 +83,9 @@ def main() -> None:
     p.add_argument("--batch", type=int, default=1024)
     p.add_argument("--threads", type=int, default=0)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default="cpu", help="cpu or cuda (SAELens trains there too)")
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"],
+                   help="our forward matmuls (autocast) and the matmul the limit is measured with")
     p.add_argument("--skip-saelens", action="store_true", help="ours only (when sae-lens is not installed)")
     p.add_argument("--also", nargs="*", default=[], choices=["batchtopk", "relu", "jumprelu"],
                    help="train our other architectures too, same budget (reported as ours_<name>; their L0 is "
@@ -91,13 +101,15 @@ def main() -> None:
                     "batch": args.batch, "lr": lr, "threads": torch.get_num_threads(), "train_rows": len(train),
                     "tokens_per_s": {}, "fvu": {}, "l0": {}, "dead_fraction": {}}
 
-    flops = matmul_flops()
+    device, dtype = torch.device(args.device), getattr(torch, args.dtype)
+    report.update(device=args.device, dtype=args.dtype)
+    flops = matmul_flops(device, dtype)
     for architecture in ["topk", *args.also]:
         name = "ours" if architecture == "topk" else f"ours_{architecture}"
         t0 = time.perf_counter()
         ours = train_sae(train, architecture=architecture, d_sae=args.d_sae, k=args.k, tokens=args.tokens,
                          batch=args.batch, lr=lr, aux_k=256, aux_coef=1 / 32, dead_tokens=200_000, seed=args.seed,
-                         device=torch.device("cpu")).sae
+                         device=device, compute_dtype=dtype).sae
         seconds = time.perf_counter() - t0
         m = reconstruction_metrics(ours, held)
         report["tokens_per_s"][name] = args.tokens / seconds
@@ -108,9 +120,9 @@ def main() -> None:
     if not args.skip_saelens:
         t0 = time.perf_counter()
         theirs = train_saelens(train, d_sae=args.d_sae, k=args.k, tokens=args.tokens, batch=args.batch, lr=lr,
-                               seed=args.seed)
+                               seed=args.seed, device=args.device)
         seconds = time.perf_counter() - t0
-        m = saelens_metrics(theirs, held)
+        m = saelens_metrics(theirs.to("cpu"), held)
         report["tokens_per_s"]["saelens"] = args.tokens / seconds
         for key in ("fvu", "l0", "dead_fraction"):
             report[key]["saelens"] = m[key]

@@ -75,7 +75,7 @@ def test_sparse_training_gradients_equal_dense_autograd():
             out, select = sae(x), None
         loss = fvu(x, out.x_hat) + 0.5 * auxk_loss(out.pre_acts, sae.W_dec, (x - out.x_hat).detach(), dead, 8, select)
         loss.backward()
-        return [p.grad.clone() for p in (sae.W_enc, sae.b_enc, sae.W_dec, sae.b_dec)]
+        return [p.grad.clone() for p in (sae.enc_weight, sae.b_enc, sae.W_dec, sae.b_dec)]
 
     for fast, slow in zip(grads(True), grads(False)):
         torch.testing.assert_close(fast, slow, rtol=1e-4, atol=1e-6)
@@ -105,7 +105,7 @@ def test_sparse_batchtopk_gradients_equal_dense_autograd():
             acts = torch.zeros_like(post).flatten().scatter(0, keep, post.flatten()[keep]).view_as(post)
             x_hat = acts @ sae.W_dec + sae.b_dec
         fvu(x, x_hat).backward()
-        return [p.grad.clone() for p in (sae.W_enc, sae.b_enc, sae.W_dec, sae.b_dec)]
+        return [p.grad.clone() for p in (sae.enc_weight, sae.b_enc, sae.W_dec, sae.b_dec)]
 
     for fast, slow in zip(grads(True), grads(False)):
         torch.testing.assert_close(fast, slow, rtol=1e-4, atol=1e-6)
