@@ -196,7 +196,8 @@ def show_token(token: str) -> str:
 def candidates(ev: Evidence, vocab: dict[int, str]) -> list[Candidate]:
     """Phrases naming the token in its context, the topic (the words around it, counted or chosen by
     meaning), the documents it fires in, the source it leans to, and all together: each says what
-    kind of thing fires, none is a bare token list. A feature that never fired on the explain documents gets no candidate."""
+    kind of thing fires, none is a bare token list. A feature that never fired on the explain
+    documents gets no candidate."""
     if not ev.at:
         return []
     named: dict[str, float] = {}  # variants differing only by case or spacing merge
