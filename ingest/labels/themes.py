@@ -103,4 +103,5 @@ def theme(bank: WordBank, pool: WindowPool, trial: Trial, n: int = THEME_WORDS) 
 
 
 def themes(bank: WordBank, pool: WindowPool, trials: dict[int, Trial], n: int = THEME_WORDS) -> dict[int, list[str]]:
+    """``theme`` for every feature that has a trial (~20 ms each here)."""
     return {f: theme(bank, pool, t, n) for f, t in tqdm(trials.items(), desc="theme words", unit="feature")}
