@@ -336,8 +336,11 @@ def train_sae(
     since_fired = torch.zeros(d_sae, dtype=torch.long, device=device)
     recent: list[float] = []
     start = 0
-    if checkpoint is not None and checkpoint.is_file():
-        state = torch.load(checkpoint, map_location=device, weights_only=False)
+    state = torch.load(checkpoint, map_location=device, weights_only=False) if checkpoint and checkpoint.is_file() else None
+    if state is not None and state["sae"].keys() != sae.state_dict().keys():
+        log.warning("train: %s holds another version's parameters; training from the start", checkpoint)
+        state = None
+    if state is not None:
         sae.load_state_dict(state["sae"])
         opt.load_state_dict(state["opt"])
         sched.load_state_dict(state["sched"])

@@ -223,6 +223,12 @@ def test_killed_training_resumes_to_the_same_dictionary(tmp_path, monkeypatch):
     resumed = train_sae(x, **opts, checkpoint=ckpt, checkpoint_every=20).sae
     for name, p in whole.named_parameters():
         torch.testing.assert_close(p, dict(resumed.named_parameters())[name], rtol=0, atol=0)
+    # A checkpoint from a version whose parameters were laid out differently is not resumed from.
+    state = torch.load(ckpt, weights_only=False)
+    state["sae"]["W_enc"] = state["sae"].pop("enc_weight").t()
+    torch.save(state, ckpt)
+    fresh = train_sae(x, **opts, checkpoint=ckpt, checkpoint_every=20).sae
+    torch.testing.assert_close(fresh.enc_weight, whole.enc_weight, rtol=0, atol=0)
 
 
 def test_training_streams_from_shards_exactly_as_from_memory(tmp_path):
