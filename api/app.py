@@ -1,19 +1,21 @@
 """The HTTP API: thin Litestar routes over ``AtlasService`` (queries) and ``store.sql`` (SQL).
 
-Errors are JSON ``{"error": ..., "detail": ...}`` with a 4xx status; no input yields a 500.
+Errors are JSON ``{"error": ..., "detail": ...}``: a ``UserError`` (store/errors.py) is a 4xx, anything
+else a 500 with a ``request_id`` that the log line carries too. No input yields a 500.
 """
 
 from __future__ import annotations
 
 import logging
+import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from featureatlas.ingest.config import ConfigError
-from featureatlas.store.atlas import SORTABLE, Atlas
+from featureatlas.store.atlas import SORTABLE, Atlas, QueryInterrupted
+from featureatlas.store.errors import UserError
 from featureatlas.store.search import SEARCH_MODES
-from featureatlas.store.sql import SQLError, execute_sql
+from featureatlas.store.sql import execute_sql
 from litestar import Litestar, MediaType, Request, Response, get, post
 from litestar.di import NamedDependency, Provide
 from litestar.exceptions import HTTPException, ValidationException
@@ -21,41 +23,52 @@ from litestar.openapi import OpenAPIConfig
 from litestar.params import FromPath, JSONBody, Parameter
 from litestar.static_files import create_static_files_router
 
-from .service import MAX_K, AtlasService, NotFound
+from .service import MAX_K, AtlasService
 
 log = logging.getLogger(__name__)
 MAX_PAGE = 1000
+REQUEST_ID_HEADER = "X-Request-ID"
+RETRY_AFTER_S = 5
 # The browser UI: plain files, served by this app so it works offline (no CDN, no build step).
 WEB = Path(__file__).with_name("web")
 Service = NamedDependency[AtlasService]
 
 
-def _error(status: int, error: str, detail: Any = None) -> Response:
-    return Response({"error": error, "detail": detail}, status_code=status)
+def _error(status: int, error: str, detail: Any = None, *, request_id: str | None = None) -> Response:
+    body: dict[str, Any] = {"error": error, "detail": detail}
+    headers = {}
+    if request_id is not None:
+        body["request_id"] = request_id
+        headers[REQUEST_ID_HEADER] = request_id
+    return Response(body, status_code=status, headers=headers)
 
 
-def _http_error(_: Request, exc: HTTPException) -> Response:
+def _http_error(request: Request, exc: HTTPException) -> Response:
     if exc.status_code >= 500:
-        return _internal(_, exc)
+        return _internal(request, exc)
     detail = exc.extra if isinstance(exc, ValidationException) and exc.extra else exc.detail
     return _error(exc.status_code, exc.detail, detail)
 
 
-def _bad_input(_: Request, exc: Exception) -> Response:
-    if isinstance(exc, ConfigError):
-        return _error(400, f"bad parameter: {exc.flag}", str(exc))
-    if isinstance(exc, SQLError):
-        return _error(400, "query refused", str(exc))
-    return _error(400, "bad request", str(exc))
+def _user_error(_: Request, exc: UserError) -> Response:
+    """The user's mistake: a 4xx that says what to change, and nothing logged above INFO."""
+    return _error(exc.status, f"{exc.kind}: {exc.where}", str(exc))
 
 
-def _not_found(_: Request, exc: NotFound) -> Response:
-    return _error(404, "not found", str(exc))
+def _too_slow(_: Request, exc: QueryInterrupted) -> Response:
+    """An internal query past its time limit (``Atlas.query``): the atlas is too big or busy for it now."""
+    response = _error(503, "query too slow", str(exc))
+    response.headers["Retry-After"] = str(RETRY_AFTER_S)
+    return response
 
 
-def _internal(_: Request, exc: Exception) -> Response:
-    log.exception("internal error", exc_info=exc)
-    return _error(500, "internal error")
+def _internal(request: Request, exc: Exception) -> Response:
+    """Anything else is ours: logged with a request id that the body and a header carry, so a
+    user's report can be matched to the traceback. The message itself is never shown."""
+    request_id = uuid.uuid4().hex[:16]
+    log.error("internal error %s on %s %s", request_id, request.method, request.url.path, exc_info=exc)
+    return _error(500, "internal error", "the server failed; the log has the details under this request id",
+                  request_id=request_id)
 
 
 @get("/healthz", sync_to_thread=False)
@@ -171,6 +184,7 @@ def create_app(atlas: Atlas, *, probe_device: str | None = None) -> Litestar:
                         activations, sql, page, feature_page,
                         create_static_files_router("/static", directories=[WEB], include_in_schema=False)],
         dependencies={"service": Provide(lambda: service, use_cache=True, sync_to_thread=False)},
-        exception_handlers={HTTPException: _http_error, ValueError: _bad_input, NotFound: _not_found, Exception: _internal},
+        exception_handlers={HTTPException: _http_error, UserError: _user_error, QueryInterrupted: _too_slow,
+                            Exception: _internal},
         openapi_config=OpenAPIConfig(title="Feature Atlas", version="0.1.0", path="/schema"),
     )

@@ -3,55 +3,56 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
 import sys
+import typing
 from pathlib import Path
 from typing import Any, Sequence
 
-from featureatlas.ingest.config import EXPLAINERS, PROFILES, SCORERS, AtlasConfig, ConfigError, load_config
+from featureatlas.ingest.config import (
+    EXPLAINERS,
+    GROUPS,
+    PROFILES,
+    SCORERS,
+    SETTINGS,
+    AtlasConfig,
+    RunConfig,
+    base_type,
+    config_of,
+    flag,
+    load_config,
+)
+from featureatlas.ingest.runtime import configure
+from featureatlas.store.errors import BadParameter, UserError
 from featureatlas.store.search import SEARCH_MODES
 
 EXIT_BAD_INPUT = 2
-
-# CLI flags that override config fields: flag name -> (field, type, help).
-_OVERRIDES: dict[str, tuple[type, str]] = {
-    "atlas": (str, "atlas folder (default ./atlas)"),
-    "model": (str, "'smollm2' (packaged GGUF), a .gguf file, or a local HF model folder"),
-    "layer": (int, "hook layer: residual stream after this block (default n_layers // 2)"),
-    "device": (str, "cpu or cuda"),
-    "dtype": (str, "auto (fp32 on CPU, bf16 on CUDA), float32, bfloat16"),
-    "threads": (int, "torch CPU threads (0: torch's default)"),
-    "tokens": (int, "tokens to harvest, train and held-out together"),
-    "context_len": (int, "tokens per context, BOS included"),
-    "eval_fraction": (float, "share of documents held out for metrics"),
-    "dictionary": (str, "load this dictionary (SAELens, sparsify, dictionary_learning, Gemma Scope, OpenAI) instead of training"),
-    "architecture": (str, "topk (default), batchtopk, relu or jumprelu"),
-    "sparsity_coef": (float, "relu: L1 weight (default 5); jumprelu: L0 weight (default 1)"),
-    "d_sae": (int, "dictionary size (features)"),
-    "k": (int, "active features per token"),
-    "train_tokens": (int, "SAE training budget in tokens (epochs over the cache)"),
-    "train_batch": (int, "SAE training batch"),
-    "lr": (float, "Adam learning rate (default scales with d_sae)"),
-    "seed": (int, "random seed"),
-}
-
+ATLAS_DEFAULT = RunConfig.atlas
 
 def _add_ingest(sub: argparse._SubParsersAction) -> None:
+    """Every setting of ``AtlasConfig`` is a flag of the same name, with its declared type and help,
+    one argument group per config group."""
     p = sub.add_parser("ingest", help="build an atlas: harvest, train, encode, label, publish")
     p.add_argument("--profile", default="quick", choices=sorted(PROFILES), help="named defaults (quick: the demo)")
-    p.add_argument("--config", help="TOML file with AtlasConfig fields")
-    p.add_argument("--corpus", nargs="+", help="sources: wiki, wiki-en, wiki-fr, wiki-es, shakespeare, python, or paths")
-    p.add_argument("--corpus-weights", nargs="+", type=float, help="one mixing weight per source")
-    for name, (typ, help_) in _OVERRIDES.items():
-        p.add_argument("--" + name.replace("_", "-"), type=typ, help=help_)
+    p.add_argument("--config", help="TOML file of settings (flat keys or [group] tables)")
     p.add_argument("--json", action="store_true", help="print the manifest as JSON")
+    for group, cls in GROUPS.items():
+        options = p.add_argument_group(f"{group} settings")
+        for f in dataclasses.fields(cls):
+            kind = base_type(SETTINGS[f.name][1])
+            item = typing.get_args(kind)[0] if typing.get_origin(kind) is list else None
+            options.add_argument(flag(f.name), dest=f.name, type=item or kind, nargs="+" if item else None,
+                                 help=f"{f.metadata['help']} (default: {_default(f)})")
+
+
+def _default(f: dataclasses.Field) -> Any:
+    return f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
 
 
 def _config_from(args: argparse.Namespace) -> AtlasConfig:
-    overrides: dict[str, Any] = {name: getattr(args, name) for name in _OVERRIDES}
-    overrides["corpus"] = args.corpus
-    overrides["corpus_weights"] = args.corpus_weights
+    overrides: dict[str, Any] = {name: getattr(args, name) for name in SETTINGS}
     if args.corpus and not args.corpus_weights:
         overrides["corpus_weights"] = [1.0] * len(args.corpus)
     return load_config(args.profile, args.config, overrides)
@@ -63,7 +64,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     sub = parser.add_subparsers(dest="command", required=True)
     _add_ingest(sub)
     p = sub.add_parser("label", help="re-label an existing atlas in place (new LanceDB version)")
-    p.add_argument("--atlas", default=AtlasConfig.atlas)
+    p.add_argument("--atlas", default=ATLAS_DEFAULT)
     p.add_argument("--explainer", choices=EXPLAINERS, help="who writes labels (default: the atlas's)")
     p.add_argument("--scorer", nargs="+", choices=SCORERS,
                    help="scorers on held-out windows; the first gives label_score")
@@ -74,7 +75,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--llm-max-calls", type=int, help="budget of LLM calls for this run")
     p.add_argument("--json", action="store_true")
     p = sub.add_parser("sweep", help="scaling laws: a grid of dictionaries on an atlas's cached activations")
-    p.add_argument("--atlas", default=AtlasConfig.atlas)
+    p.add_argument("--atlas", default=ATLAS_DEFAULT)
     p.add_argument("--features", nargs="+", type=int, default=[512, 1024, 2048, 4096])
     p.add_argument("--tokens", nargs="+", type=int, default=[250_000, 500_000, 1_000_000])
     p.add_argument("--k", type=int, default=32)
@@ -82,10 +83,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--target-compute", type=float, help="FLOPs to plan for (default: 100x the largest run)")
     p.add_argument("--out", help="folder for sweep.json and the plots (default: ATLAS/sweep)")
     p = sub.add_parser("info", help="print an atlas's manifest summary")
-    p.add_argument("--atlas", default=AtlasConfig.atlas)
+    p.add_argument("--atlas", default=ATLAS_DEFAULT)
     p.add_argument("--json", action="store_true")
     p = sub.add_parser("serve", help="serve an atlas over HTTP (Litestar; OpenAPI at /schema)")
-    p.add_argument("--atlas", default=AtlasConfig.atlas)
+    p.add_argument("--atlas", default=ATLAS_DEFAULT)
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--device", help="device for search by inference (default: the one the atlas was built on)")
@@ -104,9 +105,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("-k", type=int, default=5)
     for name in ("search", "neighbors", "sql", "probe"):
         q = sub.choices[name]
-        q.add_argument("--atlas", default=AtlasConfig.atlas)
+        q.add_argument("--atlas", default=ATLAS_DEFAULT)
         q.add_argument("--json", action="store_true", help="JSON instead of a table")
     args = parser.parse_args(argv)
+    configure()
     logging.basicConfig(
         level=logging.DEBUG if args.verbose else logging.INFO, format="%(asctime)s %(levelname)s %(message)s", datefmt="%H:%M:%S"
     )
@@ -114,7 +116,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         logging.getLogger(noisy).setLevel(logging.WARNING)
     try:
         return _COMMANDS[args.command](args)
-    except ConfigError as e:
+    except UserError as e:
         print(f"featureatlas: error: {e}", file=sys.stderr)
         return EXIT_BAD_INPUT
 
@@ -123,7 +125,9 @@ def _ingest(args: argparse.Namespace) -> int:
     from featureatlas.ingest.pipeline import run_ingest
     from featureatlas.store.atlas import summarize
 
-    manifest = run_ingest(_config_from(args))
+    cfg = _config_from(args)
+    configure(threads=cfg.run.threads, training=True)
+    manifest = run_ingest(cfg)
     print(json.dumps(manifest, indent=2, default=str) if args.json else summarize(manifest))
     return 0
 
@@ -146,20 +150,22 @@ def _sweep(args: argparse.Namespace) -> int:
     import torch
     from featureatlas.ingest import sweep
     from featureatlas.ingest.harvest import cached_split
-    from featureatlas.store.atlas import CACHE
+    from featureatlas.store.manifest import CACHE
 
+    configure(training=True)
     atlas = _open(args.atlas)
     if min(args.features) < 1:
-        raise ConfigError("--features", "feature counts must be at least 1")
+        raise BadParameter("--features", "feature counts must be at least 1")
     if args.batch < 1 or min(args.tokens) < args.batch:
-        raise ConfigError("--tokens", f"every token budget must be at least one batch ({args.batch})")
+        raise BadParameter("--tokens", f"every token budget must be at least one batch ({args.batch})")
     if args.k < 1:
-        raise ConfigError("--k", "must be at least 1")
+        raise BadParameter("--k", "must be at least 1")
     if not (atlas.root / CACHE / "harvest").is_dir():
-        raise ConfigError("--atlas", f"{atlas.root}/{CACHE}/harvest is gone: re-run `featureatlas ingest` to rebuild it")
-    train, held = cached_split(atlas.root / CACHE, atlas.manifest["config"]["shard_tokens"])
+        raise BadParameter("--atlas", f"{atlas.root}/{CACHE}/harvest is gone: re-run `featureatlas ingest` to rebuild it")
+    cfg = config_of(atlas.manifest)
+    train, held = cached_split(atlas.root / CACHE, cfg.harvest.shard_tokens)
     runs = sweep.run_grid(train, held, features=sorted(args.features), tokens=sorted(args.tokens), k=args.k,
-                          batch=args.batch, seed=0, device=torch.device(atlas.manifest["config"]["device"]))
+                          batch=args.batch, seed=0, device=torch.device(cfg.run.device))
     target = args.target_compute or 100 * max(r.compute for r in runs)
     result = sweep.fit(runs, target)
     folder = atlas.root / "sweep" if args.out is None else Path(args.out)
@@ -177,12 +183,9 @@ def _sweep(args: argparse.Namespace) -> int:
 
 
 def _open(path: str):
-    from featureatlas.store.atlas import Atlas, AtlasNotFound
+    from featureatlas.store.atlas import Atlas
 
-    try:
-        return Atlas(path)
-    except AtlasNotFound as e:
-        raise ConfigError("--atlas", str(e)) from None
+    return Atlas(path)
 
 
 def _info(args: argparse.Namespace) -> int:
@@ -203,33 +206,28 @@ def _serve(args: argparse.Namespace) -> int:
 
 def _query(args: argparse.Namespace) -> int:
     """search / neighbors / sql / probe: the same code paths as the HTTP routes."""
-    from featureatlas.api.service import AtlasService, NotFound
-    from featureatlas.store.sql import SQLError, execute_sql
+    from featureatlas.api.service import AtlasService
+    from featureatlas.store.sql import execute_sql
 
     atlas = _open(args.atlas)
     service = AtlasService(atlas)
-    try:
-        if args.command == "search":
-            result = service.search(args.query, args.k, args.mode)
-            rows = [[h["feature_id"], f"{h['score']:.4f}", f"{h['density']:.4%}", _why(h["matched_by"]), _clip(h["label"], 70),
-                     h["snippet"]] for h in result["hits"]]
-            header = ["feature", "score", "density", "matched by", "label", "top example"]
-        elif args.command == "neighbors":
-            result = service.neighbors(args.feature_id, args.k, args.by)
-            rows = [[n["feature_id"], f"{n['similarity']:.4f}", f"{n['density']:.4%}", n["label"]] for n in result["neighbors"]]
-            header = ["feature", "similarity", "density", "label"]
-        elif args.command == "sql":
-            result = execute_sql(atlas, args.sql).to_dict()
-            rows, header = result["rows"], result["columns"]
-        else:
-            result = service.activations(args.text, args.k)
-            rows = [[repr(t["token"]), ", ".join(f"{f['feature_id']} ({f['value']:.2f}) {_clip(f['label'], 40)}"
-                                                 for f in t["features"])] for t in result["tokens"]]
-            header = ["token", "top features (activation) label"]
-    except NotFound as e:
-        raise ConfigError("feature_id", str(e)) from None
-    except SQLError as e:
-        raise ConfigError("sql", str(e)) from None
+    if args.command == "search":
+        result = service.search(args.query, args.k, args.mode)
+        rows = [[h["feature_id"], f"{h['score']:.4f}", f"{h['density']:.4%}", _why(h["matched_by"]), _clip(h["label"], 70),
+                 h["snippet"]] for h in result["hits"]]
+        header = ["feature", "score", "density", "matched by", "label", "top example"]
+    elif args.command == "neighbors":
+        result = service.neighbors(args.feature_id, args.k, args.by)
+        rows = [[n["feature_id"], f"{n['similarity']:.4f}", f"{n['density']:.4%}", n["label"]] for n in result["neighbors"]]
+        header = ["feature", "similarity", "density", "label"]
+    elif args.command == "sql":
+        result = execute_sql(atlas, args.sql).to_dict()
+        rows, header = result["rows"], result["columns"]
+    else:
+        result = service.activations(args.text, args.k)
+        rows = [[repr(t["token"]), ", ".join(f"{f['feature_id']} ({f['value']:.2f}) {_clip(f['label'], 40)}"
+                                             for f in t["features"])] for t in result["tokens"]]
+        header = ["token", "top features (activation) label"]
     if args.json:
         print(json.dumps(result, indent=2, default=str))
     else:

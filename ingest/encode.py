@@ -1,6 +1,6 @@
 """Encode every corpus token through the dictionary, then summarise each feature.
 
-The per-token sparse code (k values per token) is the ground truth; everything else — density,
+The per-token sparse code (every active latent of every token) is the ground truth; everything else — density,
 histograms, top and quantile examples, top tokens — is a query over it, run in DuckDB so the same
 SQL a user can run later is what built the feature pages.
 """
@@ -8,46 +8,65 @@ SQL a user can run later is what built the feature pages.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 
 import duckdb
 import numpy as np
 import pyarrow as pa
+import pyarrow.parquet as pq
 import torch
 from tqdm import tqdm
 
-from .config import AtlasConfig
+from .config import AnalysisConfig
 from .model import SubjectModel
 from .sae import SAE
 from .tokens import TokenizedCorpus
 
+# Part of the encode stage's key: bump it when its outputs change.
+ENCODE_VERSION = 1
+OUTPUTS = ("stats.parquet", "examples.parquet", "activations.parquet")
+
 
 @dataclass
 class Codes:
-    """Top-k code of every corpus token, aligned with ``TokenizedCorpus.ids`` (BOS rows are empty)."""
+    """The sparse code of every corpus token in CSR layout, aligned with ``TokenizedCorpus.ids``:
+    token t's active features are ``[offsets[t], offsets[t + 1])`` of ``indices`` and ``values``.
+    Every active latent is kept, however many a token has (BOS rows are empty)."""
 
-    values: np.ndarray  # [n_tokens, k] float32, 0 where inactive
-    indices: np.ndarray  # [n_tokens, k] int32
+    values: np.ndarray  # [nnz] float32, > 0
+    indices: np.ndarray  # [nnz] int32
+    offsets: np.ndarray  # [n_tokens + 1] int64
+
+    def tokens(self) -> np.ndarray:
+        """[nnz] the token of each entry."""
+        return np.repeat(np.arange(len(self.offsets) - 1), np.diff(self.offsets))
 
     def activation(self, feature: int, start: int, stop: int) -> np.ndarray:
         """Feature ``feature``'s activation on tokens [start, stop)."""
-        hit = self.indices[start:stop] == feature
-        return (self.values[start:stop] * hit).sum(1)
+        a, b = self.offsets[start], self.offsets[stop]
+        local = np.repeat(np.arange(stop - start), np.diff(self.offsets[start : stop + 1]))
+        hit = self.indices[a:b] == feature
+        out = np.zeros(stop - start, dtype=np.float32)
+        out[local[hit]] = self.values[a:b][hit]  # a feature is active at most once per token
+        return out
 
 
 @torch.no_grad()
 def encode_tokens(sae: SAE, acts: np.ndarray, is_bos: np.ndarray, *, batch: int = 8192, device: torch.device) -> Codes:
-    n = len(acts)
-    values = np.zeros((n, sae.code_width), dtype=np.float32)
-    indices = np.zeros((n, sae.code_width), dtype=np.int32)
+    values, indices, counts = [], [], []
     sae = sae.to(device)
-    for i in tqdm(range(0, n, batch), desc="encode", unit="batch"):
+    for i in tqdm(range(0, len(acts), batch), desc="encode", unit="batch"):
         x = torch.from_numpy(np.asarray(acts[i : i + batch], dtype=np.float32)).to(device)
         code = sae.encode(x)
-        values[i : i + batch] = code.values.cpu().numpy()
-        indices[i : i + batch] = code.indices.cpu().numpy()
+        rows = code.row_ids().cpu().numpy()
+        keep = ~is_bos[i + rows]  # BOS is recorded in the harvest but never part of the dictionary's data
+        values.append(code.values.cpu().numpy()[keep])
+        indices.append(code.indices.cpu().numpy().astype(np.int32)[keep])
+        counts.append(np.bincount(rows[keep], minlength=len(x)))
     sae.cpu()
-    values[is_bos] = 0.0  # BOS is recorded in the harvest but never part of the dictionary's data
-    return Codes(values, indices)
+    offsets = np.zeros(len(acts) + 1, dtype=np.int64)
+    np.cumsum(np.concatenate(counts), out=offsets[1:])
+    return Codes(np.concatenate(values).astype(np.float32), np.concatenate(indices), offsets)
 
 
 def sparse_records(codes: Codes, corpus: TokenizedCorpus) -> pa.Table:
@@ -55,7 +74,7 @@ def sparse_records(codes: Codes, corpus: TokenizedCorpus) -> pa.Table:
     ctx = corpus.token_context()
     pos_in_ctx = corpus.token_position()
     doc_pos = corpus.ctx_start[ctx] + pos_in_ctx - 1  # BOS is position -1, but has no records
-    tok, slot = np.nonzero(codes.values > 0)
+    tok = codes.tokens()
     return pa.table(
         {
             "tok": pa.array(tok.astype(np.int64)),
@@ -63,13 +82,13 @@ def sparse_records(codes: Codes, corpus: TokenizedCorpus) -> pa.Table:
             "doc_id": pa.array(corpus.ctx_doc[ctx[tok]]),
             "position": pa.array(doc_pos[tok].astype(np.int32)),
             "token_id": pa.array(corpus.ids[tok]),
-            "feature_id": pa.array(codes.indices[tok, slot]),
-            "value": pa.array(codes.values[tok, slot]),
+            "feature_id": pa.array(codes.indices),
+            "value": pa.array(codes.values),
         }
     )
 
 
-def feature_stats(con: duckdb.DuckDBPyConnection, cfg: AtlasConfig, n_tokens: int) -> pa.Table:
+def feature_stats(con: duckdb.DuckDBPyConnection, cfg: AnalysisConfig, n_tokens: int) -> pa.Table:
     """Per feature: density, mean (while active) and max activation, histogram, top tokens.
     ``con`` has the sparse records registered as ``acts``."""
     bins = cfg.histogram_bins
@@ -100,7 +119,7 @@ def feature_stats(con: duckdb.DuckDBPyConnection, cfg: AtlasConfig, n_tokens: in
     ).to_arrow_table()
 
 
-def example_picks(con: duckdb.DuckDBPyConnection, cfg: AtlasConfig) -> pa.Table:
+def example_picks(con: duckdb.DuckDBPyConnection, cfg: AnalysisConfig) -> pa.Table:
     """Which (feature, context) pairs to show: the top contexts by max activation, then a few
     contexts from each lower quantile band, chosen by a hash so the pick is deterministic."""
     return con.sql(
@@ -126,7 +145,7 @@ def example_picks(con: duckdb.DuckDBPyConnection, cfg: AtlasConfig) -> pa.Table:
     ).to_arrow_table()
 
 
-def build_examples(picks: pa.Table, codes: Codes, corpus: TokenizedCorpus, vocab: list[str], cfg: AtlasConfig) -> pa.Table:
+def build_examples(picks: pa.Table, codes: Codes, corpus: TokenizedCorpus, vocab: list[str], cfg: AnalysisConfig) -> pa.Table:
     """Token windows around each pick's strongest token, with the feature's activation per token."""
     names = ("feature_id", "kind", "doc_id", "start", "tokens", "activations", "max_activation", "max_position")
     cols: dict[str, list] = {k: [] for k in names}
@@ -175,3 +194,43 @@ def logit_effects(sae: SAE, model: SubjectModel, vocab: list[str], n: int, *, ch
             for vs, ids in zip((sign * vals).cpu().tolist(), idx.cpu().tolist()):
                 out.append([{"token": vocab[t], "value": round(v, 4)} for t, v in zip(ids, vs)])
     return pos, neg
+
+
+def run(sae: SAE, model: SubjectModel, corpus: TokenizedCorpus, acts, is_bos: np.ndarray, vocab: list[str],
+        cfg: AnalysisConfig, folder: Path) -> dict:
+    """The encode stage: every token's code (``activations.parquet``, the SQL table), each
+    feature's statistics and logit effects (``stats.parquet``) and its examples."""
+    codes = encode_tokens(sae, acts, is_bos, device=model.device)
+    records = sparse_records(codes, corpus)
+    n_encoded = int((~is_bos).sum())
+    con = duckdb.connect()
+    con.register("acts", records)
+    stats = feature_stats(con, cfg, n_encoded)
+    examples = build_examples(example_picks(con, cfg), codes, corpus, vocab, cfg)
+    con.close()
+    logit_pos, logit_neg = logit_effects(sae, model, vocab, cfg.logit_effects)
+    columns = stat_columns(stats, sae.d_sae, cfg.histogram_bins, vocab)
+    pq.write_table(pa.table({**columns, "logit_positive": logit_pos, "logit_negative": logit_neg}), folder / "stats.parquet")
+    pq.write_table(examples, folder / "examples.parquet")
+    pq.write_table(records.select(["doc_id", "position", "feature_id", "value"]), folder / "activations.parquet")
+    return {"encoded_tokens": n_encoded, "activation_rows": records.num_rows, "examples": examples.num_rows,
+            "features_fired": int(sum(1 for n in columns["n_active"] if n > 0))}
+
+
+def stat_columns(stats: pa.Table, d_sae: int, bins: int, vocab: list[str]) -> dict[str, list]:
+    """``feature_stats``'s rows (fired features only) as one value per feature, silent ones zero."""
+    s = stats.to_pydict()
+    by_feature = {f: j for j, f in enumerate(s["feature_id"])}
+    scalars = ("density", "n_active", "mean_activation", "max_activation")
+    cols: dict[str, list] = {"feature_id": list(range(d_sae)), **{k: [] for k in (*scalars, "top_tokens", "histogram")}}
+    for f in range(d_sae):
+        j = by_feature.get(f)
+        hist = [0] * bins
+        if j is not None:
+            for b, c in zip(s["hist_bins"][j], s["hist_counts"][j]):
+                hist[b] = c
+        for k in scalars:
+            cols[k].append(s[k][j] if j is not None else 0)
+        cols["top_tokens"].append([vocab[t] for t in s["top_token_ids"][j]] if j is not None else [])
+        cols["histogram"].append(hist)
+    return cols

@@ -22,9 +22,9 @@ from typing import Any
 
 import numpy as np
 import torch
+from featureatlas.store.errors import BadConfig
 from safetensors.torch import load_file
 
-from .config import ConfigError
 from .sae import CFG_FILE, SAE, WEIGHTS_FILE
 
 FORMATS = ("saelens", "sparsify", "dictionary_learning", "gemmascope", "openai")
@@ -45,20 +45,20 @@ def detect_format(path: Path) -> str:
         return "gemmascope"
     inner = sorted(p.parent.name for p in path.glob("*/sae.safetensors")) if path.is_dir() else []
     hint = f" (it holds one dictionary per hook point: pass one of {', '.join(inner)})" if inner else ""
-    raise ConfigError("--dictionary", f"{path}: not a dictionary in any known format ({', '.join(FORMATS)}){hint}")
+    raise BadConfig("--dictionary", f"{path}: not a dictionary in any known format ({', '.join(FORMATS)}){hint}")
 
 
 def load_dictionary(path: str | Path, *, k: int) -> SAE:
     """``k``: for formats without one (relu, jumprelu), the basis of the stored code width (2k)."""
     path = Path(path).expanduser()
     if not path.exists():
-        raise ConfigError("--dictionary", f"no such file or folder: {path}")
+        raise BadConfig("--dictionary", f"no such file or folder: {path}")
     fmt = detect_format(path)
     try:
         sae = {"saelens": _saelens, "sparsify": _sparsify, "dictionary_learning": _dictionary_learning,
                "gemmascope": _gemmascope, "openai": _openai}[fmt](path, k)
     except (KeyError, ValueError, RuntimeError) as e:
-        raise ConfigError("--dictionary", f"{path}: unreadable as {fmt}: {type(e).__name__}: {e}") from None
+        raise BadConfig("--dictionary", f"{path}: unreadable as {fmt}: {type(e).__name__}: {e}") from None
     sae.meta.setdefault("loaded_from", {"format": fmt, "path": str(path)})
     return sae.eval()
 

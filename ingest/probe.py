@@ -11,8 +11,9 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 from featureatlas.store.atlas import Atlas
+from featureatlas.store.errors import BadParameter
 
-from .config import ConfigError
+from .config import config_of
 from .model import SubjectModel, load_model
 from .sae import SAE
 
@@ -22,8 +23,8 @@ MAX_PROBE_TOKENS = 512
 @dataclass
 class ProbeResult:
     tokens: list[str]  # the text's tokens, BOS excluded
-    values: np.ndarray  # [n_tokens, k] activations, descending per token
-    indices: np.ndarray  # [n_tokens, k] feature ids
+    values: np.ndarray  # [n_tokens, w] activations, descending per token, zero-padded to the widest token
+    indices: np.ndarray  # [n_tokens, w] feature ids
 
     def feature_maxima(self, d_sae: int) -> np.ndarray:
         """[d_sae] each feature's largest activation anywhere in the text.
@@ -47,10 +48,9 @@ class Probe:
     def _load(self) -> tuple[SubjectModel, SAE, int]:
         with self._lock:
             if self._loaded is None:
-                cfg = self.atlas.manifest["config"]
-                model = load_model(
-                    cfg["model"], device=self._device or cfg["device"], dtype=cfg["dtype"], cache_dir=cfg["model_cache"]
-                )
+                cfg = config_of(self.atlas.manifest)
+                model = load_model(cfg.model.model, device=self._device or cfg.run.device, dtype=cfg.run.dtype,
+                                   cache_dir=cfg.model.model_cache)
                 sae = SAE.load(self.atlas.dictionary_dir, device=model.device)
                 self._loaded = (model, sae, int(self.atlas.manifest["hook"]["layer"]))
         return self._loaded
@@ -58,15 +58,13 @@ class Probe:
     @torch.no_grad()
     def run(self, text: str) -> ProbeResult:
         if not text or not text.strip():
-            raise ConfigError("text", "is empty")
+            raise BadParameter("text", "is empty")
         model, sae, layer = self._load()
         ids = model.tokenizer(text, add_special_tokens=False)["input_ids"]
         if len(ids) > MAX_PROBE_TOKENS:
-            raise ConfigError("text", f"is {len(ids)} tokens; the limit is {MAX_PROBE_TOKENS}")
+            raise BadParameter("text", f"is {len(ids)} tokens; the limit is {MAX_PROBE_TOKENS}")
         x = torch.tensor([[model.bos_id, *ids]])
         resid = model.residual(x, layer)[0, 1:]
-        code = sae.encode(resid.to(sae.W_enc.dtype))
-        values, order = code.values.sort(dim=-1, descending=True)
-        indices = code.indices.gather(-1, order)
+        values, indices = sae.encode(resid.to(sae.W_enc.dtype)).padded()
         tokens = [model.tokenizer.decode([i]) for i in ids]
         return ProbeResult(tokens, values.float().cpu().numpy(), indices.cpu().numpy())

@@ -13,9 +13,9 @@ SAELens names and shapes: ``W_enc [d_in, d_sae]``, ``b_enc [d_sae]``, ``W_dec [d
 ``b_dec [d_in]`` and, for threshold architectures, ``threshold [d_sae]``; the encoder subtracts
 ``b_dec`` first (``apply_b_dec_to_input``).
 
-The atlas stores a fixed-width sparse code per token (``SparseCode``): k wide for top-k, ``2k`` wide
-(the strongest actives, zeros for the rest) for the threshold architectures, whose L0 varies.
-Metrics and reconstructions always use the full activation.
+Every public method works for all four: ``encode`` gives each row's active latents as a
+``SparseCode`` in CSR layout (k per row for top-k, any number for the threshold architectures, whose
+L0 varies), so nothing is cut, and ``decode(encode(x))`` is the reconstruction.
 """
 
 from __future__ import annotations
@@ -35,17 +35,69 @@ CFG_FILE = "cfg.json"
 
 
 class SparseCode(NamedTuple):
+    """Each row's active latents in CSR layout: row i's are ``[offsets[i], offsets[i + 1])`` of
+    ``values`` and ``indices``. Variable width, so a jumprelu row with 300 actives keeps all 300."""
+
     values: torch.Tensor
-    """[N, k] activations of the chosen latents (>= 0)."""
+    """[nnz] activations (>= 0; training's fixed-width codes may hold zeros)."""
     indices: torch.Tensor
-    """[N, k] latent ids."""
+    """[nnz] latent ids."""
+    offsets: torch.Tensor
+    """[N + 1] int64 row starts."""
+
+    @classmethod
+    def fixed(cls, values: torch.Tensor, indices: torch.Tensor) -> "SparseCode":
+        """From [N, w] selections, zeros kept (training differentiates through every slot)."""
+        n, width = values.shape
+        offsets = torch.arange(0, n * width + 1, width, device=values.device)
+        return cls(values.reshape(-1), indices.reshape(-1), offsets)
+
+    @classmethod
+    def from_dense(cls, acts: torch.Tensor) -> "SparseCode":
+        """The nonzero entries of [N, d_sae] activations, row by row in latent order."""
+        rows, cols = acts.nonzero(as_tuple=True)
+        return cls(acts[rows, cols], cols, _offsets(rows, len(acts)))
+
+    @property
+    def n_rows(self) -> int:
+        return len(self.offsets) - 1
+
+    def row_ids(self) -> torch.Tensor:
+        """[nnz] the row of each entry."""
+        return torch.repeat_interleave(torch.arange(self.n_rows, device=self.offsets.device), self.offsets.diff())
+
+    def active(self) -> "SparseCode":
+        """Without the zero entries (a top-k row whose k-th pre-activation was negative)."""
+        keep = self.values > 0
+        return SparseCode(self.values[keep], self.indices[keep], _offsets(self.row_ids()[keep], self.n_rows))
+
+    def padded(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """([N, w] values, [N, w] indices), each row sorted strongest first and padded with zeros to
+        the widest row's width w."""
+        rows = self.row_ids()
+        width = int(self.offsets.diff().max()) if self.n_rows else 0
+        order = torch.argsort(self.values, descending=True, stable=True)
+        order = order[torch.argsort(rows[order], stable=True)]  # by row, strongest first within one
+        slot = torch.arange(len(order), device=rows.device) - self.offsets[rows[order]]
+        values = self.values.new_zeros(self.n_rows, width)
+        indices = self.indices.new_zeros(self.n_rows, width)
+        values[rows[order], slot] = self.values[order]
+        indices[rows[order], slot] = self.indices[order]
+        return values, indices
+
+
+def _offsets(rows: torch.Tensor, n: int) -> torch.Tensor:
+    """CSR row starts from the (sorted) row of each entry."""
+    out = torch.zeros(n + 1, dtype=torch.long, device=rows.device)
+    out[1:] = torch.bincount(rows, minlength=n).cumsum(0)
+    return out
 
 
 class ForwardOutput(NamedTuple):
     x_hat: torch.Tensor
     """[N, d_in] reconstruction."""
     code: SparseCode
-    """The k active latents per row."""
+    """The active latents of each row."""
     pre_acts: torch.Tensor
     """[N, d_sae] encoder pre-activations, kept for the AuxK loss."""
 
@@ -85,11 +137,6 @@ class SAE(nn.Module):
         """[d_in, d_sae] encoder weights (a view: writes go to ``enc_weight``)."""
         return self.enc_weight.t()
 
-    @property
-    def code_width(self) -> int:
-        """Latents kept per token in the atlas's sparse code."""
-        return self.k if self.architecture == "topk" else min(2 * self.k, self.d_sae)
-
     @classmethod
     def initialized(cls, d_in: int, d_sae: int, k: int, *, architecture: str = "topk", seed: int = 0,
                     meta: dict | None = None) -> "SAE":
@@ -112,52 +159,50 @@ class SAE(nn.Module):
             x = self._layer_norm(x)[0]
         return (x - self.b_dec) @ self.W_enc + self.b_enc
 
-    def activations(self, x: torch.Tensor) -> torch.Tensor:
-        """[N, d_sae] inference activations, zeros for inactive latents."""
-        pre = self.pre_activations(x)
+    def _code(self, pre: torch.Tensor) -> SparseCode:
+        """Rows are every leading index flattened: a [batch, seq, d_sae] input gives batch * seq rows."""
+        pre = pre.reshape(-1, self.d_sae)
         if self.architecture == "topk":
             values, indices = pre.topk(self.k, dim=-1, sorted=False)
-            return torch.zeros_like(pre).scatter_(-1, indices, values.relu())
+            return SparseCode.fixed(values.relu(), indices).active()
         if self.architecture == "relu":
-            return pre.relu()
-        return pre * (pre > self.threshold.clamp_min(0))  # a threshold below 0 would let negatives through
+            return SparseCode.from_dense(pre.relu())
+        # jumprelu and batchtopk at inference: a threshold per latent (below 0 would let negatives through)
+        return SparseCode.from_dense(pre * (pre > self.threshold.clamp_min(0)))
 
     def encode(self, x: torch.Tensor) -> SparseCode:
-        """The ``code_width`` strongest actives per row (zeros where fewer are active)."""
-        if self.architecture == "topk":
-            values, indices = self.pre_activations(x).topk(self.k, dim=-1, sorted=False)
-            return SparseCode(values.relu(), indices)
-        values, indices = self.activations(x).topk(self.code_width, dim=-1, sorted=False)
-        return SparseCode(values, indices)
+        """Every active latent of every row: k per row for top-k, all above threshold otherwise."""
+        return self._code(self.pre_activations(x))
+
+    def activations(self, x: torch.Tensor) -> torch.Tensor:
+        """[N, d_sae] inference activations, zeros for inactive latents (what SAELens's ``encode`` returns)."""
+        return self.dense(self.encode(x))
 
     def decode(self, code: SparseCode) -> torch.Tensor:
-        # Gathers only the k active decoder rows: k * d_in work per row instead of d_sae * d_in.
-        flat = nn.functional.embedding_bag(
-            code.indices.reshape(-1, self.k), self.W_dec, per_sample_weights=code.values.reshape(-1, self.k), mode="sum"
-        )
-        return flat.reshape(*code.values.shape[:-1], self.d_in) + self.b_dec
+        """[N, d_in] from the code, before any input normalisation is undone (``reconstruct`` does that)."""
+        # Gathers only the active decoder rows: L0 * d_in work per row instead of d_sae * d_in.
+        return nn.functional.embedding_bag(code.indices, self.W_dec, code.offsets[:-1], per_sample_weights=code.values,
+                                           mode="sum") + self.b_dec
 
     def dense(self, code: SparseCode) -> torch.Tensor:
-        """[N, d_sae] activations with zeros outside the top k (what SAELens's ``encode`` returns)."""
-        out = torch.zeros(*code.values.shape[:-1], self.d_sae, dtype=code.values.dtype, device=code.values.device)
-        return out.scatter_(-1, code.indices, code.values)
+        """[N, d_sae] with zeros outside the code."""
+        out = code.values.new_zeros(code.n_rows, self.d_sae)
+        return out.index_put_((code.row_ids(), code.indices), code.values)
 
     def forward(self, x: torch.Tensor) -> ForwardOutput:
         pre = self.pre_activations(x)
-        values, indices = pre.topk(self.k, dim=-1, sorted=False)
-        code = SparseCode(values.relu(), indices)
-        return ForwardOutput(self.decode(code), code, pre)
+        code = self._code(pre)
+        return ForwardOutput(self._denormalize(self.decode(code).view(x.shape), x), code, pre)
 
     def reconstruct(self, x: torch.Tensor) -> torch.Tensor:
-        """From the full activation: a threshold architecture's L0 may exceed the stored code width."""
-        if self.architecture == "topk":
-            out = self.decode(self.encode(x))
-        else:
-            out = self.activations(x) @ self.W_dec + self.b_dec
-        if self.layer_norm_input:
-            _, mean, std = self._layer_norm(x)
-            out = out * (std + LAYER_NORM_EPS) + mean
-        return out
+        """[N, d_in] in the input's own units (an input layer norm undone)."""
+        return self._denormalize(self.decode(self.encode(x)).view(x.shape), x)
+
+    def _denormalize(self, out: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        if not self.layer_norm_input:
+            return out
+        _, mean, std = self._layer_norm(x)
+        return out * (std + LAYER_NORM_EPS) + mean
 
     @torch.no_grad()
     def unit_decoder(self) -> torch.Tensor:

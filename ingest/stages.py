@@ -1,66 +1,97 @@
-"""Resumable stages: each one's output lives in ``cache/<stage>/`` with a ``done.json`` that records
-the key of its inputs. A stage whose key matches is skipped; a changed key clears its folder first."""
+"""Stages as units: each has a name, a version, the config groups it reads, its upstream stages,
+the files it leaves, and a ``run``. Its cache key is derived: the key settings of its groups (see
+``config.setting``), its upstream stages' keys, its version and whatever else it declares as input
+(a corpus fingerprint, a resolved dtype). Nothing lists fields by hand.
+
+Each stage's output lives in ``cache/<stage>/`` with a ``done.json`` that records its key. A stage
+whose key matches is skipped; a changed key clears its folder first; a folder holding this key's
+partial output (a killed run) is kept, so a stage that writes in shards (the harvest, a shard of
+tokens at a time; the training checkpoint) resumes where it was.
+"""
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import logging
 import shutil
 import time
-from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Generic, TypeVar
 
-from featureatlas.store.atlas import write_json_atomic
+from featureatlas.store.manifest import write_json_atomic
 
 log = logging.getLogger(__name__)
 DONE = "done.json"
+Context = TypeVar("Context")
 
 
 def stage_key(*parts: Any) -> str:
     return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
+def key_settings(group: Any) -> dict[str, Any]:
+    """The settings of a config group that can change a stage's output (``setting(key=True)``)."""
+    return {f.name: getattr(group, f.name) for f in dataclasses.fields(group) if f.metadata.get("key", True)}
+
+
+@dataclass(frozen=True)
+class Stage(Generic[Context]):
+    name: str
+    version: int  # bump when the stage's output changes for the same inputs
+    groups: tuple[str, ...]  # config groups read (their key settings are in the key)
+    upstream: tuple[str, ...]  # stages whose outputs it reads (their keys are in the key)
+    outputs: tuple[str, ...]  # files it leaves in its folder
+    run: Callable[[Context, Path], dict[str, Any]]  # writes ``outputs`` into the folder, returns a summary
+    inputs: Callable[[Context], Any] = lambda _: None  # inputs that are not settings (a fingerprint, a dtype)
+
+
 class Stages:
-    def __init__(self, cache: Path):
+    """Runs stages in order against one cache folder, skipping the finished ones; ``record`` is
+    what the manifest reports (key, reused or done, summary)."""
+
+    def __init__(self, cache: Path, config: Any):
         self.cache = cache
+        self.config = config
+        self.keys: dict[str, str] = {}
         self.record: dict[str, dict[str, Any]] = {}
 
     def folder(self, name: str) -> Path:
         return self.cache / name
 
-    def finished(self, name: str, key: str) -> dict[str, Any] | None:
-        """The summary of a finished run of ``name`` with inputs ``key``, or None."""
-        done = self.folder(name) / DONE
+    def key(self, stage: Stage, ctx: Any) -> str:
+        settings = {g: key_settings(getattr(self.config, g)) for g in stage.groups}
+        return stage_key(stage.name, stage.version, settings, [self.keys[u] for u in stage.upstream], stage.inputs(ctx))
+
+    def ensure(self, stage: Stage, ctx: Any) -> dict[str, Any]:
+        """The summary of ``stage``: from its finished run with these inputs, or from running it now."""
+        key = self.key(stage, ctx)
+        self.keys[stage.name] = key
+        folder = self.folder(stage.name)
+        done = folder / DONE
         if done.is_file():
             data = json.loads(done.read_text())
-            if data.get("key") == key:
-                self.record[name] = {"key": key, "status": "reused", "summary": data["summary"]}
-                log.info("%-9s reused (inputs unchanged): %s", name, _short(data["summary"]))
+            if data.get("key") == key and all((folder / o).exists() for o in stage.outputs):
+                self.record[stage.name] = {"key": key, "status": "reused", "summary": data["summary"]}
+                log.info("%-9s reused (inputs unchanged): %s", stage.name, _short(data["summary"]))
                 return data["summary"]
-        return None
-
-    @contextmanager
-    def run(self, name: str, key: str) -> Iterator[dict[str, Any]]:
-        """Yields a dict the stage fills with its summary; marks the stage done on success.
-
-        A folder holding another key's output is cleared; one holding this key's partial output
-        (a killed run) is kept, so stages that can resume (the harvest) pick up where they were.
-        """
-        folder = self.folder(name)
         partial = folder / ".key"
         if folder.exists() and (not partial.is_file() or partial.read_text() != key):
             shutil.rmtree(folder)
         folder.mkdir(parents=True, exist_ok=True)
         partial.write_text(key)
-        summary: dict[str, Any] = {}
         t0 = time.perf_counter()
-        yield summary
+        summary = stage.run(ctx, folder)
+        missing = [o for o in stage.outputs if not (folder / o).exists()]
+        if missing:
+            raise RuntimeError(f"stage {stage.name} did not write {missing}")
         summary["seconds"] = round(time.perf_counter() - t0, 1)
-        write_json_atomic(folder / DONE, {"key": key, "summary": summary})
-        self.record[name] = {"key": key, "status": "done", "summary": summary}
-        log.info("%-9s done: %s", name, _short(summary))
+        write_json_atomic(done, {"key": key, "summary": summary})
+        self.record[stage.name] = {"key": key, "status": "done", "summary": summary}
+        log.info("%-9s done: %s", stage.name, _short(summary))
+        return summary
 
 
 def _short(summary: dict[str, Any]) -> str:

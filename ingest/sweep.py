@@ -18,6 +18,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from featureatlas.store.errors import BadParameter
 
 from .evaluate import reconstruction_metrics
 from .train import train_sae
@@ -69,7 +70,8 @@ def power_law(x: np.ndarray, y: np.ndarray) -> tuple[float, float]:
 def fit(runs: list[Run], target_compute: float) -> dict:
     front = frontier(runs)
     if len(front) < 2:
-        raise ValueError("the compute frontier has fewer than two runs: widen the grid")
+        raise BadParameter("--features", "the compute frontier has fewer than two runs: widen the grid "
+                                         "(more feature counts or token budgets)")
     c = np.array([r.compute for r in front])
     loss_a, loss_b = power_law(c, np.array([r.fvu for r in front]))
     feat_a, feat_b = power_law(c, np.array([r.features for r in front], dtype=float))

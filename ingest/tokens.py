@@ -12,9 +12,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+from featureatlas.store.errors import BadConfig
 from tqdm import tqdm
 
-from .config import AtlasConfig, ConfigError
+from .config import AtlasConfig
 from .corpus import Document, read_source
 
 # A document is tokenized from a prefix of its text at most this many characters per needed token:
@@ -113,7 +114,7 @@ def tokenize_corpus(cfg: AtlasConfig, tokenizer, bos_id: int) -> TokenizedCorpus
                 bar.update(len(chunk) + 1)
     bar.close()
     if not pieces:
-        raise ConfigError("--corpus", "the corpus yielded no tokens")
+        raise BadConfig("--corpus", "the corpus yielded no tokens")
     lengths = np.array([len(p) for p in pieces], dtype=np.int64)
     corpus = TokenizedCorpus(
         documents=documents,
@@ -124,5 +125,5 @@ def tokenize_corpus(cfg: AtlasConfig, tokenizer, bos_id: int) -> TokenizedCorpus
         ids=np.concatenate(pieces),
     )
     if corpus.ctx_eval.all() or not corpus.ctx_eval.any():
-        raise ConfigError("--eval-fraction", "the split left no training or no evaluation contexts; use more tokens")
+        raise BadConfig("--eval-fraction", "the split left no training or no evaluation contexts; use more tokens")
     return corpus

@@ -24,7 +24,6 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from .memory import keep_freed_memory
 from .sae import SAE, ForwardOutput, SparseCode
 
 log = logging.getLogger(__name__)
@@ -125,7 +124,7 @@ def _topk_forward(sae: SAE, x: torch.Tensor) -> tuple[ForwardOutput, Select]:
     rows gathered. Returns also the function that gives any other selection (AuxK's) its gradient."""
     _, pre, select = _sparse_encoder(sae, x)
     values, indices = pre.topk(sae.k, dim=-1, sorted=False)
-    code = SparseCode(select(values, indices).relu(), indices)
+    code = SparseCode.fixed(select(values, indices).relu(), indices)
     return ForwardOutput(sae.decode(code), code, pre), select
 
 
@@ -311,7 +310,6 @@ def train_sae(
     pass is most of a step; tensor cores run it several times faster on a GPU); the parameters,
     Adam, the selected latents' values and the loss stay fp32. On this kind of CPU bf16 is slower.
     """
-    keep_freed_memory()
     gen = np.random.default_rng(seed)
     rows = np.arange(len(acts)) if rows is None else np.asarray(rows, dtype=np.int64)
     n, d_in = len(rows), acts.shape[1]

@@ -14,7 +14,7 @@ import json
 import time
 
 import torch
-from featureatlas.ingest.config import AtlasConfig
+from featureatlas.ingest.config import ModelConfig
 from featureatlas.ingest.corpus import read_source
 from featureatlas.ingest.model import load_model
 
@@ -32,7 +32,7 @@ def main() -> None:
     args = p.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
-    model = load_model(args.model, device=args.device, cache_dir=AtlasConfig.model_cache)
+    model = load_model(args.model, device=args.device, cache_dir=ModelConfig.model_cache)
     layer = args.layer if args.layer is not None else model.n_layers // 2
     # Real text: full-length contexts from English Wikipedia summaries.
     ids: list[int] = []

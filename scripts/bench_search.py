@@ -31,7 +31,7 @@ import numpy as np
 import pyarrow as pa
 from featureatlas.ingest.embed import embed
 from featureatlas.store.publish import publish, write_duckdb, write_lance
-from featureatlas.store.schema import EXAMPLES_SCHEMA
+from featureatlas.store.schema import ACTIVATIONS, DOCUMENTS, EXAMPLES, LABEL_CANDIDATES, TOKENS
 
 D_MODEL = 576
 # Requests before timing starts (their latencies are reported apart, as cold_*).
@@ -87,26 +87,23 @@ def synthetic_features(n: int, seed: int = 0) -> tuple[pa.Table, np.ndarray]:
 
 def build_atlas(root: Path, features: pa.Table, examples: pa.Table | None = None, dictionary=None) -> None:
     """Publish ``features`` (and ``examples``, and a ``dictionary`` SAE if given) as an atlas."""
-    examples = examples if examples is not None else EXAMPLES_SCHEMA.empty_table()
+    examples = examples if examples is not None else EXAMPLES.arrow().empty_table()
     n = features.num_rows
-    empty = lambda **cols: pa.table({k: pa.array([], t) for k, t in cols.items()})  # noqa: E731
     manifest = {"format": 1, "dictionary": {"d_sae": n, "d_in": D_MODEL, "k": 32, "architecture": "topk"},
-                "config": {"embedder": "minilm", "model": "smollm2", "device": "cpu", "dtype": "auto",
-                           "model_cache": "~/.cache/featureatlas/models"},
+                "config": {},
                 "model": {"name": "synthetic"}, "hook": {"layer": 15}, "synthetic": True}
 
-    def build(staging: Path) -> None:
+    def build(staging: Path) -> dict[str, int]:
         if dictionary is not None:
             dictionary.save(staging / "dictionary")
         else:
             (staging / "dictionary").mkdir()
-        write_lance(staging / "lance", features, examples, D_MODEL)
+        versions = write_lance(staging / "lance", features, examples, D_MODEL)
         write_duckdb(staging / "analytics.duckdb", {
-            "documents": empty(doc_id=pa.int32(), doc_key=pa.string(), source=pa.string(), title=pa.string(), text=pa.string()),
-            "tokens": empty(doc_id=pa.int32(), position=pa.int32(), token_id=pa.int32(), token=pa.string(), split=pa.string()),
-            "activations": empty(doc_id=pa.int32(), position=pa.int32(), feature_id=pa.int32(), value=pa.float32()),
+            **{t.name: t.arrow().empty_table() for t in (DOCUMENTS, TOKENS, ACTIVATIONS, LABEL_CANDIDATES)},
             "features": features,
         })
+        return versions
 
     publish(root, build, manifest)
 

@@ -18,10 +18,13 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from featureatlas.ingest.config import config_of
 from featureatlas.ingest.evaluate import reconstruction_metrics
 from featureatlas.ingest.harvest import cached_split
+from featureatlas.ingest.runtime import configure
 from featureatlas.ingest.train import train_sae
-from featureatlas.store.atlas import CACHE, Atlas
+from featureatlas.store.atlas import Atlas
+from featureatlas.store.manifest import CACHE
 
 
 def matmul_flops(device: torch.device, dtype: torch.dtype, n: int = 2048, repeats: int = 5) -> float:
@@ -92,10 +95,9 @@ def main() -> None:
                         "set by their sparsity coefficient, not k)")
     p.add_argument("--out")
     args = p.parse_args()
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    configure(threads=args.threads, training=True)  # both trainers get the same allocator setting
     atlas = Atlas(args.atlas)
-    train, held = cached_split(Path(atlas.root) / CACHE, atlas.manifest["config"]["shard_tokens"])
+    train, held = cached_split(Path(atlas.root) / CACHE, config_of(atlas.manifest).harvest.shard_tokens)
     lr = 2e-4 / (args.d_sae / 16384) ** 0.5  # our default rule, given to both
     report: dict = {"d_in": int(train.shape[1]), "d_sae": args.d_sae, "k": args.k, "tokens": args.tokens,
                     "batch": args.batch, "lr": lr, "threads": torch.get_num_threads(), "train_rows": len(train),

@@ -27,7 +27,7 @@ import pyarrow as pa
 import torch
 from bench_search import D_MODEL, WORDS, build_atlas, serving, synthetic_features
 from featureatlas.ingest.sae import SAE
-from featureatlas.store.schema import EXAMPLES_SCHEMA
+from featureatlas.store.schema import EXAMPLES
 from playwright.sync_api import sync_playwright
 
 CHROMIUM = "/usr/bin/chromium"
@@ -71,7 +71,7 @@ def page_atlas_parts(n: int, seed: int = 0) -> tuple[pa.Table, pa.Table, SAE]:
         "activations": pa.ListArray.from_arrays(offsets, pa.array(acts.astype(np.float32).ravel())),
         "max_activation": peak.astype(np.float32),
         "max_position": np.full(rows, PEAK, np.int32),
-    }).cast(EXAMPLES_SCHEMA)
+    }).cast(EXAMPLES.arrow())
 
     sae = SAE(D_MODEL, n, 32)
     with torch.no_grad():

@@ -20,7 +20,9 @@ from featureatlas.ingest.embed import embed
 from featureatlas.ingest.labels.label import label_features
 from featureatlas.ingest.labels.llm import make_chat
 from featureatlas.ingest.labels.relabel import atlas_config
-from featureatlas.store.atlas import CACHE, DUCKDB, Atlas
+from featureatlas.ingest.labels.stage import LLM_CACHE
+from featureatlas.store.atlas import Atlas
+from featureatlas.store.manifest import CACHE, duckdb_file
 
 
 def describe(scores: list[float]) -> dict[str, float | int | None]:
@@ -52,7 +54,7 @@ def main() -> None:
     args = p.parse_args()
 
     atlas = Atlas(args.atlas)
-    con = duckdb.connect(str(atlas.root / DUCKDB), read_only=True)
+    con = duckdb.connect(str(atlas.root / duckdb_file(atlas.manifest)), read_only=True)
     live = [f for (f,) in con.execute("select feature_id from features where n_active > 0 order by feature_id").fetchall()]
     rng = np.random.default_rng(args.seed)
     sample = sorted(rng.choice(live, min(args.features, len(live)), replace=False).tolist())
@@ -63,8 +65,8 @@ def main() -> None:
         t0 = time.perf_counter()
         cfg = atlas_config(atlas, {"label_explainer": name, "label_scorers": ["embedding", "simulation"],
                                    "llm_url": args.llm_url, "llm_model": args.llm_model, "seed": args.seed})
-        chat = make_chat(cfg, atlas.root / CACHE / "llm-cache.jsonl") if name == "llm" else None
-        labels = label_features(con, sample, cfg, embed, chat=chat)
+        chat = make_chat(cfg.labels, cfg.run.device, atlas.root / CACHE / LLM_CACHE) if name == "llm" else None
+        labels = label_features(con, sample, cfg.labels, embed, seed=cfg.run.seed, chat=chat)
         report["seconds"][name] = round(time.perf_counter() - t0, 1)
         report["auroc_mean"][name] = describe(labels.score)["mean"]
         report["distribution"][name] = describe(labels.score)

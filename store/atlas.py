@@ -1,42 +1,49 @@
-"""The one way to open an atlas: paths, manifest, and read-only handles on both databases."""
+"""The one way to open an atlas: its manifest, the two databases at the versions the manifest
+names, and the one query path every DuckDB read goes through (``Atlas.query``: time and row
+limited, so no route can run unbounded)."""
 
 from __future__ import annotations
 
-import json
-import os
-import tempfile
+import threading
+import time
+from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
 from typing import Any
 
-MANIFEST = "manifest.json"
-DICTIONARY = "dictionary"
-LANCE = "lance"
-DUCKDB = "analytics.duckdb"
-CACHE = "cache"
-# The published parts, swapped in together by ``store.publish``; the manifest goes last.
-PUBLISHED = (DICTIONARY, LANCE, DUCKDB)
+import duckdb
 
+from . import manifest as M
+from .errors import BadParameter, NotFound
 
 QUERY_MEMORY_LIMIT = "2GB"
+# Internal queries (feature pages, neighbours, browsing) get this long; user SQL has its own,
+# shorter limit (``store.sql``). A query past it is interrupted, never left running.
+INTERNAL_TIME_LIMIT_MS = 10_000
 # Columns a feature list may be sorted by (they are interpolated into SQL, so this list is the guard).
 SORTABLE = ("density", "max_activation", "mean_activation", "label_score", "n_active", "feature_id")
+_SCALAR = ["feature_id", "label", "density", "max_activation"]
 
 
-class AtlasNotFound(FileNotFoundError):
-    pass
+class AtlasNotFound(NotFound):
+    def __init__(self, message: str):
+        super().__init__("--atlas", message)
 
 
-def write_json_atomic(path: Path, data: Any) -> None:
-    """Write to a temporary name in the same folder, then rename: readers see old or new, never half."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    with os.fdopen(fd, "w") as f:
-        json.dump(data, f, indent=2, default=str)
-        f.flush()
-        os.fsync(f.fileno())
-    os.chmod(tmp, 0o644)  # mkstemp's 0600 would hide the manifest from other readers
-    os.replace(tmp, path)
+class QueryInterrupted(Exception):
+    """A query ran past its time limit. Not necessarily the user's fault (an internal query on a
+    huge atlas): user SQL turns it into a refusal, the API into a 503."""
+
+
+@dataclass
+class QueryResult:
+    columns: list[str]
+    rows: list[tuple]
+    truncated: bool  # more rows than the row limit: the rest were not read
+    elapsed_ms: float
+
+    def dicts(self) -> list[dict[str, Any]]:
+        return [dict(zip(self.columns, r)) for r in self.rows]
 
 
 class Atlas:
@@ -44,50 +51,96 @@ class Atlas:
 
     def __init__(self, root: str | Path):
         self.root = Path(root)
-        if not (self.root / MANIFEST).is_file():
-            raise AtlasNotFound(f"{self.root} is not a finished atlas (no {MANIFEST}); run `featureatlas ingest` first")
-        self.manifest: dict[str, Any] = json.loads((self.root / MANIFEST).read_text())
+        manifest = M.read(self.root)
+        if manifest is None:
+            raise AtlasNotFound(f"{self.root} is not a finished atlas (no {M.MANIFEST}); run `featureatlas ingest` first")
+        self.manifest: dict[str, Any] = manifest
 
     @property
     def dictionary_dir(self) -> Path:
-        return self.root / DICTIONARY
+        return self.root / M.DICTIONARY
 
     @property
     def d_sae(self) -> int:
         return int(self.manifest["dictionary"]["d_sae"])
 
     @cached_property
-    def lance(self):
+    def _lance(self):
         import lancedb
 
-        return lancedb.connect(str(self.root / LANCE))
+        return lancedb.connect(str(self.root / M.LANCE))
+
+    def _table(self, name: str):
+        table = self._lance.open_table(name)
+        version = M.lance_version(self.manifest, name)
+        if version is not None:
+            table.checkout(version)  # a re-label in progress writes newer versions; readers stay here
+        return table
 
     @cached_property
     def features(self):
-        return self.lance.open_table("features")
+        """The LanceDB features table (vectors and full text): for ``store.search``."""
+        return self._table("features")
 
     @cached_property
     def examples(self):
-        return self.lance.open_table("examples")
+        return self._table("examples")
 
     @cached_property
     def _con(self):
-        return self.duckdb()
+        """A read-only connection that cannot reach files, the network or extensions, and whose
+        configuration cannot be changed afterwards: the engine, not string checks, keeps SQL safe."""
+        return duckdb.connect(
+            str(self.root / M.duckdb_file(self.manifest)),
+            read_only=True,
+            # memory_limit: one query must not take the server's memory with it.
+            config={"enable_external_access": False, "lock_configuration": True, "memory_limit": QUERY_MEMORY_LIMIT},
+        )
 
-    def duckdb_cursor(self):
-        """A cursor on the shared read-only connection: one per request or thread."""
-        return self._con.cursor()
+    def query(self, sql: str, params: list[Any] | dict[str, Any] | None = None, *,
+              time_limit_ms: int = INTERNAL_TIME_LIMIT_MS, row_limit: int | None = None) -> QueryResult:
+        """Every DuckDB read of the atlas goes through here, on its own cursor: a timer interrupts
+        it after ``time_limit_ms`` (``QueryInterrupted``), and at most ``row_limit`` rows are read."""
+        cur = self._con.cursor()
+        timer = threading.Timer(time_limit_ms / 1000, cur.interrupt)
+        t0 = time.perf_counter()
+        timer.start()
+        try:
+            cur.execute(sql, params) if params else cur.execute(sql)
+            columns = [d[0] for d in cur.description or []]
+            rows = cur.fetchall() if row_limit is None else cur.fetchmany(row_limit + 1)
+        except duckdb.InterruptException:
+            raise QueryInterrupted(f"the query ran longer than the {time_limit_ms} ms limit") from None
+        finally:
+            timer.cancel()
+            cur.close()
+        truncated = row_limit is not None and len(rows) > row_limit
+        return QueryResult(columns, rows[:row_limit] if truncated else rows, truncated,
+                           round((time.perf_counter() - t0) * 1000, 2))
+
+    def statements(self, sql: str) -> list[str]:
+        """The statement types ``sql`` parses into (user SQL is checked with this before it runs)."""
+        cur = self._con.cursor()
+        try:
+            return [s.type.name for s in cur.extract_statements(sql)]
+        finally:
+            cur.close()
 
     def list_features(self, *, sort: str = "density", descending: bool = True, limit: int = 50, offset: int = 0) -> list[dict]:
         """A page of features (scalar columns only), from DuckDB's copy of the feature table."""
         if sort not in SORTABLE:
-            raise ValueError(f"sort must be one of {', '.join(SORTABLE)}")
+            raise BadParameter("sort", f"must be one of {', '.join(SORTABLE)}, got {sort!r}")
         order = "desc" if descending else "asc"
-        rows = self.duckdb_cursor().execute(
-            f"select * from features order by {sort} {order} nulls last, feature_id limit ? offset ?", [limit, offset]
-        )
-        names = [d[0] for d in rows.description]
-        return [dict(zip(names, r)) for r in rows.fetchall()]
+        return self.query(f"select * from features order by {sort} {order} nulls last, feature_id limit ? offset ?",
+                          [limit, offset]).dicts()
+
+    def summaries(self, ids: list[int]) -> dict[int, dict[str, Any]]:
+        """Label, density and maximum activation of each of ``ids``."""
+        if not ids:
+            return {}
+        rows = self.query(f"select {', '.join(_SCALAR)} from features where feature_id in (select unnest($ids))",
+                          {"ids": [int(i) for i in ids]}).dicts()
+        return {r.pop("feature_id"): r for r in rows}
 
     def feature_row(self, feature_id: int, columns: list[str]) -> dict | None:
         """``columns`` of one feature's LanceDB row. Features are published in id order, so the id
@@ -124,17 +177,18 @@ class Atlas:
         rows.sort(key=lambda r: (r["kind"] != "top", -r["max_activation"]))
         return rows
 
-    def duckdb(self):
-        """A new read-only connection that cannot reach files, the network or extensions, and whose
-        configuration cannot be changed afterwards: the engine, not string checks, keeps SQL safe."""
-        import duckdb
-
-        return duckdb.connect(
-            str(self.root / DUCKDB),
-            read_only=True,
-            # memory_limit: one query must not take the server's memory with it.
-            config={"enable_external_access": False, "lock_configuration": True, "memory_limit": QUERY_MEMORY_LIMIT},
-        )
+    def top_examples(self, ids: list[int]) -> dict[int, dict]:
+        """The strongest top example of each of ``ids`` (tokens and activations)."""
+        if not ids:
+            return {}
+        where = f"kind = 'top' and feature_id in ({', '.join(str(int(i)) for i in ids)})"
+        rows = self.examples.search().where(where).select(["feature_id", "tokens", "activations", "max_activation"]) \
+            .limit(len(ids) * 100).to_list()
+        best: dict[int, dict] = {}
+        for r in rows:
+            if r["feature_id"] not in best or r["max_activation"] > best[r["feature_id"]]["max_activation"]:
+                best[r["feature_id"]] = r
+        return best
 
 
 def summarize(manifest: dict[str, Any]) -> str:

@@ -14,6 +14,7 @@ from typing import Any
 import numpy as np
 
 from .atlas import Atlas
+from .errors import NotFound
 
 MAX_CLUSTERS = 12  # more colours than this are hard to tell apart on a map
 # Rows per read. Every label embedding is held while clustering (1.5 KB a row: 150 MB at 100k
@@ -23,8 +24,9 @@ KMEANS_SAMPLE = 20_000
 KMEANS_ITERATIONS = 20
 
 
-class NoMap(LookupError):
-    pass
+class NoMap(NotFound):
+    def __init__(self, message: str):
+        super().__init__("map", message)
 
 
 def _labelled(embeddings: np.ndarray) -> np.ndarray:

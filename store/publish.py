@@ -1,15 +1,16 @@
-"""Writing an atlas: both databases are built in a staging folder, then swapped in.
+"""Writing an atlas: a whole publish, and a re-label, each one atomic change.
 
-The manifest is the commit record: it is removed before the swap and written (atomically) after, so
-a crash at any point leaves either the previous atlas, or a folder that ``Atlas`` refuses to open —
-never a half atlas that opens.
+The manifest is the commit record (``store.manifest``). A publish builds every part in a staging
+folder, removes the manifest, swaps the parts in and writes the manifest last: a crash leaves the
+previous atlas, or a folder that ``Atlas`` refuses to open, never a half atlas that opens. A
+re-label writes a new DuckDB file and a new LanceDB table version, neither of which readers open
+until the manifest that names them replaces the old one.
 """
 
 from __future__ import annotations
 
-import json
-import os
 import shutil
+import time
 from pathlib import Path
 from typing import Any, Callable
 
@@ -18,12 +19,12 @@ import lancedb
 import pyarrow as pa
 from lancedb.index import FTS, BTree, IvfHnswSq
 
-from .atlas import CACHE, DUCKDB, LANCE, MANIFEST, PUBLISHED, write_json_atomic
-from .schema import DUCKDB_DDL, EXAMPLES_SCHEMA, features_schema
+from . import manifest as M
+from .schema import ANN_MIN_ROWS, DUCKDB_TABLES, EXAMPLES, FEATURES, LABEL_CANDIDATES
 
 STAGING = ".staging"
-# Below this many features an exact scan beats any ANN index (and is exact).
-ANN_MIN_ROWS = 50_000
+# The published parts, swapped in together; the manifest goes last.
+PUBLISHED = (M.DICTIONARY, M.LANCE, M.DUCKDB)
 
 
 def search_text(labels: list[str], top_tokens: list[list[str]]) -> pa.Array:
@@ -31,15 +32,18 @@ def search_text(labels: list[str], top_tokens: list[list[str]]) -> pa.Array:
     return pa.array([f"{label} {' '.join(t.strip() for t in tokens)}" for label, tokens in zip(labels, top_tokens)], pa.string())
 
 
-def write_lance(folder: Path, features: pa.Table, examples: pa.Table, d_model: int) -> None:
+def write_lance(folder: Path, features: pa.Table, examples: pa.Table, d_model: int) -> dict[str, int]:
+    """Both LanceDB tables with their indexes; returns each one's version (the manifest pins them)."""
     if "search_text" not in features.column_names:
         features = features.append_column(
             "search_text", search_text(features["label"].to_pylist(), features["top_tokens"].to_pylist()))
     db = lancedb.connect(str(folder))
     tables = {}
-    for name, table, schema in (("features", features, features_schema(d_model)), ("examples", examples, EXAMPLES_SCHEMA)):
-        tables[name] = db.create_table(name, table.select(schema.names).cast(schema), mode="overwrite")
+    for spec, table in ((FEATURES, features), (EXAMPLES, examples)):
+        schema = spec.arrow(d_model)
+        tables[spec.name] = db.create_table(spec.name, table.select(schema.names).cast(schema), mode="overwrite")
     create_indexes(tables["features"], tables["examples"])
+    return {name: t.version for name, t in tables.items()}
 
 
 def create_indexes(features, examples) -> None:
@@ -56,15 +60,17 @@ def create_indexes(features, examples) -> None:
 
 
 def write_duckdb(path: Path, tables: dict[str, pa.Table]) -> None:
-    """``tables``: Arrow tables for documents, tokens, activations and features, with at least the
-    columns of ``DUCKDB_DDL`` (extra columns are ignored)."""
+    """``tables``: an Arrow table for each of ``DUCKDB_TABLES`` with at least its SQL columns
+    (extra columns are ignored)."""
+    missing = {t.name for t in DUCKDB_TABLES} - set(tables)
+    if missing:
+        raise ValueError(f"write_duckdb: no data for {sorted(missing)}")
     con = duckdb.connect(str(path))
     try:
-        con.execute(DUCKDB_DDL)
-        for name, table in tables.items():
-            columns = [c[0] for c in con.execute(f"describe {name}").fetchall()]
-            con.register("incoming", table.select(columns))
-            con.execute(f"insert into {name} select * from incoming")
+        for spec in DUCKDB_TABLES:
+            con.execute(spec.ddl())
+            con.register("incoming", tables[spec.name].select(spec.sql_names))
+            con.execute(f"insert into {spec.name} select * from incoming")
             con.unregister("incoming")
         # Ordered by feature so per-feature scans touch few row groups.
         con.execute("create table activations_sorted as select * from activations order by feature_id, value desc")
@@ -75,71 +81,92 @@ def write_duckdb(path: Path, tables: dict[str, pa.Table]) -> None:
         con.close()
 
 
-# The columns a re-labelling replaces, in LanceDB and in DuckDB's copy of the feature table.
-LABEL_COLUMNS = ("label", "label_source", "label_score", "label_scores", "single_token", "label_embedding")
+def publish(root: Path, build: Callable[[Path], dict[str, int]], manifest: dict[str, Any]) -> None:
+    """``build(staging)`` writes every part in ``PUBLISHED`` under ``staging`` and returns the
+    LanceDB table versions; then the parts replace the atlas's and the manifest is written last."""
+    root.mkdir(parents=True, exist_ok=True)
+    staging = root / M.CACHE / STAGING
+    if staging.exists():
+        shutil.rmtree(staging)  # left by a crash: rebuilt whole, never trusted
+    staging.mkdir(parents=True)
+    versions = build(staging)
+    missing = [p for p in PUBLISHED if not (staging / p).exists()]
+    if missing:
+        raise RuntimeError(f"publish: build did not write {missing}")
+    old = staging / "old"
+    old.mkdir()
+    (root / M.MANIFEST).unlink(missing_ok=True)
+    for part in PUBLISHED:
+        if (root / part).exists():
+            (root / part).rename(old / part)
+        (staging / part).rename(root / part)
+    _remove_relabelled_copies(root, keep=M.DUCKDB)
+    M.write(root, M.pin(manifest, duckdb=M.DUCKDB, lance=versions))
+    shutil.rmtree(staging)
 
 
 def update_labels(root: Path, labels: pa.Table, candidates: pa.Table, summary: dict[str, Any]) -> None:
-    """Replace the labels of the features in ``labels`` (``feature_id`` + ``LABEL_COLUMNS``) in a
-    published atlas, each database in one atomic step: LanceDB commits a new table version (older
-    versions stay readable) and DuckDB is rewritten as a copy that replaces the file by rename, so
-    a server reading the atlas sees old or new labels, never a mix within one database."""
+    """Replace the labels of the features in ``labels`` (``feature_id`` + the label columns of
+    ``FEATURES``) in a published atlas, as one change to both databases: a new DuckDB file and a new
+    LanceDB version are written first, and readers move to both together when the manifest naming
+    them is written. A crash before that leaves the previous labels in both."""
+    manifest = M.read(root)
+    if manifest is None:
+        raise RuntimeError(f"{root} has no manifest")
+    duckdb_name = _relabelled_duckdb(root, M.duckdb_file(manifest), labels, candidates)
+    features_version = _relabelled_lance(root, M.lance_version(manifest, "features"), labels)
+    lance = {**manifest.get("published", {}).get("lance", {}), "features": features_version}
+    M.write(root, M.pin({**manifest, "labels": summary}, duckdb=duckdb_name, lance=lance))
+    _remove_relabelled_copies(root, keep=duckdb_name)
+
+
+def _relabelled_duckdb(root: Path, current: str, labels: pa.Table, candidates: pa.Table) -> str:
+    """A copy of the current DuckDB file with the new labels, under a new name (unpublished until
+    the manifest names it)."""
+    name = f"analytics.{time.time_ns()}.duckdb"
+    tmp = root / f".{name}.tmp"
+    shutil.copyfile(root / current, tmp)
+    scalar = [c for c in FEATURES.label_names if c in FEATURES.sql_names]
+    con = duckdb.connect(str(tmp))
+    try:
+        con.register("new_labels", labels.select(["feature_id", *scalar]))
+        assignments = ", ".join(f"{c} = n.{c}" for c in scalar)
+        con.execute(f"update features set {assignments} from new_labels n where features.feature_id = n.feature_id")
+        con.register("new_candidates", candidates.select(LABEL_CANDIDATES.names))
+        con.execute("delete from label_candidates where feature_id in (select feature_id from new_labels)")
+        con.execute("insert into label_candidates select * from new_candidates")
+        con.execute("checkpoint")
+    finally:
+        con.close()
+    tmp.rename(root / name)
+    return name
+
+
+def _relabelled_lance(root: Path, version: int | None, labels: pa.Table) -> int:
+    """A new version of the features table with the new labels; returns its number. Readers pinned
+    to ``version`` keep reading that one."""
+    table = lancedb.connect(str(root / M.LANCE)).open_table("features")
+    if version is not None and version != table.version:
+        table.restore(version)  # a re-label that died after its LanceDB commit: start from what readers see
     ids = labels["feature_id"].to_pylist()
     id_list = ", ".join(str(int(i)) for i in ids)
-    table = lancedb.connect(str(root / LANCE)).open_table("features")
     current = table.search().where(f"feature_id in ({id_list})").limit(len(ids)).to_arrow()
-    new = dict(zip(labels["feature_id"].to_pylist(), range(len(ids))))
+    new = dict(zip(ids, range(len(ids))))
     take = pa.array([new[i] for i in current["feature_id"].to_pylist()])
-    for name in LABEL_COLUMNS:
+    for name in FEATURES.label_names:
         current = current.set_column(current.schema.get_field_index(name), name,
                                      labels[name].take(take).cast(current.schema.field(name).type))
     current = current.set_column(current.schema.get_field_index("search_text"), "search_text",
                                  search_text(current["label"].to_pylist(), current["top_tokens"].to_pylist()))
     table.merge_insert("feature_id").when_matched_update_all().execute(current.select(table.schema.names))
     table.optimize()  # folds the rewritten rows into the full-text, scalar and vector indexes
-
-    path = root / DUCKDB
-    tmp = path.with_name(f".{path.name}.relabel")
-    shutil.copyfile(path, tmp)
-    con = duckdb.connect(str(tmp))
-    try:
-        con.register("new_labels", labels.select(["feature_id", "label", "label_source", "label_score", "single_token"]))
-        con.execute(
-            """update features set label = n.label, label_source = n.label_source, label_score = n.label_score,
-                      single_token = n.single_token from new_labels n where features.feature_id = n.feature_id"""
-        )
-        con.register("new_candidates", candidates)
-        con.execute("delete from label_candidates where feature_id in (select feature_id from new_labels)")
-        con.execute("insert into label_candidates select * from new_candidates")
-        con.execute("checkpoint")
-    finally:
-        con.close()
-    os.replace(tmp, path)
-
-    manifest = json.loads((root / MANIFEST).read_text())
-    manifest["labels"] = summary
-    write_json_atomic(root / MANIFEST, manifest)
+    return table.version
 
 
-def publish(root: Path, build: Callable[[Path], None], manifest: dict[str, Any]) -> None:
-    """``build(staging)`` writes every part in ``PUBLISHED`` under ``staging``; then they replace
-    the atlas's parts and the manifest is written last."""
-    root.mkdir(parents=True, exist_ok=True)
-    staging = root / CACHE / STAGING
-    if staging.exists():
-        shutil.rmtree(staging)  # left by a crash: rebuilt whole, never trusted
-    staging.mkdir(parents=True)
-    build(staging)
-    missing = [p for p in PUBLISHED if not (staging / p).exists()]
-    if missing:
-        raise RuntimeError(f"publish: build did not write {missing}")
-    old = staging / "old"
-    old.mkdir()
-    (root / MANIFEST).unlink(missing_ok=True)
-    for part in PUBLISHED:
-        if (root / part).exists():
-            (root / part).rename(old / part)
-        (staging / part).rename(root / part)
-    write_json_atomic(root / MANIFEST, manifest)
-    shutil.rmtree(staging)
-
+def _remove_relabelled_copies(root: Path, *, keep: str) -> None:
+    """DuckDB files of earlier re-labels (and of one that died before its commit) that no manifest names."""
+    for path in root.glob("analytics.*.duckdb"):
+        if path.name != keep:
+            path.unlink(missing_ok=True)
+    for path in root.glob(".analytics.*.duckdb.tmp"):
+        path.unlink(missing_ok=True)

@@ -1,84 +1,144 @@
-"""Every table's schema, in one place: LanceDB's ``features`` and ``examples`` (Arrow schemas) and
-DuckDB's analytics tables. Readers and writers both import from here."""
+"""Every table of an atlas, declared once: LanceDB's Arrow schemas, DuckDB's DDL, the columns a
+re-label owns and the scalar copy of the features that SQL joins against are all derived from the
+declarations below. Readers and writers both import from here.
+"""
 
 from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
 
 import pyarrow as pa
 
 EMBEDDING_DIM = 384
+# Below this many features an exact scan beats any ANN index (and is exact): publish builds the
+# vector indexes from here on, search asks them.
+ANN_MIN_ROWS = 50_000
 
-_logit = pa.list_(pa.struct([("token", pa.string()), ("value", pa.float32())]))
-
-
-def features_schema(d_model: int) -> pa.Schema:
-    return pa.schema(
-        [
-            ("feature_id", pa.int32()),
-            ("decoder", pa.list_(pa.float32(), d_model)),  # unit norm
-            ("label", pa.string()),
-            # label + top tokens, the column the full-text index covers
-            ("search_text", pa.string()),
-            ("label_source", pa.string()),  # the explainer that wrote the kept label, or "none"
-            ("label_score", pa.float32()),  # the first scorer's score on held-out windows; null if unscored
-            ("label_scores", pa.list_(pa.struct([("scorer", pa.string()), ("score", pa.float32())]))),
-            # top activations all on one token: token matching scores it high trivially
-            ("single_token", pa.bool_()),
-            ("label_embedding", pa.list_(pa.float32(), EMBEDDING_DIM)),
-            ("context_embedding", pa.list_(pa.float32(), EMBEDDING_DIM)),
-            ("density", pa.float64()),  # fraction of encoded tokens where it fires
-            ("n_active", pa.int64()),
-            ("mean_activation", pa.float32()),  # mean over the tokens where it fires
-            ("max_activation", pa.float32()),
-            ("top_tokens", pa.list_(pa.string())),
-            ("logit_positive", _logit),
-            ("logit_negative", _logit),
-            # counts in equal-width bins over [0, max_activation]
-            ("histogram", pa.list_(pa.int64())),
-            # the feature map (ingest/feature_map.py): UMAP of the decoder directions, in [-1, 1]
-            ("map_x", pa.float32()),
-            ("map_y", pa.float32()),
-        ]
-    )
+_LOGITS = pa.list_(pa.struct([("token", pa.string()), ("value", pa.float32())]))
+_SQL_TYPES = {pa.int32(): "integer", pa.int64(): "bigint", pa.float32(): "real", pa.float64(): "double",
+              pa.string(): "varchar", pa.bool_(): "boolean"}
 
 
-EXAMPLES_SCHEMA = pa.schema(
-    [
-        ("feature_id", pa.int32()),
-        ("kind", pa.string()),  # top | quantile
-        ("doc_id", pa.int32()),
-        ("start", pa.int32()),  # document position of tokens[0]
-        ("tokens", pa.list_(pa.string())),
-        ("activations", pa.list_(pa.float32())),
-        ("max_activation", pa.float32()),
-        ("max_position", pa.int32()),  # document position of the strongest token
-    ]
-)
+@dataclass(frozen=True)
+class Column:
+    name: str
+    type: pa.DataType | Callable[[int], pa.DataType]  # a callable takes d_model (the decoder's width)
+    sql: bool = True  # also in DuckDB (scalars only)
+    labels: bool = False  # rewritten by a re-label (``featureatlas label``)
+    key: bool = False  # DuckDB primary key
+
+
+@dataclass(frozen=True)
+class Table:
+    name: str
+    columns: tuple[Column, ...]
+
+    @property
+    def names(self) -> list[str]:
+        return [c.name for c in self.columns]
+
+    def arrow(self, d_model: int = 0) -> pa.Schema:
+        return pa.schema([(c.name, c.type(d_model) if callable(c.type) else c.type) for c in self.columns])
+
+    @property
+    def sql_names(self) -> list[str]:
+        return [c.name for c in self.columns if c.sql]
+
+    def ddl(self) -> str:
+        cols = ", ".join(f"{c.name} {_SQL_TYPES[c.type]}{' primary key' if c.key else ''}" for c in self.columns if c.sql)
+        return f"create table {self.name} ({cols});"
+
+    @property
+    def label_names(self) -> list[str]:
+        return [c.name for c in self.columns if c.labels]
+
+    def build(self, columns: dict, d_model: int = 0) -> pa.Table:
+        """An Arrow table of this declaration from column data (every column, cast to its type)."""
+        return pa.table({c: columns[c] for c in self.names}, schema=self.arrow(d_model))
+
+
+def _vector(d_model: int) -> pa.DataType:
+    return pa.list_(pa.float32(), d_model)
+
+
+FEATURES = Table("features", (
+    Column("feature_id", pa.int32(), key=True),
+    Column("decoder", _vector, sql=False),  # unit norm
+    Column("label", pa.string(), labels=True),
+    # label + top tokens, the column the full-text index covers
+    Column("search_text", pa.string(), sql=False),
+    Column("label_source", pa.string(), labels=True),  # the explainer that wrote the kept label, or "none"
+    Column("label_score", pa.float32(), labels=True),  # the first scorer's score on held-out windows; null if unscored
+    Column("label_scores", pa.list_(pa.struct([("scorer", pa.string()), ("score", pa.float32())])), sql=False, labels=True),
+    # top activations all on one token: token matching scores it high trivially
+    Column("single_token", pa.bool_(), labels=True),
+    Column("label_embedding", pa.list_(pa.float32(), EMBEDDING_DIM), sql=False, labels=True),
+    Column("context_embedding", pa.list_(pa.float32(), EMBEDDING_DIM), sql=False),
+    Column("density", pa.float64()),  # fraction of encoded tokens where it fires
+    Column("n_active", pa.int64()),
+    Column("mean_activation", pa.float32()),  # mean over the tokens where it fires
+    Column("max_activation", pa.float32()),
+    Column("top_tokens", pa.list_(pa.string()), sql=False),
+    Column("logit_positive", _LOGITS, sql=False),
+    Column("logit_negative", _LOGITS, sql=False),
+    # counts in equal-width bins over [0, max_activation]
+    Column("histogram", pa.list_(pa.int64()), sql=False),
+    # the feature map (ingest/feature_map.py): UMAP of the decoder directions, in [-1, 1]
+    Column("map_x", pa.float32()),
+    Column("map_y", pa.float32()),
+))
+
+EXAMPLES = Table("examples", (
+    Column("feature_id", pa.int32()),
+    Column("kind", pa.string()),  # top | quantile
+    Column("doc_id", pa.int32()),
+    Column("start", pa.int32()),  # document position of tokens[0]
+    Column("tokens", pa.list_(pa.string())),
+    Column("activations", pa.list_(pa.float32())),
+    Column("max_activation", pa.float32()),
+    Column("max_position", pa.int32()),  # document position of the strongest token
+))
 
 # Every candidate label every explainer proposed, with its AUROC on the explainer's side (used to
 # choose) and on held-out windows (reported); failed LLM calls are rows with status "failed".
-LABEL_CANDIDATES_SCHEMA = pa.schema(
-    [
-        ("feature_id", pa.int32()),
-        ("explainer", pa.string()),
-        ("kind", pa.string()),
-        ("label", pa.string()),
-        ("status", pa.string()),
-        ("detail", pa.string()),
-        ("choice_auroc", pa.float32()),
-        ("holdout_auroc", pa.float32()),
-        ("chosen", pa.bool_()),
-    ]
-)
+LABEL_CANDIDATES = Table("label_candidates", (
+    Column("feature_id", pa.int32()),
+    Column("explainer", pa.string()),
+    Column("kind", pa.string()),
+    Column("label", pa.string()),
+    Column("status", pa.string()),
+    Column("detail", pa.string()),
+    Column("choice_auroc", pa.float32()),
+    Column("holdout_auroc", pa.float32()),
+    Column("chosen", pa.bool_()),
+))
 
-# DuckDB analytics. ``activations`` holds the sparse code of every encoded token (its k largest
-# latents that are > 0); ``features`` is a scalar copy of the LanceDB table for joins.
-DUCKDB_DDL = """
-create table documents (doc_id integer primary key, doc_key varchar, source varchar, title varchar, text varchar);
-create table tokens (doc_id integer, position integer, token_id integer, token varchar, split varchar);
-create table activations (doc_id integer, position integer, feature_id integer, value real);
-create table features (feature_id integer primary key, label varchar, label_source varchar, label_score real,
-                       single_token boolean, density double, n_active bigint, mean_activation real, max_activation real,
-                       map_x real, map_y real);
-create table label_candidates (feature_id integer, explainer varchar, kind varchar, label varchar, status varchar,
-                               detail varchar, choice_auroc real, holdout_auroc real, chosen boolean);
-"""
+DOCUMENTS = Table("documents", (
+    Column("doc_id", pa.int32(), key=True),
+    Column("doc_key", pa.string()),
+    Column("source", pa.string()),
+    Column("title", pa.string()),
+    Column("text", pa.string()),
+))
+
+TOKENS = Table("tokens", (
+    Column("doc_id", pa.int32()),
+    Column("position", pa.int32()),
+    Column("token_id", pa.int32()),
+    Column("token", pa.string()),
+    Column("split", pa.string()),  # train | eval
+))
+
+# The sparse code of every encoded token: every active latent, however many (no cap at k).
+ACTIVATIONS = Table("activations", (
+    Column("doc_id", pa.int32()),
+    Column("position", pa.int32()),
+    Column("feature_id", pa.int32()),
+    Column("value", pa.float32()),
+))
+
+# LanceDB holds the feature vectors and examples; DuckDB every table's SQL columns (for features, a
+# scalar copy to join against).
+LANCE_TABLES = (FEATURES, EXAMPLES)
+DUCKDB_TABLES = (DOCUMENTS, TOKENS, ACTIVATIONS, FEATURES, LABEL_CANDIDATES)

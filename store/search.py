@@ -13,7 +13,8 @@ from typing import NamedTuple
 import numpy as np
 
 from .atlas import Atlas
-from .publish import ANN_MIN_ROWS
+from .errors import NotFound
+from .schema import ANN_MIN_ROWS
 
 # Query-time ANN knobs (only used once an index exists: see ``ANN_MIN_ROWS``). Measured on
 # 100k clustered decoders: SQ quantisation alone caps recall@10 near 0.97; re-ranking twice the
@@ -60,16 +61,13 @@ def _rows(table, score: str):
 
 
 def text_search(atlas: Atlas, query: str, k: int) -> Ranked:
-    """BM25 over labels and top tokens."""
-    try:
-        rows = (
-            atlas.features.search(query, query_type="fts", fts_columns="search_text")
-            .select([*_COLUMNS, "_score"])
-            .limit(k)
-            .to_arrow()
-        )
-    except ValueError:  # a query of only stop words or punctuation has no terms
-        return []
+    """BM25 over labels and top tokens (a query of only stop words or punctuation finds nothing)."""
+    rows = (
+        atlas.features.search(query, query_type="fts", fts_columns="search_text")
+        .select([*_COLUMNS, "_score"])
+        .limit(k)
+        .to_arrow()
+    )
     return [Hit(*row) for row in _rows(rows, "_score")]
 
 
@@ -83,7 +81,7 @@ def decoder_neighbors(atlas: Atlas, feature_id: int, k: int) -> Ranked:
     if atlas.d_sae >= ANN_MIN_ROWS:
         row = atlas.feature_row(feature_id, ["decoder"])
         if row is None:
-            raise LookupError(f"no feature {feature_id}")
+            raise NotFound("feature_id", f"no feature {feature_id}")
         return vector_search(atlas, "decoder", row["decoder"], k, exclude=feature_id)
     decoders = atlas.decoders
     sims = decoders @ decoders[feature_id]
@@ -99,8 +97,7 @@ def decoder_neighbors(atlas: Atlas, feature_id: int, k: int) -> Ranked:
 
 def coactivation_neighbors(atlas: Atlas, feature_id: int, k: int) -> Ranked:
     """Features that fire on the same tokens, by Jaccard similarity of their token sets."""
-    cur = atlas.duckdb_cursor()
-    rows = cur.execute(
+    rows = atlas.query(
         """
         with mine as (select doc_id, position from activations where feature_id = $f),
         n_mine as (select count(*) as n from mine),
@@ -113,7 +110,7 @@ def coactivation_neighbors(atlas: Atlas, feature_id: int, k: int) -> Ranked:
         order by jaccard desc, o.feature_id limit $k
         """,
         {"f": int(feature_id), "k": int(k)},
-    ).fetchall()
+    ).rows
     return [Hit(int(f), float(j), lab, den) for f, j, lab, den in rows]
 
 

@@ -1,34 +1,33 @@
 """Read-only SQL over an atlas's analytics database, the way Datasette does it.
 
 The engine is the guard: the connection is read-only, cannot reach files, the network or
-extensions, and its configuration is locked (``Atlas.duckdb``). On top of that, the text must parse
-to exactly one SELECT-like statement, a timer interrupts queries that run too long, and results
-stop at a row limit with ``truncated`` set.
+extensions, and its configuration is locked (``Atlas._con``). On top of that, the text must parse
+to exactly one SELECT-like statement, and it runs through ``Atlas.query`` like every internal
+query, with a shorter time limit; results stop at a row limit with ``truncated`` set.
 """
 
 from __future__ import annotations
 
 import datetime as dt
 import decimal
-import threading
-import time
 import uuid
 from dataclasses import dataclass
 from typing import Any
 
 import duckdb
 
-from .atlas import Atlas
+from .atlas import Atlas, QueryInterrupted
+from .errors import QueryRefused
 
 SQL_TIME_LIMIT_MS = 2000
 MAX_RETURNED_ROWS = 1000
 MAX_SQL_CHARS = 20_000
 # Statement types that only read.
 _READ_ONLY = {"SELECT", "EXPLAIN"}
-
-
-class SQLError(ValueError):
-    """A query that is refused or fails; the message is safe to show the user."""
+# What a query can do wrong as written (a missing column, a bad cast, reading a file, too much
+# memory): a refusal. Anything else (a damaged file, an internal error) is ours: a 500.
+_USER_ERRORS = (duckdb.ProgrammingError, duckdb.DataError, duckdb.NotSupportedError, duckdb.OutOfMemoryException,
+                duckdb.PermissionException, duckdb.IntegrityError)
 
 
 @dataclass
@@ -51,36 +50,25 @@ def execute_sql(
     max_rows: int = MAX_RETURNED_ROWS,
 ) -> SQLResult:
     if not sql or not sql.strip():
-        raise SQLError("empty query")
+        raise QueryRefused("empty query")
     if len(sql) > MAX_SQL_CHARS:
-        raise SQLError(f"query longer than {MAX_SQL_CHARS} characters")
-    cur = atlas.duckdb_cursor()
+        raise QueryRefused(f"query longer than {MAX_SQL_CHARS} characters")
     try:
-        statements = cur.extract_statements(sql)
+        kinds = atlas.statements(sql)
     except duckdb.Error as e:
-        raise SQLError(f"syntax error: {_first_line(e)}") from None
-    if len(statements) != 1:
-        raise SQLError(f"exactly one statement is allowed, got {len(statements)}")
-    kind = statements[0].type.name
-    if kind not in _READ_ONLY:
-        raise SQLError(f"only read-only queries (SELECT) are allowed, got {kind}")
-    timer = threading.Timer(time_limit_ms / 1000, cur.interrupt)
-    t0 = time.perf_counter()
-    timer.start()
+        raise QueryRefused(f"syntax error: {_first_line(e)}") from None
+    if len(kinds) != 1:
+        raise QueryRefused(f"exactly one statement is allowed, got {len(kinds)}")
+    if kinds[0] not in _READ_ONLY:
+        raise QueryRefused(f"only read-only queries (SELECT) are allowed, got {kinds[0]}")
     try:
-        cur.execute(sql, params) if params else cur.execute(sql)
-        columns = [d[0] for d in cur.description or []]
-        rows = cur.fetchmany(max_rows + 1)
-    except duckdb.InterruptException:
-        raise SQLError(f"query interrupted: it ran longer than the {time_limit_ms} ms limit") from None
-    except duckdb.Error as e:
-        raise SQLError(_first_line(e)) from None
-    finally:
-        timer.cancel()
-        cur.close()
-    elapsed = (time.perf_counter() - t0) * 1000
-    truncated = len(rows) > max_rows
-    return SQLResult(columns, [[_json_safe(v) for v in r] for r in rows[:max_rows]], truncated, round(elapsed, 2))
+        result = atlas.query(sql, params, time_limit_ms=time_limit_ms, row_limit=max_rows)
+    except QueryInterrupted:
+        raise QueryRefused(f"query interrupted: it ran longer than the {time_limit_ms} ms limit") from None
+    except _USER_ERRORS as e:
+        raise QueryRefused(_first_line(e)) from None
+    rows = [[_json_safe(v) for v in r] for r in result.rows]
+    return SQLResult(result.columns, rows, result.truncated, result.elapsed_ms)
 
 
 def _first_line(e: Exception) -> str:

@@ -80,7 +80,7 @@ def tiny_config(atlas: Path, model: Path, corpus: Path, **changes):
         histogram_bins=8, context_embedding_examples=2, model_cache=str(atlas.parent / "model-cache"),
     )
     values.update(changes)
-    cfg = AtlasConfig(**values)
+    cfg = AtlasConfig.build(values)
     cfg.validate()
     return cfg
 
@@ -92,3 +92,24 @@ def tiny_atlas(tmp_path_factory, tiny_model_dir, corpus_dir) -> Path:
     root = tmp_path_factory.mktemp("atlas") / "atlas"
     run_ingest(tiny_config(root, tiny_model_dir, corpus_dir))
     return root
+
+
+class _Rows:
+    def __init__(self, rows: list[tuple]):
+        self.rows = rows
+
+    def fetchone(self) -> tuple | None:
+        return self.rows[0] if self.rows else None
+
+    def fetchall(self) -> list[tuple]:
+        return self.rows
+
+
+class SQL:
+    """A test's DuckDB reads of an atlas, through ``Atlas.query`` like every other read."""
+
+    def __init__(self, atlas):
+        self.atlas = atlas
+
+    def execute(self, sql: str, params=None) -> _Rows:
+        return _Rows(self.atlas.query(sql, params).rows)

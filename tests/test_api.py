@@ -6,6 +6,8 @@ from featureatlas.api.app import create_app
 from featureatlas.store.atlas import Atlas
 from litestar.testing import TestClient
 
+from .conftest import SQL
+
 
 @pytest.fixture(scope="module")
 def client(tiny_atlas):
@@ -52,7 +54,7 @@ def test_decoder_neighbors_are_exact_cosine_ranks(client, tiny_atlas, live):
 
 
 def test_coactivation_neighbors_are_jaccard(client, tiny_atlas, live):
-    con = Atlas(tiny_atlas).duckdb()
+    con = SQL(Atlas(tiny_atlas))
     got = client.get(f"/api/features/{live}/neighbors", params={"k": 3, "by": "coactivation"}).json()["neighbors"]
     assert got and all(0 < n["similarity"] <= 1 for n in got)
     g = got[0]["feature_id"]

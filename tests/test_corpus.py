@@ -3,8 +3,8 @@ import json
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-from featureatlas.ingest.config import ConfigError
 from featureatlas.ingest.corpus import BUILTIN, Document, read_source
+from featureatlas.store.errors import BadConfig
 
 
 def test_user_files_of_every_format(tmp_path):
@@ -39,7 +39,7 @@ def test_order_and_split_are_deterministic(corpus_dir):
     ],
 )
 def test_bad_sources_fail_clearly(tmp_path, make, message):
-    with pytest.raises(ConfigError, match=message):
+    with pytest.raises(BadConfig, match=message):
         read_source(str(make(tmp_path)))
 
 

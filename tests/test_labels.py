@@ -14,13 +14,15 @@ import numpy as np
 import pyarrow as pa
 import pytest
 from featureatlas.api.cli import main
-from featureatlas.ingest.config import AtlasConfig
+from featureatlas.ingest.config import LabelConfig
 from featureatlas.ingest.embed import embed
 from featureatlas.ingest.labels import scorers, themes
 from featureatlas.ingest.labels.label import label_features
 from featureatlas.ingest.labels.llm import Chat, ChatError, OpenAIBackend, make_chat
 from featureatlas.ingest.labels.windows import label_connection, split_parts, window_pool
 from featureatlas.store.atlas import Atlas
+
+from .conftest import SQL
 
 TOPICS = {
     "bridge": "the suspension bridge hangs from steel cables between two towers over the bay while traffic crosses the deck",
@@ -111,7 +113,7 @@ def test_auroc_counts_ties_as_half():
 def test_explainers_never_see_choose_or_held_out_documents(planted):
     other = {d for (d,) in planted.execute("select doc_id from label_split where part != 'explain'").fetchall()}
     assert other
-    out = label_features(planted, [BRIDGE_FEATURE, TOKEN_FEATURE], AtlasConfig(), embed)
+    out = label_features(planted, [BRIDGE_FEATURE, TOKEN_FEATURE], LabelConfig(), embed, seed=0)
     seen = {d for (d,) in planted.execute("select distinct doc_id from explain_hits").fetchall()}
     assert seen and not seen & other
     bridge = out.features.index(BRIDGE_FEATURE)
@@ -180,10 +182,10 @@ def fake_llm():
 
 def test_llm_explainer_through_an_openai_compatible_endpoint(planted, fake_llm, tmp_path, monkeypatch):
     monkeypatch.setenv("FA_TEST_KEY", "sekret")
-    cfg = AtlasConfig(label_explainer="llm", llm_url=fake_llm, llm_model="fake", llm_api_key_env="FA_TEST_KEY",
+    cfg = LabelConfig(label_explainer="llm", llm_url=fake_llm, llm_model="fake", llm_api_key_env="FA_TEST_KEY",
                       label_scorers=["embedding", "detection"], llm_workers=2)
     chat = Chat(OpenAIBackend(cfg.llm_url, cfg.llm_model, cfg.llm_api_key_env, 5.0), max_calls=50, cache=tmp_path / "c.jsonl")
-    out = label_features(planted, [BRIDGE_FEATURE], cfg, embed, chat=chat, logits={BRIDGE_FEATURE: [" bridge"]})
+    out = label_features(planted, [BRIDGE_FEATURE], cfg, embed, seed=0, chat=chat, logits={BRIDGE_FEATURE: [" bridge"]})
     req = FakeOpenAI.requests[0]
     assert req["path"] == "/v1/chat/completions" and req["auth"] == "Bearer sekret" and req["body"]["model"] == "fake"
     prompt = req["body"]["messages"][1]["content"]
@@ -200,13 +202,16 @@ def test_llm_explainer_through_an_openai_compatible_endpoint(planted, fake_llm, 
     n = len(FakeOpenAI.requests)
     Chat(OpenAIBackend(cfg.llm_url, cfg.llm_model, "", 5.0), max_calls=0, cache=tmp_path / "c.jsonl")(req["body"]["messages"])
     assert len(FakeOpenAI.requests) == n
+    # Another model is asked again: its answer is not the first model's.
+    Chat(OpenAIBackend(cfg.llm_url, "another", "", 5.0), max_calls=1, cache=tmp_path / "c.jsonl")(req["body"]["messages"])
+    assert len(FakeOpenAI.requests) == n + 1 and FakeOpenAI.requests[-1]["body"]["model"] == "another"
 
 
 def test_failed_llm_calls_are_marked_failed_not_scored(planted, fake_llm):
     FakeOpenAI.status = 500
-    cfg = AtlasConfig(label_explainer="llm", llm_url=fake_llm, llm_model="fake")
+    cfg = LabelConfig(label_explainer="llm", llm_url=fake_llm, llm_model="fake")
     chat = Chat(OpenAIBackend(cfg.llm_url, "fake", "", 5.0), max_calls=10, retries=1)
-    out = label_features(planted, [BRIDGE_FEATURE], cfg, embed, chat=chat)
+    out = label_features(planted, [BRIDGE_FEATURE], cfg, embed, seed=0, chat=chat)
     assert len(FakeOpenAI.requests) == 2  # one call, one retry
     failed = [c for c in out.candidates.to_pylist() if c["status"] == "failed"]
     assert len(failed) == 1 and "500" in failed[0]["detail"] and failed[0]["holdout_auroc"] is None
@@ -233,7 +238,7 @@ def test_label_command_relabels_in_place(tiny_atlas, tmp_path, capsys):
     assert atlas.manifest["labels"]["features"] == "0-9"
     rows = {r["feature_id"]: r for r in atlas.features.to_arrow().to_pylist()}
     assert len(rows) == atlas.d_sae
-    con = atlas.duckdb()
+    con = SQL(atlas)
     for f in range(10):
         scores = {s["scorer"]: s["score"] for s in rows[f]["label_scores"]}
         if rows[f]["label_source"] == "contrastive" and scores.get("simulation") is not None:
@@ -263,8 +268,8 @@ def test_local_model_folder_backend(tiny_model_dir, tmp_path):
     config = json.loads((folder / "tokenizer_config.json").read_text())
     config["chat_template"] = "{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}assistant:"
     (folder / "tokenizer_config.json").write_text(json.dumps(config))
-    cfg = AtlasConfig(label_explainer="llm", llm_model=str(folder), llm_max_calls=1)
-    chat = make_chat(cfg, None)
+    cfg = LabelConfig(label_explainer="llm", llm_model=str(folder), llm_max_calls=1)
+    chat = make_chat(cfg, "cpu", None)
     answer = chat([{"role": "user", "content": "the bridge"}], max_tokens=4)
     assert isinstance(answer, str)
     assert chat([{"role": "user", "content": "the bridge"}], max_tokens=4) == answer  # cached, within budget

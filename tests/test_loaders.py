@@ -9,9 +9,9 @@ import numpy as np
 import pytest
 import torch
 from featureatlas.api.cli import main
-from featureatlas.ingest.config import ConfigError
 from featureatlas.ingest.loaders import load_dictionary
 from featureatlas.store.atlas import Atlas
+from featureatlas.store.errors import BadConfig
 from safetensors.torch import save_file
 
 D, F = 16, 48
@@ -63,7 +63,7 @@ def test_sparsify(tmp_path):
     w = {"encoder.weight": _rand(F, D), "encoder.bias": _rand(F), "W_dec": _rand(F, D), "b_dec": _rand(D)}
     save_file(w, folder / "sae.safetensors")
     (folder / "cfg.json").write_text(json.dumps({"k": 6, "num_latents": F, "expansion_factor": 3, "normalize_decoder": True}))
-    with pytest.raises(ConfigError, match="layers.5"):  # the checkpoint root holds one folder per hook point
+    with pytest.raises(BadConfig, match="layers.5"):  # the checkpoint root holds one folder per hook point
         load_dictionary(tmp_path, k=8)
     sae = load_dictionary(folder, k=8)
     # sparsify: top-k of relu(encoder(x - b_dec))
@@ -128,13 +128,13 @@ def test_openai_topk_with_layer_normed_input(tmp_path):
 
 
 def test_unknown_or_broken_files_are_config_errors(tmp_path):
-    with pytest.raises(ConfigError, match="no such"):
+    with pytest.raises(BadConfig, match="no such"):
         load_dictionary(tmp_path / "missing", k=8)
-    with pytest.raises(ConfigError, match="known format"):
+    with pytest.raises(BadConfig, match="known format"):
         load_dictionary(tmp_path, k=8)
     (tmp_path / "config.json").write_text(json.dumps({"trainer": {"dict_class": "GatedAutoEncoder"}}))
     torch.save({}, tmp_path / "ae.pt")
-    with pytest.raises(ConfigError, match="GatedAutoEncoder"):
+    with pytest.raises(BadConfig, match="GatedAutoEncoder"):
         load_dictionary(tmp_path, k=8)
 
 

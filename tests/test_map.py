@@ -13,6 +13,8 @@ from featureatlas.store.atlas import Atlas
 from featureatlas.store.map_view import label_clusters
 from litestar.testing import TestClient
 
+from .conftest import SQL
+
 
 def planted(groups: int, per: int, dim: int, spread: float, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
     """Unit vectors in ``groups`` tight groups, and each vector's group."""
@@ -68,7 +70,7 @@ def test_map_document_matches_the_atlas(tiny_atlas):
     assert set(doc["cluster"]) - {-1} == ids
     assert sum(c["size"] for c in doc["clusters"]) == sum(c >= 0 for c in doc["cluster"])
     # the stored layout is in DuckDB too, for SQL
-    row = atlas.duckdb_cursor().execute("select map_x, map_y from features where feature_id = 3").fetchone()
+    row = SQL(atlas).execute("select map_x, map_y from features where feature_id = 3").fetchone()
     assert row == pytest.approx((doc["x"][3], doc["y"][3]), abs=1e-4)
 
 
@@ -111,5 +113,5 @@ def test_map_stays_in_feature_order_after_rows_are_rewritten(tiny_atlas, tmp_pat
         doc = client.get("/api/map").json()
     assert doc["feature_id"] == list(range(atlas.d_sae))
     assert doc["label"][3] == "label three" and doc["label"][40] == "label forty"
-    xy = atlas.duckdb_cursor().execute("select map_x, map_y from features where feature_id = 40").fetchone()
+    xy = SQL(atlas).execute("select map_x, map_y from features where feature_id = 40").fetchone()
     assert (doc["x"][40], doc["y"][40]) == pytest.approx(xy, abs=1e-4)

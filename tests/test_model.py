@@ -1,7 +1,7 @@
 import pytest
 import torch
-from featureatlas.ingest.config import ConfigError
 from featureatlas.ingest.model import load_model
+from featureatlas.store.errors import BadConfig
 
 
 @pytest.fixture(scope="module")
@@ -43,10 +43,10 @@ def test_identity_splice_keeps_the_clean_loss_and_zero_ablation_hurts(tiny):
 
 
 def test_layer_range_is_checked_before_loading(tiny_model_dir, tmp_path):
-    with pytest.raises(ConfigError, match="--layer"):
+    with pytest.raises(BadConfig, match="--layer"):
         load_model(str(tiny_model_dir), cache_dir=tmp_path, layer=4)
 
 
 def test_unknown_model_path_is_a_config_error(tmp_path):
-    with pytest.raises(ConfigError, match="--model"):
+    with pytest.raises(BadConfig, match="--model"):
         load_model(str(tmp_path / "nope"), cache_dir=tmp_path)

@@ -6,12 +6,13 @@ import numpy as np
 import pytest
 import torch
 from featureatlas.ingest import pipeline
+from featureatlas.ingest.config import config_of
 from featureatlas.ingest.harvest import load_activations
 from featureatlas.ingest.sae import SAE
 from featureatlas.ingest.tokens import TokenizedCorpus
 from featureatlas.store.atlas import Atlas, AtlasNotFound
 
-from .conftest import tiny_config
+from .conftest import SQL, tiny_config
 
 
 def test_atlas_tables_are_consistent(tiny_atlas):
@@ -26,7 +27,7 @@ def test_atlas_tables_are_consistent(tiny_atlas):
     assert feats.num_rows == 64 and sorted(feats["feature_id"].to_pylist()) == list(range(64))
     dec = np.stack(feats["decoder"].to_numpy(zero_copy_only=False))
     np.testing.assert_allclose(np.linalg.norm(dec, axis=1), 1.0, atol=1e-4)
-    con = atlas.duckdb()
+    con = SQL(atlas)
     n_tokens, n_acts = con.execute("select (select count(*) from tokens), (select count(*) from activations)").fetchone()
     assert n_tokens == m["tokens"]["train"] + m["tokens"]["eval"]
     assert 0 < n_acts <= 4 * n_tokens
@@ -48,14 +49,14 @@ def test_examples_show_the_features_real_activations(tiny_atlas):
     atlas = Atlas(tiny_atlas)
     sae = SAE.load(atlas.dictionary_dir)
     corpus = TokenizedCorpus.load(tiny_atlas / "cache" / "corpus")
-    cfg = atlas.manifest["config"]
-    acts = load_activations(tiny_atlas / "cache" / "harvest", corpus, cfg["shard_tokens"])
+    cfg = config_of(atlas.manifest)
+    acts = load_activations(tiny_atlas / "cache" / "harvest", corpus, cfg.harvest.shard_tokens)
     live = atlas.list_features(sort="density", limit=1)[0]["feature_id"]
     examples = atlas.feature_examples(live)
     tops = [e for e in examples if e["kind"] == "top"]
-    assert 0 < len(tops) <= cfg["top_examples"]
+    assert 0 < len(tops) <= cfg.analysis.top_examples
     assert [e["max_activation"] for e in tops] == sorted((e["max_activation"] for e in tops), reverse=True)
-    con = atlas.duckdb()
+    con = SQL(atlas)
     e = tops[0]
     assert max(e["activations"]) == pytest.approx(e["max_activation"], rel=1e-5)
     # Recompute the strongest token's activation from the dictionary and the harvested vector.
@@ -100,16 +101,16 @@ def _tree_hash(root: Path) -> str:
 def test_rerun_reuses_every_stage(tmp_path, tiny_model_dir, corpus_dir):
     cfg = tiny_config(tmp_path / "atlas", tiny_model_dir, corpus_dir)
     first = pipeline.run_ingest(cfg)
-    published = (Path(cfg.atlas) / "analytics.duckdb").stat().st_mtime_ns
+    published = (Path(cfg.run.atlas) / "analytics.duckdb").stat().st_mtime_ns
     manifest = pipeline.run_ingest(cfg)
     assert manifest == first  # nothing changed, so nothing was republished
-    assert (Path(cfg.atlas) / "analytics.duckdb").stat().st_mtime_ns == published
-    assert {s["status"] for s in Atlas(cfg.atlas).manifest["stages"].values()} == {"done"}
+    assert (Path(cfg.run.atlas) / "analytics.duckdb").stat().st_mtime_ns == published
+    assert {s["status"] for s in Atlas(cfg.run.atlas).manifest["stages"].values()} == {"done"}
     # A changed dictionary setting retrains, but reuses the corpus and the harvest.
     manifest = pipeline.run_ingest(cfg.replace(k=3))
     status = {name: s["status"] for name, s in manifest["stages"].items()}
     assert status["corpus"] == status["harvest"] == "reused" and status["train"] == "done"
-    assert Atlas(cfg.atlas).manifest["dictionary"]["k"] == 3
+    assert Atlas(cfg.run.atlas).manifest["dictionary"]["k"] == 3
 
 
 def test_killed_harvest_resumes_from_its_shards(tmp_path, tiny_model_dir, corpus_dir, monkeypatch):
@@ -131,16 +132,16 @@ def test_killed_harvest_resumes_from_its_shards(tmp_path, tiny_model_dir, corpus
     assert len(shards) == 1
     first = shards[0].stat().st_mtime_ns
     with pytest.raises(AtlasNotFound):
-        Atlas(cfg.atlas)
+        Atlas(cfg.run.atlas)
     pipeline.run_ingest(cfg)
     assert shards[0].stat().st_mtime_ns == first  # the finished shard was kept, not redone
-    assert Atlas(cfg.atlas).manifest["stages"]["harvest"]["summary"]["shards"] > 1
+    assert Atlas(cfg.run.atlas).manifest["stages"]["harvest"]["summary"]["shards"] > 1
 
 
 def test_crash_while_publishing_keeps_the_previous_atlas(tmp_path, tiny_model_dir, corpus_dir, monkeypatch):
     cfg = tiny_config(tmp_path / "atlas", tiny_model_dir, corpus_dir)
     pipeline.run_ingest(cfg)
-    before = _tree_hash(Path(cfg.atlas))
+    before = _tree_hash(Path(cfg.run.atlas))
 
     def broken(*_a, **_kw):
         raise RuntimeError("disk full")
@@ -148,9 +149,9 @@ def test_crash_while_publishing_keeps_the_previous_atlas(tmp_path, tiny_model_di
     monkeypatch.setattr(pipeline, "write_duckdb", broken)
     with pytest.raises(RuntimeError, match="disk full"):
         pipeline.run_ingest(cfg.replace(k=2))
-    assert _tree_hash(Path(cfg.atlas)) == before
-    assert Atlas(cfg.atlas).manifest["dictionary"]["k"] == 4
-    assert json.loads((Path(cfg.atlas) / "manifest.json").read_text())["dictionary"]["k"] == 4
+    assert _tree_hash(Path(cfg.run.atlas)) == before
+    assert Atlas(cfg.run.atlas).manifest["dictionary"]["k"] == 4
+    assert json.loads((Path(cfg.run.atlas) / "manifest.json").read_text())["dictionary"]["k"] == 4
 
 
 @pytest.mark.parametrize("architecture", ["relu", "jumprelu"])
@@ -158,13 +159,21 @@ def test_threshold_architectures_build_an_atlas(tmp_path, tiny_model_dir, corpus
     cfg = tiny_config(tmp_path / "atlas", tiny_model_dir, corpus_dir, architecture=architecture, sparsity_coef=0.5)
     manifest = pipeline.run_ingest(cfg)
     assert manifest["dictionary"]["architecture"] == architecture
-    atlas = Atlas(cfg.atlas)
+    atlas = Atlas(cfg.run.atlas)
     sae = SAE.load(atlas.dictionary_dir)
-    assert sae.architecture == architecture and sae.code_width == 2 * cfg.k
-    # The stored code holds at most 2k latents per token, and the published decoder rows are unit norm.
-    per_token = atlas.duckdb().execute(
-        "select max(n) from (select count(*) as n from activations group by doc_id, position)").fetchone()[0]
-    assert 0 < per_token <= 2 * cfg.k
+    assert sae.architecture == architecture
+    # The activations table holds every activation the dictionary produces on every encoded token:
+    # recomputed here from the harvested vectors, count and mass agree (nothing cut at k or 2k).
+    corpus = TokenizedCorpus.load(Path(cfg.run.atlas) / "cache" / "corpus")
+    acts = load_activations(Path(cfg.run.atlas) / "cache" / "harvest", corpus, cfg.harvest.shard_tokens)
+    rows = np.flatnonzero(corpus.token_position() != 0)
+    with torch.no_grad():
+        dense = sae.activations(torch.from_numpy(np.asarray(acts[rows], dtype=np.float32)))
+    count, mass, widest = SQL(atlas).execute(
+        "select count(*), sum(value), (select max(n) from (select count(*) as n from activations group by doc_id, position))"
+        " from activations").fetchone()
+    assert count == int((dense > 0).sum()) and mass == pytest.approx(float(dense.sum()), rel=1e-4)
+    assert widest == int((dense > 0).sum(1).max())
     dec = np.stack(atlas.features.to_arrow()["decoder"].to_numpy(zero_copy_only=False))
     np.testing.assert_allclose(np.linalg.norm(dec, axis=1), 1.0, atol=1e-4)
     assert manifest["metrics"]["l0"] > 0

@@ -188,10 +188,9 @@ def test_each_architecture_round_trips_in_saelens_layout(tmp_path):
         assert again.architecture == architecture
         x = torch.randn(64, 16)
         torch.testing.assert_close(sae.activations(x), again.activations(x), rtol=0, atol=0)
-        # The stored code keeps the 2k strongest actives and nothing below the threshold.
+        # The code keeps every active latent, however many, and nothing below the threshold.
         code, dense = again.encode(x), again.activations(x)
-        assert code.values.shape == (64, 8)
-        torch.testing.assert_close(code.values.sort(-1).values, dense.topk(8, -1).values.sort(-1).values)
+        assert len(code.values) == int((dense > 0).sum()) and bool((code.values > 0).all())
         # Folding an input scale moves thresholds with the biases: same choices, raw units.
         before = again.activations(x * 0.1)
         again.fold_input_scale(0.1)
@@ -252,3 +251,43 @@ def test_training_streams_from_shards_exactly_as_from_memory(tmp_path):
     in_memory = train_sae(data[mask], **options).sae.state_dict()
     for name in in_memory:
         torch.testing.assert_close(streamed[name], in_memory[name], rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("architecture", ["topk", "batchtopk", "relu", "jumprelu"])
+def test_every_public_method_works_for_every_architecture(architecture):
+    """encode -> decode is the reconstruction, dense agrees with the code, forward with both, and a
+    row may hold more actives than k (a threshold architecture's L0 is not capped)."""
+    sae = SAE.initialized(16, 64, 4, architecture=architecture, seed=2)
+    with torch.no_grad():
+        sae.b_enc.normal_(generator=torch.Generator().manual_seed(3))
+        if hasattr(sae, "threshold"):
+            sae.threshold.fill_(0.2)
+    x = torch.randn(40, 16) * 3
+    pre = (x - sae.b_dec) @ sae.W_enc + sae.b_enc
+    if architecture == "topk":
+        vals, idx = pre.topk(4, dim=-1)
+        want = torch.zeros_like(pre).scatter(-1, idx, vals.relu())
+    elif architecture == "relu":
+        want = pre.relu()
+    else:
+        want = pre * (pre > 0.2)
+    code = sae.encode(x)
+    dense = sae.dense(code)
+    torch.testing.assert_close(dense, want)
+    torch.testing.assert_close(sae.activations(x), want)
+    assert code.n_rows == 40 and bool((code.values > 0).all())
+    widths = code.offsets.diff()
+    assert int(widths.sum()) == int((want > 0).sum())
+    if architecture != "topk":
+        assert int(widths.max()) > 4  # wider than k: nothing cut
+    x_hat = want @ sae.W_dec + sae.b_dec
+    torch.testing.assert_close(sae.decode(code), x_hat, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(sae.reconstruct(x), x_hat, rtol=1e-5, atol=1e-5)
+    out = sae(x)
+    torch.testing.assert_close(out.x_hat, x_hat, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(sae.dense(out.code), want)
+    # padded: each row strongest first, the same entries
+    values, indices = code.padded()
+    assert values.shape == (40, int(widths.max()))
+    assert bool((values[:, :-1] >= values[:, 1:]).all())
+    torch.testing.assert_close(torch.zeros_like(pre).scatter_add(-1, indices, values), want)

@@ -5,6 +5,8 @@ from featureatlas.ingest.config import load_config
 from featureatlas.ingest.pipeline import run_ingest
 from featureatlas.store.atlas import Atlas
 
+from .conftest import SQL
+
 pytestmark = pytest.mark.slow
 
 
@@ -27,8 +29,8 @@ def test_real_model_and_corpus_end_to_end(tmp_path):
     assert m["ce_clean"] < m["ce_sae"] < m["ce_zero"]
     # The BOS stream is recorded, and it is far larger than a normal token's: why it stays out.
     assert manifest["tokens"]["bos_mean_norm"] > 10 * manifest["tokens"]["token_mean_norm"]
-    atlas = Atlas(cfg.atlas)
-    con = atlas.duckdb()
+    atlas = Atlas(cfg.run.atlas)
+    con = SQL(atlas)
     assert con.execute("select count(distinct source) from documents").fetchone()[0] == 5
     python_features = con.execute(
         """select count(distinct a.feature_id) from activations a join documents d using (doc_id)

@@ -7,12 +7,12 @@ from .conftest import tiny_config
 
 def test_contexts_start_with_bos_and_map_back_to_documents(tmp_path, tiny_model_dir, corpus_dir):
     cfg = tiny_config(tmp_path / "atlas", tiny_model_dir, corpus_dir)
-    model = load_model(cfg.model, cache_dir=cfg.model_cache)
+    model = load_model(cfg.model.model, cache_dir=cfg.model.model_cache)
     corpus = tokenize_corpus(cfg, model.tokenizer, model.bos_id)
     lengths = np.diff(corpus.ctx_offset)
-    assert lengths.max() <= cfg.context_len and lengths.min() >= 2
+    assert lengths.max() <= cfg.corpus.context_len and lengths.min() >= 2
     assert (corpus.ids[corpus.ctx_offset[:-1]] == model.bos_id).all()
-    assert cfg.tokens - cfg.context_len <= corpus.n_tokens <= cfg.tokens + cfg.context_len
+    assert cfg.corpus.tokens - cfg.corpus.context_len <= corpus.n_tokens <= cfg.corpus.tokens + cfg.corpus.context_len
     # Every context is a contiguous slice of its document's own tokenization.
     for c in range(0, corpus.n_contexts, 7):
         doc = corpus.documents[corpus.ctx_doc[c]]
@@ -29,4 +29,4 @@ def test_contexts_start_with_bos_and_map_back_to_documents(tmp_path, tiny_model_
     again = TokenizedCorpus.load(tmp_path / "c")
     assert (again.ids == corpus.ids).all() and again.documents == corpus.documents
     pos = corpus.token_position()
-    assert (pos[corpus.ctx_offset[:-1]] == 0).all() and pos.max() == cfg.context_len - 1
+    assert (pos[corpus.ctx_offset[:-1]] == 0).all() and pos.max() == cfg.corpus.context_len - 1

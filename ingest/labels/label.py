@@ -18,10 +18,10 @@ from typing import Callable
 import duckdb
 import numpy as np
 import pyarrow as pa
-from featureatlas.store.schema import EMBEDDING_DIM, LABEL_CANDIDATES_SCHEMA
+from featureatlas.store.schema import EMBEDDING_DIM, LABEL_CANDIDATES
 from tqdm import tqdm
 
-from ..config import AtlasConfig
+from ..config import LabelConfig
 from . import contrastive, llm, scorers, themes
 from .contrastive import Candidate
 from .windows import label_connection, window_pool
@@ -51,7 +51,7 @@ class Labels:
     judge: scorers.HeldOutJudge | None = None  # scores other label texts on the same held-out trials
 
     def columns(self) -> dict[str, pa.Array | list]:
-        """The feature-table columns labelling owns (``store.publish.LABEL_COLUMNS``), in ``features`` order."""
+        """The feature-table columns labelling owns (``store.schema.FEATURES.label_names``), in ``features`` order."""
         return {
             "label": self.text,
             "label_source": self.source,
@@ -65,9 +65,10 @@ class Labels:
 def label_features(
     con: duckdb.DuckDBPyConnection,
     features: list[int],
-    cfg: AtlasConfig,
+    cfg: LabelConfig,
     embed_fn: Callable[[list[str]], np.ndarray],
     *,
+    seed: int,
     chat: llm.Chat | None = None,
     logits: dict[int, list[str]] | None = None,
 ) -> Labels:
@@ -79,16 +80,16 @@ def label_features(
     vocab = dict(con.execute("select distinct token_id, token from tokens").fetchall())
     log.info("labels: cutting windows, embedding those that judge labels")
     cap = cfg.label_pool_windows
-    explain_pool = window_pool(con, part="explain", embed_fn=embed_fn, max_windows=cap, seed=cfg.seed)
-    choose_pool = window_pool(con, part="choose", embed_fn=embed_fn, max_windows=cap, seed=cfg.seed)
-    held_pool = window_pool(con, part="holdout", embed_fn=embed_fn, max_windows=cap, seed=cfg.seed)
+    explain_pool = window_pool(con, part="explain", embed_fn=embed_fn, max_windows=cap, seed=seed)
+    choose_pool = window_pool(con, part="choose", embed_fn=embed_fn, max_windows=cap, seed=seed)
+    held_pool = window_pool(con, part="holdout", embed_fn=embed_fn, max_windows=cap, seed=seed)
     fired_explain = scorers.fired_in_pool(con, explain_pool, features)
     fired_choose = scorers.fired_in_pool(con, choose_pool, features)
     fired_held = scorers.fired_in_pool(con, held_pool, features)
     evidence = contrastive.gather_evidence(con, features, explain_pool, fired_explain, vocab)
     top_token = {f: ev.at[0][0] for f, ev in evidence.items() if ev.at}
     bank = themes.WordBank.build(explain_pool, embed_fn)
-    explain_trials = scorers.make_trials(explain_pool, fired_explain, top_token, seed=cfg.seed, per_side=themes.PER_SIDE)
+    explain_trials = scorers.make_trials(explain_pool, fired_explain, top_token, seed=seed, per_side=themes.PER_SIDE)
     for f, words in themes.themes(bank, explain_pool, explain_trials).items():
         evidence[f].themes = words
 
@@ -96,12 +97,12 @@ def label_features(
     if cfg.label_explainer == "llm":
         asked = [f for f in features if proposed[f]]
         written = llm.explain(_need(chat), asked, explain_pool, fired_explain, logits or {},
-                              workers=cfg.llm_workers, seed=cfg.seed)
+                              workers=cfg.llm_workers, seed=seed)
         for f, extra in written.items():
             proposed[f] = extra + proposed[f]  # an LLM label wins ties with the contrastive fallback
 
-    choose_trials = scorers.make_trials(choose_pool, fired_choose, top_token, seed=cfg.seed, per_side=None)
-    held_trials = scorers.make_trials(held_pool, fired_held, top_token, seed=cfg.seed)
+    choose_trials = scorers.make_trials(choose_pool, fired_choose, top_token, seed=seed, per_side=None)
+    held_trials = scorers.make_trials(held_pool, fired_held, top_token, seed=seed)
     flat = [(f, c) for f in features for c in proposed[f] if c.status == "ok"]
     vectors = embed_fn([c.text for _, c in flat]) if flat else np.zeros((0, EMBEDDING_DIM), np.float32)
 
@@ -117,7 +118,7 @@ def label_features(
     detection = {}
     if "detection" in cfg.label_scorers:
         kept = {f: flat[i][1].text for f, i in chosen.items()}
-        detection = llm.detect(_need(chat), held_pool, held_trials, kept, workers=cfg.llm_workers, seed=cfg.seed)
+        detection = llm.detect(_need(chat), held_pool, held_trials, kept, workers=cfg.llm_workers, seed=seed)
 
     out = Labels([], [], [], [], [], [], np.zeros((len(features), EMBEDDING_DIM), np.float32),
                  pa.table({}))
@@ -162,7 +163,7 @@ def label_features(
             cand_rows["holdout_auroc"].append(_none(held_auroc[j]) if ok else None)
             cand_rows["chosen"].append(ok and chosen.get(f) == j)
             j += ok
-    out.candidates = pa.table(cand_rows, schema=LABEL_CANDIDATES_SCHEMA)
+    out.candidates = pa.table(cand_rows, schema=LABEL_CANDIDATES.arrow())
     out.top_token = {f: vocab[t] for f, t in top_token.items()}
     out.judge = scorers.HeldOutJudge(held_pool, held_trials, embed_fn)
     scored = [s for s in out.score if s is not None]

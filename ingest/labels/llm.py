@@ -28,6 +28,7 @@ from typing import Protocol
 import numpy as np
 from tqdm import tqdm
 
+from ..config import LabelConfig
 from .contrastive import Candidate
 from .scorers import Fired, Trial
 from .windows import WindowPool
@@ -49,6 +50,9 @@ class ChatError(RuntimeError):
 
 
 class Backend(Protocol):
+    name: str
+    """Which model answers (an endpoint's URL and model, or a folder): part of every cache key."""
+
     def __call__(self, messages: list[dict], max_tokens: int) -> str: ...
 
 
@@ -60,6 +64,7 @@ class OpenAIBackend:
         if not self.url.endswith("/chat/completions"):
             self.url += "/chat/completions"
         self.model = model
+        self.name = f"{self.url} {model}"
         self.key = os.environ.get(api_key_env, "") if api_key_env else ""
         self.timeout = timeout
 
@@ -83,6 +88,7 @@ class LocalBackend:
     def __init__(self, folder: str, device: str):
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
+        self.name = str(Path(folder).resolve())
         self.tokenizer = AutoTokenizer.from_pretrained(folder, local_files_only=True)
         self.model = AutoModelForCausalLM.from_pretrained(folder, local_files_only=True).to(device).eval()
         self.lock = threading.Lock()  # one generate at a time on one model
@@ -118,7 +124,8 @@ class Chat:
                 self.cache[entry["key"]] = entry["answer"]
 
     def __call__(self, messages: list[dict], max_tokens: int = 64) -> str:
-        key = hashlib.sha256(json.dumps(messages, sort_keys=True).encode()).hexdigest()
+        # Another model's answer to the same prompt is another answer: the backend is in the key.
+        key = hashlib.sha256(json.dumps([self.backend.name, messages], sort_keys=True).encode()).hexdigest()
         with self.lock:
             if key in self.cache:
                 return self.cache[key]
@@ -144,12 +151,12 @@ class Chat:
         return answer
 
 
-def make_chat(cfg, cache: Path | None) -> Chat:
+def make_chat(cfg: LabelConfig, device: str, cache: Path | None) -> Chat:
     """The chat the config names: an endpoint when ``llm_url`` is set, else a local model folder."""
     if cfg.llm_url:
         backend: Backend = OpenAIBackend(cfg.llm_url, cfg.llm_model, cfg.llm_api_key_env, cfg.llm_timeout)
     else:
-        backend = LocalBackend(str(Path(cfg.llm_model).expanduser()), cfg.device)
+        backend = LocalBackend(str(Path(cfg.llm_model).expanduser()), device)
     return Chat(backend, max_calls=cfg.llm_max_calls, cache=cache)
 
 
