@@ -58,15 +58,17 @@ def _config_from(args: argparse.Namespace) -> AtlasConfig:
     return load_config(args.profile, args.config, overrides)
 
 
-def main(argv: Sequence[str] | None = None) -> int:
+def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="featureatlas", description=__doc__)
     parser.add_argument("-v", "--verbose", action="store_true")
     sub = parser.add_subparsers(dest="command", required=True)
     _add_ingest(sub)
     p = sub.add_parser("label", help="re-label an existing atlas in place (new LanceDB version)")
     p.add_argument("--atlas", default=ATLAS_DEFAULT)
-    p.add_argument("--explainer", choices=EXPLAINERS, help="who writes labels (default: the atlas's)")
-    p.add_argument("--scorer", nargs="+", choices=SCORERS,
+    # the same names as the ingest's settings work too (errors name those)
+    p.add_argument("--explainer", "--label-explainer", dest="explainer", choices=EXPLAINERS,
+                   help="who writes labels (default: the atlas's)")
+    p.add_argument("--scorer", "--label-scorers", dest="scorer", nargs="+", choices=SCORERS,
                    help="scorers on held-out windows; the first gives label_score")
     p.add_argument("--features", help="ids and ranges, e.g. 3,7,100-120 (default: all)")
     p.add_argument("--llm-url", help="OpenAI-compatible endpoint, e.g. http://127.0.0.1:8080/v1")
@@ -90,6 +92,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--device", help="device for search by inference (default: the one the atlas was built on)")
+    _add_queries(sub)
+    return parser
+
+
+def _add_queries(sub: argparse._SubParsersAction) -> None:
+    """search / neighbors / sql / probe: the HTTP API's queries on the command line."""
     p = sub.add_parser("search", help="natural-language search over features")
     p.add_argument("query")
     p.add_argument("-k", type=int, default=10)
@@ -107,7 +115,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         q = sub.choices[name]
         q.add_argument("--atlas", default=ATLAS_DEFAULT)
         q.add_argument("--json", action="store_true", help="JSON instead of a table")
-    args = parser.parse_args(argv)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
     configure()
     logging.basicConfig(
         level=logging.DEBUG if args.verbose else logging.INFO, format="%(asctime)s %(levelname)s %(message)s", datefmt="%H:%M:%S"

@@ -278,27 +278,10 @@ def _save_checkpoint(path: Path, state: dict) -> None:
     tmp.replace(path)
 
 
-def train_sae(
-    acts,
-    *,
-    rows: np.ndarray | None = None,
-    architecture: str = "topk",
-    d_sae: int,
-    k: int,
-    sparsity_coef: float | None = None,
-    tokens: int,
-    batch: int,
-    lr: float,
-    aux_k: int,
-    aux_coef: float,
-    dead_tokens: int,
-    seed: int,
-    device: torch.device,
-    meta: dict | None = None,
-    checkpoint: Path | None = None,
-    checkpoint_every: int = 500,
-    compute_dtype: torch.dtype = torch.float32,
-) -> TrainResult:
+def train_sae(acts, *, rows: np.ndarray | None = None, architecture: str = "topk", d_sae: int, k: int,
+              sparsity_coef: float | None = None, tokens: int, batch: int, lr: float, aux_k: int, aux_coef: float,
+              dead_tokens: int, seed: int, device: torch.device, meta: dict | None = None, checkpoint: Path | None = None,
+              checkpoint_every: int = 500, compute_dtype: torch.dtype = torch.float32) -> TrainResult:
     """Train on ``rows`` (default: all) of ``acts``, [n, d_in] float16 rows indexable by an int
     array: an ndarray or the harvest's ``ShardedActivations``, which streams them from disk.
 
@@ -312,43 +295,16 @@ def train_sae(
     """
     gen = np.random.default_rng(seed)
     rows = np.arange(len(acts)) if rows is None else np.asarray(rows, dtype=np.int64)
-    n, d_in = len(rows), acts.shape[1]
-    sample = torch.from_numpy(acts[np.sort(rows[gen.choice(n, size=min(n, 16_384), replace=False)])].astype(np.float32))
-    scale = input_scale(sample)
-    sae = SAE.initialized(d_in, d_sae, k, architecture=architecture, seed=seed, meta=meta)
+    sae, scale = _initialized(acts, rows, gen, d_sae, k, architecture=architecture, seed=seed, meta=meta)
     coef = SPARSITY_COEF.get(architecture, 0.0) if sparsity_coef is None else sparsity_coef
-    unit_decoder = architecture != "relu"  # relu's penalty weighs decoder norms, so they stay free
-    with torch.no_grad():
-        sae.b_dec.copy_(geometric_median(sample * scale))
-        if architecture == "jumprelu":
-            sae.threshold.fill_(JUMP_INIT_THRESHOLD)
     sae.to(device)
     # Adam's eps scaled down as in Gao et al.: gradients of a unit-variance objective are small.
     # fused: one kernel for all of Adam's passes (5.5 ms a step instead of 35 here at d_sae=8192).
     opt = torch.optim.Adam(sae.parameters(), lr=lr, betas=(0.9, 0.999), eps=6.25e-10, fused=True)
     steps = max(1, tokens // batch)
-    decay_from = int(steps * 0.8)
-    sched = torch.optim.lr_scheduler.LambdaLR(
-        opt, lambda s: 1.0 if s < decay_from else max(0.0, (steps - s) / max(1, steps - decay_from))
-    )
+    sched = _schedule(opt, steps)
     since_fired = torch.zeros(d_sae, dtype=torch.long, device=device)
-    recent: list[float] = []
-    start = 0
-    state = torch.load(checkpoint, map_location=device, weights_only=False) if checkpoint and checkpoint.is_file() else None
-    if state is not None and state["sae"].keys() != sae.state_dict().keys():
-        log.warning("train: %s holds another version's parameters; training from the start", checkpoint)
-        state = None
-    if state is not None:
-        sae.load_state_dict(state["sae"])
-        opt.load_state_dict(state["opt"])
-        sched.load_state_dict(state["sched"])
-        since_fired.copy_(state["since_fired"])
-        gen.bit_generator.state = state["rng"]
-        data = _Batches(acts, rows, batch, gen, order=state["order"], cursor=state["cursor"])
-        start, recent, scale = state["step"], state["recent"], state["scale"]
-        log.info("train: resuming from step %d of %d", start, steps)
-    else:
-        data = _Batches(acts, rows, batch, gen)
+    start, recent, data, scale = _resume(checkpoint, sae, opt, sched, since_fired, gen, acts, rows, batch, scale, steps)
     bar = tqdm(total=steps * batch, initial=start * batch, desc=f"train {architecture} d_sae={d_sae} k={k}", unit="tok",
                unit_scale=True)
     for step in range(start, steps):
@@ -361,22 +317,14 @@ def train_sae(
         dead = since_fired >= dead_tokens
         with torch.autocast(device.type, dtype=compute_dtype, enabled=compute_dtype != torch.float32):
             out = _objective(sae, x, coef, min(1.0, step / max(1, steps // 20)))
-            loss = out.loss
-            if architecture in ("topk", "batchtopk") and aux_coef > 0 and bool(dead.any()):
-                loss = loss + aux_coef * auxk_loss(out.pre, sae.W_dec, (x - out.x_hat).detach(), dead, aux_k, out.select)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        if unit_decoder:
-            sae.remove_parallel_decoder_grad()
-        opt.step()
-        sched.step()
-        if unit_decoder:
-            sae.normalize_decoder()
+            aux = aux_coef > 0 and architecture in ("topk", "batchtopk") and bool(dead.any())
+            loss = out.loss + aux_coef * auxk_loss(out.pre, sae.W_dec, (x - out.x_hat).detach(), dead, aux_k, out.select) \
+                if aux else out.loss
+        _update(sae, opt, sched, loss, unit_decoder=architecture != "relu")  # relu's penalty weighs decoder norms
         with torch.no_grad():
             since_fired += len(x)
             since_fired[out.fired] = 0
-        recent.append(float(fvu(x, out.x_hat.detach())))
-        recent = recent[-50:]
+        recent = [*recent, float(fvu(x, out.x_hat.detach()))][-50:]
         bar.update(len(x))
         if step % 20 == 0:
             bar.set_postfix(fvu=f"{np.mean(recent):.3f}", dead=f"{float(dead.float().mean()):.3f}")
@@ -384,11 +332,61 @@ def train_sae(
     data.close()
     sae.fold_input_scale(scale)
     sae.cpu().eval()
-    return TrainResult(
-        sae=sae,
-        input_scale=scale,
-        steps=steps,
-        tokens=steps * batch,
-        final_fvu=float(np.mean(recent)),
-        dead_fraction=float((since_fired >= dead_tokens).float().mean()),
-    )
+    return TrainResult(sae=sae, input_scale=scale, steps=steps, tokens=steps * batch, final_fvu=float(np.mean(recent)),
+                       dead_fraction=float((since_fired >= dead_tokens).float().mean()))
+
+
+def _schedule(opt: torch.optim.Optimizer, steps: int) -> torch.optim.lr_scheduler.LambdaLR:
+    """Constant, then linear decay to zero over the last 20% of steps."""
+    decay_from = int(steps * 0.8)
+    return torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda s: 1.0 if s < decay_from else max(0.0, (steps - s) / max(1, steps - decay_from)))
+
+
+def _initialized(acts, rows: np.ndarray, gen: np.random.Generator, d_sae: int, k: int, *, architecture: str, seed: int,
+                 meta: dict | None) -> tuple[SAE, float]:
+    """A fresh dictionary with ``b_dec`` at the geometric median of a sample, and the input scale
+    that makes E||x||^2 = d_in on that sample."""
+    n = len(rows)
+    sample = torch.from_numpy(acts[np.sort(rows[gen.choice(n, size=min(n, 16_384), replace=False)])].astype(np.float32))
+    scale = input_scale(sample)
+    sae = SAE.initialized(acts.shape[1], d_sae, k, architecture=architecture, seed=seed, meta=meta)
+    with torch.no_grad():
+        sae.b_dec.copy_(geometric_median(sample * scale))
+        if architecture == "jumprelu":
+            sae.threshold.fill_(JUMP_INIT_THRESHOLD)
+    return sae, scale
+
+
+def _resume(checkpoint: Path | None, sae: SAE, opt, sched, since_fired: torch.Tensor, gen: np.random.Generator, acts,
+            rows: np.ndarray, batch: int, scale: float, steps: int) -> tuple[int, list[float], "_Batches", float]:
+    """(first step, recent FVUs, the batch stream, the input scale): restored from ``checkpoint``
+    where one of this version exists, else a fresh start."""
+    state = torch.load(checkpoint, map_location=since_fired.device, weights_only=False) \
+        if checkpoint and checkpoint.is_file() else None
+    if state is not None and state["sae"].keys() != sae.state_dict().keys():
+        log.warning("train: %s holds another version's parameters; training from the start", checkpoint)
+        state = None
+    if state is None:
+        return 0, [], _Batches(acts, rows, batch, gen), scale
+    sae.load_state_dict(state["sae"])
+    opt.load_state_dict(state["opt"])
+    sched.load_state_dict(state["sched"])
+    since_fired.copy_(state["since_fired"])
+    gen.bit_generator.state = state["rng"]
+    log.info("train: resuming from step %d of %d", state["step"], steps)
+    data = _Batches(acts, rows, batch, gen, order=state["order"], cursor=state["cursor"])
+    return state["step"], state["recent"], data, state["scale"]
+
+
+def _update(sae: SAE, opt: torch.optim.Optimizer, sched, loss: torch.Tensor, *, unit_decoder: bool) -> None:
+    """One optimiser step; unit-norm decoders lose their gradients' radial part and are renormalised
+    (relu's are free: its penalty weighs decoder norms)."""
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    if unit_decoder:
+        sae.remove_parallel_decoder_grad()
+    opt.step()
+    sched.step()
+    if unit_decoder:
+        sae.normalize_decoder()

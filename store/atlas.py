@@ -118,6 +118,12 @@ class Atlas:
         return QueryResult(columns, rows[:row_limit] if truncated else rows, truncated,
                            round((time.perf_counter() - t0) * 1000, 2))
 
+    def batch_connection(self) -> duckdb.DuckDBPyConnection:
+        """A new connection on the same read-only database, for batch work that registers its own
+        views and runs for minutes (re-labelling), never for a request. One process cannot open a
+        file twice with different configurations, so batch work shares this one."""
+        return self._con.cursor()
+
     def statements(self, sql: str) -> list[str]:
         """The statement types ``sql`` parses into (user SQL is checked with this before it runs)."""
         cur = self._con.cursor()

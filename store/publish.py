@@ -164,8 +164,9 @@ def _relabelled_lance(root: Path, version: int | None, labels: pa.Table) -> int:
 
 
 def _remove_relabelled_copies(root: Path, *, keep: str) -> None:
-    """DuckDB files of earlier re-labels (and of one that died before its commit) that no manifest names."""
-    for path in root.glob("analytics.*.duckdb"):
+    """DuckDB files that the manifest no longer names: the one a re-label replaced, and any of a
+    re-label that died before its commit."""
+    for path in root.glob("analytics*.duckdb"):
         if path.name != keep:
             path.unlink(missing_ok=True)
     for path in root.glob(".analytics.*.duckdb.tmp"):

@@ -196,3 +196,45 @@ def test_openapi_schema_lists_the_routes(client):
     paths = client.get("/schema/openapi.json").json()["paths"]
     assert {"/healthz", "/api/atlas", "/api/features", "/api/features/{feature_id}", "/api/search", "/api/sql",
             "/api/activations", "/api/search/contrast", "/api/features/{feature_id}/neighbors"} <= set(paths)
+
+
+@pytest.mark.parametrize("failure", [RuntimeError("disk on fire"), ValueError("a bug, not a bad request")])
+def test_an_internal_error_is_a_logged_500_with_a_request_id(tiny_atlas, failure):
+    """Only ``UserError``s are 4xx: a ValueError from a bug is ours, logged with the id the body and
+    the header carry, and its message is never shown."""
+    import logging
+
+    from featureatlas.api import app as app_module
+
+    atlas = Atlas(tiny_atlas)
+    records: list[logging.LogRecord] = []
+    handler = logging.Handler(logging.ERROR)
+    handler.emit = records.append
+
+    def broken(*_a, **_kw):
+        raise failure
+
+    with TestClient(create_app(atlas)) as c:
+        # after start-up: it reads a page itself, and Litestar's logging set-up replaces root handlers
+        atlas.list_features = broken
+        app_module.log.addHandler(handler)
+        try:
+            r = c.get("/api/features")
+        finally:
+            app_module.log.removeHandler(handler)
+    assert r.status_code == 500
+    body = r.json()
+    assert body["error"] == "internal error" and str(failure) not in r.text
+    assert body["request_id"] and r.headers["x-request-id"] == body["request_id"]
+    logged = [rec for rec in records if body["request_id"] in rec.getMessage()]
+    assert logged and logged[0].exc_info[1] is failure
+
+
+def test_an_internal_query_past_its_time_limit_is_a_503(tiny_atlas):
+    atlas = Atlas(tiny_atlas)
+    original = atlas.query
+    with TestClient(create_app(atlas)) as c:
+        # every internal query becomes one too slow for its limit (interrupted, not left running)
+        atlas.query = lambda sql, params=None, **kw: original("select count(*) from range(3000000000)", time_limit_ms=50)
+        r = c.get("/api/features/1/neighbors", params={"by": "coactivation"})
+    assert r.status_code == 503 and r.headers["retry-after"] and r.json()["error"] == "query too slow"

@@ -273,3 +273,35 @@ def test_local_model_folder_backend(tiny_model_dir, tmp_path):
     answer = chat([{"role": "user", "content": "the bridge"}], max_tokens=4)
     assert isinstance(answer, str)
     assert chat([{"role": "user", "content": "the bridge"}], max_tokens=4) == answer  # cached, within budget
+
+
+@pytest.mark.parametrize("step", ["_relabelled_lance", "write"])
+def test_a_relabel_that_dies_between_the_databases_leaves_the_previous_labels_in_both(tiny_atlas, tmp_path, monkeypatch,
+                                                                                     step):
+    """Dies after the new DuckDB file is written (before LanceDB), or after both are written (before
+    the manifest): readers see the previous labels in LanceDB and DuckDB alike, and the next
+    re-label works and cleans up."""
+    from featureatlas.store import manifest as manifest_module
+    from featureatlas.store import publish
+
+    root = tmp_path / "atlas"
+    shutil.copytree(tiny_atlas, root)
+    before = {r["feature_id"]: r["label"] for r in Atlas(root).features.to_arrow().to_pylist()}
+
+    def crash(*_a, **_kw):
+        raise RuntimeError("killed")
+
+    monkeypatch.setattr(publish if step == "_relabelled_lance" else manifest_module, step, crash)
+    with pytest.raises(RuntimeError, match="killed"):
+        main(["label", "--atlas", str(root), "--scorer", "simulation"])
+    monkeypatch.undo()
+    atlas = Atlas(root)
+    lance = {r["feature_id"]: r["label"] for r in atlas.features.to_arrow().to_pylist()}
+    duck = dict(SQL(atlas).execute("select feature_id, label from features").fetchall())
+    assert lance == before and duck == before
+    # The next re-label (another scorer, so other label scores) goes through and leaves one DuckDB file.
+    assert main(["label", "--atlas", str(root), "--scorer", "simulation"]) == 0
+    atlas = Atlas(root)
+    assert atlas.manifest["labels"]["scorers"] == ["simulation"]
+    assert [p.name for p in root.glob("*.duckdb")] == [atlas.manifest["published"]["duckdb"]]
+    assert not list(root.glob(".*.tmp"))

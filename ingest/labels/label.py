@@ -24,7 +24,7 @@ from tqdm import tqdm
 from ..config import LabelConfig
 from . import contrastive, llm, scorers, themes
 from .contrastive import Candidate
-from .windows import label_connection, window_pool
+from .windows import WindowPool, label_connection, window_pool
 
 log = logging.getLogger(__name__)
 # Part of the ingest's analysis-stage key: bump it when labelling changes, so old labels are redone.
@@ -79,61 +79,79 @@ def label_features(
     contrastive.explain_tables(con)
     vocab = dict(con.execute("select distinct token_id, token from tokens").fetchall())
     log.info("labels: cutting windows, embedding those that judge labels")
-    cap = cfg.label_pool_windows
-    explain_pool = window_pool(con, part="explain", embed_fn=embed_fn, max_windows=cap, seed=seed)
-    choose_pool = window_pool(con, part="choose", embed_fn=embed_fn, max_windows=cap, seed=seed)
-    held_pool = window_pool(con, part="holdout", embed_fn=embed_fn, max_windows=cap, seed=seed)
-    fired_explain = scorers.fired_in_pool(con, explain_pool, features)
-    fired_choose = scorers.fired_in_pool(con, choose_pool, features)
-    fired_held = scorers.fired_in_pool(con, held_pool, features)
-    evidence = contrastive.gather_evidence(con, features, explain_pool, fired_explain, vocab)
-    top_token = {f: ev.at[0][0] for f, ev in evidence.items() if ev.at}
-    bank = themes.WordBank.build(explain_pool, embed_fn)
-    explain_trials = scorers.make_trials(explain_pool, fired_explain, top_token, seed=seed, per_side=themes.PER_SIDE)
-    for f, words in themes.themes(bank, explain_pool, explain_trials).items():
-        evidence[f].themes = words
-
-    proposed: dict[int, list[Candidate]] = {f: contrastive.candidates(evidence[f], vocab) for f in features}
-    if cfg.label_explainer == "llm":
-        asked = [f for f in features if proposed[f]]
-        written = llm.explain(_need(chat), asked, explain_pool, fired_explain, logits or {},
-                              workers=cfg.llm_workers, seed=seed)
-        for f, extra in written.items():
-            proposed[f] = extra + proposed[f]  # an LLM label wins ties with the contrastive fallback
-
-    choose_trials = scorers.make_trials(choose_pool, fired_choose, top_token, seed=seed, per_side=None)
-    held_trials = scorers.make_trials(held_pool, fired_held, top_token, seed=seed)
+    pools = {part: window_pool(con, part=part, embed_fn=embed_fn, max_windows=cfg.label_pool_windows, seed=seed)
+             for part in ("explain", "choose", "holdout")}
+    fired = {part: scorers.fired_in_pool(con, pool, features) for part, pool in pools.items()}
+    proposed, top_token = _propose(con, features, pools["explain"], fired["explain"], vocab, cfg, embed_fn, seed=seed,
+                                   chat=chat, logits=logits or {})
+    choose_trials = scorers.make_trials(pools["choose"], fired["choose"], top_token, seed=seed, per_side=None)
+    held_trials = scorers.make_trials(pools["holdout"], fired["holdout"], top_token, seed=seed)
     flat = [(f, c) for f in features for c in proposed[f] if c.status == "ok"]
     vectors = embed_fn([c.text for _, c in flat]) if flat else np.zeros((0, EMBEDDING_DIM), np.float32)
-
     choice_auroc: list[float] = []
     held_auroc: list[float] = []
     for i, (f, c) in enumerate(tqdm(flat, desc="score candidates", unit="label")):
-        choice_auroc.append(scorers.embedding_scores(choose_pool, choose_trials, {f: vectors[i]}).get(f, math.nan))
-        held_auroc.append(scorers.embedding_scores(held_pool, held_trials, {f: vectors[i]}).get(f, math.nan))
+        choice_auroc.append(scorers.embedding_scores(pools["choose"], choose_trials, {f: vectors[i]}).get(f, math.nan))
+        held_auroc.append(scorers.embedding_scores(pools["holdout"], held_trials, {f: vectors[i]}).get(f, math.nan))
     chosen = _choose(flat, choice_auroc)
-
-    simulator = scorers.Simulator(held_pool, vocab) if "simulation" in cfg.label_scorers else None
-    single = _single_token(con)
     detection = {}
     if "detection" in cfg.label_scorers:
         kept = {f: flat[i][1].text for f, i in chosen.items()}
-        detection = llm.detect(_need(chat), held_pool, held_trials, kept, workers=cfg.llm_workers, seed=seed)
+        detection = llm.detect(_need(chat), pools["holdout"], held_trials, kept, workers=cfg.llm_workers, seed=seed)
+    simulator = scorers.Simulator(pools["holdout"], vocab) if "simulation" in cfg.label_scorers else None
+    out = _kept(features, [(flat[i][1], vectors[i], held_auroc[i]) if i is not None else None
+                           for i in (chosen.get(f) for f in features)],
+                cfg, simulator, fired["holdout"], detection, _single_token(con))
+    out.candidates = _candidate_table(features, proposed, chosen, choice_auroc, held_auroc)
+    out.top_token = {f: vocab[t] for f, t in top_token.items()}
+    out.judge = scorers.HeldOutJudge(pools["holdout"], held_trials, embed_fn)
+    scored = [s for s in out.score if s is not None]
+    out.summary = {
+        "explainer": cfg.label_explainer, "scorers": list(cfg.label_scorers), "labelled": len(features),
+        "scored": len(scored), "label_score_mean": float(np.mean(scored)) if scored else None,
+        "windows": {part: len(pool) for part, pool in pools.items()},
+        "failed": int(sum(1 for c in out.candidates["status"].to_pylist() if c != "ok")),
+    }
+    return out
 
-    out = Labels([], [], [], [], [], [], np.zeros((len(features), EMBEDDING_DIM), np.float32),
-                 pa.table({}))
-    for row, f in enumerate(features):
+
+def _propose(con: duckdb.DuckDBPyConnection, features: list[int], pool: WindowPool, fired: dict, vocab: dict[int, str],
+             cfg: LabelConfig, embed_fn: Callable[[list[str]], np.ndarray], *, seed: int, chat: llm.Chat | None,
+             logits: dict[int, list[str]]) -> tuple[dict[int, list[Candidate]], dict[int, int]]:
+    """Every explainer's candidates per feature, from the explain part only; and each feature's
+    strongest token there (the hard negatives of its trials)."""
+    evidence = contrastive.gather_evidence(con, features, pool, fired, vocab)
+    top_token = {f: ev.at[0][0] for f, ev in evidence.items() if ev.at}
+    bank = themes.WordBank.build(pool, embed_fn)
+    explain_trials = scorers.make_trials(pool, fired, top_token, seed=seed, per_side=themes.PER_SIDE)
+    for f, words in themes.themes(bank, pool, explain_trials).items():
+        evidence[f].themes = words
+    proposed: dict[int, list[Candidate]] = {f: contrastive.candidates(evidence[f], vocab) for f in features}
+    if cfg.label_explainer == "llm":
+        asked = [f for f in features if proposed[f]]
+        written = llm.explain(_need(chat), asked, pool, fired, logits, workers=cfg.llm_workers, seed=seed)
+        for f, extra in written.items():
+            proposed[f] = extra + proposed[f]  # an LLM label wins ties with the contrastive fallback
+    return proposed, top_token
+
+
+def _kept(features: list[int], kept: list[tuple[Candidate, np.ndarray, float] | None], cfg: LabelConfig,
+          simulator: scorers.Simulator | None, fired_held: dict, detection: dict[int, float],
+          single: dict[int, bool]) -> Labels:
+    """The kept label of each feature (candidate, its embedding, its held-out AUROC; None where no
+    candidate exists) with every held-out score."""
+    out = Labels([], [], [], [], [], [], np.zeros((len(features), EMBEDDING_DIM), np.float32), pa.table({}))
+    for row, (f, choice) in enumerate(zip(features, kept)):
         out.features.append(f)
-        i = chosen.get(f)
-        if i is None:  # no candidate at all: an LLM is only asked about features that have contrastive ones
+        if choice is None:  # no candidate at all: an LLM is only asked about features that have contrastive ones
             out.text.append("unlabelled: never fired on the explain documents")
             out.source.append("none")
             out.score.append(None)
             out.scores.append([])
             out.single_token.append(False)
             continue
-        cand = flat[i][1]
-        per = {"embedding": held_auroc[i]}
+        cand, vector, held_auroc = choice
+        per = {"embedding": held_auroc}
         if simulator is not None and f in fired_held:
             sim = simulator.score(cand.text, fired_held[f])
             per.update({"simulation": sim.correlation, "simulation_precision": sim.precision, "simulation_recall": sim.recall})
@@ -145,35 +163,26 @@ def label_features(
         out.score.append(None if math.isnan(primary) else float(primary))
         out.scores.append([{"scorer": k, "score": None if math.isnan(v) else float(v)} for k, v in per.items()])
         out.single_token.append(bool(single.get(f, False)))
-        out.embeddings[row] = vectors[i]
+        out.embeddings[row] = vector
+    return out
 
-    cand_rows = {k: [] for k in ("feature_id", "explainer", "kind", "label", "status", "detail", "choice_auroc",
-                                 "holdout_auroc", "chosen")}
+
+def _candidate_table(features: list[int], proposed: dict[int, list[Candidate]], chosen: dict[int, int],
+                     choice_auroc: list[float], held_auroc: list[float]) -> pa.Table:
+    """Every candidate of every feature with its scores (``ok`` candidates are indexed in order)."""
+    rows: dict[str, list] = {name: [] for name in LABEL_CANDIDATES.names}
     j = 0
     for f in features:
         for c in proposed[f]:
             ok = c.status == "ok"
-            cand_rows["feature_id"].append(f)
-            cand_rows["explainer"].append(c.explainer)
-            cand_rows["kind"].append(c.kind)
-            cand_rows["label"].append(c.text)
-            cand_rows["status"].append(c.status)
-            cand_rows["detail"].append(c.detail)
-            cand_rows["choice_auroc"].append(_none(choice_auroc[j]) if ok else None)
-            cand_rows["holdout_auroc"].append(_none(held_auroc[j]) if ok else None)
-            cand_rows["chosen"].append(ok and chosen.get(f) == j)
+            for name, value in (("feature_id", f), ("explainer", c.explainer), ("kind", c.kind), ("label", c.text),
+                                ("status", c.status), ("detail", c.detail),
+                                ("choice_auroc", _none(choice_auroc[j]) if ok else None),
+                                ("holdout_auroc", _none(held_auroc[j]) if ok else None),
+                                ("chosen", ok and chosen.get(f) == j)):
+                rows[name].append(value)
             j += ok
-    out.candidates = pa.table(cand_rows, schema=LABEL_CANDIDATES.arrow())
-    out.top_token = {f: vocab[t] for f, t in top_token.items()}
-    out.judge = scorers.HeldOutJudge(held_pool, held_trials, embed_fn)
-    scored = [s for s in out.score if s is not None]
-    out.summary = {
-        "explainer": cfg.label_explainer, "scorers": list(cfg.label_scorers), "labelled": len(features),
-        "scored": len(scored), "label_score_mean": float(np.mean(scored)) if scored else None,
-        "windows": {"explain": len(explain_pool), "choose": len(choose_pool), "holdout": len(held_pool)},
-        "failed": int(sum(1 for c in cand_rows["status"] if c != "ok")),
-    }
-    return out
+    return pa.table(rows, schema=LABEL_CANDIDATES.arrow())
 
 
 def _choose(flat: list[tuple[int, Candidate]], auroc: list[float]) -> dict[int, int]:

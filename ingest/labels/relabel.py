@@ -9,7 +9,6 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-import duckdb
 import pyarrow as pa
 from featureatlas.store import manifest as M
 from featureatlas.store.atlas import Atlas
@@ -60,7 +59,7 @@ def relabel(root: str | Path, overrides: dict[str, Any], features: str | None = 
     if cfg.labels.label_explainer == "llm":
         rows = atlas.features.search().select(["feature_id", "logit_positive"]).limit(atlas.d_sae).to_arrow().to_pydict()
         logits = {f: [x["token"] for x in row or []] for f, row in zip(rows["feature_id"], rows["logit_positive"])}
-    con = duckdb.connect(str(atlas.root / M.duckdb_file(atlas.manifest)), read_only=True)
+    con = atlas.batch_connection()
     try:
         labels = label_features(con, ids, cfg.labels, lambda t: embed(t, name=cfg.labels.embedder, progress=True),
                                 seed=cfg.run.seed, chat=chat, logits=logits)
