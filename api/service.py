@@ -51,9 +51,7 @@ class AtlasService:
         """Load the embedder and open the tables now; the model behind search by inference stays
         lazy (seconds to load, and many deployments never use it)."""
         embed(["warm up"], name=self.embedder)
-        self.atlas.features.count_rows()
-        self.atlas.examples.count_rows()
-        self.atlas.list_features(limit=1)
+        self.atlas.open_all()
         S.decoder_neighbors(self.atlas, 0, 1)  # small atlases load their decoders for exact search here
         # The map document takes seconds at 100k features: built in the background, so the server
         # starts answering now and the first visitor of the map does not wait for all of it.

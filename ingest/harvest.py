@@ -2,12 +2,12 @@
 
 Shards cover contiguous context ranges and hold float16 rows in corpus token order (BOS rows
 included, so a row index is a token index). A shard is written under a temporary name and renamed,
-so after a crash every shard present is whole and a re-run continues from the first missing one.
+so after a crash every shard present is whole; the stage runner (``ingest/stages.py``) records each
+finished shard, and a re-run does only the missing ones.
 """
 
 from __future__ import annotations
 
-import logging
 import time
 from pathlib import Path
 
@@ -17,8 +17,6 @@ from tqdm import tqdm
 
 from .model import SubjectModel
 from .tokens import TokenizedCorpus
-
-log = logging.getLogger(__name__)
 
 
 def shard_plan(corpus: TokenizedCorpus, shard_tokens: int) -> list[tuple[int, int]]:
@@ -38,41 +36,42 @@ def shard_path(folder: Path, i: int) -> Path:
     return folder / f"acts-{i:05d}.npy"
 
 
-def harvest(model: SubjectModel, corpus: TokenizedCorpus, layer: int, folder: Path, *, batch: int, shard_tokens: int) -> dict:
-    folder.mkdir(parents=True, exist_ok=True)
+def harvest_shard(model: SubjectModel, corpus: TokenizedCorpus, layer: int, folder: Path, i: int, *, batch: int,
+                  shard_tokens: int) -> dict:
+    """Shard ``i`` of the plan: its contexts through the model up to ``layer``, written atomically.
+    Returns its token count and seconds (the harvest stage's summary adds them up)."""
     plan = shard_plan(corpus, shard_tokens)
-    todo = [i for i in range(len(plan)) if not shard_path(folder, i).exists()]
-    todo_tokens = sum(int(corpus.ctx_offset[plan[i][1]] - corpus.ctx_offset[plan[i][0]]) for i in todo)
-    if len(todo) < len(plan):
-        log.info("harvest: resuming, %d of %d shards already on disk", len(plan) - len(todo), len(plan))
-    bar = tqdm(total=todo_tokens, desc=f"harvest layer {layer}", unit="tok", unit_scale=True)
+    a, b = plan[i]
+    base = int(corpus.ctx_offset[a])
+    out = np.empty((int(corpus.ctx_offset[b]) - base, model.d_model), dtype=np.float16)
+    bar = tqdm(total=len(out), desc=f"harvest layer {layer} ({i + 1}/{len(plan)})", unit="tok", unit_scale=True)
     t0 = time.perf_counter()
-    for i in todo:
-        a, b = plan[i]
-        base = int(corpus.ctx_offset[a])
-        out = np.empty((int(corpus.ctx_offset[b]) - base, model.d_model), dtype=np.float16)
-        # Length-sorted batches waste almost nothing on padding; padding sits on the right, where a
-        # causal model's real tokens cannot see it, so no attention mask is needed.
-        order = sorted(range(a, b), key=lambda c: int(corpus.ctx_offset[c + 1] - corpus.ctx_offset[c]))
-        for j in range(0, len(order), batch):
-            ctxs = order[j : j + batch]
-            seqs = [corpus.context_ids(c) for c in ctxs]
-            width = max(len(s) for s in seqs)
-            ids = torch.full((len(seqs), width), model.bos_id, dtype=torch.long)
-            for r, s in enumerate(seqs):
-                ids[r, : len(s)] = torch.from_numpy(s.astype(np.int64))
-            acts = model.residual(ids, layer).to(torch.float16).cpu().numpy()
-            for r, (c, s) in enumerate(zip(ctxs, seqs)):
-                o = int(corpus.ctx_offset[c]) - base
-                out[o : o + len(s)] = acts[r, : len(s)]
-            bar.update(sum(len(s) for s in seqs))
-        tmp = folder / f".acts-{i:05d}.tmp.npy"
-        np.save(tmp, out)
-        tmp.rename(shard_path(folder, i))
+    # Length-sorted batches waste almost nothing on padding; padding sits on the right, where a
+    # causal model's real tokens cannot see it, so no attention mask is needed.
+    order = sorted(range(a, b), key=lambda c: int(corpus.ctx_offset[c + 1] - corpus.ctx_offset[c]))
+    for j in range(0, len(order), batch):
+        ctxs = order[j : j + batch]
+        seqs = [corpus.context_ids(c) for c in ctxs]
+        width = max(len(s) for s in seqs)
+        ids = torch.full((len(seqs), width), model.bos_id, dtype=torch.long)
+        for r, s in enumerate(seqs):
+            ids[r, : len(s)] = torch.from_numpy(s.astype(np.int64))
+        acts = model.residual(ids, layer).to(torch.float16).cpu().numpy()
+        for r, (c, s) in enumerate(zip(ctxs, seqs)):
+            o = int(corpus.ctx_offset[c]) - base
+            out[o : o + len(s)] = acts[r, : len(s)]
+        bar.update(sum(len(s) for s in seqs))
     bar.close()
-    elapsed = time.perf_counter() - t0
-    rate = todo_tokens / elapsed if elapsed > 0 and todo_tokens else None
-    return {"shards": len(plan), "tokens": corpus.n_tokens, "tokens_per_s": rate}
+    tmp = folder / f".acts-{i:05d}.tmp.npy"
+    np.save(tmp, out)
+    tmp.rename(shard_path(folder, i))
+    return {"tokens": len(out), "seconds": time.perf_counter() - t0}
+
+
+def harvest_summary(corpus: TokenizedCorpus, shards: list[dict]) -> dict:
+    seconds = sum(s["seconds"] for s in shards)
+    return {"shards": len(shards), "tokens": corpus.n_tokens,
+            "tokens_per_s": sum(s["tokens"] for s in shards) / seconds if seconds > 0 else None}
 
 
 class ShardedActivations:

@@ -23,13 +23,13 @@ from .config import AtlasConfig
 from .corpus import corpus_fingerprint
 from .evaluate import METRICS_VERSION, loss_recovered, reconstruction_metrics
 from .feature_map import MAP_VERSION, feature_map
-from .harvest import harvest, load_activations
+from .harvest import harvest_shard, harvest_summary, load_activations, shard_plan
 from .labels import stage as label_stage
 from .labels.label import LABELS_VERSION
 from .loaders import load_dictionary
 from .model import SubjectModel, load_model, resolve_dtype
 from .sae import SAE
-from .stages import Stage, Stages, stage_key
+from .stages import Stage, Stages, shard_records, stage_key
 from .tokens import TokenizedCorpus, tokenize_corpus
 from .train import train_sae
 
@@ -106,11 +106,15 @@ def _run_corpus(ctx: Ingest, folder: Path) -> dict[str, Any]:
             "eval_contexts": int(corpus.ctx_eval.sum())}
 
 
-def _run_harvest(ctx: Ingest, folder: Path) -> dict[str, Any]:
-    summary = harvest(ctx.model, ctx.corpus, ctx.layer, folder, batch=ctx.cfg.harvest.harvest_batch,
-                      shard_tokens=ctx.cfg.harvest.shard_tokens)
+def _harvest_shard(ctx: Ingest, folder: Path, i: int) -> dict[str, Any]:
+    return harvest_shard(ctx.model, ctx.corpus, ctx.layer, folder, i, batch=ctx.cfg.harvest.harvest_batch,
+                         shard_tokens=ctx.cfg.harvest.shard_tokens)
+
+
+def _finish_harvest(ctx: Ingest, folder: Path) -> dict[str, Any]:
     typical = ctx.acts[np.flatnonzero(~ctx.is_bos)[:20_000]]
-    return {**summary, "bos_mean_norm": _mean_norm(ctx.acts[ctx.is_bos]), "token_mean_norm": _mean_norm(typical)}
+    return {**harvest_summary(ctx.corpus, shard_records(folder)), "bos_mean_norm": _mean_norm(ctx.acts[ctx.is_bos]),
+            "token_mean_norm": _mean_norm(typical)}
 
 
 def _run_train(ctx: Ingest, folder: Path) -> dict[str, Any]:
@@ -172,8 +176,10 @@ STAGES: list[Stage[Ingest]] = [
     # files, or another model's tokenizer, give other contexts.
     Stage("corpus", 1, ("corpus",), (), ("contexts.npz", "documents.jsonl"), _run_corpus,
           inputs=lambda ctx: [ctx.cfg.model.model, ctx.corpus_hash]),
-    Stage("harvest", 1, ("harvest",), ("corpus",), (), _run_harvest,
-          inputs=lambda ctx: [ctx.cfg.model.model, ctx.layer, str(ctx.model.dtype)]),
+    # Sharded by tokens: each shard a range of contexts through the model.
+    Stage("harvest", 1, ("harvest",), ("corpus",), (), _finish_harvest,
+          inputs=lambda ctx: [ctx.cfg.model.model, ctx.layer, str(ctx.model.dtype)],
+          shards=lambda ctx: len(shard_plan(ctx.corpus, ctx.cfg.harvest.shard_tokens)), run_shard=_harvest_shard),
     Stage("train", 1, ("train", "run"), ("harvest",), (M.DICTIONARY,), _run_train, inputs=_train_inputs),
     Stage("evaluate", METRICS_VERSION, ("evaluate",), ("train",), (), _run_evaluate),
     Stage("encode", encode.ENCODE_VERSION, ("analysis",), ("train",), encode.OUTPUTS, _run_encode),

@@ -46,6 +46,12 @@ class Stage(Generic[Context]):
     outputs: tuple[str, ...]  # files it leaves in its folder
     run: Callable[[Context, Path], dict[str, Any]]  # writes ``outputs`` into the folder, returns a summary
     inputs: Callable[[Context], Any] = lambda _: None  # inputs that are not settings (a fingerprint, a dtype)
+    # A sharded stage splits its work into independent pieces (of tokens or of features): ``shards``
+    # says how many, ``run_shard`` does one (writing its output atomically) and returns a small
+    # record, and ``run`` then merges them. The runner records each finished shard, so a killed
+    # stage redoes only the missing ones; a cluster can hand the same shards to its workers.
+    shards: Callable[[Context], int] | None = None
+    run_shard: Callable[[Context, Path, int], dict[str, Any]] | None = None
 
 
 class Stages:
@@ -83,6 +89,8 @@ class Stages:
         folder.mkdir(parents=True, exist_ok=True)
         partial.write_text(key)
         t0 = time.perf_counter()
+        if stage.shards is not None and stage.run_shard is not None:
+            self._run_shards(stage, ctx, folder)
         summary = stage.run(ctx, folder)
         missing = [o for o in stage.outputs if not (folder / o).exists()]
         if missing:
@@ -92,6 +100,25 @@ class Stages:
         self.record[stage.name] = {"key": key, "status": "done", "summary": summary}
         log.info("%-9s done: %s", stage.name, _short(summary))
         return summary
+
+
+    @staticmethod
+    def _run_shards(stage: Stage, ctx: Any, folder: Path) -> None:
+        n = stage.shards(ctx)
+        todo = [i for i in range(n) if not _shard_record(folder, i).is_file()]
+        if len(todo) < n:
+            log.info("%-9s resuming: %d of %d shards already done", stage.name, n - len(todo), n)
+        for i in todo:
+            write_json_atomic(_shard_record(folder, i), stage.run_shard(ctx, folder, i))
+
+
+def shard_records(folder: Path) -> list[dict[str, Any]]:
+    """What each finished shard of the stage in ``folder`` returned, in shard order."""
+    return [json.loads(p.read_text()) for p in sorted(folder.glob("shard-*.json"))]
+
+
+def _shard_record(folder: Path, i: int) -> Path:
+    return folder / f"shard-{i:05d}.json"
 
 
 def _short(summary: dict[str, Any]) -> str:

@@ -97,6 +97,12 @@ class Atlas:
             config={"enable_external_access": False, "lock_configuration": True, "memory_limit": QUERY_MEMORY_LIMIT},
         )
 
+    def open_all(self) -> None:
+        """Open both databases and every table now (a server's first request would pay ~1-4 s)."""
+        self.features.count_rows()
+        self.examples.count_rows()
+        self.query("select count(*) from features")
+
     def query(self, sql: str, params: list[Any] | dict[str, Any] | None = None, *,
               time_limit_ms: int = INTERNAL_TIME_LIMIT_MS, row_limit: int | None = None) -> QueryResult:
         """Every DuckDB read of the atlas goes through here, on its own cursor: a timer interrupts
