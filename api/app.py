@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from featureatlas.ingest.runtime import configure
 from featureatlas.store.atlas import SORTABLE, Atlas, QueryInterrupted
 from featureatlas.store.errors import UserError
 from featureatlas.store.search import SEARCH_MODES
@@ -27,6 +28,7 @@ from .service import MAX_K, AtlasService
 
 log = logging.getLogger(__name__)
 MAX_PAGE = 1000
+MAX_OFFSET = 2**31 - 1  # DuckDB's OFFSET is a BIGINT; past any atlas's size anyway
 REQUEST_ID_HEADER = "X-Request-ID"
 RETRY_AFTER_S = 5
 # The browser UI: plain files, served by this app so it works offline (no CDN, no build step).
@@ -109,7 +111,7 @@ def list_features(
     sort: str = Parameter(default="density", description=f"one of {', '.join(SORTABLE)}"),
     order: str = Parameter(default="desc", pattern="^(asc|desc)$"),
     limit: int = Parameter(default=50, ge=1, le=MAX_PAGE),
-    offset: int = Parameter(default=0, ge=0),
+    offset: int = Parameter(default=0, ge=0, le=MAX_OFFSET),
 ) -> dict[str, Any]:
     rows = service.atlas.list_features(sort=sort, descending=order == "desc", limit=limit, offset=offset)
     return {"features": rows, "limit": limit, "offset": offset, "total": service.atlas.d_sae}
@@ -176,6 +178,7 @@ def sql(service: Service, data: JSONBody[SQLRequest]) -> dict[str, Any]:
 
 
 def create_app(atlas: Atlas, *, probe_device: str | None = None) -> Litestar:
+    configure()
     service = AtlasService(atlas, probe_device=probe_device)
     return Litestar(
         # The first query otherwise pays for loading the embedder and the tables (~1-4 s).

@@ -25,6 +25,7 @@ from featureatlas.ingest.config import (
     load_config,
 )
 from featureatlas.ingest.runtime import configure
+from featureatlas.store.atlas import QueryInterrupted
 from featureatlas.store.errors import BadParameter, UserError
 from featureatlas.store.search import SEARCH_MODES
 
@@ -130,6 +131,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except UserError as e:
         print(f"featureatlas: error: {e}", file=sys.stderr)
         return EXIT_BAD_INPUT
+    except QueryInterrupted as e:
+        print(f"featureatlas: {e}", file=sys.stderr)
+        return 1
 
 
 def _ingest(args: argparse.Namespace) -> int:

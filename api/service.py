@@ -72,8 +72,8 @@ class AtlasService:
     def feature(self, feature_id: int) -> dict[str, Any]:
         self.check_feature(feature_id)
         row = self.atlas.feature(feature_id)
-        if row is None:
-            raise NotFound("feature_id", f"no feature {feature_id}")
+        if row is None:  # its id is in range: the atlas itself is damaged
+            raise RuntimeError(f"feature {feature_id} is missing from the features table")
         examples = self.atlas.feature_examples(feature_id)
         row["top_examples"] = [e for e in examples if e["kind"] == "top"]
         row["quantile_examples"] = [e for e in examples if e["kind"] != "top"]

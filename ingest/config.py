@@ -41,6 +41,8 @@ def setting(default: Any, help: str, *, key: bool = True) -> Any:  # noqa: A002 
 class RunConfig:
     atlas: str = setting("atlas", "atlas folder: manifest, dictionary, LanceDB, DuckDB, cache", key=False)
     device: str = setting("cpu", "cpu or cuda", key=False)
+    # key=False: the stages that depend on it take the dtype it resolves to as an input ("auto" is
+    # fp32 on a CPU, so switching between the two reuses their work).
     dtype: str = setting("auto", "the model's dtype and the dictionary's training matmuls: auto (fp32 on CPU, where bf16 "
                                  "is 4-7x slower; bf16 on CUDA), float32, bfloat16, float16", key=False)
     threads: int = setting(0, "torch CPU threads (0: torch's default)", key=False)
@@ -125,7 +127,7 @@ class LabelConfig:
     llm_model: str = setting("", "model name at the endpoint, or a local instruct model folder")
     llm_api_key_env: str = setting("OPENAI_API_KEY", "environment variable holding the endpoint's API key", key=False)
     llm_max_calls: int = setting(2000, "budget of LLM calls")
-    llm_timeout: float = setting(60.0, "seconds per LLM call", key=False)
+    llm_timeout: float = setting(60.0, "seconds per LLM call")  # a timed-out call is a failed candidate
     llm_workers: int = setting(4, "LLM calls in parallel", key=False)
 
     @property
@@ -194,19 +196,23 @@ def flag(name: str) -> str:
 def config_of(manifest: dict[str, Any]) -> AtlasConfig:
     """The config an atlas was built with, from its manifest (nested, or flat from before config
     groups); settings this version no longer has are dropped."""
-    return AtlasConfig.build({k: v for k, v in flatten(manifest.get("config", {})).items() if k in SETTINGS})
+    return AtlasConfig.build(flatten(manifest.get("config", {}), known_only=True))
 
 
-def flatten(values: dict[str, Any]) -> dict[str, Any]:
+def flatten(values: dict[str, Any], *, known_only: bool = False) -> dict[str, Any]:
     """``[group]`` tables (TOML, a manifest) and flat keys to flat names, each table's keys checked
-    to belong to it."""
+    to belong to it; ``known_only`` drops unknown names instead (an older manifest's)."""
     flat: dict[str, Any] = {}
     for name, value in values.items():
         if name in GROUPS and isinstance(value, dict):
             for sub, v in value.items():
                 if sub not in SETTINGS or SETTINGS[sub][0] != name:
+                    if known_only:
+                        continue
                     raise BadConfig(f"{name}.{sub}", f"unknown setting in [{name}]")
                 flat[sub] = v
+        elif known_only and name not in SETTINGS:
+            continue
         else:
             flat[name] = value
     return flat

@@ -49,7 +49,8 @@ def detect_format(path: Path) -> str:
 
 
 def load_dictionary(path: str | Path, *, k: int) -> SAE:
-    """``k``: for formats without one (relu, jumprelu), the basis of the stored code width (2k)."""
+    """``k``: for formats without one (relu, jumprelu), recorded as the dictionary's nominal L0
+    (their codes keep every active latent)."""
     path = Path(path).expanduser()
     if not path.exists():
         raise BadConfig("--dictionary", f"no such file or folder: {path}")

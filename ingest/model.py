@@ -121,7 +121,7 @@ def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
 def load_model(
     name: str, *, device: str = "cpu", dtype: str = "auto", cache_dir: str | Path, layer: int | None = None
 ) -> SubjectModel:
-    """Loads ``name`` (see ``AtlasConfig.model``); with ``layer``, checks it against the model's
+    """Loads ``name`` (see ``ModelConfig.model``); with ``layer``, checks it against the model's
     depth before the weights are read, so a bad ``--layer`` fails fast."""
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 

@@ -177,8 +177,9 @@ STAGES: list[Stage[Ingest]] = [
     Stage("corpus", 1, ("corpus",), (), ("contexts.npz", "documents.jsonl"), _run_corpus,
           inputs=lambda ctx: [ctx.cfg.model.model, ctx.corpus_hash]),
     # Sharded by tokens: each shard a range of contexts through the model.
-    Stage("harvest", 1, ("harvest",), ("corpus",), (), _finish_harvest,
-          inputs=lambda ctx: [ctx.cfg.model.model, ctx.layer, str(ctx.model.dtype)],
+    # The layer is the one in use (a loaded dictionary's own when --layer is not given).
+    Stage("harvest", 1, ("harvest", "model"), ("corpus",), (), _finish_harvest,
+          inputs=lambda ctx: [ctx.layer, str(ctx.model.dtype)],
           shards=lambda ctx: len(shard_plan(ctx.corpus, ctx.cfg.harvest.shard_tokens)), run_shard=_harvest_shard),
     Stage("train", 1, ("train", "run"), ("harvest",), (M.DICTIONARY,), _run_train, inputs=_train_inputs),
     Stage("evaluate", METRICS_VERSION, ("evaluate",), ("train",), (), _run_evaluate),

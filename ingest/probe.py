@@ -11,7 +11,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 from featureatlas.store.atlas import Atlas
-from featureatlas.store.errors import BadParameter
+from featureatlas.store.errors import BadParameter, UserError
 
 from .config import config_of
 from .model import SubjectModel, load_model
@@ -49,8 +49,11 @@ class Probe:
         with self._lock:
             if self._loaded is None:
                 cfg = config_of(self.atlas.manifest)
-                model = load_model(cfg.model.model, device=self._device or cfg.run.device, dtype=cfg.run.dtype,
-                                   cache_dir=cfg.model.model_cache)
+                try:
+                    model = load_model(cfg.model.model, device=self._device or cfg.run.device, dtype=cfg.run.dtype,
+                                       cache_dir=cfg.model.model_cache)
+                except UserError as e:  # the server's set-up, not the request, is wrong: a logged 500
+                    raise RuntimeError(f"the atlas's model cannot be loaded: {e}") from e
                 sae = SAE.load(self.atlas.dictionary_dir, device=model.device)
                 self._loaded = (model, sae, int(self.atlas.manifest["hook"]["layer"]))
         return self._loaded

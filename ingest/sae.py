@@ -176,7 +176,7 @@ class SAE(nn.Module):
 
     def activations(self, x: torch.Tensor) -> torch.Tensor:
         """[N, d_sae] inference activations, zeros for inactive latents (what SAELens's ``encode`` returns)."""
-        return self.dense(self.encode(x))
+        return self.dense(self.encode(x)).view(*x.shape[:-1], self.d_sae)
 
     def decode(self, code: SparseCode) -> torch.Tensor:
         """[N, d_in] from the code, before any input normalisation is undone (``reconstruct`` does that)."""

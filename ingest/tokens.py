@@ -15,7 +15,7 @@ import numpy as np
 from featureatlas.store.errors import BadConfig
 from tqdm import tqdm
 
-from .config import AtlasConfig
+from .config import CorpusConfig
 from .corpus import Document, read_source
 
 # A document is tokenized from a prefix of its text at most this many characters per needed token:
@@ -74,7 +74,7 @@ class TokenizedCorpus:
         return cls(documents=docs, **{k: arrays[k] for k in arrays.files})
 
 
-def tokenize_corpus(cfg: AtlasConfig, tokenizer, bos_id: int) -> TokenizedCorpus:
+def tokenize_corpus(cfg: CorpusConfig, tokenizer, bos_id: int) -> TokenizedCorpus:
     """Fill each source's share of ``cfg.tokens`` with contexts from its documents, in hash order."""
     total_w = sum(cfg.corpus_weights)
     per_ctx = cfg.context_len - 1

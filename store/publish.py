@@ -9,10 +9,13 @@ until the manifest that names them replaces the old one.
 
 from __future__ import annotations
 
+import fcntl
 import shutil
 import time
+from contextlib import contextmanager
+from datetime import timedelta
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import duckdb
 import lancedb
@@ -20,9 +23,12 @@ import pyarrow as pa
 from lancedb.index import FTS, BTree, IvfHnswSq
 
 from . import manifest as M
+from .errors import BadParameter
 from .schema import ANN_MIN_ROWS, DUCKDB_TABLES, EXAMPLES, FEATURES, LABEL_CANDIDATES
 
 STAGING = ".staging"
+LOCK = ".writer.lock"
+KEEP_VERSIONS = timedelta(days=365_000)
 # The published parts, swapped in together; the manifest goes last.
 PUBLISHED = (M.DICTIONARY, M.LANCE, M.DUCKDB)
 
@@ -81,10 +87,29 @@ def write_duckdb(path: Path, tables: dict[str, pa.Table]) -> None:
         con.close()
 
 
+@contextmanager
+def writer_lock(root: Path) -> Iterator[None]:
+    """One writer at a time per atlas (a publish or a re-label); readers never wait."""
+    root.mkdir(parents=True, exist_ok=True)
+    with open(root / LOCK, "w") as f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise BadParameter("--atlas", f"another ingest or re-label is writing {root}; try again when it ends") from None
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
 def publish(root: Path, build: Callable[[Path], dict[str, int]], manifest: dict[str, Any]) -> None:
     """``build(staging)`` writes every part in ``PUBLISHED`` under ``staging`` and returns the
     LanceDB table versions; then the parts replace the atlas's and the manifest is written last."""
-    root.mkdir(parents=True, exist_ok=True)
+    with writer_lock(root):
+        _publish(root, build, manifest)
+
+
+def _publish(root: Path, build: Callable[[Path], dict[str, int]], manifest: dict[str, Any]) -> None:
     staging = root / M.CACHE / STAGING
     if staging.exists():
         shutil.rmtree(staging)  # left by a crash: rebuilt whole, never trusted
@@ -100,24 +125,30 @@ def publish(root: Path, build: Callable[[Path], dict[str, int]], manifest: dict[
         if (root / part).exists():
             (root / part).rename(old / part)
         (staging / part).rename(root / part)
-    _remove_relabelled_copies(root, keep=M.DUCKDB)
+    _remove_relabelled_copies(root, keep={M.DUCKDB})
     M.write(root, M.pin(manifest, duckdb=M.DUCKDB, lance=versions))
     shutil.rmtree(staging)
 
 
-def update_labels(root: Path, labels: pa.Table, candidates: pa.Table, summary: dict[str, Any]) -> None:
+def update_labels(root: Path, labels: pa.Table, candidates: pa.Table, summary: dict[str, Any],
+                  config: dict[str, Any]) -> None:
     """Replace the labels of the features in ``labels`` (``feature_id`` + the label columns of
     ``FEATURES``) in a published atlas, as one change to both databases: a new DuckDB file and a new
     LanceDB version are written first, and readers move to both together when the manifest naming
-    them is written. A crash before that leaves the previous labels in both."""
-    manifest = M.read(root)
-    if manifest is None:
-        raise RuntimeError(f"{root} has no manifest")
-    duckdb_name = _relabelled_duckdb(root, M.duckdb_file(manifest), labels, candidates)
-    features_version = _relabelled_lance(root, M.lance_version(manifest, "features"), labels)
-    lance = {**manifest.get("published", {}).get("lance", {}), "features": features_version}
-    M.write(root, M.pin({**manifest, "labels": summary}, duckdb=duckdb_name, lance=lance))
-    _remove_relabelled_copies(root, keep=duckdb_name)
+    them is written. A crash before that leaves the previous labels in both. ``config``: the
+    settings the labels were made with (the manifest records them)."""
+    with writer_lock(root):
+        manifest = M.read(root)
+        if manifest is None:
+            raise RuntimeError(f"{root} has no manifest")
+        previous = M.duckdb_file(manifest)
+        duckdb_name = _relabelled_duckdb(root, previous, labels, candidates)
+        features_version = _relabelled_lance(root, M.lance_version(manifest, "features"), labels)
+        lance = {**manifest.get("published", {}).get("lance", {}), "features": features_version}
+        M.write(root, M.pin({**manifest, "labels": summary, "config": config}, duckdb=duckdb_name, lance=lance))
+        # The file just replaced stays until the next change: a reader that read the old manifest
+        # a moment ago can still open it.
+        _remove_relabelled_copies(root, keep={duckdb_name, previous})
 
 
 def _relabelled_duckdb(root: Path, current: str, labels: pa.Table, candidates: pa.Table) -> str:
@@ -159,15 +190,19 @@ def _relabelled_lance(root: Path, version: int | None, labels: pa.Table) -> int:
     current = current.set_column(current.schema.get_field_index("search_text"), "search_text",
                                  search_text(current["label"].to_pylist(), current["top_tokens"].to_pylist()))
     table.merge_insert("feature_id").when_matched_update_all().execute(current.select(table.schema.names))
-    table.optimize()  # folds the rewritten rows into the full-text, scalar and vector indexes
+    # Folds the rewritten rows into the full-text, scalar and vector indexes. Its default clean-up
+    # would delete the files of versions over 7 days old, the pinned one among them, before the
+    # manifest moves on: older versions are kept (a re-label adds about one features table's worth).
+    table.optimize(cleanup_older_than=KEEP_VERSIONS)
     return table.version
 
 
-def _remove_relabelled_copies(root: Path, *, keep: str) -> None:
-    """DuckDB files that the manifest no longer names: the one a re-label replaced, and any of a
-    re-label that died before its commit."""
+def _remove_relabelled_copies(root: Path, *, keep: set[str]) -> None:
+    """DuckDB files that are neither named by the manifest nor the one it named before (a reader
+    may still be opening that), and any of a re-label that died before its commit. Called while
+    holding the writer lock, so no other writer's file is in progress."""
     for path in root.glob("analytics*.duckdb"):
-        if path.name != keep:
+        if path.name not in keep:
             path.unlink(missing_ok=True)
     for path in root.glob(".analytics.*.duckdb.tmp"):
         path.unlink(missing_ok=True)

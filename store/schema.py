@@ -138,7 +138,6 @@ ACTIVATIONS = Table("activations", (
     Column("value", pa.float32()),
 ))
 
-# LanceDB holds the feature vectors and examples; DuckDB every table's SQL columns (for features, a
-# scalar copy to join against).
-LANCE_TABLES = (FEATURES, EXAMPLES)
+# DuckDB holds every table's SQL columns (for features, a scalar copy to join against); LanceDB
+# holds FEATURES whole (vectors, full text) and EXAMPLES.
 DUCKDB_TABLES = (DOCUMENTS, TOKENS, ACTIVATIONS, FEATURES, LABEL_CANDIDATES)

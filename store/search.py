@@ -13,7 +13,6 @@ from typing import NamedTuple
 import numpy as np
 
 from .atlas import Atlas
-from .errors import NotFound
 from .schema import ANN_MIN_ROWS
 
 # Query-time ANN knobs (only used once an index exists: see ``ANN_MIN_ROWS``). Measured on
@@ -80,8 +79,8 @@ def decoder_neighbors(atlas: Atlas, feature_id: int, k: int) -> Ranked:
     """
     if atlas.d_sae >= ANN_MIN_ROWS:
         row = atlas.feature_row(feature_id, ["decoder"])
-        if row is None:
-            raise NotFound("feature_id", f"no feature {feature_id}")
+        if row is None:  # callers check the id first: the atlas itself is damaged
+            raise RuntimeError(f"feature {feature_id} is missing from the features table")
         return vector_search(atlas, "decoder", row["decoder"], k, exclude=feature_id)
     decoders = atlas.decoders
     sims = decoders @ decoders[feature_id]

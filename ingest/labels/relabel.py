@@ -67,5 +67,5 @@ def relabel(root: str | Path, overrides: dict[str, Any], features: str | None = 
         con.close()
     table = pa.table({"feature_id": pa.array(labels.features, pa.int32()), **labels.columns()})
     summary = {**labels.summary, "features": "all" if features is None else features}
-    update_labels(atlas.root, table, labels.candidates, summary)
+    update_labels(atlas.root, table, labels.candidates, summary, cfg.to_dict())
     return summary
