@@ -8,7 +8,7 @@ from .conftest import tiny_config
 def test_contexts_start_with_bos_and_map_back_to_documents(tmp_path, tiny_model_dir, corpus_dir):
     cfg = tiny_config(tmp_path / "atlas", tiny_model_dir, corpus_dir)
     model = load_model(cfg.model.model, cache_dir=cfg.model.model_cache)
-    corpus = tokenize_corpus(cfg, model.tokenizer, model.bos_id)
+    corpus = tokenize_corpus(cfg.corpus, model.tokenizer, model.bos_id)
     lengths = np.diff(corpus.ctx_offset)
     assert lengths.max() <= cfg.corpus.context_len and lengths.min() >= 2
     assert (corpus.ids[corpus.ctx_offset[:-1]] == model.bos_id).all()
