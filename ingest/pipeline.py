@@ -94,6 +94,15 @@ class Ingest:
         size = self.model.model.get_output_embeddings().weight.shape[0]
         return [self.model.tokenizer.decode([i]) for i in range(size)]
 
+    @cached_property
+    def documents(self) -> pa.Table:
+        """The published ``documents`` table (the labels stage reads it too: built once)."""
+        return tables.documents_table(self.corpus)
+
+    @cached_property
+    def tokens(self) -> pa.Table:
+        return tables.tokens_table(self.corpus, self.is_bos, self.is_eval, self.vocab)
+
     @property
     def train_dtype(self) -> torch.dtype:
         return resolve_dtype(self.cfg.run.dtype, self.model.device)
@@ -157,7 +166,7 @@ def _run_encode(ctx: Ingest, folder: Path) -> dict[str, Any]:
 
 
 def _run_labels(ctx: Ingest, folder: Path) -> dict[str, Any]:
-    con = tables.label_connection(ctx.corpus, ctx.is_bos, ctx.is_eval, ctx.vocab, ctx.folder("encode"))
+    con = tables.analytics_connection(ctx.documents, ctx.tokens, ctx.folder("encode"))
     try:
         return label_stage.run(con, ctx.sae.d_sae, ctx.cfg.labels, ctx.folder("encode"), folder, seed=ctx.cfg.run.seed,
                                device=ctx.cfg.run.device)
@@ -214,8 +223,8 @@ def _build(ctx: Ingest, staging: Path) -> dict[str, int]:
     encode = ctx.folder("encode")
     versions = write_lance(staging / M.LANCE, features, pq.read_table(encode / "examples.parquet"), ctx.sae.d_in)
     write_duckdb(staging / M.DUCKDB, {
-        "documents": tables.documents_table(ctx.corpus),
-        "tokens": tables.tokens_table(ctx.corpus, ctx.is_bos, ctx.is_eval, ctx.vocab),
+        "documents": ctx.documents,
+        "tokens": ctx.tokens,
         "activations": pq.read_table(encode / "activations.parquet"),
         "features": features,
         "label_candidates": pq.read_table(ctx.folder("labels") / "label_candidates.parquet"),

@@ -40,12 +40,11 @@ def tokens_table(corpus: TokenizedCorpus, is_bos: np.ndarray, is_eval: np.ndarra
     })
 
 
-def label_connection(corpus: TokenizedCorpus, is_bos: np.ndarray, is_eval: np.ndarray, vocab: list[str],
-                     encode: Path) -> duckdb.DuckDBPyConnection:
-    """An in-memory connection holding ``documents``, ``tokens`` and ``activations``."""
+def analytics_connection(documents: pa.Table, tokens: pa.Table, encode: Path) -> duckdb.DuckDBPyConnection:
+    """An in-memory connection holding ``documents``, ``tokens`` and the encode stage's ``activations``."""
     con = duckdb.connect()
-    con.register("documents", documents_table(corpus))
-    con.register("tokens", tokens_table(corpus, is_bos, is_eval, vocab))
+    con.register("documents", documents)
+    con.register("tokens", tokens)
     con.register("activations", pq.read_table(encode / "activations.parquet"))
     return con
 
