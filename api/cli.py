@@ -228,9 +228,9 @@ def _query(args: argparse.Namespace) -> int:
     service = AtlasService(atlas)
     if args.command == "search":
         result = service.search(args.query, args.k, args.mode)
-        rows = [[h["feature_id"], f"{h['score']:.4f}", f"{h['density']:.4%}", _why(h["matched_by"]), _clip(h["label"], 70),
-                 h["snippet"]] for h in result["hits"]]
-        header = ["feature", "score", "density", "matched by", "label", "top example"]
+        rows = [[h["feature_id"], f"{h['evidence']:.1f}" + ("" if h["strong"] else " weak"), f"{h['density']:.4%}",
+                 _why(h["matched_by"]), _clip(h["label"], 70), h["snippet"]] for h in result["hits"]]
+        header = ["feature", "evidence", "density", "matched by", "label", "top example"]
     elif args.command == "neighbors":
         result = service.neighbors(args.feature_id, args.k, args.by)
         rows = [[n["feature_id"], f"{n['similarity']:.4f}", f"{n['density']:.4%}", n["label"]] for n in result["neighbors"]]
@@ -246,10 +246,22 @@ def _query(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(result, indent=2, default=str))
     else:
+        if args.command == "search":
+            print(_search_header(result))
         print(_table(header, rows))
         if result.get("truncated"):
             print(f"(truncated to {len(rows)} rows)")
     return 0
+
+
+def _search_header(result: dict) -> str:
+    """The verdict first: found, or plainly not, with how much of the corpus is about the query."""
+    cover = result["coverage"]
+    amount = (f"{cover['windows']:,}{'+' if cover['capped'] else ''} of {cover['windows_total']:,} corpus windows "
+              f"({cover['documents']:,} of {cover['documents_total']:,} documents) are about it")
+    if result["confident"]:
+        return f"Found features about {result['query']!r}; {amount}."
+    return result["message"]
 
 
 def _why(matched_by: dict[str, int]) -> str:

@@ -5,6 +5,7 @@ Each returns plain JSON-ready dicts. Input errors raise ``store.errors.UserError
 
 from __future__ import annotations
 
+import re
 import threading
 from typing import Any
 
@@ -12,8 +13,10 @@ import numpy as np
 from featureatlas.ingest.config import config_of
 from featureatlas.ingest.embed import embed
 from featureatlas.ingest.probe import Probe
+from featureatlas.store import calibrate as C
 from featureatlas.store import search as S
 from featureatlas.store.atlas import Atlas
+from featureatlas.store.corpus_search import coverage, enriched, match_windows
 from featureatlas.store.errors import BadParameter, NotFound
 from featureatlas.store.map_view import NoMap, map_json
 from featureatlas.store.search import SEARCH_MODES
@@ -23,8 +26,10 @@ from featureatlas.store.search import SEARCH_MODES
 DENSE_DENSITY = 0.05
 DENSE_WEIGHT = 0.5
 MAX_K = 100
-# Each signal contributes this many candidates per requested hit before fusion.
+# Each signal contributes this many candidates per requested hit (at least ``MIN_CANDIDATES``
+# hits' worth) before fusion: a short answer is the head of the same ranking as a long one.
 CANDIDATES_PER_HIT = 3
+MIN_CANDIDATES = 10
 # Tokens shown around the strongest one in a search hit's snippet.
 SNIPPET_BEFORE = 12
 SNIPPET_AFTER = 4
@@ -32,6 +37,25 @@ SNIPPET_AFTER = 4
 
 # Prompts per side of a contrast query: each one is a forward pass of the model.
 MAX_PROMPTS = 16
+
+
+# "features about X", "a feature that fires on X": the concept is X (the rest would pull every
+# search towards text about features).
+_ASKING = re.compile(r"^\s*(show me |find |search for )?(an? |the |all )?(features?|latents?|neurons?|units?)\b"
+                     r"(\s+(that|which)\s+(fires?|responds?|activates?|detects?))?"
+                     r"(\s+(about|on|for|of|to|related to|detecting|involving|in))?\s+", re.I)
+
+
+def concept_of(query: str) -> str:
+    """The concept a query asks about, without "features about" and the like."""
+    return _ASKING.sub("", query).strip() or query.strip()
+
+
+def not_found(query: str, cover: dict[str, Any]) -> str:
+    """What the UI and the CLI say when no hit is confident."""
+    docs = cover["documents"]
+    where = "does not mention it" if docs == 0 else f"mentions it in {docs:,} of {cover['documents_total']:,} documents"
+    return f"No feature in this atlas is clearly about {query!r}; the corpus {where}. The nearest features follow, all weak."
 
 
 def _check_k(k: int) -> None:
@@ -103,6 +127,9 @@ class AtlasService:
     # -- search ---------------------------------------------------------------------------------
 
     def search(self, q: str, k: int = 10, mode: str | None = None) -> dict[str, Any]:
+        """Features about ``q`` from every signal (or one, ``mode``), ordered by their calibrated
+        evidence (``store.calibrate``); ``confident`` says whether one of the first hits clearly
+        is about the query, ``coverage`` how much of the corpus is."""
         q = (q or "").strip()
         if not q:
             raise BadParameter("q", "the query is empty")
@@ -110,27 +137,58 @@ class AtlasService:
         if mode is not None and mode not in SEARCH_MODES:
             raise BadParameter("mode", f"must be one of {', '.join(SEARCH_MODES)}")
         modes = [mode] if mode else list(SEARCH_MODES)
-        n = k * CANDIDATES_PER_HIT
+        concept = concept_of(q)
+        vec = embed([concept], name=self.embedder)[0]
+        n = max(k, MIN_CANDIDATES) * CANDIDATES_PER_HIT
         lists: dict[str, S.Ranked] = {}
-        if "label" in modes or "context" in modes:
-            vec = embed([q], name=self.embedder)[0]
-            for m in ("label", "context"):
-                if m in modes:
-                    lists[m] = S.vector_search(self.atlas, f"{m}_embedding", vec, n)
+        evidence: dict[str, dict[int, float]] = {}
+        for m in ("label", "context"):
+            if m in modes:
+                lists[m] = S.vector_search(self.atlas, f"{m}_embedding", vec, n)
+                null = C.vector_null(self.atlas.vectors(f"{m}_embedding", sample=C.NULL_SAMPLE) @ vec)
+                evidence[m] = {h.feature_id: C.vector_evidence(h.score, null, self.atlas.d_sae) for h in lists[m]}
+        matched = match_windows(self.atlas, vec)
+        if "corpus" in modes:
+            found = enriched(self.atlas, matched, n)
+            lists["corpus"] = self._hits([(f, log_p) for f, _, _, log_p, _ in found])
+            evidence["corpus"] = {f: C.corpus_evidence(log_p, self.atlas.d_sae) for f, _, _, log_p, _ in found}
         if "text" in modes:
-            lists["text"] = S.text_search(self.atlas, q, n)
+            lists["text"] = S.text_search(self.atlas, concept, n)
         if "inference" in modes:
             lists["inference"] = self._inference_ranking(q, n)
+        cover = coverage(self.atlas, matched)
+        hits = self._fused(lists, evidence, k, vec, cover["best_similarity"])
+        confident = any(h["strong"] for h in hits[: C.CONFIDENT_WITHIN])
+        return {"query": q, "concept": concept, "mode": mode or "all", "confident": confident, "coverage": cover,
+                "message": None if confident else not_found(q, cover), "hits": hits}
+
+    def _fused(self, lists: dict[str, S.Ranked], evidence: dict[str, dict[int, float]], k: int, vec: np.ndarray,
+               corpus_similarity: float | None) -> list[dict[str, Any]]:
+        """Hits best first by weighted evidence (reciprocal rank fusion breaks ties, and alone orders
+        the signals that have no null); dense features are down-weighted."""
         info = {h.feature_id: {"label": h.label, "density": h.density} for ranked in lists.values() for h in ranked}
         weights = {f: DENSE_WEIGHT for f, s in info.items() if s["density"] > DENSE_DENSITY}
-        fused = S.fuse(lists, weights=weights)[:k]
-        snippets = self._snippets([f for f, _, _ in fused])
-        hits = [
-            {"feature_id": f, "label": info[f]["label"], "score": round(score, 6), "density": info[f]["density"],
-             "matched_by": why, "snippet": snippets.get(f), "down_weighted": f in weights}
-            for f, score, why in fused
-        ]
-        return {"query": q, "mode": mode or "all", "hits": hits}
+        rrf = {f: (score, why) for f, score, why in S.fuse(lists, weights=weights)}
+        total = {f: sum(C.WEIGHTS[m] * e[f] for m, e in evidence.items() if f in e) * weights.get(f, 1.0) for f in rrf}
+        order = sorted(rrf, key=lambda f: (-total[f], -rrf[f][0], f))[:k]
+        snippets = self._snippets(order)
+        summary = self.atlas.summaries(order)
+        label_similarity = self.atlas.vectors_of(order, "label_embedding") @ vec if order else []
+        hits = []
+        for f, sim in zip(order, label_similarity):
+            match = C.match(float(sim), corpus_similarity)
+            hits.append({
+                "feature_id": f, "label": info[f]["label"], "description": summary[f]["description"],
+                "evidence": round(total[f], 2), "score": round(C.probability(total[f]), 6),
+                "signals": {m: round(e[f], 2) for m, e in evidence.items() if f in e},
+                "match": round(match, 3), "strong": match >= C.CONFIDENT_MATCH, "rank_score": round(rrf[f][0], 6),
+                "density": info[f]["density"], "matched_by": rrf[f][1], "snippet": snippets.get(f),
+                "down_weighted": f in weights})
+        return hits
+
+    def _hits(self, scored: list[tuple[int, float]]) -> S.Ranked:
+        info = self.atlas.summaries([f for f, _ in scored])
+        return [S.Hit(f, s, info[f]["label"], info[f]["density"]) for f, s in scored]
 
     def _inference_ranking(self, text: str, n: int) -> S.Ranked:
         """Anthropic's single-prompt method: features ranked by their activation on the text

@@ -25,7 +25,7 @@ from typing import Any
 from featureatlas.store.errors import BadConfig
 
 EXPLAINERS = ("contrastive", "llm")  # ingest/labels/
-SCORERS = ("embedding", "simulation", "detection")
+SCORERS = ("embedding", "token", "detection")
 ARCHITECTURES = ("topk", "batchtopk", "relu", "jumprelu")  # ingest/sae.py
 
 
@@ -118,7 +118,7 @@ class LabelConfig:
     embedder: str = setting("minilm", "sentence embedder of labels, windows and queries")
     context_embedding_examples: int = setting(4, "top examples embedded into a feature's context embedding")
     label_explainer: str = setting("contrastive", "who writes labels: contrastive (offline) or llm")
-    label_scorers: list[str] = setting(["embedding", "simulation"], "scorers on held-out windows: embedding, simulation, "
+    label_scorers: list[str] = setting(["embedding", "token"], "scorers on held-out windows: embedding, token, "
                                                                     "detection (llm); the first gives label_score")
     label_pool_windows: int = setting(10_000, "windows cut from each part of the label split")
     # The llm explainer and detection scorer: an OpenAI-compatible endpoint (llm_url + llm_model), or a
@@ -138,6 +138,8 @@ class LabelConfig:
 @dataclass
 class MapConfig:
     map_neighbors: int = setting(15, "UMAP neighbours per point of the feature map")
+    map_layout: str = setting("function", "feature map layout: function (what features do: document co-activation "
+                                          "and firing-window embeddings) or decoder (decoder directions)")
 
 
 @dataclass
@@ -179,6 +181,8 @@ class AtlasConfig:
         _validate_labels(self.labels)
         if self.map.map_neighbors < 2:
             raise BadConfig(flag("map_neighbors"), f"must be at least 2, got {self.map.map_neighbors}")
+        if self.map.map_layout not in ("function", "decoder"):  # ingest/feature_map.py
+            raise BadConfig(flag("map_layout"), f"must be function or decoder, got {self.map.map_layout!r}")
 
 
 # group name -> its dataclass; setting name -> (its group, its type)

@@ -15,6 +15,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
+from featureatlas.store.schema import WINDOW
 from tqdm import tqdm
 
 from .config import AnalysisConfig
@@ -23,7 +24,7 @@ from .sae import SAE
 from .tokens import TokenizedCorpus
 
 # Part of the encode stage's key: bump it when its outputs change.
-ENCODE_VERSION = 1
+ENCODE_VERSION = 2
 OUTPUTS = ("stats.parquet", "examples.parquet", "activations.parquet")
 
 
@@ -89,13 +90,14 @@ def sparse_records(codes: Codes, corpus: TokenizedCorpus) -> pa.Table:
 
 
 def feature_stats(con: duckdb.DuckDBPyConnection, cfg: AnalysisConfig, n_tokens: int) -> pa.Table:
-    """Per feature: density, mean (while active) and max activation, histogram, top tokens.
+    """Per feature: density, windows fired in, mean (while active) and max activation, histogram, top tokens.
     ``con`` has the sparse records registered as ``acts``."""
     bins = cfg.histogram_bins
     return con.sql(
         f"""
         with base as (
-            select feature_id, count(*) as n, avg(value) as mean_activation, max(value) as max_activation
+            select feature_id, count(*) as n, avg(value) as mean_activation, max(value) as max_activation,
+                   count(distinct (doc_id::bigint << 32) + position // {WINDOW}) as n_windows
             from acts group by feature_id
         ),
         hist as (
@@ -111,7 +113,7 @@ def feature_stats(con: duckdb.DuckDBPyConnection, cfg: AnalysisConfig, n_tokens:
         tok_top as (
             select feature_id, list(token_id order by s desc)[1:10] as top_token_ids from tok group by feature_id
         )
-        select b.feature_id, b.n / {n_tokens}::double as density, b.n as n_active,
+        select b.feature_id, b.n / {n_tokens}::double as density, b.n as n_active, b.n_windows,
                b.mean_activation, b.max_activation, h.counts as hist_counts, h.bins as hist_bins, t.top_token_ids
         from base b join hist_list h using (feature_id) join tok_top t using (feature_id)
         order by feature_id
@@ -221,7 +223,7 @@ def stat_columns(stats: pa.Table, d_sae: int, bins: int, vocab: list[str]) -> di
     """``feature_stats``'s rows (fired features only) as one value per feature, silent ones zero."""
     s = stats.to_pydict()
     by_feature = {f: j for j, f in enumerate(s["feature_id"])}
-    scalars = ("density", "n_active", "mean_activation", "max_activation")
+    scalars = ("density", "n_active", "n_windows", "mean_activation", "max_activation")
     cols: dict[str, list] = {"feature_id": list(range(d_sae)), **{k: [] for k in (*scalars, "top_tokens", "histogram")}}
     for f in range(d_sae):
         j = by_feature.get(f)

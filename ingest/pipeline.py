@@ -1,5 +1,5 @@
-"""The ingest: a list of stages in data-flow order (corpus, harvest, train, evaluate, encode,
-labels, map), then publish. Each stage is skipped when its inputs did not change, so a re-run or a
+"""The ingest: a list of stages in data-flow order (corpus, windows, harvest, train, evaluate,
+encode, labels, map), then publish. Each stage is skipped when its inputs did not change, so a re-run or a
 resumed run only does what is left (``ingest/stages.py``)."""
 
 from __future__ import annotations
@@ -18,11 +18,12 @@ from featureatlas.store import manifest as M
 from featureatlas.store.errors import BadConfig
 from featureatlas.store.publish import publish, write_duckdb, write_lance
 
-from . import encode, tables
+from . import encode, tables, windows
 from .config import AtlasConfig
 from .corpus import corpus_fingerprint
+from .embed import embed
 from .evaluate import METRICS_VERSION, loss_recovered, reconstruction_metrics
-from .feature_map import MAP_VERSION, feature_map
+from .feature_map import MAP_VERSION, coactivation, feature_map, function_vectors
 from .harvest import harvest_shard, harvest_summary, load_activations, shard_plan
 from .labels import stage as label_stage
 from .labels.label import LABELS_VERSION
@@ -35,7 +36,7 @@ from .train import train_sae
 
 log = logging.getLogger(__name__)
 # Part of the publish key: bump it when the published layout changes.
-PUBLISH_FORMAT = 3
+PUBLISH_FORMAT = 4
 
 
 def hook_name(layer: int) -> str:
@@ -115,6 +116,11 @@ def _run_corpus(ctx: Ingest, folder: Path) -> dict[str, Any]:
             "eval_contexts": int(corpus.ctx_eval.sum())}
 
 
+def _run_windows(ctx: Ingest, folder: Path) -> dict[str, Any]:
+    embed_fn = lambda texts: embed(texts, name=ctx.cfg.labels.embedder, progress=True)  # noqa: E731
+    return windows.run(ctx.documents, ctx.tokens, embed_fn, folder)
+
+
 def _harvest_shard(ctx: Ingest, folder: Path, i: int) -> dict[str, Any]:
     return harvest_shard(ctx.model, ctx.corpus, ctx.layer, folder, i, batch=ctx.cfg.harvest.harvest_batch,
                          shard_tokens=ctx.cfg.harvest.shard_tokens)
@@ -168,16 +174,30 @@ def _run_encode(ctx: Ingest, folder: Path) -> dict[str, Any]:
 def _run_labels(ctx: Ingest, folder: Path) -> dict[str, Any]:
     con = tables.analytics_connection(ctx.documents, ctx.tokens, ctx.folder("encode"))
     try:
-        return label_stage.run(con, ctx.sae.d_sae, ctx.cfg.labels, ctx.folder("encode"), folder, seed=ctx.cfg.run.seed,
-                               device=ctx.cfg.run.device)
+        return label_stage.run(con, ctx.sae.d_sae, ctx.cfg.labels, ctx.folder("encode"), ctx.folder("windows"), folder,
+                               seed=ctx.cfg.run.seed, device=ctx.cfg.run.device)
     finally:
         con.close()
 
 
 def _run_map(ctx: Ingest, folder: Path) -> dict[str, Any]:
-    xy = feature_map(ctx.sae.unit_decoder().numpy(), neighbors=ctx.cfg.map.map_neighbors, seed=ctx.cfg.run.seed)
+    """The layout of ``map_layout``: by decoder direction, or by what features do, from the encode
+    stage's activations and the labels stage's context embeddings (``ingest/feature_map.py``)."""
+    decoder = ctx.sae.unit_decoder().numpy()
+    seed = ctx.cfg.run.seed
+    vectors = decoder
+    if ctx.cfg.map.map_layout == "function":
+        acts = pq.read_table(ctx.folder("encode") / "activations.parquet", columns=["feature_id", "doc_id", "value"])
+        coact = coactivation(acts["feature_id"].to_numpy(), acts["doc_id"].to_numpy(), acts["value"].to_numpy(),
+                             ctx.sae.d_sae, seed=seed)
+        labels = pq.read_table(ctx.folder("labels") / "labels.parquet", columns=["feature_id", "context_embedding"])
+        embedded = labels["context_embedding"].combine_chunks().flatten().to_numpy().reshape(labels.num_rows, -1)
+        context = np.zeros((ctx.sae.d_sae, embedded.shape[1]), np.float32)
+        context[labels["feature_id"].to_numpy()] = embedded
+        vectors = function_vectors(coact, context, decoder, seed=seed)
+    xy = feature_map(vectors, neighbors=ctx.cfg.map.map_neighbors, seed=seed)
     pq.write_table(pa.table({"map_x": xy[:, 0], "map_y": xy[:, 1]}), folder / "map.parquet")
-    return {"features": len(xy)}
+    return {"features": len(xy), "layout": ctx.cfg.map.map_layout}
 
 
 STAGES: list[Stage[Ingest]] = [
@@ -185,6 +205,9 @@ STAGES: list[Stage[Ingest]] = [
     # files, or another model's tokenizer, give other contexts.
     Stage("corpus", 1, ("corpus",), (), ("contexts.npz", "documents.jsonl"), _run_corpus,
           inputs=lambda ctx: [ctx.cfg.model.model, ctx.corpus_hash]),
+    # Only the embedder of the labels group matters here: another scorer or explainer keeps the windows.
+    Stage("windows", windows.WINDOWS_VERSION, (), ("corpus",), windows.OUTPUTS, _run_windows,
+          inputs=lambda ctx: [ctx.cfg.labels.embedder]),
     # Sharded by tokens: each shard a range of contexts through the model.
     # The layer is the one in use (a loaded dictionary's own when --layer is not given).
     Stage("harvest", 1, ("harvest", "model"), ("corpus",), (), _finish_harvest,
@@ -193,9 +216,10 @@ STAGES: list[Stage[Ingest]] = [
     Stage("train", 1, ("train", "run"), ("harvest",), (M.DICTIONARY,), _run_train, inputs=_train_inputs),
     Stage("evaluate", METRICS_VERSION, ("evaluate",), ("train",), (), _run_evaluate),
     Stage("encode", encode.ENCODE_VERSION, ("analysis",), ("train",), encode.OUTPUTS, _run_encode),
-    Stage("labels", LABELS_VERSION, ("labels", "run"), ("encode",), label_stage.OUTPUTS, _run_labels),
-    # The map depends on the dictionary alone, so a re-label keeps it.
-    Stage("map", MAP_VERSION, ("map", "run"), ("train",), ("map.parquet",), _run_map),
+    Stage("labels", LABELS_VERSION, ("labels", "run"), ("encode", "windows"), label_stage.OUTPUTS, _run_labels),
+    # The function layout reads the encode stage's activations and the labels stage's context
+    # embeddings, so a re-label (another explainer or scorer) lays the map out again (~30 s here).
+    Stage("map", MAP_VERSION, ("map", "run"), ("train", "encode", "labels"), ("map.parquet",), _run_map),
 ]
 
 
@@ -204,7 +228,7 @@ def run_ingest(cfg: AtlasConfig) -> dict[str, Any]:
     ctx = Ingest.open(cfg)
     summaries = {stage.name: ctx.stages.ensure(stage, ctx) for stage in STAGES}
     root = Path(cfg.run.atlas)
-    publish_key = stage_key(PUBLISH_FORMAT, [ctx.stages.keys[s] for s in ("evaluate", "encode", "labels", "map")])
+    publish_key = stage_key(PUBLISH_FORMAT, [ctx.stages.keys[s] for s in ("evaluate", "windows", "encode", "labels", "map")])
     existing = M.read(root) or {}
     if existing.get("publish_key") == publish_key:
         log.info("publish   skipped: %s already holds these results", root)
@@ -221,10 +245,13 @@ def _build(ctx: Ingest, staging: Path) -> dict[str, int]:
     ctx.sae.save(staging / M.DICTIONARY)
     features = tables.features_table(ctx.sae, ctx.folder("encode"), ctx.folder("labels"), ctx.folder("map"))
     encode = ctx.folder("encode")
-    versions = write_lance(staging / M.LANCE, features, pq.read_table(encode / "examples.parquet"), ctx.sae.d_in)
+    corpus_windows = pq.read_table(ctx.folder("windows") / windows.OUTPUTS[0])
+    versions = write_lance(staging / M.LANCE, features, pq.read_table(encode / "examples.parquet"), corpus_windows,
+                           ctx.sae.d_in)
     write_duckdb(staging / M.DUCKDB, {
         "documents": ctx.documents,
         "tokens": ctx.tokens,
+        "windows": corpus_windows,
         "activations": pq.read_table(encode / "activations.parquet"),
         "features": features,
         "label_candidates": pq.read_table(ctx.folder("labels") / "label_candidates.parquet"),

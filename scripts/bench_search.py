@@ -31,7 +31,7 @@ import numpy as np
 import pyarrow as pa
 from featureatlas.ingest.embed import embed
 from featureatlas.store.publish import publish, write_duckdb, write_lance
-from featureatlas.store.schema import ACTIVATIONS, DOCUMENTS, EXAMPLES, LABEL_CANDIDATES, TOKENS
+from featureatlas.store.schema import ACTIVATIONS, DOCUMENTS, EXAMPLES, LABEL_CANDIDATES, TOKENS, WINDOWS
 
 D_MODEL = 576
 # Requests before timing starts (their latencies are reported apart, as cold_*).
@@ -65,6 +65,7 @@ def synthetic_features(n: int, seed: int = 0) -> tuple[pa.Table, np.ndarray]:
         "feature_id": np.arange(n, dtype=np.int32),
         "decoder": fixed(decoder, D_MODEL),
         "label": labels,
+        "description": labels,
         "label_source": ["synthetic"] * n,
         "label_score": rng.random(n).astype(np.float32),
         "label_scores": pa.array([[]] * n, pa.list_(pa.struct([("scorer", pa.string()), ("score", pa.float32())]))),
@@ -73,6 +74,7 @@ def synthetic_features(n: int, seed: int = 0) -> tuple[pa.Table, np.ndarray]:
         "context_embedding": fixed(label_emb, dim),
         "density": density,
         "n_active": (density * 1e6).astype(np.int64),
+        "n_windows": (density * 1e5).astype(np.int64),
         "mean_activation": rng.random(n).astype(np.float32),
         "max_activation": (rng.random(n) * 10 + 1).astype(np.float32),
         "top_tokens": pa.array([[w] for w in labels], pa.list_(pa.string())),
@@ -98,9 +100,9 @@ def build_atlas(root: Path, features: pa.Table, examples: pa.Table | None = None
             dictionary.save(staging / "dictionary")
         else:
             (staging / "dictionary").mkdir()
-        versions = write_lance(staging / "lance", features, examples, D_MODEL)
+        versions = write_lance(staging / "lance", features, examples, WINDOWS.arrow().empty_table(), D_MODEL)
         write_duckdb(staging / "analytics.duckdb", {
-            **{t.name: t.arrow().empty_table() for t in (DOCUMENTS, TOKENS, ACTIVATIONS, LABEL_CANDIDATES)},
+            **{t.name: t.arrow().empty_table() for t in (DOCUMENTS, TOKENS, WINDOWS, ACTIVATIONS, LABEL_CANDIDATES)},
             "features": features,
         })
         return versions

@@ -1,8 +1,10 @@
-"""How good are the labels? Held-out embedding AUROC of each explainer's labels over a random sample of
-live features, against two baselines judged on the same windows in the same run: the feature's single
-top token as its label, and the label of a *different* random feature (which should sit near 0.5).
+"""How good are the labels? Held-out embedding AUROC and token correlation of each explainer's labels
+over a random sample of live features, against two baselines judged on the same windows in the same
+run: the feature's single top token, quoted, as its label, and the label of a *different* random
+feature (which should sit at chance: 0.5 AUROC, 0 correlation).
 
     .venv/bin/python scripts/label_report.py --atlas atlas --features 500 --out labels.json
+    .venv/bin/python scripts/label_report.py --atlas atlas --show 30     # 30 labels beside their top example
     .venv/bin/python scripts/label_report.py --atlas atlas --explainer contrastive llm --llm-url http://127.0.0.1:8080/v1
 
 Nothing is written to the atlas (use `featureatlas label` for that).
@@ -17,10 +19,11 @@ import time
 import duckdb
 import numpy as np
 from featureatlas.ingest.embed import embed
-from featureatlas.ingest.labels.label import label_features
+from featureatlas.ingest.labels.label import Labels, label_features
 from featureatlas.ingest.labels.llm import make_chat
-from featureatlas.ingest.labels.relabel import atlas_config
+from featureatlas.ingest.labels.relabel import atlas_config, stored_windows
 from featureatlas.ingest.labels.stage import LLM_CACHE
+from featureatlas.ingest.labels.wording import show_token
 from featureatlas.store.atlas import Atlas
 from featureatlas.store.manifest import CACHE, duckdb_file
 
@@ -39,7 +42,48 @@ def top_example(atlas: Atlas, feature_id: int) -> str:
     if top is None:
         return ""
     peak = int(np.argmax(top["activations"]))
-    return "".join(f"[[{t}]]" if i == peak else t for i, t in enumerate(top["tokens"])).strip()
+    return "".join(f"[[{t}]]" if i == peak else t for i, t in enumerate(top["tokens"])).strip().replace("\n", "⏎")
+
+
+def score_table(labels: Labels) -> dict[int, tuple[float | None, float | None]]:
+    """(embedding AUROC, token correlation) of each kept label on held-out windows."""
+    out = {}
+    for f, per in zip(labels.features, labels.scores):
+        got = {s["scorer"]: s["score"] for s in per}
+        out[f] = (got.get("embedding"), got.get("token"))
+    return out
+
+
+def summarize_scores(scores: dict[int, tuple[float | None, float | None]]) -> dict[str, dict]:
+    return {"embedding": describe([a for a, _ in scores.values()]), "token": describe([t for _, t in scores.values()])}
+
+
+def baselines(labels: Labels, rng: np.random.Generator) -> dict[str, dict[int, tuple[float, float]]]:
+    """The top token, quoted, as the label; and another random feature's label."""
+    top = labels.judge({f: show_token(t) for f, t in labels.top_token.items()})
+    scored = [f for f, s in zip(labels.features, labels.score) if s is not None]
+    shift = np.roll(np.arange(len(scored)), 1 + int(rng.integers(len(scored) - 1))) if len(scored) > 1 else []
+    text = dict(zip(labels.features, labels.text))
+    return {"top_token": top, "random_label": labels.judge({f: text[scored[j]] for f, j in zip(scored, shift)})}
+
+
+def shown(atlas: Atlas, labels: Labels, n: int, rng: np.random.Generator) -> list[dict]:
+    """``n`` random labels with their description, scores and top example, for a person to read."""
+    rows = sorted(rng.choice(len(labels.features), min(n, len(labels.features)), replace=False).tolist())
+    scores = score_table(labels)
+    return [{"feature_id": labels.features[i], "label": labels.text[i], "description": labels.description[i],
+             "embedding": scores[labels.features[i]][0], "token": scores[labels.features[i]][1],
+             "top_example": top_example(atlas, labels.features[i])} for i in rows]
+
+
+def run_explainer(atlas: Atlas, con: duckdb.DuckDBPyConnection, sample: list[int], name: str,
+                  args: argparse.Namespace) -> tuple[Labels, float]:
+    cfg = atlas_config(atlas, {"label_explainer": name, "llm_url": args.llm_url, "llm_model": args.llm_model,
+                               "seed": args.seed})
+    chat = make_chat(cfg.labels, cfg.run.device, atlas.root / CACHE / LLM_CACHE) if name == "llm" else None
+    t0 = time.perf_counter()
+    labels = label_features(con, sample, cfg.labels, embed, seed=cfg.run.seed, chat=chat, windows=stored_windows(atlas))
+    return labels, time.perf_counter() - t0
 
 
 def main() -> None:
@@ -47,6 +91,7 @@ def main() -> None:
     p.add_argument("--atlas", default="atlas")
     p.add_argument("--features", type=int, default=500, help="random live features to label and score")
     p.add_argument("--explainer", nargs="+", default=["contrastive"], choices=("contrastive", "llm"))
+    p.add_argument("--show", type=int, default=10, help="random labels printed with their top example")
     p.add_argument("--llm-url")
     p.add_argument("--llm-model")
     p.add_argument("--seed", type=int, default=0)
@@ -58,55 +103,36 @@ def main() -> None:
     live = [f for (f,) in con.execute("select feature_id from features where n_active > 0 order by feature_id").fetchall()]
     rng = np.random.default_rng(args.seed)
     sample = sorted(rng.choice(live, min(args.features, len(live)), replace=False).tolist())
-    report: dict = {"atlas": str(atlas.root), "n_live": len(live), "n_features": len(sample), "auroc_mean": {},
-                    "distribution": {}, "single_token": {}, "simulation_mean": {}, "seconds": {}}
-    baselines_done = False
+    report: dict = {"atlas": str(atlas.root), "n_live": len(live), "n_features": len(sample), "scores": {}, "seconds": {}}
     for name in args.explainer:
-        t0 = time.perf_counter()
-        cfg = atlas_config(atlas, {"label_explainer": name, "label_scorers": ["embedding", "simulation"],
-                                   "llm_url": args.llm_url, "llm_model": args.llm_model, "seed": args.seed})
-        chat = make_chat(cfg.labels, cfg.run.device, atlas.root / CACHE / LLM_CACHE) if name == "llm" else None
-        labels = label_features(con, sample, cfg.labels, embed, seed=cfg.run.seed, chat=chat)
-        report["seconds"][name] = round(time.perf_counter() - t0, 1)
-        report["auroc_mean"][name] = describe(labels.score)["mean"]
-        report["distribution"][name] = describe(labels.score)
-        sims = [next((s["score"] for s in per if s["scorer"] == "simulation"), None) for per in labels.scores]
-        report["simulation_mean"][name] = describe(sims)["mean"]
-        single = np.array(labels.single_token)
-        report["single_token"][name] = {
-            "n": int(single.sum()),
-            "auroc_mean_single": describe([s for s, k in zip(labels.score, single) if k])["mean"],
-            "auroc_mean_others": describe([s for s, k in zip(labels.score, single) if not k])["mean"],
-        }
-        if not baselines_done:
-            top = labels.judge({f: t.strip() or t for f, t in labels.top_token.items()})
-            scored = [f for f, s in zip(labels.features, labels.score) if s is not None]
-            shift = np.roll(np.arange(len(scored)), 1 + int(rng.integers(len(scored) - 1))) if len(scored) > 1 else []
-            text = dict(zip(labels.features, labels.text))
-            other = labels.judge({f: text[scored[j]] for f, j in zip(scored, shift)})
-            for base, scores in (("top_token", top), ("random_label", other)):
-                report["auroc_mean"][base] = describe(list(scores.values()))["mean"]
-                report["distribution"][base] = describe(list(scores.values()))
-            report["examples"] = [
-                {"feature_id": f, "label": t, "score": s, "top_example": top_example(atlas, f)}
-                for f, t, s in list(zip(labels.features, labels.text, labels.score))[:: max(1, len(sample) // 10)][:10]
-            ]
-            baselines_done = True
+        labels, seconds = run_explainer(atlas, con, sample, name, args)
+        report["seconds"][name] = round(seconds, 1)
+        report["scores"][name] = summarize_scores(score_table(labels))
+        single = dict(zip(labels.features, labels.single_token))
+        report["scores"][f"{name} (not single-token)"] = summarize_scores(
+            {f: s for f, s in score_table(labels).items() if not single[f]})
+        if name == args.explainer[0]:
+            for base, scores in baselines(labels, rng).items():
+                report["scores"][base] = summarize_scores(scores)
+            report["shown"] = shown(atlas, labels, args.show, rng)
     con.close()
-
-    print(f"{report['n_features']} random live features of {report['n_live']} ({atlas.root})")
-    print(f"{'labels':<14}{'n':>5}{'mean':>8}{'p10':>7}{'median':>8}{'p90':>7}")
-    for name, d in report["distribution"].items():
-        if d["n"]:
-            print(f"{name:<14}{d['n']:>5}{d['mean']:>8.3f}{d['p10']:>7.3f}{d['median']:>8.3f}{d['p90']:>7.3f}")
-    for name, d in report["single_token"].items():
-        print(f"{name}: {d['n']} single-token features (mean AUROC {d['auroc_mean_single']}), others {d['auroc_mean_others']}")
-    for e in report.get("examples", []):
-        print(f"#{e['feature_id']} {e['score'] or float('nan'):.2f} {e['label']!r}\n    {e['top_example']!r}")
+    print_report(report)
     if args.out:
         with open(args.out, "w") as f:
             json.dump(report, f, indent=2, default=float)
         print(f"wrote {args.out}")
+
+
+def print_report(report: dict) -> None:
+    print(f"{report['n_features']} random live features of {report['n_live']} ({report['atlas']}), held-out windows")
+    print(f"{'labels':<32}{'n':>5}{'AUROC':>8}{'median':>8}{'token r':>9}{'median':>8}")
+    for name, d in report["scores"].items():
+        e, t = d["embedding"], d["token"]
+        if e["n"]:
+            print(f"{name:<32}{e['n']:>5}{e['mean']:>8.3f}{e['median']:>8.3f}{t['mean'] or 0:>9.3f}{t.get('median', 0):>8.3f}")
+    for e in report.get("shown", []):
+        print(f"\n#{e['feature_id']}  {e['label']}\n    {e['description']}\n    AUROC {e['embedding'] or float('nan'):.2f}"
+              f"  token r {e['token'] or float('nan'):.2f}  top example: {e['top_example'][-160:]}")
 
 
 if __name__ == "__main__":

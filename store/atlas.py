@@ -22,7 +22,7 @@ QUERY_MEMORY_LIMIT = "2GB"
 INTERNAL_TIME_LIMIT_MS = 10_000
 # Columns a feature list may be sorted by (they are interpolated into SQL, so this list is the guard).
 SORTABLE = ("density", "max_activation", "mean_activation", "label_score", "n_active", "feature_id")
-_SCALAR = ["feature_id", "label", "density", "max_activation"]
+_SCALAR = ["feature_id", "label", "description", "density", "max_activation"]
 
 
 class AtlasNotFound(NotFound):
@@ -55,6 +55,8 @@ class Atlas:
         if manifest is None:
             raise AtlasNotFound(f"{self.root} is not a finished atlas (no {M.MANIFEST}); run `featureatlas ingest` first")
         self.manifest: dict[str, Any] = manifest
+        self._vectors: dict[tuple[str, int | None], Any] = {}
+        self._vectors_lock = threading.Lock()
 
     @property
     def dictionary_dir(self) -> Path:
@@ -87,6 +89,11 @@ class Atlas:
         return self._table("examples")
 
     @cached_property
+    def windows(self):
+        """Every corpus window with its embedding (``store.schema.WINDOWS``): for corpus search."""
+        return self._table("windows")
+
+    @cached_property
     def _con(self):
         """A read-only connection that cannot reach files, the network or extensions, and whose
         configuration cannot be changed afterwards: the engine, not string checks, keeps SQL safe."""
@@ -101,6 +108,7 @@ class Atlas:
         """Open both databases and every table now (a server's first request would pay ~1-4 s)."""
         self.features.count_rows()
         self.examples.count_rows()
+        self.windows.count_rows()
         self.query("select count(*) from features")
 
     def query(self, sql: str, params: list[Any] | dict[str, Any] | None = None, *,
@@ -147,7 +155,7 @@ class Atlas:
                           [limit, offset]).dicts()
 
     def summaries(self, ids: list[int]) -> dict[int, dict[str, Any]]:
-        """Label, density and maximum activation of each of ``ids``."""
+        """Label, description, density and maximum activation of each of ``ids``."""
         if not ids:
             return {}
         rows = self.query(f"select {', '.join(_SCALAR)} from features where feature_id in (select unnest($ids))",
@@ -167,17 +175,49 @@ class Atlas:
         return rows[0] if rows else None
 
     @cached_property
-    def decoders(self):
-        """[d_sae, d_in] float32 unit decoder directions in feature-id order, read once (for exact
-        neighbour search on atlases too small to have a vector index)."""
+    def n_windows(self) -> int:
+        """Windows of the corpus (``store.schema.WINDOW`` tokens each): corpus search's population."""
+        return int(self.query("select count(*) from windows").rows[0][0])
+
+    @cached_property
+    def n_documents(self) -> int:
+        return int(self.query("select count(*) from documents").rows[0][0])
+
+    def vectors(self, column: str, *, sample: int | None = None):
+        """[n, dim] float32 rows of one vector column (decoder, label_embedding,
+        context_embedding), read once and kept: every feature in id order, or with ``sample`` a
+        fixed random ``sample`` of them on bigger atlases (a query's null distribution in search).
+        Exact search on atlases too small to have a vector index reads them whole."""
         import numpy as np
 
-        table = self.features.search().select(["feature_id", "decoder"]).limit(self.d_sae).to_arrow()
-        rows = table["decoder"].combine_chunks()
-        matrix = rows.flatten().to_numpy().reshape(len(rows), -1)
-        out = np.empty_like(matrix)
-        out[table["feature_id"].to_numpy()] = matrix
-        return out
+        key = (column, sample if sample is not None and sample < self.d_sae else None)
+        with self._vectors_lock:
+            if key not in self._vectors:
+                if key[1] is None:
+                    table = self.features.search().select(["feature_id", column]).limit(self.d_sae).to_arrow()
+                else:
+                    rows = np.sort(np.random.default_rng(0).choice(self.d_sae, key[1], replace=False))
+                    table = self.features.take_offsets(rows.tolist()).select(["feature_id", column]).to_arrow()
+                rows = table[column].combine_chunks()
+                matrix = rows.flatten().to_numpy().reshape(len(rows), -1)
+                out = matrix
+                if key[1] is None:
+                    out = np.empty_like(matrix)
+                    out[table["feature_id"].to_numpy()] = matrix
+                self._vectors[key] = out
+            return self._vectors[key]
+
+    def vectors_of(self, ids: list[int], column: str):
+        """[len(ids), dim] float32 rows of one vector column for a few features."""
+        import numpy as np
+
+        if not ids:
+            return np.zeros((0, 0), np.float32)
+        table = self.features.search().where(f"feature_id in ({', '.join(str(int(i)) for i in ids)})") \
+            .select(["feature_id", column]).limit(len(ids)).to_arrow()
+        matrix = table[column].combine_chunks().flatten().to_numpy().reshape(table.num_rows, -1)
+        at = {int(f): i for i, f in enumerate(table["feature_id"].to_pylist())}
+        return matrix[[at[int(i)] for i in ids]]
 
     def feature(self, feature_id: int) -> dict | None:
         """One feature row without its decoder and embeddings (they are for search, not reading)."""
@@ -221,6 +261,8 @@ def summarize(manifest: dict[str, Any]) -> str:
     ]
     labels = manifest.get("labels")
     if labels and labels.get("label_score_mean") is not None:
-        lines.append(f"labels: {labels['explainer']}, mean {labels['scorers'][0]} score {labels['label_score_mean']:.3f} on "
-                     f"held-out windows ({labels['scored']:,} of {labels['labelled']:,} features scored)")
+        token = labels.get("token_score_mean")
+        lines.append(f"labels: {labels['explainer']}, mean {labels['scorers'][0]} score {labels['label_score_mean']:.3f}"
+                     + (f", token correlation {token:.3f}" if token is not None else "")
+                     + f" on held-out windows ({labels['scored']:,} of {labels['labelled']:,} features scored)")
     return "\n".join(lines)

@@ -24,7 +24,7 @@ from lancedb.index import FTS, BTree, IvfHnswSq
 
 from . import manifest as M
 from .errors import BadParameter
-from .schema import ANN_MIN_ROWS, DUCKDB_TABLES, EXAMPLES, FEATURES, LABEL_CANDIDATES
+from .schema import ANN_MIN_ROWS, DUCKDB_TABLES, EXAMPLES, FEATURES, LABEL_CANDIDATES, WINDOWS
 
 STAGING = ".staging"
 LOCK = ".writer.lock"
@@ -38,31 +38,36 @@ def search_text(labels: list[str], top_tokens: list[list[str]]) -> pa.Array:
     return pa.array([f"{label} {' '.join(t.strip() for t in tokens)}" for label, tokens in zip(labels, top_tokens)], pa.string())
 
 
-def write_lance(folder: Path, features: pa.Table, examples: pa.Table, d_model: int) -> dict[str, int]:
-    """Both LanceDB tables with their indexes; returns each one's version (the manifest pins them)."""
+def write_lance(folder: Path, features: pa.Table, examples: pa.Table, windows: pa.Table, d_model: int) -> dict[str, int]:
+    """Every LanceDB table with its indexes; returns each one's version (the manifest pins them)."""
     if "search_text" not in features.column_names:
         features = features.append_column(
             "search_text", search_text(features["label"].to_pylist(), features["top_tokens"].to_pylist()))
     db = lancedb.connect(str(folder))
     tables = {}
-    for spec, table in ((FEATURES, features), (EXAMPLES, examples)):
+    for spec, table in ((FEATURES, features), (EXAMPLES, examples), (WINDOWS, windows)):
         schema = spec.arrow(d_model)
         tables[spec.name] = db.create_table(spec.name, table.select(schema.names).cast(schema), mode="overwrite")
-    create_indexes(tables["features"], tables["examples"])
+    create_indexes(tables["features"], tables["examples"], tables["windows"])
     return {name: t.version for name, t in tables.items()}
 
 
-def create_indexes(features, examples) -> None:
-    """Full-text over labels, scalar indexes for by-id lookups, and, once brute force stops being
-    cheap, ANN indexes over the vectors (tuned in ``store.search``)."""
+def create_indexes(features, examples, windows) -> None:
+    """Full-text over labels and window text, scalar indexes for by-id lookups, and, once brute
+    force stops being cheap, ANN indexes over the vectors (tuned in ``store.search``)."""
     # The sync API's first positional argument is the column when ``config`` is given.
     features.create_index("search_text", config=FTS())
+    if windows.count_rows():
+        windows.create_index("text", config=FTS())
     features.create_index("feature_id", config=BTree())
     examples.create_index("feature_id", config=BTree())
     rows = features.count_rows()
     if rows >= ANN_MIN_ROWS:
         for column in ("decoder", "label_embedding", "context_embedding"):
             features.create_index(column, config=IvfHnswSq(distance_type="cosine", num_partitions=max(1, rows // 4096)))
+    if windows.count_rows() >= ANN_MIN_ROWS:
+        windows.create_index("embedding", config=IvfHnswSq(distance_type="cosine",
+                                                           num_partitions=max(1, windows.count_rows() // 4096)))
 
 
 def write_duckdb(path: Path, tables: dict[str, pa.Table]) -> None:

@@ -11,6 +11,10 @@ from typing import Callable
 import pyarrow as pa
 
 EMBEDDING_DIM = 384
+# Tokens per corpus window (``position // WINDOW`` within a document): the unit that labels are
+# judged on and that corpus search matches a query against. Short enough that one window is about
+# one thing, long enough for a sentence embedder to read it.
+WINDOW = 16
 # Below this many features an exact scan beats any ANN index (and is exact): publish builds the
 # vector indexes from here on, search asks them.
 ANN_MIN_ROWS = 50_000
@@ -66,6 +70,9 @@ FEATURES = Table("features", (
     Column("feature_id", pa.int32(), key=True),
     Column("decoder", _vector, sql=False),  # unit norm
     Column("label", pa.string(), labels=True),
+    # the evidence behind the label in one line: top tokens with their share of the activation
+    # mass, the tokens before them, the sources it fires in
+    Column("description", pa.string(), labels=True),
     # label + top tokens, the column the full-text index covers
     Column("search_text", pa.string(), sql=False),
     Column("label_source", pa.string(), labels=True),  # the explainer that wrote the kept label, or "none"
@@ -77,6 +84,7 @@ FEATURES = Table("features", (
     Column("context_embedding", pa.list_(pa.float32(), EMBEDDING_DIM), sql=False),
     Column("density", pa.float64()),  # fraction of encoded tokens where it fires
     Column("n_active", pa.int64()),
+    Column("n_windows", pa.int64()),  # corpus windows (``WINDOW``) it fires in: corpus search's background
     Column("mean_activation", pa.float32()),  # mean over the tokens where it fires
     Column("max_activation", pa.float32()),
     Column("top_tokens", pa.list_(pa.string()), sql=False),
@@ -100,8 +108,9 @@ EXAMPLES = Table("examples", (
     Column("max_position", pa.int32()),  # document position of the strongest token
 ))
 
-# Every candidate label every explainer proposed, with its AUROC on the explainer's side (used to
-# choose) and on held-out windows (reported); failed LLM calls are rows with status "failed".
+# Every candidate label every explainer proposed, with its embedding AUROC and token correlation on
+# the choose windows (their sum chooses) and on held-out windows (reported); failed LLM calls are
+# rows with status "failed".
 LABEL_CANDIDATES = Table("label_candidates", (
     Column("feature_id", pa.int32()),
     Column("explainer", pa.string()),
@@ -110,7 +119,9 @@ LABEL_CANDIDATES = Table("label_candidates", (
     Column("status", pa.string()),
     Column("detail", pa.string()),
     Column("choice_auroc", pa.float32()),
+    Column("choice_token", pa.float32()),
     Column("holdout_auroc", pa.float32()),
+    Column("holdout_token", pa.float32()),
     Column("chosen", pa.bool_()),
 ))
 
@@ -138,6 +149,16 @@ ACTIVATIONS = Table("activations", (
     Column("value", pa.float32()),
 ))
 
+# Every window of the corpus with its sentence embedding: corpus search finds the windows that match
+# a query here (vector and full text, in LanceDB); SQL sees their text.
+WINDOWS = Table("windows", (
+    Column("doc_id", pa.int32()),
+    Column("window_index", pa.int32()),  # position // WINDOW
+    Column("source", pa.string()),
+    Column("text", pa.string()),
+    Column("embedding", pa.list_(pa.float32(), EMBEDDING_DIM), sql=False),  # unit norm
+))
+
 # DuckDB holds every table's SQL columns (for features, a scalar copy to join against); LanceDB
 # holds FEATURES whole (vectors, full text) and EXAMPLES.
-DUCKDB_TABLES = (DOCUMENTS, TOKENS, ACTIVATIONS, FEATURES, LABEL_CANDIDATES)
+DUCKDB_TABLES = (DOCUMENTS, TOKENS, WINDOWS, ACTIVATIONS, FEATURES, LABEL_CANDIDATES)

@@ -1,5 +1,5 @@
-"""Ranked lists of features: vector search (label, context, decoder), full-text search, and
-co-activation neighbours, plus reciprocal rank fusion to combine lists.
+"""Ranked lists of features: vector search (label, context, decoder), full-text search, search
+through the corpus, and co-activation neighbours, plus reciprocal rank fusion to combine lists.
 
 Every function returns ``Hit``s best first, so lists can be fused. Hits carry the label and density
 read in the same query: a second lookup per request costs more than the search at 1M features.
@@ -25,8 +25,10 @@ REFINE = 2
 RRF_K = 60
 
 # The signals a search can use, by name (``label`` and ``context`` are vector searches over the
-# embeddings of the same names, ``text`` is full text, ``inference`` runs the query through the model).
-SEARCH_MODES = ("label", "context", "text", "inference")
+# embeddings of the same names, ``text`` is full text, ``inference`` runs the query through the
+# model, ``corpus`` finds the corpus windows that match the query and the features that fire there
+# far more often than in the corpus at large).
+SEARCH_MODES = ("label", "context", "text", "inference", "corpus")
 _COLUMNS = ["feature_id", "label", "density"]
 
 
@@ -48,7 +50,7 @@ def vector_search(atlas: Atlas, column: str, vector: Sequence[float], k: int, *,
         .nprobes(NPROBES)
         .ef(EF)
         .refine_factor(REFINE)
-        .select(_COLUMNS)
+        .select([*_COLUMNS, "_distance"])
         .limit(k + (exclude is not None))
     )
     hits = [Hit(f, 1.0 - d, lab, den) for f, d, lab, den in _rows(q.to_arrow(), "_distance")]
@@ -82,7 +84,7 @@ def decoder_neighbors(atlas: Atlas, feature_id: int, k: int) -> Ranked:
         if row is None:  # callers check the id first: the atlas itself is damaged
             raise RuntimeError(f"feature {feature_id} is missing from the features table")
         return vector_search(atlas, "decoder", row["decoder"], k, exclude=feature_id)
-    decoders = atlas.decoders
+    decoders = atlas.vectors("decoder")
     sims = decoders @ decoders[feature_id]
     sims[feature_id] = -np.inf
     k = min(k, len(sims) - 1)

@@ -4,6 +4,7 @@ from pathlib import Path
 import pytest
 from featureatlas.api.app import create_app
 from featureatlas.store.atlas import Atlas
+from featureatlas.store.calibrate import CONFIDENT_MATCH, WEIGHTS
 from litestar.testing import TestClient
 
 from .conftest import SQL
@@ -69,18 +70,44 @@ def test_coactivation_neighbors_are_jaccard(client, tiny_atlas, live):
 
 
 def test_search_fuses_signals_and_explains_hits(client):
-    body = client.get("/api/search", params={"q": "suspension bridge San Francisco", "k": 5}).json()
+    body = client.get("/api/search", params={"q": "features about the suspension bridge in San Francisco", "k": 5}).json()
+    assert body["concept"] == "the suspension bridge in San Francisco"  # "features about" is not the concept
     assert 0 < len(body["hits"]) <= 5
-    scores = [h["score"] for h in body["hits"]]
-    assert scores == sorted(scores, reverse=True)
+    evidence = [h["evidence"] for h in body["hits"]]
+    assert evidence == sorted(evidence, reverse=True)
     for h in body["hits"]:
-        assert set(h["matched_by"]) <= {"label", "context", "text", "inference"} and h["matched_by"]
-        assert h["snippet"] and "[[" in h["snippet"]
+        assert set(h["matched_by"]) <= {"label", "context", "text", "inference", "corpus"} and h["matched_by"]
+        assert h["snippet"] and "[[" in h["snippet"] and h["description"]
+        assert set(h["signals"]) <= {"label", "context", "corpus"}
+        weighted = sum(WEIGHTS[m] * e for m, e in h["signals"].items()) * (0.5 if h["down_weighted"] else 1)
+        assert h["evidence"] == pytest.approx(weighted, abs=0.05) and 0 <= h["score"] <= 1
+        assert h["strong"] == (h["match"] >= CONFIDENT_MATCH)
+    assert body["confident"] == any(h["strong"] for h in body["hits"][:3])
     signals = {s for h in body["hits"] for s in h["matched_by"]}
     assert "inference" in signals and "label" in signals
+    cover = body["coverage"]
+    assert cover["windows_total"] > 0 and cover["documents_total"] > 0 and len(cover["snippets"]) == 3
+    assert 0 <= cover["documents"] <= cover["documents_total"] and cover["tokens"] == 16 * cover["windows"]
 
 
-@pytest.mark.parametrize("mode", ["label", "context", "text", "inference"])
+def test_search_through_the_corpus_ranks_features_by_firing_on_matched_windows(client, tiny_atlas):
+    body = client.get("/api/search", params={"q": "def return self", "k": 5, "mode": "corpus"}).json()
+    assert body["hits"] and all(set(h["matched_by"]) == {"corpus"} for h in body["hits"])
+    atlas = Atlas(tiny_atlas)
+    windows = atlas.n_windows
+    for h in body["hits"]:
+        fired = SQL(atlas).execute("select n_windows from features where feature_id = ?", [h["feature_id"]]).fetchone()[0]
+        assert 0 < fired < windows and h["signals"]["corpus"] >= 0
+
+
+def test_a_search_the_corpus_cannot_answer_says_so(client):
+    body = client.get("/api/search", params={"q": "zzzz qqqq xxxx", "k": 3}).json()
+    assert body["confident"] is False and body["coverage"]["windows"] == 0
+    assert body["message"].startswith("No feature in this atlas is clearly about 'zzzz qqqq xxxx'")
+    assert "does not mention it" in body["message"]
+
+
+@pytest.mark.parametrize("mode", ["label", "context", "text", "inference", "corpus"])
 def test_search_modes_use_one_signal(client, mode):
     hits = client.get("/api/search", params={"q": "bridge", "k": 3, "mode": mode}).json()["hits"]
     assert all(set(h["matched_by"]) == {mode} for h in hits)

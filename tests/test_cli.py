@@ -58,7 +58,8 @@ def test_query_commands_print_tables_and_json(tiny_atlas, capsys):
     assert json.loads(capsys.readouterr().out)["rows"] == [[64]]
     assert main(["search", "bridge", "-k", "3", "--atlas", str(tiny_atlas)]) == 0
     out = capsys.readouterr().out.splitlines()
-    assert out[0].split()[:3] == ["feature", "score", "density"] and 1 < len(out) <= 5
+    assert out[0].startswith(("Found features about 'bridge'", "No feature in this atlas is clearly about 'bridge'"))
+    assert out[1].split()[:3] == ["feature", "evidence", "density"] and 2 < len(out) <= 6
     assert main(["neighbors", "1", "-k", "4", "--atlas", str(tiny_atlas), "--json"]) == 0
     assert len(json.loads(capsys.readouterr().out)["neighbors"]) == 4
     assert main(["probe", "the bridge", "--atlas", str(tiny_atlas), "--json"]) == 0

@@ -16,10 +16,11 @@ import pytest
 from featureatlas.api.cli import main
 from featureatlas.ingest.config import LabelConfig
 from featureatlas.ingest.embed import embed
-from featureatlas.ingest.labels import scorers, themes
+from featureatlas.ingest.labels import scorers, themes, wording
 from featureatlas.ingest.labels.label import label_features
 from featureatlas.ingest.labels.llm import Chat, ChatError, OpenAIBackend, make_chat
 from featureatlas.ingest.labels.windows import label_connection, split_parts, window_pool
+from featureatlas.ingest.labels.wording import Evidence
 from featureatlas.store.atlas import Atlas
 
 from .conftest import SQL
@@ -94,14 +95,49 @@ def test_embedding_scorer_rewards_the_planted_concept(held):
     assert scorers.embedding_scores(pool, trials, {BRIDGE_FEATURE: wrong})[BRIDGE_FEATURE] < 0.8
 
 
-def test_simulation_scorer_matches_quoted_tokens(planted, held):
-    pool, fired, _ = held
+def test_token_scorer_matches_quoted_tokens_and_what_comes_before(planted, held):
+    pool, fired, trials = held
     vocab = dict(planted.execute("select distinct token_id, token from tokens").fetchall())
-    sim = scorers.Simulator(pool, vocab)
-    exact = sim.score('the token "the"', fired[TOKEN_FEATURE])
+    judge = scorers.TokenScorer(pool, vocab)
+    trial, hits = trials[TOKEN_FEATURE], fired[TOKEN_FEATURE]
+    exact = judge.score('"the" (articles) in synthetic text', trial, hits)
     assert exact.precision == 1.0 and exact.recall == 1.0 and exact.correlation == pytest.approx(1.0)
-    wrong = sim.score('the token "rain"', fired[TOKEN_FEATURE])
-    assert wrong.precision == 0.0 and wrong.recall == 0.0
+    narrower = judge.score('"the" after "in"', trial, hits)  # only "... in the ..."
+    assert narrower.precision == 1.0 and 0 < narrower.recall < 1
+    for label in ('"rain"', "text about the weather"):  # a wrong token; no quoted token at all
+        wrong = judge.score(label, trial, hits)
+        assert wrong.precision == 0.0 and wrong.recall == 0.0 and wrong.correlation <= 0
+
+
+def test_labels_quote_what_fires_and_say_where_in_few_words():
+    ev = Evidence(at=[(" upon", 0.3), (" on", 0.25), (" under", 0.1), (" Upon", 0.05)], before=[(" it", 0.2)],
+                  sources=[("shakespeare", 0.8, 0.2), ("wiki-en", 0.15, 0.4)], themes=["battle", "sword"])
+    written = [text for text, _ in wording.candidates(ev)]
+    assert '"upon", "on", "under" (prepositions) in Shakespeare\'s plays' in written
+    assert '"upon" after "it" in Shakespeare\'s plays' in written
+    for text in written:
+        assert text.startswith('"upon"')  # every candidate leads with what fires
+        assert len(re.sub(r'"[^"]*"', "", text).split()) <= 12
+    assert wording.describe(ev) == ('fires on "upon" 30%, "on" 25%, "under" 10%, "Upon" 5%; after "it" 20%; '
+                                    "mass from Shakespeare 80%, English wiki 15%; topic words battle, sword")
+    two = Evidence([(" un", 0.4), (" dos", 0.2)], [], [("wiki-es", 0.5, 0.2), ("wiki-fr", 0.45, 0.3)])
+    assert wording.context(two)[1] == "in Spanish and French articles"
+    assert wording.candidates(Evidence([], [], [])) == []
+
+
+@pytest.mark.parametrize("token,source,kind", [
+    (" 1", None, "digits"), (",", None, "punctuation"), ("\n    ", "python", "line breaks and indentation"),
+    (" def", "python", "Python keywords"), (" in", "wiki-en", "prepositions"), (" les", "wiki-fr", "articles"),
+    ("ing", None, "word pieces"), (" Paris", None, "capitalised words"), (" blood", None, None),
+])
+def test_token_kinds(token, source, kind):
+    assert wording.token_kind(token, source) == kind
+
+
+def test_parse_pattern_reads_targets_and_what_comes_before():
+    assert wording.parse_pattern('"self", "cls" after "(", "def" in Python code') == (["self", "cls"], ["(", "def"])
+    assert wording.parse_pattern('"on" in Shakespeare\'s plays about love after all') == (["on"], [])
+    assert wording.parse_pattern("text about the weather") == ([], [])
 
 
 def test_auroc_counts_ties_as_half():
@@ -148,7 +184,7 @@ def test_theme_words_come_from_the_firing_windows_and_name_the_concept(planted):
 class FakeOpenAI(BaseHTTPRequestHandler):
     """Answers chat completions with a fixed label, or fails, as the class attributes say."""
 
-    answer = "a suspension bridge with steel cables"
+    answer = '"bridge", "cables", "towers" in text about a suspension bridge over the bay'
     status = 200
     requests: list[dict] = []
 
@@ -190,14 +226,21 @@ def test_llm_explainer_through_an_openai_compatible_endpoint(planted, fake_llm, 
     assert req["path"] == "/v1/chat/completions" and req["auth"] == "Bearer sekret" and req["body"]["model"] == "fake"
     prompt = req["body"]["messages"][1]["content"]
     assert "<<" in prompt and "bridge" in prompt
+    assert "Counted over all its activations: fires on" in prompt  # the offline explainer's evidence too
     shown = {int(d) for d in re.findall(r"\bdoc(\d+)\b", prompt)}
     explain = {d for (d,) in planted.execute("select doc_id from label_split where part = 'explain'").fetchall()}
     assert shown and shown <= explain
-    assert out.source == ["llm"] and out.text == [FakeOpenAI.answer]
-    scores = {s["scorer"]: s["score"] for s in out.scores[0]}
-    assert scores["embedding"] > 0.9 and "detection" in scores
     candidates = out.candidates.to_pylist()
+    written = [c for c in candidates if c["explainer"] == "llm"]
+    assert [c["label"] for c in written] == [FakeOpenAI.answer] and written[0]["holdout_auroc"] > 0.9
+    assert written[0]["holdout_token"] > 0  # it quotes " bridge", which fires
     assert {c["explainer"] for c in candidates} == {"llm", "contrastive"} and sum(c["chosen"] for c in candidates) == 1
+    # The kept label is the best candidate by embedding AUROC plus token correlation on the choose windows.
+    best = max(c["choice_auroc"] + c["choice_token"] for c in candidates if c["status"] == "ok")
+    kept = next(c for c in candidates if c["chosen"])
+    assert kept["choice_auroc"] + kept["choice_token"] == pytest.approx(best) and out.text == [kept["label"]]
+    scores = {s["scorer"]: s["score"] for s in out.scores[0]}
+    assert scores["embedding"] > 0.9 and "detection" in scores and "token" in scores
     # A second run answers from the cache: no new calls.
     n = len(FakeOpenAI.requests)
     Chat(OpenAIBackend(cfg.llm_url, cfg.llm_model, "", 5.0), max_calls=0, cache=tmp_path / "c.jsonl")(req["body"]["messages"])
@@ -218,6 +261,17 @@ def test_failed_llm_calls_are_marked_failed_not_scored(planted, fake_llm):
     assert out.source == ["contrastive"]  # the fallback label, scored on its own merits
 
 
+@pytest.mark.parametrize("answer,label", [
+    ('"a suspension bridge"', "a suspension bridge"),
+    ('- "def" opening a Python function', '"def" opening a Python function'),
+    ('Explanation: "un", "dos" in Spanish prose\nmore', '"un", "dos" in Spanish prose'),
+])
+def test_parse_label_keeps_quoted_tokens(answer, label):
+    from featureatlas.ingest.labels.llm import parse_label
+
+    assert parse_label(answer) == label
+
+
 def test_budget_and_timeouts_raise_chat_errors():
     dead = Chat(OpenAIBackend("http://127.0.0.1:9", "m", "", 0.5), max_calls=1, retries=0)
     with pytest.raises(ChatError):
@@ -230,9 +284,9 @@ def test_label_command_relabels_in_place(tiny_atlas, tmp_path, capsys):
     root = tmp_path / "atlas"
     shutil.copytree(tiny_atlas, root)
     before = Atlas(root).features.version
-    assert main(["label", "--atlas", str(root), "--features", "0-9", "--scorer", "simulation", "embedding", "--json"]) == 0
+    assert main(["label", "--atlas", str(root), "--features", "0-9", "--scorer", "token", "embedding", "--json"]) == 0
     summary = json.loads(capsys.readouterr().out)
-    assert summary["labelled"] == 10 and summary["scorers"] == ["simulation", "embedding"]
+    assert summary["labelled"] == 10 and summary["scorers"] == ["token", "embedding"]
     atlas = Atlas(root)
     assert atlas.features.version > before
     assert atlas.manifest["labels"]["features"] == "0-9"
@@ -241,8 +295,8 @@ def test_label_command_relabels_in_place(tiny_atlas, tmp_path, capsys):
     con = SQL(atlas)
     for f in range(10):
         scores = {s["scorer"]: s["score"] for s in rows[f]["label_scores"]}
-        if rows[f]["label_source"] == "contrastive" and scores.get("simulation") is not None:
-            assert rows[f]["label_score"] == pytest.approx(scores["simulation"], abs=1e-6)
+        if rows[f]["label_source"] == "contrastive" and scores.get("token") is not None:
+            assert rows[f]["label_score"] == pytest.approx(scores["token"], abs=1e-6)
         assert con.execute("select label from features where feature_id = ?", [f]).fetchone()[0] == rows[f]["label"]
     assert con.execute("select count(*) from label_candidates where feature_id < 10 and chosen").fetchone()[0] <= 10
     # Search still answers over the new labels.
@@ -293,16 +347,16 @@ def test_a_relabel_that_dies_between_the_databases_leaves_the_previous_labels_in
 
     monkeypatch.setattr(publish if step == "_relabelled_lance" else manifest_module, step, crash)
     with pytest.raises(RuntimeError, match="killed"):
-        main(["label", "--atlas", str(root), "--scorer", "simulation"])
+        main(["label", "--atlas", str(root), "--scorer", "token"])
     monkeypatch.undo()
     atlas = Atlas(root)
     lance = {r["feature_id"]: r["label"] for r in atlas.features.to_arrow().to_pylist()}
     duck = dict(SQL(atlas).execute("select feature_id, label from features").fetchall())
     assert lance == before and duck == before
     # The next re-label (another scorer, so other label scores) goes through and leaves one DuckDB file.
-    assert main(["label", "--atlas", str(root), "--scorer", "simulation"]) == 0
+    assert main(["label", "--atlas", str(root), "--scorer", "token"]) == 0
     atlas = Atlas(root)
-    assert atlas.manifest["labels"]["scorers"] == ["simulation"]
+    assert atlas.manifest["labels"]["scorers"] == ["token"]
     # The crashed run's file is gone; the one just replaced stays until the next change (a reader
     # that read the old manifest may still open it).
     assert {p.name for p in root.glob("*.duckdb")} == {atlas.manifest["published"]["duckdb"], "analytics.duckdb"}

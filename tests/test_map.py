@@ -1,5 +1,5 @@
-"""The feature map: the layout keeps neighbours together, the clusters find planted groups, and the
-``/api/map`` document matches the atlas."""
+"""The feature map: both layouts keep neighbours together, the clusters and regions find planted
+groups and are named by them, and the ``/api/map`` document matches the atlas."""
 
 import shutil
 
@@ -7,14 +7,23 @@ import lancedb
 import numpy as np
 import pyarrow as pa
 import pytest
+import scipy.sparse as sp
 from featureatlas.api.app import create_app
-from featureatlas.ingest.feature_map import MIN_UMAP_POINTS, feature_map
+from featureatlas.ingest.feature_map import (
+    MIN_UMAP_POINTS,
+    coactivation,
+    cosine_neighbors,
+    feature_map,
+    function_vectors,
+    gather_components,
+)
+from featureatlas.ingest.pipeline import run_ingest
 from featureatlas.store import manifest
 from featureatlas.store.atlas import Atlas
-from featureatlas.store.map_view import label_clusters
+from featureatlas.store.map_view import kmeans_2d, label_clusters, map_regions, region_source
 from litestar.testing import TestClient
 
-from .conftest import SQL
+from .conftest import SQL, tiny_config
 
 
 def planted(groups: int, per: int, dim: int, spread: float, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
@@ -37,6 +46,83 @@ def test_umap_layout_keeps_groups_together():
     assert (group[nearest] == group[:, None]).mean() > 0.95
 
 
+def co_firing(groups: int, per: int, docs_per_group: int, seed: int = 0) -> tuple[tuple[np.ndarray, ...], np.ndarray]:
+    """Activations (feature_id, doc_id, value) of features that fire in their own group's documents,
+    plus a little everywhere, and each feature's group."""
+    rng = np.random.default_rng(seed)
+    group = np.repeat(np.arange(groups), per)
+    rows = []
+    for f, g in enumerate(group):
+        own = g * docs_per_group + rng.choice(docs_per_group, docs_per_group // 2, replace=False)
+        stray = rng.choice(groups * docs_per_group, 2, replace=False)
+        for d in np.concatenate([own, stray]):
+            rows.append((f, d, rng.uniform(1, 5) if d in own else 0.3))
+    f, d, v = (np.array(c) for c in zip(*rows))
+    return (f.astype(np.int32), d.astype(np.int32), v.astype(np.float32)), group
+
+
+def ten_nn_purity(xy: np.ndarray, group: np.ndarray, k: int = 10) -> float:
+    d = np.linalg.norm(xy[:, None] - xy[None], axis=-1)
+    np.fill_diagonal(d, np.inf)
+    return float((group[d.argsort(1)[:, :k]] == group[:, None]).mean())
+
+
+def test_function_layout_puts_co_firing_features_together():
+    (f, d, v), group = co_firing(groups=4, per=25, docs_per_group=12)
+    n = len(group)
+    coact = coactivation(f, d, v, n + 1)  # one more feature that never fired
+    assert coact.shape == (n + 1, 32) and np.all(coact[n] == 0)
+    # features of a group fire in the same documents: their co-activation rows point the same way
+    sim = coact[:n] @ coact[:n].T
+    assert sim[group[:, None] == group[None]].mean() > 0.4 > 0.1 > sim[group[:, None] != group[None]].mean()
+    rng = np.random.default_rng(1)
+    context = rng.standard_normal((n + 1, 384)).astype(np.float32)  # embeddings that say nothing
+    decoder = rng.standard_normal((n + 1, 48)).astype(np.float32)  # nearly orthogonal, like a real dictionary
+    vectors = function_vectors(coact, context, decoder)
+    assert vectors.shape == (n + 1, 64) and np.isfinite(vectors).all()
+    assert np.linalg.norm(vectors, axis=1) == pytest.approx(1, abs=1e-5)  # the silent feature has a place too
+    xy = feature_map(vectors, neighbors=10, seed=3)
+    assert xy.shape == (n + 1, 2) and xy.dtype == np.float32 and np.isfinite(xy).all()
+    assert np.abs(xy).max() == pytest.approx(1.0)
+    assert ten_nn_purity(xy[:n], group) > 0.9
+    assert ten_nn_purity(xy[:n][np.random.default_rng(0).permutation(n)], group) < 0.4  # what chance gives
+    assert np.array_equal(xy, feature_map(vectors, neighbors=10, seed=3))  # the same seed, the same map
+
+
+def test_exact_neighbours_come_nearest_first_after_the_point_itself():
+    x, _ = planted(3, 10, 16, 0.5)
+    x[5] = x[4]  # a duplicate is still not its twin's "itself"
+    index, distance = cosine_neighbors(x, 6)
+    full = 1 - x @ x.T
+    assert (index[:, 0] == np.arange(len(x))).all() and (distance[:, 0] == 0).all()
+    assert (np.diff(distance, axis=1) >= -1e-6).all()
+    for i in range(len(x)):
+        assert distance[i, 1:] == pytest.approx(np.sort(np.delete(full[i], i))[:5], abs=1e-5)
+
+
+def test_far_components_are_gathered_next_to_the_main_one():
+    rng = np.random.default_rng(0)
+    main = rng.uniform(-1, 1, (300, 2))
+    near, far = main[:4] * 0.1 + [1, 0], main[:4] * 0.1 + [40, 40]  # small components: one near, one far
+    xy = np.concatenate([main, near, far]).astype(np.float32)
+    component = np.repeat([0, 1, 2], [300, 4, 4])
+    graph = sp.csr_matrix(component[:, None] == component[None])
+    out = gather_components(xy.copy(), graph)
+    assert np.array_equal(out[:304], xy[:304])  # the largest stays, and so does a component already near it
+    moved = out[304:] - xy[304:]
+    centre, radius = main.mean(0), np.linalg.norm(main - main.mean(0), axis=1).max()
+    away = far.mean(0) - centre
+    assert np.allclose(moved, moved[0], atol=1e-4)  # whole
+    cross = moved[0, 0] * away[1] - moved[0, 1] * away[0]
+    assert moved[0] @ away < 0 and abs(cross) < 1e-3 * np.linalg.norm(away) ** 2  # straight in
+    gap = np.linalg.norm(out[304:] - centre, axis=1).min()
+    assert radius < gap < 1.5 * radius  # outside the main component, but next to it
+    # large components (each a quarter of the points) keep their places
+    blobs = np.repeat(rng.uniform(-30, 30, (4, 2)), 25, axis=0) + rng.standard_normal((100, 2))
+    group = np.repeat(np.arange(4), 25)
+    assert np.array_equal(gather_components(blobs.copy(), sp.csr_matrix(group[:, None] == group[None])), blobs)
+
+
 def test_tiny_dictionaries_are_laid_out_without_umap():
     decoder, _ = planted(2, 3, 16, 0.1)
     assert len(decoder) < MIN_UMAP_POINTS
@@ -56,6 +142,39 @@ def test_label_clusters_recover_planted_groups():
     assert np.mean([np.mean(assign[group[7:] == g] == m) for g, m in enumerate(majority)]) > 0.95
 
 
+def test_regions_are_named_by_their_main_source_and_particular_words():
+    rng = np.random.default_rng(0)
+    centres = np.array([[-0.7, -0.7], [0.7, -0.7], [0.0, 0.7]])
+    xy = np.repeat(centres, 120, axis=0) + 0.05 * rng.standard_normal((360, 2))  # sqrt(360 / 40): three regions
+    labels = ([f'French text about ville and "la" {i}' for i in range(120)]
+              + [f"Python code: def and class names {i}" for i in range(120)]
+              + [f"the token {w}" for w in rng.choice(["thou", "thee", "lord", "sir"], 120)])
+    sources = ["wiki-fr"] * 120 + ["/data/my-code"] * 90 + ["wiki-en"] * 30 + [None] * 120
+    regions = map_regions(xy, labels, sources)
+    assert [r["size"] for r in regions] == [120, 120, 120]
+    names = {r["name"]: r for r in regions}
+    assert "French: ville" in names  # not "about", "and", "text", nor "French" twice; "la" is too short
+    assert names["French: ville"]["x"] == pytest.approx(-0.7, abs=0.1)  # named where its points are
+    code = next(name for name in names if name.startswith("my-code: "))  # a user source by its file name
+    assert {"def", "class"} <= set(code.split(": ")[1].split("/"))
+    plays = next(name for name in names if ":" not in name)  # no main source: its words alone
+    assert len(plays.split("/")) == 3 and set(plays.split("/")) <= {"thou", "thee", "lord", "sir"}
+
+
+def test_kmeans_2d_finds_separate_blobs():
+    rng = np.random.default_rng(2)
+    xy = np.repeat(rng.uniform(-1, 1, (5, 2)) * 10, 30, axis=0) + rng.standard_normal((150, 2)) * 0.1
+    assign = kmeans_2d(xy, 5)
+    assert len(set(assign)) == 5 and all(len(set(assign[i * 30:(i + 1) * 30])) == 1 for i in range(5))
+
+
+def test_a_region_is_named_after_a_source_only_when_most_of_its_features_fire_there_most():
+    assert region_source(["wiki-fr", "wiki-fr", "python"]) == "French"
+    assert region_source(["wiki-fr", "wiki-es", "python", None]) == ""
+    assert region_source([None, None, "python"]) == ""
+    assert region_source(["/corpora/notes.jsonl"] * 2) == "notes.jsonl"
+
+
 def test_map_document_matches_the_atlas(tiny_atlas):
     atlas = Atlas(tiny_atlas)
     with TestClient(create_app(atlas)) as client:
@@ -70,6 +189,10 @@ def test_map_document_matches_the_atlas(tiny_atlas):
     ids = {c["id"] for c in doc["clusters"]}
     assert set(doc["cluster"]) - {-1} == ids
     assert sum(c["size"] for c in doc["clusters"]) == sum(c >= 0 for c in doc["cluster"])
+    # the function layout by default, and named regions on it
+    assert doc["layout"] == "function" and doc["regions"]
+    assert all(r["name"] and abs(r["x"]) <= 1.0001 and abs(r["y"]) <= 1.0001 for r in doc["regions"])
+    assert sum(r["size"] for r in doc["regions"]) <= n
     # the stored layout is in DuckDB too, for SQL
     row = SQL(atlas).execute("select map_x, map_y from features where feature_id = 3").fetchone()
     assert row == pytest.approx((doc["x"][3], doc["y"][3]), abs=1e-4)
@@ -125,3 +248,19 @@ def test_map_stays_in_feature_order_after_rows_are_rewritten(tiny_atlas, tmp_pat
     assert doc["label"][3] == "label three" and doc["label"][40] == "label forty"
     xy = SQL(atlas).execute("select map_x, map_y from features where feature_id = 40").fetchone()
     assert (doc["x"][40], doc["y"][40]) == pytest.approx(xy, abs=1e-4)
+
+
+
+def test_the_decoder_layout_is_still_an_option(tiny_atlas, tiny_model_dir, corpus_dir, tmp_path):
+    """A re-run with ``map_layout=decoder`` redoes the map alone, from the decoder directions."""
+    root = tmp_path / "decoder-map"
+    shutil.copytree(tiny_atlas, root)
+    manifest_ = run_ingest(tiny_config(root, tiny_model_dir, corpus_dir, map_layout="decoder"))
+    assert manifest_["stages"]["map"]["status"] == "done" and manifest_["stages"]["encode"]["status"] != "done"
+    atlas = Atlas(root)
+    with TestClient(create_app(atlas)) as client:
+        doc = client.get("/api/map").json()
+    decoder = np.stack(atlas.features.search().select(["feature_id", "decoder"]).limit(atlas.d_sae).to_pandas()
+                       .sort_values("feature_id")["decoder"].to_numpy())
+    assert doc["layout"] == "decoder"
+    assert np.stack([doc["x"], doc["y"]], 1) == pytest.approx(feature_map(decoder), abs=1e-3)

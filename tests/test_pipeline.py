@@ -43,6 +43,20 @@ def test_atlas_tables_are_consistent(tiny_atlas):
     ).fetchall())
     for f, d in zip(feats["feature_id"].to_pylist(), feats["density"].to_pylist()):
         assert d == pytest.approx(sql_density.get(f, 0.0))
+    # Every window of the corpus is there once, its text the tokens it covers, and each feature's
+    # window count (corpus search's background) agrees with the activations.
+    windows = atlas.windows.to_arrow()
+    assert windows.num_rows == atlas.n_windows == con.execute(
+        "select count(distinct (doc_id, position // 16)) from tokens").fetchone()[0]
+    vectors = windows["embedding"].combine_chunks().values.to_numpy().reshape(windows.num_rows, -1)
+    assert np.allclose(np.linalg.norm(vectors, axis=1), 1.0, atol=1e-3)
+    doc, w, text = windows["doc_id"][3].as_py(), windows["window_index"][3].as_py(), windows["text"][3].as_py()
+    joined = con.execute("select string_agg(token, '' order by position) from tokens where doc_id = ? and position // 16 = ?",
+                         [doc, w]).fetchone()[0]
+    assert text == joined.strip()
+    sql_windows = dict(con.execute(
+        "select feature_id, count(distinct (doc_id, position // 16)) from activations group by feature_id").fetchall())
+    assert dict(con.execute("select feature_id, n_windows from features where n_windows > 0").fetchall()) == sql_windows
 
 
 def test_examples_show_the_features_real_activations(tiny_atlas):
@@ -75,13 +89,14 @@ def test_examples_show_the_features_real_activations(tiny_atlas):
 def test_labels_and_embeddings_are_present(tiny_atlas):
     feats = Atlas(tiny_atlas).features.to_arrow().to_pylist()
     live = [f for f in feats if f["density"] > 0]
-    assert all(f["label"] for f in feats)
+    assert all(f["label"] for f in feats) and all(f["description"] for f in feats)
     # A live feature may fire only in the documents held out from explainers: it gets no label.
     labelled = [f for f in live if f["label_source"] == "contrastive"]
     assert len(labelled) >= len(live) // 2 and all(f["label_source"] in ("contrastive", "none") for f in feats)
     scored = [f for f in labelled if f["label_score"] is not None]
     assert scored and all(0 <= f["label_score"] <= 1 for f in scored)
-    assert all({s["scorer"] for s in f["label_scores"]} >= {"embedding", "simulation"} for f in scored)
+    assert all(f["label"].startswith('"') for f in labelled)  # every contrastive label quotes what fires
+    assert all({s["scorer"] for s in f["label_scores"]} >= {"embedding", "token"} for f in scored)
     for f in labelled[:10]:
         assert np.linalg.norm(f["label_embedding"]) == pytest.approx(1.0, abs=1e-3)
         assert np.linalg.norm(f["context_embedding"]) == pytest.approx(1.0, abs=1e-3)

@@ -83,13 +83,21 @@ async function search(params) {
   view.replaceChildren(h("h1", {}, `Features for “${q}”`), h("p", { class: "muted" }, "Searching…"));
   const r = await api(`/api/search?${new URLSearchParams({ q, k: "20" })}`);
   const ids = r.hits.map((x) => x.feature_id).join(",");
+  const c = r.coverage;
   view.replaceChildren(
     h("h1", {}, `Features for “${q}”`),
+    h("p", { class: r.confident ? "verdict" : "verdict weak" }, r.confident
+      ? `Found features about “${q}”: ${c.windows}${c.capped ? "+" : ""} of ${c.windows_total} corpus windows (${c.documents} of ${c.documents_total} documents) are about it.`
+      : r.message),
+    c.snippets.length ? h("details", {}, h("summary", {}, "where the corpus comes closest"),
+      h("ul", {}, c.snippets.map((sn) => h("li", {}, h("span", { class: "muted" }, `${sn.title} (${sn.source}, similarity ${sn.similarity.toFixed(2)}): `), sn.text)))) : "",
     h("p", { class: "meta" }, `${r.hits.length} features · `, r.hits.length ? h("a", { href: `/map?${new URLSearchParams({ highlight: ids, q })}` }, "show them on the map") : ""),
-    h("ol", { class: "hits" }, r.hits.map((x) => h("li", {},
+    h("ol", { class: "hits" }, r.hits.map((x) => h("li", { class: x.strong ? "" : "weak" },
       featureLink(x.feature_id, x.label),
+      x.strong ? "" : h("span", { class: "badge weak", title: "not clearly more than chance" }, "weak"),
+      x.description ? h("div", { class: "muted" }, x.description) : "",
       h("div", { class: "meta" },
-        `score ${x.score.toFixed(4)} · density ${fmt.pct(x.density)}${x.down_weighted ? " (dense: down-weighted)" : ""} · matched by `,
+        `evidence ${x.evidence.toFixed(1)} · density ${fmt.pct(x.density)}${x.down_weighted ? " (dense: down-weighted)" : ""} · matched by `,
         Object.entries(x.matched_by).map(([sig, rank]) => h("span", { class: "badge", title: `rank ${rank} by ${sig}` }, `${sig} #${rank}`))),
       snippet(x.snippet)))),
   );

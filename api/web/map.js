@@ -12,6 +12,11 @@ const NONE = "#8a8f96"; // dead or unlabelled
 // Density on a log scale in ten steps (cividis-like: tells apart without relying on red/green).
 const RAMP = ["#00224e", "#123570", "#3b496c", "#575d6d", "#707173", "#8a8779", "#a59c74", "#c3b369", "#e1cc55", "#fee838"];
 const GRID = 128; // hover lookup: the map's square is cut into GRID x GRID cells
+// What placed the points (the document's layout field, from ingest/feature_map.py).
+const LAYOUTS = {
+  function: "placed by what they do: UMAP of document co-activation and firing windows",
+  decoder: "placed by decoder direction: UMAP of the decoder directions",
+};
 
 // "#rrggbb" and an alpha byte as one RGBA pixel of a Uint32Array over ImageData (little-endian).
 function packed(hex, alpha) {
@@ -46,6 +51,7 @@ function centred(data) {
     n,
     xs: Float32Array.from(data.x, (v) => v - mx),
     ys: Float32Array.from(data.y, (v) => v - my),
+    regions: data.regions.map((r) => ({ name: r.name, x: r.x - mx, y: r.y - my })),
     extent: n ? 1.05 * Math.max(x1 - x0, y1 - y0, 1e-6) / 2 : 1,
   };
 }
@@ -168,6 +174,30 @@ function pointSize(n, zoom, dpr) {
   return Math.max(1, Math.round(Math.min(8, (n > 20000 ? 1.6 : n > 2000 ? 2.5 : 4.5) * Math.sqrt(zoom)) * dpr));
 }
 
+// Region names at their points, largest region first (the server's order), in a halo of the
+// background so they read over points. A name that would overlap one already drawn, or the canvas
+// edge, waits for a zoom that spreads them apart. fillText draws the string as text, never markup.
+function drawRegionNames(ctx, vp, regions, fg, bg) {
+  const { canvas, dpr } = vp, drawn = [];
+  ctx.font = `600 ${12 * dpr}px system-ui, sans-serif`;
+  ctx.textAlign = "center";
+  ctx.textBaseline = "middle";
+  ctx.lineJoin = "round";
+  ctx.lineWidth = 3 * dpr;
+  for (const r of regions) {
+    const [sx, sy] = vp.toScreen(r.x, r.y);
+    const half = ctx.measureText(r.name).width / 2 + 4 * dpr, tall = 10 * dpr;
+    const box = [sx - half, sy - tall, sx + half, sy + tall];
+    if (box[0] < 0 || box[1] < 0 || box[2] > canvas.width || box[3] > canvas.height) continue;
+    if (drawn.some((b) => box[0] < b[2] && b[0] < box[2] && box[1] < b[3] && b[1] < box[3])) continue;
+    drawn.push(box);
+    ctx.strokeStyle = bg;
+    ctx.strokeText(r.name, sx, sy);
+    ctx.fillStyle = fg;
+    ctx.fillText(r.name, sx, sy);
+  }
+}
+
 // Rings go on top of the pixels through the 2D context: a handful of paths, not worth hand-rasterising.
 function drawRings(ctx, vp, { xs, ys }, indices, ring) {
   for (const i of indices) {
@@ -194,7 +224,7 @@ function drawCross(ctx, { canvas, dpr }, ring) {
 function renderer(vp, points, marked) {
   const { canvas, state, dpr } = vp;
   const ctx = canvas.getContext("2d");
-  const frames = { groups: [], schedule, draw };
+  const frames = { groups: [], names: true, schedule, draw };
   let pending = false, image = null;
   function schedule() {
     if (!pending) { pending = true; requestAnimationFrame(() => { pending = false; draw(); }); }
@@ -213,8 +243,10 @@ function renderer(vp, points, marked) {
     writePoints(pixels, w, hgt, frames.groups, points,
       { s, ox, oy, size: pointSize(points.n, state.zoom, dpr), alpha: marked.size ? 90 : 220 });
     ctx.putImageData(image, 0, 0);
+    const style = getComputedStyle(document.documentElement);
+    const ring = style.getPropertyValue("--fg").trim() || "#000";
+    if (frames.names) drawRegionNames(ctx, vp, points.regions, ring, style.getPropertyValue("--bg").trim() || "#fff");
     ctx.lineWidth = 2 * dpr;
-    const ring = getComputedStyle(document.documentElement).getPropertyValue("--fg").trim() || "#000";
     drawRings(ctx, vp, points, [...marked, ...(state.hover >= 0 ? [state.hover] : [])], ring);
     if (state.focused) drawCross(ctx, vp, ring);
     performance.measure("fa:draw", { start: t0 });
@@ -317,8 +349,9 @@ function mapView(view, data, marked, title) {
   const els = {
     canvas: h("canvas", {
       tabindex: "0", role: "img", id: "map-canvas",
-      "aria-label": `Map of ${n.toLocaleString("en")} features. Drag or use the arrow keys to pan, the wheel or plus and minus to zoom, Enter to open the feature nearest the centre cross.`,
+      "aria-label": `Map of ${n.toLocaleString("en")} features, in regions: ${data.regions.map((r) => r.name).join("; ")}. Drag or use the arrow keys to pan, the wheel or plus and minus to zoom, Enter to open the feature nearest the centre cross.`,
     }),
+    names: h("input", { type: "checkbox", checked: true }),
     tip: h("div", { class: "tooltip", role: "status" }),
     colourBy: h("select", { "aria-label": "Colour points by" },
       h("option", { value: "density" }, "colour by density"), h("option", { value: "cluster" }, "colour by label cluster")),
@@ -329,8 +362,8 @@ function mapView(view, data, marked, title) {
   };
   view.replaceChildren(
     h("h1", {}, title || "Map of the features"),
-    h("div", { class: "toolbar" }, els.colourBy, els.zoomIn, els.zoomOut, els.reset,
-      h("span", { class: "meta" }, `${n.toLocaleString("en")} features · UMAP of the decoder directions`)),
+    h("div", { class: "toolbar" }, els.colourBy, h("label", {}, els.names, " region names"), els.zoomIn, els.zoomOut, els.reset,
+      h("span", { class: "meta" }, `${n.toLocaleString("en")} features · ${LAYOUTS[data.layout] || data.layout}`)),
     h("div", { class: "map-wrap" }, els.canvas, els.tip),
     els.legend,
     marked.size ? h("section", {}, h("h2", {}, "Highlighted"), h("ol", { class: "neighbors" },
@@ -350,6 +383,7 @@ export function drawMap(view, data, { highlight = [], title = null, onOpen }) {
   const density = densityScale(data.density);
   bindInput(els, vp, { data, points, hit, frames, onOpen });
   els.colourBy.addEventListener("change", () => recolour(els, data, density, frames));
+  els.names.addEventListener("change", () => { frames.names = els.names.checked; frames.schedule(); });
 
   recolour(els, data, density, frames);
   frames.draw(); // the first frame now, not on the next animation frame: the caller marks the map drawn

@@ -1,11 +1,13 @@
 """Labelling, from evidence to a scored label per feature: used by the ingest and by `featureatlas label`.
 
 Explainers read only the explain documents (see ``windows``) and each propose candidate labels.
-Every candidate is embedded; the one with the best embedding AUROC on the choose documents' windows
-(every window the feature fires in there, against as many silent ones: a prototype on the quick
-atlas chose worse on 40 a side, 0.648 held-out AUROC against 0.656 on 400) is kept, and the kept
-label is then scored on held-out windows by every configured scorer.
-``label_score`` is the first scorer's score.
+Every candidate is judged on the choose documents' windows (every window the feature fires in
+there, against as many silent ones: a prototype on the quick atlas chose worse on 40 a side, 0.648
+held-out AUROC against 0.656 on 400) by two scorers that fail in different ways: the embedding
+AUROC (does the label read like the windows it fires in? a list of topic words games it) and the
+token correlation (does it name the tokens that fire? a bare token games it). The candidate with
+the best sum is kept and scored again on held-out windows; ``label_score`` is the first configured
+scorer's score there.
 """
 
 from __future__ import annotations
@@ -22,13 +24,14 @@ from featureatlas.store.schema import EMBEDDING_DIM, LABEL_CANDIDATES
 from tqdm import tqdm
 
 from ..config import LabelConfig
-from . import contrastive, llm, scorers, themes
+from . import contrastive, llm, scorers, themes, wording
 from .contrastive import Candidate
 from .windows import WindowPool, label_connection, window_pool
+from .wording import Evidence
 
 log = logging.getLogger(__name__)
-# Part of the ingest's analysis-stage key: bump it when labelling changes, so old labels are redone.
-LABELS_VERSION = 6
+# Part of the ingest's labels-stage key: bump it when labelling changes, so old labels are redone.
+LABELS_VERSION = 7
 # A feature whose top activations (explainer side) all sit on one token id: it scores high on
 # token matching trivially, so reports keep it apart.
 SINGLE_TOKEN_TOP = 10
@@ -36,10 +39,11 @@ SINGLE_TOKEN_TOP = 10
 
 @dataclass
 class Labels:
-    """Per labelled feature (``features`` order): the kept label and its scores."""
+    """Per labelled feature (``features`` order): the kept label, its description and its scores."""
 
     features: list[int]
     text: list[str]
+    description: list[str]
     source: list[str]
     score: list[float | None]
     scores: list[list[dict]]  # [{"scorer", "score"}], every score of the kept label
@@ -54,12 +58,27 @@ class Labels:
         """The feature-table columns labelling owns (``store.schema.FEATURES.label_names``), in ``features`` order."""
         return {
             "label": self.text,
+            "description": self.description,
             "label_source": self.source,
             "label_score": pa.array(self.score, pa.float32()),
             "label_scores": self.scores,
             "single_token": self.single_token,
             "label_embedding": pa.FixedSizeListArray.from_arrays(self.embeddings.ravel(), self.embeddings.shape[1]),
         }
+
+
+@dataclass
+class Judged:
+    """Every candidate's scores on one part of the split (``nan`` where its feature has no trial)."""
+
+    auroc: np.ndarray
+    token: list[scorers.TokenScore | None]
+
+    @property
+    def combined(self) -> np.ndarray:
+        """What candidates are chosen by: embedding AUROC plus token correlation, so a label must
+        both read like the windows it fires in and name the tokens that fire."""
+        return self.auroc + np.array([t.correlation if t else np.nan for t in self.token])
 
 
 def label_features(
@@ -71,122 +90,140 @@ def label_features(
     seed: int,
     chat: llm.Chat | None = None,
     logits: dict[int, list[str]] | None = None,
+    windows: pa.Table | None = None,
 ) -> Labels:
-    """``con`` holds the atlas tables ``documents``, ``tokens`` and ``activations``. ``chat`` is
-    needed by the llm explainer and the detection scorer; ``logits``: each feature's promoted
-    tokens, shown to the LLM."""
+    """``con`` holds the atlas tables ``documents``, ``tokens`` and ``activations``; ``windows``:
+    the stored window embeddings (embedded here when None). ``chat`` is needed by the llm explainer
+    and the detection scorer; ``logits``: each feature's promoted tokens, shown to the LLM."""
     label_connection(con)
     contrastive.explain_tables(con)
     vocab = dict(con.execute("select distinct token_id, token from tokens").fetchall())
-    log.info("labels: cutting windows, embedding those that judge labels")
-    pools = {part: window_pool(con, part=part, embed_fn=embed_fn, max_windows=cfg.label_pool_windows, seed=seed)
-             for part in ("explain", "choose", "holdout")}
+    log.info("labels: cutting windows")
+    pools = {part: window_pool(con, part=part, embed_fn=embed_fn, stored=windows, max_windows=cfg.label_pool_windows,
+                               seed=seed) for part in ("explain", "choose", "holdout")}
     fired = {part: scorers.fired_in_pool(con, pool, features) for part, pool in pools.items()}
-    proposed, top_token = _propose(con, features, pools["explain"], fired["explain"], vocab, cfg, embed_fn, seed=seed,
-                                   chat=chat, logits=logits or {})
-    choose_trials = scorers.make_trials(pools["choose"], fired["choose"], top_token, seed=seed, per_side=None)
-    held_trials = scorers.make_trials(pools["holdout"], fired["holdout"], top_token, seed=seed)
+    evidence, top_token = _evidence(con, features, pools["explain"], fired["explain"], vocab, embed_fn, seed=seed)
+    proposed = _propose(features, evidence, pools["explain"], fired["explain"], cfg, seed=seed, chat=chat,
+                        logits=logits or {})
+    trials = {"choose": scorers.make_trials(pools["choose"], fired["choose"], top_token, seed=seed, per_side=None),
+              "holdout": scorers.make_trials(pools["holdout"], fired["holdout"], top_token, seed=seed)}
     flat = [(f, c) for f in features for c in proposed[f] if c.status == "ok"]
     vectors = embed_fn([c.text for _, c in flat]) if flat else np.zeros((0, EMBEDDING_DIM), np.float32)
-    choice_auroc: list[float] = []
-    held_auroc: list[float] = []
-    for i, (f, c) in enumerate(tqdm(flat, desc="score candidates", unit="label")):
-        choice_auroc.append(scorers.embedding_scores(pools["choose"], choose_trials, {f: vectors[i]}).get(f, math.nan))
-        held_auroc.append(scorers.embedding_scores(pools["holdout"], held_trials, {f: vectors[i]}).get(f, math.nan))
-    chosen = _choose(flat, choice_auroc)
+    judged = {part: _judge(flat, vectors, pools[part], trials[part], fired[part], vocab, part)
+              for part in ("choose", "holdout")}
+    chosen = _choose(flat, judged["choose"].combined)
     detection = {}
     if "detection" in cfg.label_scorers:
         kept = {f: flat[i][1].text for f, i in chosen.items()}
-        detection = llm.detect(_need(chat), pools["holdout"], held_trials, kept, workers=cfg.llm_workers, seed=seed)
-    simulator = scorers.Simulator(pools["holdout"], vocab) if "simulation" in cfg.label_scorers else None
-    out = _kept(features, [(flat[i][1], vectors[i], held_auroc[i]) if i is not None else None
-                           for i in (chosen.get(f) for f in features)],
-                cfg, simulator, fired["holdout"], detection, _single_token(con))
-    out.candidates = _candidate_table(features, proposed, chosen, choice_auroc, held_auroc)
+        detection = llm.detect(_need(chat), pools["holdout"], trials["holdout"], kept, workers=cfg.llm_workers, seed=seed)
+    out = _kept(features, chosen, flat, vectors, judged["holdout"], cfg, detection, _single_token(con))
+    out.description = [wording.describe(evidence[f]) for f in features]
+    out.candidates = _candidate_table(features, proposed, chosen, judged)
     out.top_token = {f: vocab[t] for f, t in top_token.items()}
-    out.judge = scorers.HeldOutJudge(pools["holdout"], held_trials, embed_fn)
+    out.judge = scorers.HeldOutJudge(pools["holdout"], trials["holdout"], fired["holdout"], vocab, embed_fn)
     scored = [s for s in out.score if s is not None]
     out.summary = {
         "explainer": cfg.label_explainer, "scorers": list(cfg.label_scorers), "labelled": len(features),
         "scored": len(scored), "label_score_mean": float(np.mean(scored)) if scored else None,
+        "token_score_mean": _mean([_score_of(per, "token") for per in out.scores]),
         "windows": {part: len(pool) for part, pool in pools.items()},
         "failed": int(sum(1 for c in out.candidates["status"].to_pylist() if c != "ok")),
     }
     return out
 
 
-def _propose(con: duckdb.DuckDBPyConnection, features: list[int], pool: WindowPool, fired: dict, vocab: dict[int, str],
-             cfg: LabelConfig, embed_fn: Callable[[list[str]], np.ndarray], *, seed: int, chat: llm.Chat | None,
-             logits: dict[int, list[str]]) -> tuple[dict[int, list[Candidate]], dict[int, int]]:
-    """Every explainer's candidates per feature, from the explain part only; and each feature's
-    strongest token there (the hard negatives of its trials)."""
-    evidence = contrastive.gather_evidence(con, features, pool, fired, vocab)
-    top_token = {f: ev.at[0][0] for f, ev in evidence.items() if ev.at}
+def _evidence(con: duckdb.DuckDBPyConnection, features: list[int], pool: WindowPool, fired: dict, vocab: dict[int, str],
+              embed_fn: Callable[[list[str]], np.ndarray], *, seed: int) -> tuple[dict[int, Evidence], dict[int, int]]:
+    """Each feature's evidence from the explain part only, with its theme words; and its strongest
+    token id there (the hard negatives of its trials)."""
+    evidence, top_token = contrastive.gather_evidence(con, features, vocab)
     bank = themes.WordBank.build(pool, embed_fn)
     explain_trials = scorers.make_trials(pool, fired, top_token, seed=seed, per_side=themes.PER_SIDE)
     for f, words in themes.themes(bank, pool, explain_trials).items():
         evidence[f].themes = words
-    proposed: dict[int, list[Candidate]] = {f: contrastive.candidates(evidence[f], vocab) for f in features}
+    return evidence, top_token
+
+
+def _propose(features: list[int], evidence: dict[int, Evidence], pool: WindowPool, fired: dict, cfg: LabelConfig, *,
+             seed: int, chat: llm.Chat | None, logits: dict[int, list[str]]) -> dict[int, list[Candidate]]:
+    """Every explainer's candidates per feature, written from the explain part only."""
+    proposed = {f: [Candidate(text, contrastive.EXPLAINER, kind) for text, kind in wording.candidates(evidence[f])]
+                for f in features}
     if cfg.label_explainer == "llm":
         asked = [f for f in features if proposed[f]]
-        written = llm.explain(_need(chat), asked, pool, fired, logits, workers=cfg.llm_workers, seed=seed)
+        notes = {f: wording.describe(evidence[f]) for f in asked}
+        written = llm.explain(_need(chat), asked, pool, fired, logits, notes, workers=cfg.llm_workers, seed=seed)
         for f, extra in written.items():
             proposed[f] = extra + proposed[f]  # an LLM label wins ties with the contrastive fallback
-    return proposed, top_token
+    return proposed
 
 
-def _kept(features: list[int], kept: list[tuple[Candidate, np.ndarray, float] | None], cfg: LabelConfig,
-          simulator: scorers.Simulator | None, fired_held: dict, detection: dict[int, float],
-          single: dict[int, bool]) -> Labels:
-    """The kept label of each feature (candidate, its embedding, its held-out AUROC; None where no
-    candidate exists) with every held-out score."""
-    out = Labels([], [], [], [], [], [], np.zeros((len(features), EMBEDDING_DIM), np.float32), pa.table({}))
-    for row, (f, choice) in enumerate(zip(features, kept)):
+def _judge(flat: list[tuple[int, Candidate]], vectors: np.ndarray, pool: WindowPool, trials: dict[int, scorers.Trial],
+           fired: dict, vocab: dict[int, str], part: str) -> Judged:
+    tokens = scorers.TokenScorer(pool, vocab)
+    auroc = np.full(len(flat), np.nan)
+    token: list[scorers.TokenScore | None] = [None] * len(flat)
+    for i, (f, c) in enumerate(tqdm(flat, desc=f"score candidates ({part})", unit="label")):
+        trial = trials.get(f)
+        if trial is not None:
+            auroc[i] = scorers.embedding_scores(pool, {f: trial}, {f: vectors[i]})[f]
+            token[i] = tokens.score(c.text, trial, fired[f])
+    return Judged(auroc, token)
+
+
+def _kept(features: list[int], chosen: dict[int, int], flat: list[tuple[int, Candidate]], vectors: np.ndarray,
+          held: Judged, cfg: LabelConfig, detection: dict[int, float], single: dict[int, bool]) -> Labels:
+    """The kept label of each feature with every held-out score (a placeholder where no candidate exists)."""
+    out = Labels([], [], [], [], [], [], [], np.zeros((len(features), EMBEDDING_DIM), np.float32), pa.table({}))
+    for row, f in enumerate(features):
         out.features.append(f)
-        if choice is None:  # no candidate at all: an LLM is only asked about features that have contrastive ones
+        i = chosen.get(f)
+        if i is None:  # no candidate at all: an LLM is only asked about features that have contrastive ones
             out.text.append("unlabelled: never fired on the explain documents")
             out.source.append("none")
             out.score.append(None)
             out.scores.append([])
             out.single_token.append(False)
             continue
-        cand, vector, held_auroc = choice
-        per = {"embedding": held_auroc}
-        if simulator is not None and f in fired_held:
-            sim = simulator.score(cand.text, fired_held[f])
-            per.update({"simulation": sim.correlation, "simulation_precision": sim.precision, "simulation_recall": sim.recall})
+        cand = flat[i][1]
+        per = {"embedding": float(held.auroc[i])}
+        if held.token[i] is not None:
+            t = held.token[i]
+            per.update({"token": t.correlation, "token_precision": t.precision, "token_recall": t.recall})
         if f in detection:
             per["detection"] = detection[f]
         primary = per.get(cfg.label_scorers[0], math.nan)
         out.text.append(cand.text)
         out.source.append(cand.explainer)
         out.score.append(None if math.isnan(primary) else float(primary))
-        out.scores.append([{"scorer": k, "score": None if math.isnan(v) else float(v)} for k, v in per.items()])
+        out.scores.append([{"scorer": k, "score": _none(v)} for k, v in per.items()])
         out.single_token.append(bool(single.get(f, False)))
-        out.embeddings[row] = vector
+        out.embeddings[row] = vectors[i]
     return out
 
 
 def _candidate_table(features: list[int], proposed: dict[int, list[Candidate]], chosen: dict[int, int],
-                     choice_auroc: list[float], held_auroc: list[float]) -> pa.Table:
+                     judged: dict[str, Judged]) -> pa.Table:
     """Every candidate of every feature with its scores (``ok`` candidates are indexed in order)."""
     rows: dict[str, list] = {name: [] for name in LABEL_CANDIDATES.names}
     j = 0
     for f in features:
         for c in proposed[f]:
             ok = c.status == "ok"
-            for name, value in (("feature_id", f), ("explainer", c.explainer), ("kind", c.kind), ("label", c.text),
-                                ("status", c.status), ("detail", c.detail),
-                                ("choice_auroc", _none(choice_auroc[j]) if ok else None),
-                                ("holdout_auroc", _none(held_auroc[j]) if ok else None),
-                                ("chosen", ok and chosen.get(f) == j)):
-                rows[name].append(value)
+            scores = {}
+            for where, part in (("choice", "choose"), ("holdout", "holdout")):
+                scores[f"{where}_auroc"] = _none(float(judged[part].auroc[j])) if ok else None
+                scores[f"{where}_token"] = _token(judged[part].token[j]) if ok else None
+            values = {"feature_id": f, "explainer": c.explainer, "kind": c.kind, "label": c.text, "status": c.status,
+                      "detail": c.detail, **scores, "chosen": ok and chosen.get(f) == j}
+            for name in LABEL_CANDIDATES.names:
+                rows[name].append(values[name])
             j += ok
     return pa.table(rows, schema=LABEL_CANDIDATES.arrow())
 
 
-def _choose(flat: list[tuple[int, Candidate]], auroc: list[float]) -> dict[int, int]:
-    """Per feature, the index into ``flat`` of the candidate with the best choose-document AUROC;
+def _choose(flat: list[tuple[int, Candidate]], auroc: np.ndarray) -> dict[int, int]:
+    """Per feature, the index into ``flat`` of the candidate with the best choose-document score;
     the first candidate (an LLM's, when there is one) where no candidate could be judged. Shrinking
     each feature's ranking towards how each kind of phrase does on average was tried on the quick
     atlas: no better on held-out windows."""
@@ -206,6 +243,19 @@ def _need(chat: llm.Chat | None) -> llm.Chat:
 
 def _none(x: float) -> float | None:
     return None if math.isnan(x) else x
+
+
+def _token(t: scorers.TokenScore | None) -> float | None:
+    return None if t is None else t.correlation
+
+
+def _score_of(per: list[dict], scorer: str) -> float | None:
+    return next((s["score"] for s in per if s["scorer"] == scorer), None)
+
+
+def _mean(values: list[float | None]) -> float | None:
+    kept = [v for v in values if v is not None]
+    return float(np.mean(kept)) if kept else None
 
 
 def _single_token(con: duckdb.DuckDBPyConnection) -> dict[int, bool]:

@@ -39,9 +39,10 @@ EXAMPLES_PER_BAND = 2
 DETECT_PER_SIDE = 5
 SYSTEM = (
     "You are an interpretability researcher. You will see text excerpts where one feature of a language model "
-    "fires; the tokens where it fires are marked <<like this>>. Say in one short phrase (at most 15 words) what the "
-    "feature responds to: a specific token, a topic, a language, a code construct, or a pattern. Reply with the "
-    "phrase only."
+    "fires; the tokens where it fires are marked <<like this>>. Say in one short phrase what the feature fires on "
+    "and where: quote the tokens that fire in double quotes, then the context in at most 12 words, for example "
+    "'\"def\" opening a Python function definition' or '\"un\", \"dos\" (articles and numbers) in Spanish prose'. "
+    "Reply with the phrase only."
 )
 
 
@@ -167,9 +168,9 @@ def marked_window(pool: WindowPool, row: int, fired: Fired) -> str:
     return "".join(f"<<{w}>>" if hit and w.strip() else w for w, hit in zip(pool.token_texts[row], on)).strip()
 
 
-def explain_prompt(pool: WindowPool, fired: Fired, logits: list[str], seed: int) -> list[dict]:
+def explain_prompt(pool: WindowPool, fired: Fired, logits: list[str], seed: int, evidence: str = "") -> list[dict]:
     """Delphi's shape: the strongest windows, then a few from each lower quantile band, then the
-    tokens the feature's decoder direction promotes."""
+    tokens the feature's decoder direction promotes and the counted evidence (``wording.describe``)."""
     rng = np.random.default_rng(seed)
     order = np.argsort(-fired.values)
     rows = list(order[:EXAMPLES_TOP])
@@ -179,27 +180,34 @@ def explain_prompt(pool: WindowPool, fired: Fired, logits: list[str], seed: int)
     lines = [f"Example {i + 1}: {marked_window(pool, fired.rows[r], fired)}" for i, r in enumerate(rows)]
     if logits:
         lines.append("Tokens the feature promotes: " + ", ".join(repr(t) for t in logits[:10]))
+    if evidence:
+        lines.append("Counted over all its activations: " + evidence)
     return [{"role": "system", "content": SYSTEM}, {"role": "user", "content": "\n".join(lines)}]
 
 
 def parse_label(answer: str) -> str:
-    """The first non-empty line, without list markers, quotes or a leading 'Explanation:'."""
+    """The first non-empty line, without list markers, a leading 'Explanation:' or quotes around
+    the whole line (a label's own quoted tokens stay)."""
     for line in answer.splitlines():
-        line = re.sub(r"^\s*(\[?explanation\]?:|[-*•]|\d+[.)])\s*", "", line.strip(), flags=re.I).strip(" \"'`")
+        line = re.sub(r"^\s*(\[?explanation\]?:|[-*•]|\d+[.)])\s*", "", line.strip(), flags=re.I).strip(" `")
+        if len(line) > 1 and line[0] == line[-1] and line[0] in "\"'" and line[0] not in line[1:-1]:
+            line = line[1:-1].strip()
         if line:
             return line[:200]
     raise ChatError("empty answer")
 
 
 def explain(chat: Chat, features: list[int], pool: WindowPool, fired: dict[int, Fired], logits: dict[int, list[str]],
-            *, workers: int = 4, seed: int = 0) -> dict[int, list[Candidate]]:
-    """One candidate per feature: a label, or a failed candidate saying why."""
+            evidence: dict[int, str], *, workers: int = 4, seed: int = 0) -> dict[int, list[Candidate]]:
+    """One candidate per feature: a label, or a failed candidate saying why. ``evidence``: each
+    feature's description, the same numbers the offline explainer writes from."""
 
     def one(f: int) -> tuple[int, Candidate]:
         if f not in fired:
             return f, Candidate("", EXPLAINER, "llm", "failed", "no firing windows in the explain documents")
         try:
-            return f, Candidate(parse_label(chat(explain_prompt(pool, fired[f], logits.get(f, []), seed + f))), EXPLAINER, "llm")
+            prompt = explain_prompt(pool, fired[f], logits.get(f, []), seed + f, evidence.get(f, ""))
+            return f, Candidate(parse_label(chat(prompt)), EXPLAINER, "llm")
         except ChatError as e:
             return f, Candidate("", EXPLAINER, "llm", "failed", f"llm explainer failed: {e}")
 

@@ -46,11 +46,16 @@ def atlas_config(atlas: Atlas, overrides: dict[str, Any]) -> AtlasConfig:
     return cfg
 
 
+def stored_windows(atlas: Atlas) -> pa.Table:
+    """The published window embeddings, which a re-label judges on (no need to embed the corpus again)."""
+    return atlas.windows.search().select(["doc_id", "window_index", "embedding"]).limit(atlas.windows.count_rows()).to_arrow()
+
+
 def relabel(root: str | Path, overrides: dict[str, Any], features: str | None = None) -> dict[str, Any]:
     """Re-label ``features`` (all by default) of the atlas at ``root``; returns the label summary."""
     atlas = Atlas(root)
-    if "label_scores" not in atlas.features.schema.names:
-        raise BadParameter("--atlas", f"{atlas.root} was published by an older Feature Atlas without label scores; "
+    if M.lance_version(atlas.manifest, "windows") is None:
+        raise BadParameter("--atlas", f"{atlas.root} was published by an older Feature Atlas without corpus windows; "
                                       "re-run `featureatlas ingest` on it (finished stages are reused)")
     cfg = atlas_config(atlas, overrides)
     ids = parse_features(features, atlas.d_sae)
@@ -62,7 +67,7 @@ def relabel(root: str | Path, overrides: dict[str, Any], features: str | None = 
     con = atlas.batch_connection()
     try:
         labels = label_features(con, ids, cfg.labels, lambda t: embed(t, name=cfg.labels.embedder, progress=True),
-                                seed=cfg.run.seed, chat=chat, logits=logits)
+                                seed=cfg.run.seed, chat=chat, logits=logits, windows=stored_windows(atlas))
     finally:
         con.close()
     table = pa.table({"feature_id": pa.array(labels.features, pa.int32()), **labels.columns()})

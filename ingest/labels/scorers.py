@@ -5,23 +5,27 @@
   quantiles of the feature's activation, so a label that only fits the strongest examples loses;
   half the negatives are *hard*: windows that hold the feature's top token but do not fire it, so
   naming the token alone is not enough. Score: AUROC (0.5 is chance).
-- ``simulation`` (OpenAI's simulate-and-score without an LLM): the tokens the label quotes become a
-  token matcher, run over every token of the pool: precision, recall and the correlation of the
-  matcher with the real activations.
+- ``token`` (OpenAI's simulate-and-score without an LLM): the label's quoted tokens, with the quoted
+  tokens it says come just before them ("... after "the""), become a token matcher, run over every
+  token of the feature's trial windows (the same positives and hard negatives): the correlation of
+  the matcher with the real activations (0 is chance; a label that quotes nothing scores 0), with
+  its precision and recall. This is what tells which *tokens* fire, which an embedding cannot.
 - ``detection`` (needs an LLM; see ``llm.py``): the model says which windows fit the label; score:
   balanced accuracy.
 """
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import duckdb
 import numpy as np
 import pyarrow as pa
+from featureatlas.store.schema import WINDOW
 
-from .windows import WINDOW, KeyIndex, WindowPool
+from .windows import KeyIndex, WindowPool
+from .wording import parse_pattern
 
 PER_SIDE = 20  # positives per feature (negatives match their number)
 QUANTILE_BANDS = 4
@@ -139,19 +143,20 @@ def embedding_scores(pool: WindowPool, trials: dict[int, Trial], label_embedding
 
 
 class HeldOutJudge:
-    """Embedding AUROC of any label texts on fixed held-out trials: baselines in a report are judged
-    on exactly the windows the real labels were."""
+    """Embedding AUROC and token correlation of any label texts on fixed held-out trials: baselines
+    in a report are judged on exactly the windows the real labels were."""
 
-    def __init__(self, pool: WindowPool, trials: dict[int, Trial], embed_fn):
-        self.pool, self.trials, self.embed_fn = pool, trials, embed_fn
+    def __init__(self, pool: WindowPool, trials: dict[int, Trial], fired: dict[int, Fired], vocab: dict[int, str],
+                 embed_fn):
+        self.pool, self.trials, self.fired, self.embed_fn = pool, trials, fired, embed_fn
+        self.tokens = TokenScorer(pool, vocab)
 
-    def __call__(self, labels: dict[int, str]) -> dict[int, float]:
+    def __call__(self, labels: dict[int, str]) -> dict[int, tuple[float, float]]:
+        """(embedding AUROC, token correlation) per feature that has a held-out trial."""
         ids = [f for f in labels if f in self.trials]
         vectors = self.embed_fn([labels[f] for f in ids]) if ids else []
-        return embedding_scores(self.pool, self.trials, dict(zip(ids, vectors)))
-
-
-_QUOTED = re.compile(r'"([^"]+)"')
+        auroc = embedding_scores(self.pool, self.trials, dict(zip(ids, vectors)))
+        return {f: (auroc[f], self.tokens.score(labels[f], self.trials[f], self.fired[f]).correlation) for f in ids}
 
 
 def token_key(token: str) -> str:
@@ -160,39 +165,74 @@ def token_key(token: str) -> str:
     return shown.replace("\n", "⏎").replace("\t", "⇥").lower()
 
 
-@dataclass
-class Simulation:
+class TokenScore(NamedTuple):
+    correlation: float
+    """Pearson correlation of the matcher (0/1) with the activation, over the trial windows' tokens."""
     precision: float
     recall: float
-    correlation: float
 
 
-class Simulator:
-    """Token matchers compiled from labels, run over every token of a pool."""
+LOOK_BACK = 3  # "after X": X is one of the three tokens before
+
+
+class TokenScorer:
+    """Token matchers compiled from labels (``wording.parse_pattern``), run over the tokens of each
+    feature's trial windows in one pool. Each trial's tokens and activations are gathered once and
+    reused for every candidate of its feature."""
 
     def __init__(self, pool: WindowPool, vocab: dict[int, str]):
         self.tokens, rows, positions = pool.flat
-        self._where = KeyIndex(pool.doc_id[rows] << 32 | positions)
-        self.by_key: dict[str, list[int]] = {}
-        for tid, text in vocab.items():
-            self.by_key.setdefault(token_key(text), []).append(tid)
+        self.keys = pool.doc_id[rows] << 32 | positions
+        lengths = np.array([len(t) for t in pool.token_ids], dtype=np.int64)
+        self.starts = np.concatenate([[0], np.cumsum(lengths)])
+        # The token d places back in the same window (-1 at a window's start), for "after" patterns.
+        self.back = []
+        for d in range(1, LOOK_BACK + 1):
+            prev = np.full(len(self.tokens), -1, dtype=np.int64)
+            prev[d:] = np.where(rows[d:] == rows[:-d], self.tokens[:-d], -1)
+            self.back.append(prev)
+        self.by_key = {key: np.array(sorted(ids), dtype=np.int64) for key, ids in _group(vocab).items()}
+        self._trials: dict[int, tuple[Trial, np.ndarray, np.ndarray]] = {}
 
-    def matcher(self, label: str) -> np.ndarray:
-        """Token ids the label quotes; a label that quotes nothing matches the tokens it names as words."""
-        quoted = _QUOTED.findall(label) or re.findall(r"\w{3,}", label)
-        ids = [t for q in quoted for t in self.by_key.get(q.lower(), [])]
-        return np.array(sorted(set(ids)), dtype=np.int64)
+    def _ids(self, quoted: list[str]) -> np.ndarray:
+        found = [self.by_key[q.lower()] for q in quoted if q.lower() in self.by_key]
+        return np.concatenate(found) if found else np.zeros(0, np.int64)
 
-    def score(self, label: str, fired: Fired) -> Simulation:
-        predicted = np.isin(self.tokens, self.matcher(label)).astype(np.float32)
-        actual = np.zeros(len(self.tokens), dtype=np.float32)
-        at = self._where.find(fired.token_keys)
-        actual[at[at >= 0]] = fired.token_values[at >= 0]
+    def _trial_tokens(self, trial: Trial, fired: Fired) -> tuple[np.ndarray, np.ndarray]:
+        """(flat indices of the trial windows' tokens, the feature's activation on each)."""
+        cached = self._trials.get(id(trial))
+        if cached is None or cached[0] is not trial:
+            rows = np.concatenate([trial.positives, trial.negatives])
+            idx = np.concatenate([np.arange(self.starts[r], self.starts[r + 1]) for r in rows])
+            at = KeyIndex(fired.token_keys).find(self.keys[idx])
+            actual = np.where(at >= 0, fired.token_values[at], 0).astype(np.float32)
+            cached = self._trials[id(trial)] = (trial, idx, actual)
+        return cached[1], cached[2]
+
+    def predict(self, label: str, idx: np.ndarray) -> np.ndarray:
+        """The label's matcher (0/1) on the pool's flat tokens ``idx``."""
+        targets, before = parse_pattern(label)
+        hit = np.isin(self.tokens[idx], self._ids(targets))
+        if before:
+            want = self._ids(before)
+            hit &= np.logical_or.reduce([np.isin(prev[idx], want) for prev in self.back])
+        return hit.astype(np.float32)
+
+    def score(self, label: str, trial: Trial, fired: Fired) -> TokenScore:
+        idx, actual = self._trial_tokens(trial, fired)
+        predicted = self.predict(label, idx)
         on = actual > 0
         hits = float((predicted * on).sum())
         precision = hits / predicted.sum() if predicted.sum() else 0.0
         recall = hits / on.sum() if on.sum() else 0.0
-        corr = 0.0
-        if predicted.std() > 0 and actual.std() > 0:
-            corr = float(np.corrcoef(predicted, actual)[0, 1])
-        return Simulation(float(precision), float(recall), corr)
+        corr = float(np.corrcoef(predicted, actual)[0, 1]) if predicted.std() > 0 and actual.std() > 0 else 0.0
+        return TokenScore(corr, float(precision), float(recall))
+
+
+def _group(vocab: dict[int, str]) -> dict[str, list[int]]:
+    out: dict[str, list[int]] = {}
+    for tid, text in vocab.items():
+        out.setdefault(token_key(text), []).append(tid)
+    return out
+
+

@@ -14,6 +14,7 @@ import pyarrow.parquet as pq
 from ..config import LabelConfig
 from ..embed import embed
 from ..encode import example_texts
+from .. import windows as corpus_windows
 from .label import label_features
 from .llm import make_chat
 
@@ -21,14 +22,16 @@ OUTPUTS = ("labels.parquet", "label_candidates.parquet")
 LLM_CACHE = "llm-cache.jsonl"  # beside the stage folders: answers survive a change of labels settings
 
 
-def run(con: duckdb.DuckDBPyConnection, d_sae: int, cfg: LabelConfig, encode: Path, folder: Path, *, seed: int,
-        device: str) -> dict[str, Any]:
-    """``con`` holds ``documents``, ``tokens`` and ``activations``; ``encode`` is the encode stage's folder."""
+def run(con: duckdb.DuckDBPyConnection, d_sae: int, cfg: LabelConfig, encode: Path, windows: Path, folder: Path, *,
+        seed: int, device: str) -> dict[str, Any]:
+    """``con`` holds ``documents``, ``tokens`` and ``activations``; ``encode`` and ``windows`` are
+    those stages' folders."""
     chat = make_chat(cfg, device, folder.parent / LLM_CACHE) if cfg.needs_llm else None
     stats = pq.read_table(encode / "stats.parquet", columns=["feature_id", "logit_positive"]).to_pydict()
     promoted = {f: [x["token"] for x in row] for f, row in zip(stats["feature_id"], stats["logit_positive"])}
     embed_fn = lambda texts: embed(texts, name=cfg.embedder, progress=True)  # noqa: E731
-    labels = label_features(con, list(range(d_sae)), cfg, embed_fn, seed=seed, chat=chat, logits=promoted)
+    stored = pq.read_table(windows / corpus_windows.OUTPUTS[0], columns=["doc_id", "window_index", "embedding"])
+    labels = label_features(con, list(range(d_sae)), cfg, embed_fn, seed=seed, chat=chat, logits=promoted, windows=stored)
     context = context_embeddings(pq.read_table(encode / "examples.parquet"), cfg, d_sae)
     table = pa.table({"feature_id": pa.array(labels.features, pa.int32()), **labels.columns(),
                       "context_embedding": pa.FixedSizeListArray.from_arrays(context.ravel(), context.shape[1])})

@@ -35,7 +35,7 @@ MIN_FEATURE_WINDOWS = 1  # a theme word occurs in at least this many of the feat
 MIN_LIFT = 1.0  # ... and in at least this many times its share of all windows
 SHORTLIST = 200  # words ranked exactly, after a linear pre-ranking of all of them
 GREEDY_FROM = 50  # the best-ranked words a theme is assembled from
-THEME_WORDS = 5
+THEME_WORDS = 7
 PER_SIDE = 1000  # firing windows a theme is judged on (all of them up to this; bounds the cost per feature)
 
 

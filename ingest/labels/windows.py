@@ -8,9 +8,10 @@ windows would win there by construction), and the reported score comes from docu
 writing nor choosing saw.
 
 A window is ``WINDOW`` consecutive tokens of one document (``position // WINDOW``). Every window of
-a split is embedded once and shared by all features: embedding per feature would not scale past a
-few thousand features. (Overlapping windows that show each token with its preceding context were
-tried on the quick atlas: no better AUROC, twice the embedding.)
+the corpus is embedded once by the windows stage (``ingest/windows.py``) and shared by all features:
+embedding per feature would not scale past a few thousand features. (Overlapping windows that show
+each token with its preceding context were tried on the quick atlas: no better AUROC, twice the
+embedding.)
 """
 
 from __future__ import annotations
@@ -23,8 +24,8 @@ from typing import Sequence
 import duckdb
 import numpy as np
 import pyarrow as pa
+from featureatlas.store.schema import WINDOW
 
-WINDOW = 16
 PARTS = ("explain", "explain", "explain", "choose", "holdout")
 
 
@@ -91,10 +92,12 @@ class KeyIndex:
 
 
 def window_pool(
-    con: duckdb.DuckDBPyConnection, *, part: str, embed_fn=None, max_windows: int | None = None, seed: int = 0
+    con: duckdb.DuckDBPyConnection, *, part: str, embed_fn=None, stored: pa.Table | None = None,
+    max_windows: int | None = None, seed: int = 0
 ) -> WindowPool:
-    """The windows of one part of the split (a random ``max_windows`` of them when capped), embedded
-    with ``embed_fn(texts) -> [n, dim]`` when given."""
+    """The windows of one part of the split (a random ``max_windows`` of them when capped), with
+    their embeddings from ``stored`` (the windows stage's table: doc_id, window, embedding) when
+    given, else embedded with ``embed_fn(texts) -> [n, dim]`` when that is given."""
     table = con.sql(
         f"""
         select t.doc_id, t.position // {WINDOW} as w, string_agg(t.token, '' order by t.position) as text,
@@ -108,13 +111,29 @@ def window_pool(
         keep = np.sort(np.random.default_rng(seed).choice(table.num_rows, max_windows, replace=False))
         table = table.take(keep)
     texts = [t.strip() for t in table["text"].to_pylist()]
+    doc_id = table["doc_id"].to_numpy().astype(np.int64)
+    window = table["w"].to_numpy().astype(np.int64)
+    if stored is not None:
+        embeddings = stored_embeddings(stored, doc_id, window)
+    else:
+        embeddings = None if embed_fn is None else np.asarray(embed_fn(texts), dtype=np.float32)
     return WindowPool(
         part=part,
-        doc_id=table["doc_id"].to_numpy().astype(np.int64),
-        window=table["w"].to_numpy().astype(np.int64),
+        doc_id=doc_id,
+        window=window,
         texts=texts,
         token_ids=[np.asarray(x, dtype=np.int64) for x in table["ids"].to_pylist()],
         token_texts=table["toks"].to_pylist(),
         positions=[np.asarray(x, dtype=np.int64) for x in table["pos"].to_pylist()],
-        embeddings=None if embed_fn is None else np.asarray(embed_fn(texts), dtype=np.float32),
+        embeddings=embeddings,
     )
+
+
+def stored_embeddings(stored: pa.Table, doc_id: np.ndarray, window: np.ndarray) -> np.ndarray:
+    """[n, dim] the stored embedding of each (doc_id, window)."""
+    keys = stored["doc_id"].to_numpy().astype(np.int64) << 32 | stored["window_index"].to_numpy().astype(np.int64)
+    rows = KeyIndex(keys).find(doc_id << 32 | window)
+    if (rows < 0).any():
+        raise RuntimeError(f"the windows table lacks {int((rows < 0).sum())} windows of the corpus: rebuild the atlas")
+    column = stored["embedding"].combine_chunks()
+    return column.values.to_numpy().reshape(len(column), -1)[rows].astype(np.float32)

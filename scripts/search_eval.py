@@ -1,0 +1,431 @@
+"""Does search find the features a user means? Concept queries ("Python function definitions",
+"features about diseases and medicine", ...) run through every search mode, each judged by a regex
+detector over the top examples of the hits; plus queries for things the corpus does not hold, where
+the right answer is a response that says it is not confident.
+
+    .venv/bin/python scripts/search_eval.py --atlas atlas --out search_eval.json
+    .venv/bin/python scripts/search_eval.py --atlas atlas --modes label all --half tuning --k 3
+
+How a query is judged (present concepts):
+- the *window* of a top example is the text of its tokens from WINDOW_BEFORE before the strongest
+  token to WINDOW_AFTER after it, joined; the concept's regex is searched in it;
+- a feature's *fraction* is the share of its top examples whose window matches;
+- the detector's *base rate* is its match rate over the top examples of BASE_SAMPLE random live
+  features (seeded, computed once per run);
+- the concept is *found* when one of the top ``k`` hits has fraction >= MIN_FRACTION and
+  fraction > BASE_MULTIPLE x base rate. ``ceiling`` counts the atlas's features that would pass:
+  0 means no search could find the concept in this atlas.
+
+Absent concepts are checked against documents.text (their regex, in SQL) and dropped from the
+metrics if more than ABSENT_MAX_DOCS documents match; for them, and for present ones, the metric is
+the response's top-level ``confident`` (reported as null while the service does not return one).
+
+Queries are split into a tuning half and a held-out half, fixed in the table below (alternating
+within each category): tune search on the first, report the second. Modes are
+``store.search.SEARCH_MODES`` at run time plus the fused search ("all"). Nothing is written to the atlas.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import time
+from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import Any
+
+os.environ.setdefault("LANCEDB_LOG", "error")  # LanceDB's scanner deprecation warnings drown the table otherwise
+
+import numpy as np  # noqa: E402
+from featureatlas.api.service import AtlasService  # noqa: E402
+from featureatlas.store.atlas import Atlas  # noqa: E402
+from featureatlas.store.search import SEARCH_MODES  # noqa: E402
+
+# Tokens either side of the strongest one that a detector sees. Narrow on purpose: a wide window
+# would credit a feature for whatever else its document is about (every window of a Python file
+# holds "self" somewhere).
+WINDOW_BEFORE = 6
+WINDOW_AFTER = 2
+MIN_FRACTION = 0.5
+BASE_MULTIPLE = 2.0
+BASE_SAMPLE = 300
+# A passing mention in one of ~1,300 documents (an identifier, a biography's aside) is not coverage.
+ABSENT_MAX_DOCS = 1
+FUSED = "all"
+TUNING, HELDOUT = "tuning", "heldout"
+T, H = TUNING, HELDOUT
+
+
+@dataclass(frozen=True)
+class Concept:
+    query: str  # phrased the way a user would type it
+    category: str
+    half: str
+    # Present: the detector, searched in each example window (Python ``re``).
+    # Absent: key words searched in documents.text to verify absence (DuckDB ``regexp_matches``, RE2).
+    pattern: str
+    present: bool = True
+    case: bool = False  # case-sensitive: code keywords and capitals, where prose would otherwise match
+
+    def regex(self) -> re.Pattern[str]:
+        return re.compile(self.pattern, 0 if self.case else re.IGNORECASE)
+
+
+def C(query: str, category: str, half: str, pattern: str, case: bool = False) -> Concept:
+    return Concept(query, category, half, pattern, True, case)
+
+
+def A(query: str, half: str, pattern: str) -> Concept:
+    return Concept(query, "absent", half, pattern, present=False)
+
+
+# French and Spanish by their function words and letters the other language lacks (both share
+# "la", "de", "en", "que", "se", "é", so those are left out).
+FRENCH = (r"\b(les|des|du|une|est|dans|sont|avec|aux|au|cette|leur|leurs|été|il|elle|qui|pour|sur|par|pas|ou|ces)\b"
+          r"|\b[ldjnqs]'\w|[èêàçùâîôû]")
+SPANISH = r"\b(el|los|las|del|una|fue|como|por|para|con|sus|entre|también|más|es|lo|al|pero|desde)\b|[ñáíóú¿¡]"
+
+CONCEPTS: list[Concept] = [
+    # -- code (case-sensitive: Python keywords are lower case, and English prose uses the same words)
+    C("Python function definitions", "code", T, r"\bdef\b", case=True),
+    C("the self argument", "code", H, r"\bself\b", case=True),
+    C("import statements", "code", T, r"\bimport\b", case=True),
+    C("exception handling", "code", H, r"\b(try|except|raise|finally)\b|(Error|Exception)\b", case=True),
+    C("string literals in code", "code", T, r"(?<!\w)['\"]|['\"](?!\w)", case=True),
+    C("comments in code", "code", H, r"(?<!#)#(?!#)", case=True),
+    C("for loops", "code", T, r"\bfor\s+[\w, ()]+?\s+in\b", case=True),
+    C("if and else conditions in code", "code", H, r"(^|\n)\s*(if|elif|else)\b|\belif\b", case=True),
+    C("return statements", "code", T, r"\breturn\b", case=True),
+    C("class definitions", "code", H, r"\bclass\s+[A-Z_]\w*", case=True),
+    C("docstrings", "code", T, r"\"\"\"|'''", case=True),
+    C("unit tests and assertions", "code", H, r"\b(assert\w*|unittest|[Tt]est\w*)", case=True),
+    C("True, False and None", "code", T, r"\b(True|False|None)\b", case=True),
+    C("variable assignment with the equals sign", "code", H, r"[^=!<>]=[^=]", case=True),
+    C("indentation in Python code", "code", T, r"\n {4,}|^ {4,}", case=True),
+    C("lists and dictionaries", "code", H, r"[\[\]{}]|\b(list|dict|append|keys|items)\b", case=True),
+    # -- languages
+    C("French language text", "language", T, FRENCH),
+    C("Spanish text", "language", H, SPANISH),
+    C("English text", "language", T, r"\b(the|of|and|is|was|which|with|that|from|by)\b"),
+    # -- Shakespeare
+    C("Shakespearean English", "shakespeare", T,
+      r"\b(thou|thee|thy|thine|hath|doth|dost|'tis|ere|nay|prithee|wherefore|shalt|wilt|hast|o'er|e'er|methinks|anon)\b"),
+    C("thee and thou", "shakespeare", H, r"\b(thee|thou|thy|thine)\b"),
+    # Stage directions are italic (_Enter KING HENRY_): their words, or an italic closing at a line's end.
+    C("stage directions", "shakespeare", T,
+      r"\b(Enter|Exit|Exeunt|Re-enter|Flourish|Alarum|Excursions|Aside|Sennet|Trumpets|Dies)\b|[A-Za-z]_(\n|$)", case=True),
+    # Speaker names are bold (**HAMLET**); "[A-Z]" keeps Python's **kwargs out.
+    C("speaker names in a play", "shakespeare", H, r"\*\*[A-Z]|[A-Za-z]\*\*(?!\w)", case=True),
+    C("act and scene headings", "shakespeare", T, r"\b(SCENE|ACT|Scene)\b|###", case=True),
+    C("forms of address like my lord and sir", "shakespeare", H,
+      r"\b(lord|lords|lady|sir|madam|master|mistress|liege|sirrah|good my)\b"),
+    C("exclamations like O and alas", "shakespeare", T,
+      r"\b(O|[Aa]las|[Ff]ie|[Aa]h|[Aa]lack|[Hh]ark|[Zz]ounds|[Mm]arry)\b", case=True),
+    C("love and romance", "shakespeare", H, r"\b(lov\w*|heart\w*|sweet\w*|kiss\w*|amour\w*|amor\w*|beloved|passion\w*)\b"),
+    # -- encyclopedia topics (English, French and Spanish words: a feature for "guerre" is a war feature)
+    C("features about war and battles", "topic", T,
+      r"\b(wars?|battles?|army|armies|military|soldiers?|troops|invasion|guerres?|batailles?|armées?|guerras?"
+      r"|batallas?|ejércitos?|militar\w*|soldados?|soldats?)\b"),
+    C("religion", "topic", H,
+      r"\b(relig\w*|god|gods|church\w*|christ\w*|islam\w*|muslim\w*|buddh\w*|hindu\w*|jew\w*|cathol\w*|católic\w*"
+      r"|bishop\w*|pope|saint|temples?|dieu|église\w*|iglesia\w*|dios|sacred|holy|divine|bouddh\w*|budis\w*)\b"),
+    C("rivers and lakes", "topic", T, r"\b(rivers?|tributar\w*|fleuves?|rivières?|ríos?|rio|lakes?|lacs?|lagos?|delta|basin)\b"),
+    C("kings, queens and royalty", "topic", H,
+      r"\b(kings?|queens?|princes?|princess\w*|royal\w*|throne|crowns?|crowned|monarch\w*|emperors?|empress|dynast\w*"
+      r"|reign\w*|roi|rois|reine|rey|reyes|reina|royaume|reino|duke|majesty)\b"),
+    C("features about diseases and medicine", "topic", T,
+      r"\b(disease\w*|medic\w*|médic\w*|médec\w*|patients?|infect\w*|symptom\w*|treatment|clinical|health|hospital\w*"
+      r"|virus\w*|cancer|maladie\w*|enfermedad\w*|santé|salud|physician\w*|doctor\w*|surg\w*|drugs?|therap\w*"
+      r"|sick\w*|pharma\w*)\b"),
+    C("music and musicians", "topic", H,
+      r"\b(music\w*|musiques?|músic\w*|songs?|sing|sings|singer\w*|singing|sang|sung|composer\w*|compositeur\w*|symphon\w*"
+      r"|opera|opéra|ópera|albums?|melod\w*|chansons?|canci\w*|band|bands|bandleader|orchestr\w*|piano|violin\w*|guitar\w*|jazz)\b"),
+    C("sport", "topic", T,
+      r"\b(sports?|deport\w*|football|soccer|fútbol|athlet\w*|olympi\w*|championship\w*|tournament\w*|league|players?"
+      r"|teams?|equipos?|joueurs?|équipes?|cup|coupe|copa|games)\b"),
+    C("politics and government", "topic", H,
+      r"\b(politic\w*|polít\w*|government\w*|gouvernement\w*|gobierno\w*|elect(ed|ion|ions|oral)?|élection\w*|elecci\w*"
+      r"|parliament\w*|parlement\w*|parlamento\w*|party|parties|parti|partido\w*|president\w*|présiden\w*"
+      r"|senat\w*|congress\w*|minist\w*|democra\w*|démocra\w*|votes?|voting)\b"),
+    C("biology and living organisms", "topic", T,
+      r"\b(biolog\w*|cells?|cellul\w*|célul\w*|species|espèces?|especies?|genus|genes?|gènes?|genetic\w*|génétique"
+      r"|organism\w*|protein\w*|DNA|ADN|evolution\w*|évolution|evoluci\w*|enzym\w*|bacteri\w*|taxon\w*)\b"),
+    C("mathematics", "topic", H,
+      r"\b(math\w*|mathémat\w*|matemát\w*|theorem\w*|théorème\w*|teorema\w*|equations?|équations?|ecuaci\w*"
+      r"|algebra\w*|algèbre|álgebra|geometr\w*|géométr\w*|calculus|proofs?|lemma|matri(x|ces)|number theory)\b"),
+    C("chemistry and chemical elements", "topic", T,
+      r"\b(chemi\w*|chimi\w*|quími\w*|atoms?|atomic|atomique|molecul\w*|molécul\w*|acids?|acide?s?|compounds?"
+      r"|oxygen|hydrogen|carbon|metals?|metallic|isotopes?|periodic table|noble gas)\b"),
+    C("countries, cities and regions", "topic", H,
+      r"\b(countr\w*|pays|país\w*|city|cities|villes?|ciudad\w*|capital|regions?|régions?|región|regiones"
+      r"|provinces?|provincias?|territor\w*|borders?|frontières?|fronteras?|population|población)\b"),
+    C("history and centuries", "topic", T,
+      r"\b(centur\w*|siècles?|siglos?|ancient|medieval|médiév\w*|antiquity|antiquité|antigüedad|empires?|imperios?"
+      r"|dynasty|historic\w*|histor\w*)\b"),
+    C("family members", "topic", H,
+      r"\b(father|mother|sons|daughters?|brothers?|sisters?|wife|husband|uncle|aunt|cousin|nephew|niece|children"
+      r"|parents?|family|père|mère|fils|fille|frère|sœur|mari|padre|madre|hij[oa]s?|herman[oa]s?|esposa|familia|famille)\b"),
+    C("death and killing", "topic", T,
+      r"\b(death|dead|die|dies|died|dying|kill\w*|murder\w*|slain|slay|grave|tomb|funeral|mort|morte|mourut"
+      r"|muerte|murió|muerto)\b"),
+    C("animals", "topic", H,
+      r"\b(animals?|animaux|animales|birds?|oiseaux?|aves|fish|fishes|poissons?|peces|pez|mammal\w*|mammifères?"
+      r"|mamífer\w*|insect\w*|dogs?|cats?|horses?|chevaux|cheval|caballos?|wolf|wolves|lions?|snake\w*|reptil\w*"
+      r"|shark\w*|whales?|deer|moths?|butterfl\w*|fauna|wildlife|prey|predator\w*)\b"),
+    C("painting and the visual arts", "topic", T,
+      r"\b(paint\w*|peint\w*|pint\w*|art|arts|artist\w*|artiste?s?|sculpt\w*|escult\w*|museum\w*|musée\w*|museo\w*"
+      r"|galler\w*|drawings?|portrait\w*)\b"),
+    C("philosophy", "topic", H,
+      r"\b(philosoph\w*|filosof\w*|ethic\w*|éthique|ética|metaphys\w*|métaphys\w*|epistemolog\w*|ontolog\w*"
+      r"|kant|plato\w*|platon|aristot\w*|aristote|aristóteles|socrat\w*)\b"),
+    C("planets, stars and astronomy", "topic", T,
+      r"\b(planet\w*|planète\w*|stars?|étoiles?|estrellas?|sun|soleil|moon|lune|luna|galax\w*|orbit\w*|astronom\w*"
+      r"|telescope\w*|comets?|asteroid\w*)\b"),
+    C("economy, trade and money", "topic", H,
+      r"\b(econom\w*|économ\w*|trade|commerce|comercio|markets?|marché\w*|mercados?|money|monnaie|dinero|tax\w*"
+      r"|industr\w*|banks?|banque\w*|bancos?|prices?|prix|precios?|wealth)\b"),
+    # -- formats
+    C("numbers", "format", T, r"\d"),
+    C("years and dates", "format", H,
+      r"\b(1\d{3}|20[0-2]\d)\b|\b(January|February|March|April|June|July|August|September|October|November|December)\b"
+      r"|\b(janvier|février|avril|juin|juillet|août|septembre|octobre|novembre|décembre|enero|febrero|marzo|abril"
+      r"|mayo|junio|julio|agosto|septiembre|octubre|noviembre|diciembre)\b", case=True),
+    C("capital letters and acronyms", "format", T, r"\b[A-Z]{2,}\b", case=True),
+    C("parentheses", "format", H, r"[()]"),
+    C("quotation marks", "format", T, r"[\"“”«»„]"),
+    C("units of measurement", "format", H,
+      r"\d\s*(km|cm|mm|kg|mg|mi|ft|lb|ha|ml|°|%)(?!\w)|\b(kilomet\w*|kilómetros?|metres?|meters?|metros?|mètres?"
+      r"|feet|inch\w*|pounds?|kilograms?|kilos?|tonnes?|toneladas?|hectares?|hectáreas?|litres?|liters?|litros?"
+      r"|degrees?|grados?|degrés?|celsius|fahrenheit)\b"),
+    C("question marks", "format", T, r"\?"),
+    # Not "punctuation" as a whole: [.,;:!?] matches 56% of all windows, so no feature could pass
+    # the rule (fraction > 2 x base rate > 1).
+    C("commas", "format", H, r","),
+    C("hexadecimal numbers", "format", T, r"\b0x[0-9a-fA-F]+", case=True),
+    C("Roman numerals", "format", H, r"\b[IVXLC]{2,}\b", case=True),
+    C("accented letters", "format", T, r"[À-ÖØ-öø-ÿ]"),
+    C("web addresses and emails", "format", H, r"https?://|www\.|\.(com|org|net|html?)\b|\w@\w"),
+    # -- absent: each verified against documents.text (RE2 syntax, case-insensitive)
+    A("the Golden Gate Bridge", T, r"golden gate"),
+    A("cryptocurrency and bitcoin", H, r"bitcoin|cryptocurrenc|blockchain|criptomoneda|cryptomonnaie"),
+    A("quantum computing", T, r"quantum comput|qubit|ordinateur quantique|computación cuántica"),
+    A("pizza", H, r"pizza"),
+    A("electric cars", T, r"electric (car|vehicle)|tesla|voiture électrique|coche eléctrico"),
+    A("social media", H, r"social media|facebook|twitter|instagram|tiktok|réseaux sociaux|redes sociales"),
+    A("Taylor Swift songs", T, r"taylor swift"),
+    A("surfing", H, r"surfing|surfer|\bsurf\b"),
+    A("the COVID-19 pandemic", T, r"covid|coronavirus|pandemic|pandémie|pandemia"),
+    A("sushi", H, r"sushi"),
+    A("skiing", T, r"\bski(ing|er|s)?\b|esquí"),
+    A("horror movies", H, r"horror (film|movie)|film d'horreur|película de terror"),
+    A("smartphones", T, r"smartphone|iphone|android|teléfono móvil|téléphone portable"),
+    A("chess", H, r"\bchess|échecs|ajedrez"),
+]
+
+
+def window(tokens: list[str], activations: list[float]) -> str:
+    i = int(np.argmax(activations))
+    return "".join(tokens[max(0, i - WINDOW_BEFORE) : i + 1 + WINDOW_AFTER])
+
+
+class Windows:
+    """The window of every top example in the atlas, read once: fractions for any feature, and a
+    concept's match over all of them, are then cheap."""
+
+    def __init__(self, atlas: Atlas):
+        table = (atlas.examples.search().where("kind = 'top'").select(["feature_id", "tokens", "activations"])
+                 .limit(atlas.examples.count_rows()).to_arrow())
+        self.feature = table["feature_id"].to_numpy().astype(np.int64)
+        self.text = [window(t, a) for t, a in zip(table["tokens"].to_pylist(), table["activations"].to_pylist())]
+        self.n_examples = np.bincount(self.feature, minlength=atlas.d_sae)
+        self._matches: dict[str, np.ndarray] = {}
+
+    def matches(self, concept: Concept) -> np.ndarray:
+        """[n examples] bool: the concept's detector matches the example's window."""
+        if concept.query not in self._matches:
+            rx = concept.regex()
+            self._matches[concept.query] = np.fromiter((rx.search(t) is not None for t in self.text), bool, len(self.text))
+        return self._matches[concept.query]
+
+    def fractions(self, concept: Concept) -> np.ndarray:
+        """[d_sae] each feature's share of top examples the detector matches (0 without examples)."""
+        hits = np.bincount(self.feature, weights=self.matches(concept), minlength=len(self.n_examples))
+        return hits / np.maximum(self.n_examples, 1)
+
+    def base_rate(self, concept: Concept, sample: np.ndarray) -> float:
+        """The detector's match rate over the top examples of ``sample``'s features."""
+        return float(self.matches(concept)[np.isin(self.feature, sample)].mean())
+
+
+def live_sample(atlas: Atlas, n: int, seed: int) -> np.ndarray:
+    live = [f for (f,) in atlas.query("select feature_id from features where n_active > 0 order by feature_id").rows]
+    return np.sort(np.random.default_rng(seed).choice(live, min(n, len(live)), replace=False))
+
+
+def doc_counts(atlas: Atlas, concepts: Iterable[Concept]) -> dict[str, int]:
+    """Documents whose text matches each absent concept's key words."""
+    sql = "select count(*) from documents where regexp_matches(text, ?, 'i')"
+    return {c.query: int(atlas.query(sql, [c.pattern]).rows[0][0]) for c in concepts if not c.present}
+
+
+def qualifies(fraction: float, base: float) -> bool:
+    return fraction >= MIN_FRACTION and fraction > BASE_MULTIPLE * base
+
+
+def run_query(service: AtlasService, concept: Concept, mode: str, k: int,
+              fractions: np.ndarray | None, base: float | None) -> dict[str, Any]:
+    """One search, judged: its hits (with detector fractions for present concepts), whether the
+    concept was found, and the service's own ``confident`` / ``coverage`` where it returns them."""
+    t0 = time.perf_counter()
+    try:
+        response = service.search(concept.query, k, None if mode == FUSED else mode)
+    except Exception as e:  # noqa: BLE001 - one broken mode must not cost the whole run; counted and printed
+        return {"found": None if fractions is None else False, "confident": None, "seconds": 0.0, "hits": [],
+                "error": f"{type(e).__name__}: {e}"}
+    seconds = time.perf_counter() - t0
+    hits = [{"feature_id": h["feature_id"], "label": h["label"],
+             "fraction": None if fractions is None else round(float(fractions[h["feature_id"]]), 3)}
+            for h in response["hits"][:k]]
+    found = None if fractions is None else any(qualifies(h["fraction"], base) for h in hits)
+    out = {"found": found, "confident": response.get("confident"), "seconds": round(seconds, 3), "hits": hits}
+    if "coverage" in response:
+        out["coverage"] = response["coverage"]
+    return out
+
+
+def rate(values: list[bool | None], want: bool) -> float | None:
+    """Share of ``values`` equal to ``want``, over the non-null ones (null if all are null)."""
+    known = [v for v in values if v is not None]
+    return round(sum(v == want for v in known) / len(known), 3) if known else None
+
+
+def summarize(results: list[dict[str, Any]], modes: list[str], halves: list[str]) -> dict[str, dict[str, Any]]:
+    """Per mode and half: concepts found, the confident rates, and mean seconds per query."""
+    summary: dict[str, dict[str, Any]] = {}
+    for mode in modes:
+        summary[mode] = {}
+        for half in halves:
+            rows = [r for r in results if r["half"] == half and not r.get("dropped")]
+            present = [r["modes"][mode] for r in rows if r["present"]]
+            absent = [r["modes"][mode] for r in rows if not r["present"]]
+            found = sum(bool(m["found"]) for m in present)
+            summary[mode][half] = {
+                "found": found, "n_present": len(present),
+                # concepts some feature of the atlas would pass: the most any search could find
+                "n_findable": sum(r["ceiling"] > 0 for r in rows if r["present"]),
+                "found_rate": round(found / len(present), 3) if present else None,
+                "confident_true_on_present": rate([m["confident"] for m in present], True),
+                "confident_false_on_absent": rate([m["confident"] for m in absent], False),
+                "n_absent": len(absent),
+                "errors": sum("error" in m for m in present + absent),
+                "mean_seconds": round(float(np.mean([m["seconds"] for m in present + absent])), 3) if rows else None,
+            }
+    return summary
+
+
+def evaluate(service: AtlasService, windows: Windows, concepts: list[Concept], modes: list[str], k: int,
+             sample: np.ndarray) -> list[dict[str, Any]]:
+    absent_docs = doc_counts(service.atlas, concepts)
+    print(f"absent concepts, documents matching their key words (over {ABSENT_MAX_DOCS} drops one): "
+          + ", ".join(f"{q} {n}" for q, n in absent_docs.items()))
+    print("  cells: Y found / . not found / - absent concept; c confident / u not / ? no field; seconds")
+    results = []
+    for c in concepts:
+        row: dict[str, Any] = {"query": c.query, "category": c.category, "half": c.half, "present": c.present}
+        fractions = base = None
+        if c.present:
+            fractions = windows.fractions(c)
+            base = windows.base_rate(c, sample)
+            row["base_rate"] = round(base, 3)
+            row["ceiling"] = int(sum(qualifies(f, base) for f in fractions))
+        else:
+            row["documents"] = absent_docs[c.query]
+            row["dropped"] = absent_docs[c.query] > ABSENT_MAX_DOCS
+        row["modes"] = {m: run_query(service, c, m, k, fractions, base) for m in modes}
+        results.append(row)
+        print(f"  {c.half:<8}{c.query[:44]:<46}" + " ".join(_cell(row["modes"][m]) for m in modes), flush=True)
+    return results
+
+
+def _cell(m: dict[str, Any]) -> str:
+    if "error" in m:
+        return "  error"
+    found = "-" if m["found"] is None else "Y" if m["found"] else "."
+    conf = "?" if m["confident"] is None else "c" if m["confident"] else "u"
+    return f"{found}{conf}{m['seconds']:>5.1f}s"
+
+
+def warm_up(service: AtlasService, modes: list[str]) -> None:
+    """Load the embedder and the model before timing starts (each takes seconds, once)."""
+    for mode in modes:
+        try:
+            service.search("warm up", 1, None if mode == FUSED else mode)
+        except Exception as e:  # noqa: BLE001 - each query records its own failure; say so once here
+            print(f"warning: mode {mode} fails ({type(e).__name__}: {e})")
+
+
+def print_report(report: dict[str, Any]) -> None:
+    print(f"\nfound@{report['k']} (present concepts) and confident rates, by mode and half")
+    print(f"{'mode':<11}{'half':<9}{'found':>9}{'rate':>7}{'findable':>9}{'conf+':>7}{'unconf-':>9}{'s/query':>9}")
+    fmt = lambda v: "   null" if v is None else f"{v:>7.2f}"  # noqa: E731
+    for mode, halves in report["summary"].items():
+        for half, s in halves.items():
+            print(f"{mode:<11}{half:<9}{s['found']:>4}/{s['n_present']:<4}{fmt(s['found_rate'])}{s['n_findable']:>9}"
+                  f"{fmt(s['confident_true_on_present'])}  {fmt(s['confident_false_on_absent'])}{s['mean_seconds']:>9.2f}"
+                  + (f"  {s['errors']} queries failed" if s["errors"] else ""))
+    errors = {m: r["modes"][m]["error"] for r in report["concepts"] for m in report["modes"] if "error" in r["modes"][m]}
+    for mode, error in errors.items():
+        print(f"{mode} failed, e.g. {error[:200]}")
+    for r in report["concepts"]:
+        if r.get("dropped"):
+            print(f"dropped (present in {r['documents']} documents): {r['query']!r}")
+    if FUSED not in report["modes"]:
+        return
+    print(f"\nnot found by the fused search ({FUSED}): top hits as label (detector fraction)")
+    for r in report["concepts"]:
+        m = r["modes"][FUSED]
+        if r["present"] and not m["found"]:
+            hits = "; ".join(f"#{h['feature_id']} {h['label'][:48]!r} ({h['fraction']:.2f})" for h in m["hits"])
+            print(f"  [{r['half'][0]}] {r['query']} (base {r['base_rate']:.2f}, ceiling {r['ceiling']}): {hits}")
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    all_modes = [*SEARCH_MODES, FUSED]
+    p.add_argument("--atlas", default="atlas")
+    p.add_argument("--out", help="write the results as JSON here")
+    p.add_argument("--k", type=int, default=3, help="hits judged per query")
+    p.add_argument("--modes", nargs="+", default=all_modes, choices=all_modes)
+    p.add_argument("--half", default="both", choices=(TUNING, HELDOUT, "both"))
+    p.add_argument("--base-sample", type=int, default=BASE_SAMPLE, help="random live features for base rates")
+    p.add_argument("--seed", type=int, default=0)
+    args = p.parse_args()
+
+    halves = [TUNING, HELDOUT] if args.half == "both" else [args.half]
+    concepts = [c for c in CONCEPTS if c.half in halves]
+    atlas = Atlas(args.atlas)
+    service = AtlasService(atlas)
+    t0 = time.perf_counter()
+    windows = Windows(atlas)
+    sample = live_sample(atlas, args.base_sample, args.seed)
+    warm_up(service, args.modes)
+    print(f"{len(windows.text):,} top examples read, models loaded in {time.perf_counter() - t0:.1f} s; "
+          f"{len(concepts)} queries x {len(args.modes)} modes ({', '.join(args.modes)})")
+    results = evaluate(service, windows, concepts, args.modes, args.k, sample)
+    report = {"atlas": str(atlas.root), "k": args.k, "modes": args.modes, "halves": halves,
+              "window": {"before": WINDOW_BEFORE, "after": WINDOW_AFTER},
+              "rule": {"min_fraction": MIN_FRACTION, "base_multiple": BASE_MULTIPLE},
+              "base_sample": len(sample), "seed": args.seed, "absent_max_docs": ABSENT_MAX_DOCS,
+              "seconds": round(time.perf_counter() - t0, 1),
+              "summary": summarize(results, args.modes, halves), "concepts": results}
+    print_report(report)
+    if args.out:
+        with open(args.out, "w") as f:
+            json.dump(report, f, indent=2, ensure_ascii=False)
+        print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,62 @@
+"""Search scores on scales that mean the same for every query.
+
+Raw scores do not compare across queries or signals: a cosine of 0.4 is a strong label match for
+one query and noise for another, and a hypergeometric p-value is on another scale altogether.
+
+*Evidence* orders the hits: each calibrated signal's score becomes ``-log10 P(chance scores this
+high)``, in decimal digits:
+
+- vector signals (label, context): the query's cosine with every feature (a sample of
+  ``NULL_SAMPLE`` on big atlases) is its own null; from a hit's z-score against it, the chance that
+  the best of ``d_sae`` chance features reaches it, ``1 - Φ(z)^d``;
+- corpus: the hypergeometric p-value of the feature's firing in the matched windows, times
+  ``d_sae``. Windows of one document are not independent draws, so these p-values overstate the
+  evidence (tens of digits even for concepts the corpus lacks): ``WEIGHTS`` discounts them.
+
+A hit's evidence is the weighted sum over signals (independent signals that agree add up); text
+and inference have no null, so they only break ties (reciprocal rank fusion). ``WEIGHTS`` were
+chosen on the tuning half of ``scripts/search_eval.py`` (label 1, context 0.5, corpus 0.1: 21 of
+30 concepts found there, 24 of 29 on the held-out half; equal weights 18/30 and 21/29).
+
+*Match* says whether to trust a hit: the cosine between the query and the hit's label plus the best
+cosine between the query and any corpus window. Both are on MiniLM's fixed scale, and both must be
+high: a label can read like the query by accident, and a feature cannot be clearly about something
+its corpus never shows. A hit is strong from ``CONFIDENT_MATCH``; a search is confident when one of
+its first three hits is strong. The threshold is the middle of the range that, on the tuning half,
+kept every concept the corpus lacks unconfident and at least 80% of present ones confident (0.90 to
+0.96).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from scipy.stats import norm
+
+WEIGHTS = {"label": 1.0, "context": 0.5, "corpus": 0.1}
+CONFIDENT_MATCH = 0.93
+CONFIDENT_WITHIN = 3  # a search is confident when one of this many first hits is strong
+NULL_SAMPLE = 20_000  # features a vector signal's null is drawn from on big atlases
+
+
+def vector_null(similarities: np.ndarray) -> tuple[float, float]:
+    """(mean, standard deviation) of a query's cosine over all (or a sample of) features."""
+    return float(similarities.mean()), float(similarities.std()) or 1.0
+
+
+def vector_evidence(similarity: float, null: tuple[float, float], n_features: int) -> float:
+    z = (similarity - null[0]) / null[1]
+    p = -np.expm1(n_features * norm.logcdf(z))  # 1 - Φ(z)^n, without cancelling to 0
+    return float(max(0.0, -np.log10(max(p, 1e-300))))
+
+
+def corpus_evidence(log10_p: float, n_features: int) -> float:
+    return float(max(0.0, log10_p - np.log10(n_features)))
+
+
+def probability(evidence: float) -> float:
+    """``1 - 10^-evidence``: the evidence as a probability that the hit is not chance."""
+    return float(1.0 - 10.0 ** -evidence)
+
+
+def match(label_similarity: float, corpus_similarity: float | None) -> float:
+    return float(label_similarity + (corpus_similarity or 0.0))
