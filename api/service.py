@@ -65,6 +65,9 @@ def _check_k(k: int) -> None:
 
 class AtlasService:
     def __init__(self, atlas: Atlas, *, probe_device: str | None = None):
+        if not atlas.has_table("windows"):
+            raise BadParameter("--atlas", f"{atlas.root} was published by an older Feature Atlas, without the corpus "
+                                          "windows search needs; re-run `featureatlas ingest` on it (finished stages are reused)")
         self.atlas = atlas
         self.probe = Probe(atlas, device=probe_device)
         self.embedder = config_of(atlas.manifest).labels.embedder

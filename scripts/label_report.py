@@ -131,8 +131,9 @@ def print_report(report: dict) -> None:
         if e["n"]:
             print(f"{name:<32}{e['n']:>5}{e['mean']:>8.3f}{e['median']:>8.3f}{t['mean'] or 0:>9.3f}{t.get('median', 0):>8.3f}")
     for e in report.get("shown", []):
-        print(f"\n#{e['feature_id']}  {e['label']}\n    {e['description']}\n    AUROC {e['embedding'] or float('nan'):.2f}"
-              f"  token r {e['token'] or float('nan'):.2f}  top example: {e['top_example'][-160:]}")
+        scores = "  ".join(f"{name} {'n/a' if e[key] is None else format(e[key], '.2f')}"
+                           for name, key in (("AUROC", "embedding"), ("token r", "token")))
+        print(f"\n#{e['feature_id']}  {e['label']}\n    {e['description']}\n    {scores}  top example: {e['top_example'][-160:]}")
 
 
 if __name__ == "__main__":

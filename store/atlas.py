@@ -72,6 +72,10 @@ class Atlas:
 
         return lancedb.connect(str(self.root / M.LANCE))
 
+    def has_table(self, name: str) -> bool:
+        """Whether the LanceDB side holds ``name`` (atlases published by older versions lack some)."""
+        return name in self._lance.list_tables().tables
+
     def _table(self, name: str):
         table = self._lance.open_table(name)
         version = M.lance_version(self.manifest, name)

@@ -79,6 +79,21 @@ def test_query_command_errors_exit_2(tiny_atlas, capsys, args, flag):
     assert capsys.readouterr().err.strip().splitlines()[-1].startswith(f"featureatlas: error: {flag}")
 
 
+def test_an_atlas_from_before_corpus_windows_is_refused_with_what_to_do(tiny_atlas, tmp_path, capsys):
+    import json
+    import shutil
+
+    root = tmp_path / "old"
+    shutil.copytree(tiny_atlas, root)
+    manifest = json.loads((root / "manifest.json").read_text())
+    del manifest["published"]["lance"]["windows"]
+    (root / "manifest.json").write_text(json.dumps(manifest))
+    shutil.rmtree(root / "lance" / "windows.lance")
+    assert main(["search", "bridge", "--atlas", str(root)]) == 2
+    err = capsys.readouterr().err
+    assert "--atlas" in err and "re-run `featureatlas ingest`" in err
+
+
 def test_sweep_fits_a_power_law_and_draws_it(tiny_atlas, tmp_path, capsys):
     import json
 

@@ -17,7 +17,7 @@ from featureatlas.api.cli import main
 from featureatlas.ingest.config import LabelConfig
 from featureatlas.ingest.embed import embed
 from featureatlas.ingest.labels import scorers, themes, wording
-from featureatlas.ingest.labels.label import label_features
+from featureatlas.ingest.labels.label import TOKEN_WEIGHT, label_features
 from featureatlas.ingest.labels.llm import Chat, ChatError, OpenAIBackend, make_chat
 from featureatlas.ingest.labels.windows import label_connection, split_parts, window_pool
 from featureatlas.ingest.labels.wording import Evidence
@@ -235,10 +235,10 @@ def test_llm_explainer_through_an_openai_compatible_endpoint(planted, fake_llm, 
     assert [c["label"] for c in written] == [FakeOpenAI.answer] and written[0]["holdout_auroc"] > 0.9
     assert written[0]["holdout_token"] > 0  # it quotes " bridge", which fires
     assert {c["explainer"] for c in candidates} == {"llm", "contrastive"} and sum(c["chosen"] for c in candidates) == 1
-    # The kept label is the best candidate by embedding AUROC plus token correlation on the choose windows.
-    best = max(c["choice_auroc"] + c["choice_token"] for c in candidates if c["status"] == "ok")
+    # The kept label is the best candidate by embedding AUROC plus weighted token correlation on the choose windows.
+    best = max(c["choice_auroc"] + TOKEN_WEIGHT * c["choice_token"] for c in candidates if c["status"] == "ok")
     kept = next(c for c in candidates if c["chosen"])
-    assert kept["choice_auroc"] + kept["choice_token"] == pytest.approx(best) and out.text == [kept["label"]]
+    assert kept["choice_auroc"] + TOKEN_WEIGHT * kept["choice_token"] == pytest.approx(best) and out.text == [kept["label"]]
     scores = {s["scorer"]: s["score"] for s in out.scores[0]}
     assert scores["embedding"] > 0.9 and "detection" in scores and "token" in scores
     # A second run answers from the cache: no new calls.

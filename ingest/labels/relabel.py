@@ -54,7 +54,7 @@ def stored_windows(atlas: Atlas) -> pa.Table:
 def relabel(root: str | Path, overrides: dict[str, Any], features: str | None = None) -> dict[str, Any]:
     """Re-label ``features`` (all by default) of the atlas at ``root``; returns the label summary."""
     atlas = Atlas(root)
-    if M.lance_version(atlas.manifest, "windows") is None:
+    if not atlas.has_table("windows"):
         raise BadParameter("--atlas", f"{atlas.root} was published by an older Feature Atlas without corpus windows; "
                                       "re-run `featureatlas ingest` on it (finished stages are reused)")
     cfg = atlas_config(atlas, overrides)
