@@ -168,13 +168,14 @@ async function feature(id) {
   const logits = (list) => h("ul", { class: "logits" }, (list || []).map((l) => h("li", {}, h("span", {}, showToken(l.token)), h("span", {}, l.value.toFixed(3)))));
   view.replaceChildren(
     h("h1", {}, `#${f.feature_id} `, f.label || h("span", { class: "muted" }, "(no label)")),
+    f.description ? h("p", { class: "muted" }, f.description) : "",
     h("p", { class: "meta" },
       `label by ${f.label_source || "?"}${f.label_score !== null && f.label_score !== undefined ? ` · label score ${fmt.num(f.label_score)}` : ""}${scores ? ` (${scores})` : ""}`,
       f.single_token ? " · single-token feature" : "",
       " · ", h("a", { href: `/features/${f.feature_id}`, rel: "bookmark" }, "permalink"),
       " · ", h("a", { href: `/map?feature=${f.feature_id}` }, "on the map")),
     h("dl", { class: "stats" },
-      ...[["density", fmt.pct(f.density)], ["fires on", `${fmt.int(f.n_active)} tokens`],
+      ...[["density", fmt.pct(f.density)], ["fires on", `${fmt.int(f.n_active)} tokens, ${fmt.int(f.n_windows)} windows`],
         ["max activation", fmt.num(f.max_activation)], ["mean activation", fmt.num(f.mean_activation)]]
         .map(([k, v]) => h("div", {}, h("dt", {}, k), h("dd", {}, v)))),
     h("h2", {}, "Activation histogram"),
