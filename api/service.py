@@ -5,6 +5,7 @@ Each returns plain JSON-ready dicts. Input errors raise ``store.errors.UserError
 
 from __future__ import annotations
 
+import logging
 import re
 import threading
 from typing import Any
@@ -15,11 +16,13 @@ from featureatlas.ingest.embed import embed
 from featureatlas.ingest.probe import Probe
 from featureatlas.store import calibrate as C
 from featureatlas.store import search as S
-from featureatlas.store.atlas import Atlas
+from featureatlas.store.atlas import Atlas, QueryInterrupted
 from featureatlas.store.corpus_search import coverage, enriched, match_windows
 from featureatlas.store.errors import BadParameter, NotFound
 from featureatlas.store.map_view import NoMap, map_json
 from featureatlas.store.search import SEARCH_MODES
+
+log = logging.getLogger(__name__)
 
 # Features firing on more than this share of tokens are down-weighted in fused search: they match
 # everything and crowd out specific features (a common complaint about feature search).
@@ -41,9 +44,9 @@ MAX_PROMPTS = 16
 
 # "features about X", "a feature that fires on X": the concept is X (the rest would pull every
 # search towards text about features).
-_ASKING = re.compile(r"^\s*(show me |find |search for )?(an? |the |all )?(features?|latents?|neurons?|units?)\b"
+_ASKING = re.compile(r"^\s*(show me |find |search for )?(an? |the |all )?(features?|latents?)"
                      r"(\s+(that|which)\s+(fires?|responds?|activates?|detects?))?"
-                     r"(\s+(about|on|for|of|to|related to|detecting|involving|in))?\s+", re.I)
+                     r"\s+(about|on|for|related to|detecting|involving)\s+", re.I)
 
 
 def concept_of(query: str) -> str:
@@ -152,7 +155,11 @@ class AtlasService:
                 evidence[m] = {h.feature_id: C.vector_evidence(h.score, null, self.atlas.d_sae) for h in lists[m]}
         matched = match_windows(self.atlas, vec)
         if "corpus" in modes:
-            found = enriched(self.atlas, matched, n)
+            try:
+                found = enriched(self.atlas, matched, n)
+            except QueryInterrupted:  # a scan of every activation: on a big atlas, search goes on without it
+                log.warning("search: the corpus signal ran past its time limit for %r and was left out", q)
+                found = []
             lists["corpus"] = self._hits([(f, log_p) for f, _, _, log_p, _ in found])
             evidence["corpus"] = {f: C.corpus_evidence(log_p, self.atlas.d_sae) for f, _, _, log_p, _ in found}
         if "text" in modes:

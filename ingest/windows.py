@@ -1,7 +1,7 @@
 """The windows stage: every ``WINDOW`` tokens of every document, with its text and sentence embedding.
 
 Embedded once per corpus and shared: the labels stage judges labels on these windows, and corpus
-search (``store.search.corpus_search``) finds the windows that match a query in the published copy.
+search (``store.corpus_search``) finds the windows that match a query in the published copy.
 A window's text is its tokens joined as the model saw them, so it lines up with the activations
 table by ``(doc_id, position // WINDOW)``.
 """

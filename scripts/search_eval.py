@@ -18,7 +18,7 @@ How a query is judged (present concepts):
 
 Absent concepts are checked against documents.text (their regex, in SQL) and dropped from the
 metrics if more than ABSENT_MAX_DOCS documents match; for them, and for present ones, the metric is
-the response's top-level ``confident`` (reported as null while the service does not return one).
+the response's top-level ``confident``.
 
 Queries are split into a tuning half and a held-out half, fixed in the table below (alternating
 within each category): tune search on the first, report the second. Modes are

@@ -45,6 +45,8 @@ def vector_null(similarities: np.ndarray) -> tuple[float, float]:
 
 def vector_evidence(similarity: float, null: tuple[float, float], n_features: int) -> float:
     z = (similarity - null[0]) / null[1]
+    if not np.isfinite(z):  # an all-zero embedding (an unlabelled feature) has no cosine
+        return 0.0
     p = -np.expm1(n_features * norm.logcdf(z))  # 1 - Φ(z)^n, without cancelling to 0
     return float(max(0.0, -np.log10(max(p, 1e-300))))
 

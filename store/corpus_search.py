@@ -19,6 +19,7 @@ from scipy.special import gammaln, logsumexp
 
 from .atlas import Atlas
 from .schema import WINDOW
+from .search import EF, NPROBES, REFINE
 
 MATCHED = 48  # windows taken as the query's positive set
 # A window this cosine-similar to the query is about it (MiniLM): coverage counts those. On the quick
@@ -44,7 +45,8 @@ class Matched:
 
 def match_windows(atlas: Atlas, vector: np.ndarray, n: int = COVERAGE_SCAN) -> Matched:
     rows = (atlas.windows.search(np.asarray(vector, dtype=np.float32), vector_column_name="embedding")
-            .distance_type("cosine").select(["doc_id", "window_index", "source", "text", "_distance"]).limit(n).to_arrow())
+            .distance_type("cosine").nprobes(NPROBES).ef(EF).refine_factor(REFINE)
+            .select(["doc_id", "window_index", "source", "text", "_distance"]).limit(n).to_arrow())
     doc_id = rows["doc_id"].to_numpy().astype(np.int64)
     ids = ", ".join(str(d) for d in sorted(set(doc_id[:SNIPPETS].tolist()))) or "-1"
     titles = dict(atlas.query(f"select doc_id, title from documents where doc_id in ({ids})").rows)
@@ -102,7 +104,8 @@ def coverage(atlas: Atlas, matched: Matched) -> dict[str, Any]:
     """How much of the corpus is about the query: windows and documents whose embedding is at least
     ``COVERS`` similar to it, and a few of them."""
     on = matched.similarity >= COVERS
-    snippets = [{"doc_id": int(d), "title": matched.title.get(int(d), ""), "source": s, "text": t, "similarity": round(float(x), 3)}
+    snippets = [{"doc_id": int(d), "title": matched.title.get(int(d), ""), "source": s, "text": t,
+                 "similarity": round(float(x), 3)}
                 for d, s, t, x in list(zip(matched.doc_id, matched.source, matched.text, matched.similarity))[:SNIPPETS]]
     return {
         "windows": int(on.sum()), "windows_total": atlas.n_windows, "capped": bool(on.all() and len(on) == COVERAGE_SCAN),

@@ -40,7 +40,9 @@ SOURCE_NAMES = {"wiki-en": "English", "wiki-fr": "French", "wiki-es": "Spanish",
                 "shakespeare": "Shakespeare"}
 # Label words that say nothing about a region: English glue and the label templates' own words.
 STOPWORDS = frozenset("about after and are before but for from its like not such that the this token tokens "
-                      "context text code word words with".split())
+                      "context text code word words with in plays articles prepositions pieces capitalised "
+                      "keywords digits punctuation line breaks indentation spaces pronouns conjunctions auxiliary "
+                      "verbs number months python shakespeare english french spanish".split())
 WORD = re.compile(r"[^\W\d]\w{2,}")  # a letter (or _) then two more word characters: no numbers
 # Rows per read. Every label embedding is held while clustering (1.5 KB a row: 150 MB at 100k
 # features, 1.5 GB at 1M, where a sampled two-pass read would be the next step).

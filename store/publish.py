@@ -53,12 +53,10 @@ def write_lance(folder: Path, features: pa.Table, examples: pa.Table, windows: p
 
 
 def create_indexes(features, examples, windows) -> None:
-    """Full-text over labels and window text, scalar indexes for by-id lookups, and, once brute
-    force stops being cheap, ANN indexes over the vectors (tuned in ``store.search``)."""
+    """Full-text over labels, scalar indexes for by-id lookups, and, once brute force stops being
+    cheap, ANN indexes over the vectors (tuned in ``store.search``)."""
     # The sync API's first positional argument is the column when ``config`` is given.
     features.create_index("search_text", config=FTS())
-    if windows.count_rows():
-        windows.create_index("text", config=FTS())
     features.create_index("feature_id", config=BTree())
     examples.create_index("feature_id", config=BTree())
     rows = features.count_rows()

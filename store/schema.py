@@ -150,7 +150,7 @@ ACTIVATIONS = Table("activations", (
 ))
 
 # Every window of the corpus with its sentence embedding: corpus search finds the windows that match
-# a query here (vector and full text, in LanceDB); SQL sees their text.
+# a query here (by vector, in LanceDB); SQL sees their text.
 WINDOWS = Table("windows", (
     Column("doc_id", pa.int32()),
     Column("window_index", pa.int32()),  # position // WINDOW
@@ -160,5 +160,5 @@ WINDOWS = Table("windows", (
 ))
 
 # DuckDB holds every table's SQL columns (for features, a scalar copy to join against); LanceDB
-# holds FEATURES whole (vectors, full text) and EXAMPLES.
+# holds FEATURES whole (vectors, full text), EXAMPLES and WINDOWS (with their embeddings).
 DUCKDB_TABLES = (DOCUMENTS, TOKENS, WINDOWS, ACTIVATIONS, FEATURES, LABEL_CANDIDATES)

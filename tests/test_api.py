@@ -3,6 +3,7 @@ from pathlib import Path
 
 import pytest
 from featureatlas.api.app import create_app
+from featureatlas.api.service import concept_of
 from featureatlas.store.atlas import Atlas
 from featureatlas.store.calibrate import CONFIDENT_MATCH, WEIGHTS
 from litestar.testing import TestClient
@@ -98,6 +99,17 @@ def test_search_through_the_corpus_ranks_features_by_firing_on_matched_windows(c
     for h in body["hits"]:
         fired = SQL(atlas).execute("select n_windows from features where feature_id = ?", [h["feature_id"]]).fetchone()[0]
         assert 0 < fired < windows and h["signals"]["corpus"] >= 0
+
+
+@pytest.mark.parametrize("query,concept", [
+    ("features about war and battles", "war and battles"),
+    ("a feature that fires on French text", "French text"),
+    ("units of measurement", "units of measurement"),  # no "about": the words are the concept
+    ("feature film", "feature film"),
+    ("features", "features"),
+])
+def test_the_concept_of_a_query(query, concept):
+    assert concept_of(query) == concept
 
 
 def test_a_search_the_corpus_cannot_answer_says_so(client):

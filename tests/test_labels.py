@@ -138,6 +138,10 @@ def test_parse_pattern_reads_targets_and_what_comes_before():
     assert wording.parse_pattern('"self", "cls" after "(", "def" in Python code') == (["self", "cls"], ["(", "def"])
     assert wording.parse_pattern('"on" in Shakespeare\'s plays about love after all') == (["on"], [])
     assert wording.parse_pattern("text about the weather") == ([], [])
+    # A double-quote token and a run of spaces are quoted so that the scorer finds them again.
+    label = wording.show_token(' "') + ", " + wording.show_token("   ") + " after " + wording.show_token(" =")
+    targets, before = wording.parse_pattern(label)
+    assert targets == [wording.token_key(' "'), wording.token_key("   ")] == ["＂", "␣"] and before == ["="]
 
 
 def test_auroc_counts_ties_as_half():

@@ -31,7 +31,7 @@ from .wording import Evidence
 
 log = logging.getLogger(__name__)
 # Part of the ingest's labels-stage key: bump it when labelling changes, so old labels are redone.
-LABELS_VERSION = 8
+LABELS_VERSION = 9
 # A feature whose top activations (explainer side) all sit on one token id: it scores high on
 # token matching trivially, so reports keep it apart.
 SINGLE_TOKEN_TOP = 10
@@ -227,15 +227,15 @@ def _candidate_table(features: list[int], proposed: dict[int, list[Candidate]], 
     return pa.table(rows, schema=LABEL_CANDIDATES.arrow())
 
 
-def _choose(flat: list[tuple[int, Candidate]], auroc: np.ndarray) -> dict[int, int]:
+def _choose(flat: list[tuple[int, Candidate]], score: np.ndarray) -> dict[int, int]:
     """Per feature, the index into ``flat`` of the candidate with the best choose-document score;
     the first candidate (an LLM's, when there is one) where no candidate could be judged. Shrinking
     each feature's ranking towards how each kind of phrase does on average was tried on the quick
     atlas: no better on held-out windows."""
     chosen: dict[int, int] = {}
-    for i, ((f, _), a) in enumerate(zip(flat, auroc)):
+    for i, ((f, _), a) in enumerate(zip(flat, score)):
         best = chosen.get(f)
-        if best is None or (not math.isnan(a) and (math.isnan(auroc[best]) or a > auroc[best])):
+        if best is None or (not math.isnan(a) and (math.isnan(score[best]) or a > score[best])):
             chosen[f] = i
     return chosen
 

@@ -190,7 +190,8 @@ def parse_label(answer: str) -> str:
     the whole line (a label's own quoted tokens stay)."""
     for line in answer.splitlines():
         line = re.sub(r"^\s*(\[?explanation\]?:|[-*•]|\d+[.)])\s*", "", line.strip(), flags=re.I).strip(" `")
-        if len(line) > 1 and line[0] == line[-1] and line[0] in "\"'" and line[0] not in line[1:-1]:
+        # A phrase wrapped in quotes loses them; a lone quoted token ("def") is a label as it stands.
+        if len(line) > 1 and line[0] == line[-1] and line[0] in "\"'" and line[0] not in line[1:-1] and " " in line:
             line = line[1:-1].strip()
         if line:
             return line[:200]

@@ -25,7 +25,7 @@ import pyarrow as pa
 from featureatlas.store.schema import WINDOW
 
 from .windows import KeyIndex, WindowPool
-from .wording import parse_pattern
+from .wording import parse_pattern, token_key
 
 PER_SIDE = 20  # positives per feature (negatives match their number)
 QUANTILE_BANDS = 4
@@ -159,12 +159,6 @@ class HeldOutJudge:
         return {f: (auroc[f], self.tokens.score(labels[f], self.trials[f], self.fired[f]).correlation) for f in ids}
 
 
-def token_key(token: str) -> str:
-    """How labels quote a token: stripped, lower case, whitespace shown as symbols."""
-    shown = token.strip() or token
-    return shown.replace("\n", "⏎").replace("\t", "⇥").lower()
-
-
 class TokenScore(NamedTuple):
     correlation: float
     """Pearson correlation of the matcher (0/1) with the activation, over the trial windows' tokens."""
@@ -177,8 +171,9 @@ LOOK_BACK = 3  # "after X": X is one of the three tokens before
 
 class TokenScorer:
     """Token matchers compiled from labels (``wording.parse_pattern``), run over the tokens of each
-    feature's trial windows in one pool. Each trial's tokens and activations are gathered once and
-    reused for every candidate of its feature."""
+    feature's trial windows in one pool. A trial's tokens and activations are gathered once and
+    reused while its feature's candidates are scored (one at a time: callers go feature by feature,
+    and every trial kept would hold all the pool's firing tokens at once)."""
 
     def __init__(self, pool: WindowPool, vocab: dict[int, str]):
         self.tokens, rows, positions = pool.flat
@@ -192,7 +187,7 @@ class TokenScorer:
             prev[d:] = np.where(rows[d:] == rows[:-d], self.tokens[:-d], -1)
             self.back.append(prev)
         self.by_key = {key: np.array(sorted(ids), dtype=np.int64) for key, ids in _group(vocab).items()}
-        self._trials: dict[int, tuple[Trial, np.ndarray, np.ndarray]] = {}
+        self._last: tuple[Trial, np.ndarray, np.ndarray] | None = None
 
     def _ids(self, quoted: list[str]) -> np.ndarray:
         found = [self.by_key[q.lower()] for q in quoted if q.lower() in self.by_key]
@@ -200,13 +195,13 @@ class TokenScorer:
 
     def _trial_tokens(self, trial: Trial, fired: Fired) -> tuple[np.ndarray, np.ndarray]:
         """(flat indices of the trial windows' tokens, the feature's activation on each)."""
-        cached = self._trials.get(id(trial))
+        cached = self._last
         if cached is None or cached[0] is not trial:
             rows = np.concatenate([trial.positives, trial.negatives])
             idx = np.concatenate([np.arange(self.starts[r], self.starts[r + 1]) for r in rows])
             at = KeyIndex(fired.token_keys).find(self.keys[idx])
             actual = np.where(at >= 0, fired.token_values[at], 0).astype(np.float32)
-            cached = self._trials[id(trial)] = (trial, idx, actual)
+            cached = self._last = (trial, idx, actual)
         return cached[1], cached[2]
 
     def predict(self, label: str, idx: np.ndarray) -> np.ndarray:

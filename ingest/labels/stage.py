@@ -11,10 +11,10 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from .. import windows as corpus_windows
 from ..config import LabelConfig
 from ..embed import embed
 from ..encode import example_texts
-from .. import windows as corpus_windows
 from .label import label_features
 from .llm import make_chat
 

@@ -1,7 +1,7 @@
 """Theme words: the words around a feature's activations whose meaning best sets its windows apart.
 
-Counting (``contrastive._context_words``) finds words that are frequent near a feature, and often
-names words common to its whole source (every French window holds "une"). Here a word is judged
+Counting finds words that are frequent near a feature, and often names words common to its whole
+source (every French window holds "une"). Here a word is judged
 the way a label is: by how well its sentence embedding ranks the explain windows where the feature
 fires above explain windows where it stays silent (up to ``PER_SIDE`` firing windows, across
 activation quantiles, against as many silent ones, half of them holding the feature's top token).

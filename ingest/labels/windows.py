@@ -136,4 +136,4 @@ def stored_embeddings(stored: pa.Table, doc_id: np.ndarray, window: np.ndarray) 
     if (rows < 0).any():
         raise RuntimeError(f"the windows table lacks {int((rows < 0).sum())} windows of the corpus: rebuild the atlas")
     column = stored["embedding"].combine_chunks()
-    return column.values.to_numpy().reshape(len(column), -1)[rows].astype(np.float32)
+    return column.flatten().to_numpy().reshape(len(column), -1)[rows].astype(np.float32)

@@ -56,10 +56,16 @@ _PYTHON_KEYWORDS = set("def class import from return self if elif else for while
 
 
 def show_token(token: str) -> str:
-    """A token as labels quote it: stripped, whitespace shown as a symbol."""
+    """A token as labels quote it: stripped, whitespace shown as a symbol, a double quote as ＂ (so
+    the quotes around it still delimit it)."""
     shown = token.strip() or token
-    shown = shown.replace("\n", "⏎").replace("\t", "⇥")
+    shown = shown.replace("\n", "⏎").replace("\t", "⇥").replace('"', "＂")
     return f'"{shown}"' if shown.strip() else '"␣"'
+
+
+def token_key(token: str) -> str:
+    """How a quoted token is matched against the vocabulary: as ``show_token`` shows it, lower case."""
+    return show_token(token)[1:-1].lower()
 
 
 def token_kind(token: str, source: str | None) -> str | None:
@@ -130,13 +136,15 @@ def candidates(ev: Evidence) -> list[tuple[str, str]]:
     if not ev.at:
         return []
     source, where = context(ev)
-    before = [show_token(t) for t, share in sorted(ev.before, key=lambda b: -b[1]) if share >= BEFORE_MIN_SHARE]
+    targets = {token_key(t) for t in quoted(ev)}
+    before = list(dict.fromkeys(show_token(t) for t, share in sorted(ev.before, key=lambda b: -b[1])
+                                if share >= BEFORE_MIN_SHARE and token_key(t) not in targets))
     heads = []
     for n in sorted({1, min(QUOTED_MAX, len(quoted(ev)))}):
         tokens = quoted(ev, n)
         kind = kind_of(tokens, source) if n > 1 else None
         heads.append(", ".join(show_token(t) for t in tokens) + (f" ({kind})" if kind else ""))
-    after = " after " + ", ".join(dict.fromkeys(before[:2])) if before else ""
+    after = " after " + ", ".join(before[:2]) if before else ""
     out: list[tuple[str, str]] = []
     for head in heads:
         out.append((head + (f" {where}" if where else ""), "token"))
