@@ -16,7 +16,8 @@ high)``, in decimal digits:
 A hit's evidence is the weighted sum over signals (independent signals that agree add up); text
 and inference have no null, so they only break ties (reciprocal rank fusion). ``WEIGHTS`` were
 chosen on the tuning half of ``scripts/search_eval.py`` (label 1, context 0.5, corpus 0.1: 21 of
-30 concepts found there, 24 of 29 on the held-out half; equal weights 18/30 and 21/29).
+30 concepts found there against 18 with equal weights; with the final labels 20/30, and 23 of 29 on
+the held-out half).
 
 *Match* says whether to trust a hit: the cosine between the query and the hit's label plus the best
 cosine between the query and any corpus window. Both are on MiniLM's fixed scale, and both must be
