@@ -17,6 +17,7 @@ import torch
 from featureatlas.store import manifest as M
 from featureatlas.store.errors import BadConfig
 from featureatlas.store.publish import publish, write_duckdb, write_lance
+from featureatlas.store.schema import vector_matrix
 
 from . import encode, tables, windows
 from .config import AtlasConfig
@@ -191,7 +192,7 @@ def _run_map(ctx: Ingest, folder: Path) -> dict[str, Any]:
         coact = coactivation(acts["feature_id"].to_numpy(), acts["doc_id"].to_numpy(), acts["value"].to_numpy(),
                              ctx.sae.d_sae, seed=seed)
         labels = pq.read_table(ctx.folder("labels") / "labels.parquet", columns=["feature_id", "context_embedding"])
-        embedded = labels["context_embedding"].combine_chunks().flatten().to_numpy().reshape(labels.num_rows, -1)
+        embedded = vector_matrix(labels["context_embedding"])
         context = np.zeros((ctx.sae.d_sae, embedded.shape[1]), np.float32)
         context[labels["feature_id"].to_numpy()] = embedded
         vectors = function_vectors(coact, context, decoder, seed=seed)

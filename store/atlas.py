@@ -15,6 +15,7 @@ import duckdb
 
 from . import manifest as M
 from .errors import BadParameter, NotFound
+from .schema import vector_matrix
 
 QUERY_MEMORY_LIMIT = "2GB"
 # Internal queries (feature pages, neighbours, browsing) get this long; user SQL has its own,
@@ -202,8 +203,7 @@ class Atlas:
                 else:
                     rows = np.sort(np.random.default_rng(0).choice(self.d_sae, key[1], replace=False))
                     table = self.features.take_offsets(rows.tolist()).select(["feature_id", column]).to_arrow()
-                rows = table[column].combine_chunks()
-                matrix = rows.flatten().to_numpy().reshape(len(rows), -1)
+                matrix = vector_matrix(table[column])
                 out = matrix
                 if key[1] is None:
                     out = np.empty_like(matrix)
@@ -219,7 +219,7 @@ class Atlas:
             return np.zeros((0, 0), np.float32)
         table = self.features.search().where(f"feature_id in ({', '.join(str(int(i)) for i in ids)})") \
             .select(["feature_id", column]).limit(len(ids)).to_arrow()
-        matrix = table[column].combine_chunks().flatten().to_numpy().reshape(table.num_rows, -1)
+        matrix = vector_matrix(table[column])
         at = {int(f): i for i, f in enumerate(table["feature_id"].to_pylist())}
         return matrix[[at[int(i)] for i in ids]]
 

@@ -25,6 +25,7 @@ import numpy as np
 
 from .atlas import Atlas, QueryInterrupted
 from .errors import NotFound
+from .schema import vector_matrix
 
 log = logging.getLogger(__name__)
 
@@ -206,7 +207,7 @@ def map_json(atlas: Atlas, *, seed: int = 0) -> bytes:
     parts = _read(atlas, ["feature_id", "map_x", "map_y", "density", "label", "label_embedding"])
     # In feature-id order: a re-label rewrites rows, and LanceDB need not keep them in place.
     order = np.argsort(np.concatenate([a.to_numpy() for a in parts["feature_id"]]), kind="stable")
-    emb = np.concatenate([a.flatten().to_numpy().reshape(len(a), -1) for a in parts["label_embedding"]])[order]
+    emb = np.concatenate([vector_matrix(a) for a in parts["label_embedding"]])[order]
     labels = [s for a in parts["label"] for s in a.to_pylist()]
     labels = [labels[i] for i in order]
     cluster, clusters = _label_clusters(emb, labels, seed)

@@ -8,6 +8,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Callable
 
+import numpy as np
 import pyarrow as pa
 
 EMBEDDING_DIM = 384
@@ -60,6 +61,14 @@ class Table:
     def build(self, columns: dict, d_model: int = 0) -> pa.Table:
         """An Arrow table of this declaration from column data (every column, cast to its type)."""
         return pa.table({c: columns[c] for c in self.names}, schema=self.arrow(d_model))
+
+
+def vector_matrix(column: pa.Array | pa.ChunkedArray) -> np.ndarray:
+    """[rows, dim] the values of a fixed-size-list (vector) column, in row order. ``flatten`` keeps a
+    sliced array's offset, which ``.values`` would drop."""
+    if isinstance(column, pa.ChunkedArray):
+        column = column.combine_chunks()
+    return column.flatten().to_numpy().reshape(len(column), -1)
 
 
 def _vector(d_model: int) -> pa.DataType:

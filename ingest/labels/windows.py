@@ -24,7 +24,7 @@ from typing import Sequence
 import duckdb
 import numpy as np
 import pyarrow as pa
-from featureatlas.store.schema import WINDOW
+from featureatlas.store.schema import WINDOW, vector_matrix
 
 PARTS = ("explain", "explain", "explain", "choose", "holdout")
 
@@ -135,5 +135,4 @@ def stored_embeddings(stored: pa.Table, doc_id: np.ndarray, window: np.ndarray) 
     rows = KeyIndex(keys).find(doc_id << 32 | window)
     if (rows < 0).any():
         raise RuntimeError(f"the windows table lacks {int((rows < 0).sum())} windows of the corpus: rebuild the atlas")
-    column = stored["embedding"].combine_chunks()
-    return column.flatten().to_numpy().reshape(len(column), -1)[rows].astype(np.float32)
+    return vector_matrix(stored["embedding"])[rows].astype(np.float32)
