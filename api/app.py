@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from featureatlas.ingest.runtime import configure
+from featureatlas.ingest.steer import Edit
 from featureatlas.store.atlas import SORTABLE, Atlas, QueryInterrupted
 from featureatlas.store.errors import UserError
 from featureatlas.store.search import SEARCH_MODES
@@ -24,6 +25,7 @@ from litestar.openapi import OpenAPIConfig
 from litestar.params import FromPath, JSONBody, Parameter
 from litestar.static_files import create_static_files_router
 
+from .model_pool import ModelPool, PoolFull
 from .service import MAX_K, AtlasService
 
 log = logging.getLogger(__name__)
@@ -34,6 +36,7 @@ RETRY_AFTER_S = 5
 # The browser UI: plain files, served by this app so it works offline (no CDN, no build step).
 WEB = Path(__file__).with_name("web")
 Service = NamedDependency[AtlasService]
+Pool = NamedDependency[ModelPool]
 
 
 def _error(status: int, error: str, detail: Any = None, *, request_id: str | None = None) -> Response:
@@ -57,9 +60,11 @@ def _user_error(_: Request, exc: UserError) -> Response:
     return _error(exc.status, f"{exc.kind}: {exc.where}", str(exc))
 
 
-def _too_slow(_: Request, exc: QueryInterrupted) -> Response:
-    """An internal query past its time limit (``Atlas.query``): the atlas is too big or busy for it now."""
-    response = _error(503, "query too slow", str(exc))
+def _busy(_: Request, exc: QueryInterrupted | PoolFull) -> Response:
+    """An internal query past its time limit (``Atlas.query``), or a model pool with no free slot:
+    the server is too busy for this now, and says when to ask again."""
+    error = "model busy" if isinstance(exc, PoolFull) else "query too slow"
+    response = _error(503, error, str(exc))
     response.headers["Retry-After"] = str(RETRY_AFTER_S)
     return response
 
@@ -95,7 +100,7 @@ def _page() -> Response:
     return Response((WEB / "index.html").read_bytes(), media_type=MediaType.HTML)
 
 
-@get(["/", "/search", "/probe", "/map"], sync_to_thread=False, include_in_schema=False)
+@get(["/", "/search", "/probe", "/map", "/steer"], sync_to_thread=False, include_in_schema=False)
 def page() -> Response:
     return _page()
 
@@ -149,9 +154,9 @@ class ContrastRequest:
     k: int = 10
 
 
-@post("/api/search/contrast", sync_to_thread=True, status_code=200)
-def contrast(service: Service, data: JSONBody[ContrastRequest]) -> dict[str, Any]:
-    return service.contrast(data.positive, data.negative, data.k)
+@post("/api/search/contrast", status_code=200)
+async def contrast(service: Service, pool: Pool, data: JSONBody[ContrastRequest]) -> dict[str, Any]:
+    return await pool.run(service.contrast, data.positive, data.negative, data.k)
 
 
 @dataclass
@@ -160,9 +165,35 @@ class ActivationsRequest:
     k: int = 5
 
 
-@post("/api/activations", sync_to_thread=True, status_code=200)
-def activations(service: Service, data: JSONBody[ActivationsRequest]) -> dict[str, Any]:
-    return service.activations(data.text, data.k)
+@post("/api/activations", status_code=200)
+async def activations(service: Service, pool: Pool, data: JSONBody[ActivationsRequest]) -> dict[str, Any]:
+    return await pool.run(service.activations, data.text, data.k)
+
+
+@dataclass
+class SteerFeature:
+    id: int
+    value: float  # times the feature's maximum activation over the corpus; 0 switches it off
+    mode: str = "clamp"  # clamp (set the activation) or add (push along the decoder direction)
+
+
+@dataclass
+class SteerRequest:
+    prompt: str
+    features: list[SteerFeature]
+    max_new_tokens: int = 32
+    temperature: float = 0.0  # 0 is greedy
+    seed: int = 0
+    chat: bool = False  # wrap the prompt in the model's chat template
+    generated_only: bool = False  # steer only the generated tokens, not the prompt's
+
+
+@post("/api/steer", status_code=200)
+async def steer(service: Service, pool: Pool, data: JSONBody[SteerRequest]) -> dict[str, Any]:
+    """The prompt continued twice, untouched and steered, with the same seed; 503 when the model is busy."""
+    edits = [Edit(f.id, f.value, f.mode) for f in data.features]
+    return await pool.run(service.steer, data.prompt, edits, max_new_tokens=data.max_new_tokens,
+                          temperature=data.temperature, seed=data.seed, chat=data.chat, generated_only=data.generated_only)
 
 
 @dataclass
@@ -177,17 +208,21 @@ def sql(service: Service, data: JSONBody[SQLRequest]) -> dict[str, Any]:
     return execute_sql(service.atlas, data.sql, data.params).to_dict()
 
 
-def create_app(atlas: Atlas, *, probe_device: str | None = None) -> Litestar:
+def create_app(atlas: Atlas, *, probe_device: str | None = None, pool: ModelPool | None = None) -> Litestar:
+    """``pool``: where model work runs (default: ``ModelPool()``)."""
     configure()
     service = AtlasService(atlas, probe_device=probe_device)
+    pool = pool or ModelPool()
     return Litestar(
         # The first query otherwise pays for loading the embedder and the tables (~1-4 s).
         on_startup=[service.warm_up],
+        on_shutdown=[pool.shutdown],
         route_handlers=[healthz, atlas_summary, list_features, feature_detail, neighbors, feature_map, search, contrast,
-                        activations, sql, page, feature_page,
+                        activations, steer, sql, page, feature_page,
                         create_static_files_router("/static", directories=[WEB], include_in_schema=False)],
-        dependencies={"service": Provide(lambda: service, use_cache=True, sync_to_thread=False)},
-        exception_handlers={HTTPException: _http_error, UserError: _user_error, QueryInterrupted: _too_slow,
-                            Exception: _internal},
+        dependencies={"service": Provide(lambda: service, use_cache=True, sync_to_thread=False),
+                      "pool": Provide(lambda: pool, use_cache=True, sync_to_thread=False)},
+        exception_handlers={HTTPException: _http_error, UserError: _user_error, QueryInterrupted: _busy,
+                            PoolFull: _busy, Exception: _internal},
         openapi_config=OpenAPIConfig(title="Feature Atlas", version="0.1.0", path="/schema"),
     )

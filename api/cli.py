@@ -25,6 +25,7 @@ from featureatlas.ingest.config import (
     load_config,
 )
 from featureatlas.ingest.runtime import configure
+from featureatlas.ingest.steer import MODES, Edit
 from featureatlas.store.atlas import QueryInterrupted
 from featureatlas.store.errors import BadParameter, UserError
 from featureatlas.store.search import SEARCH_MODES
@@ -98,7 +99,7 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _add_queries(sub: argparse._SubParsersAction) -> None:
-    """search / neighbors / sql / probe: the HTTP API's queries on the command line."""
+    """search / neighbors / sql / probe / steer: the HTTP API's queries on the command line."""
     p = sub.add_parser("search", help="natural-language search over features")
     p.add_argument("query")
     p.add_argument("-k", type=int, default=10)
@@ -112,7 +113,17 @@ def _add_queries(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("probe", help="top features of each token of a text")
     p.add_argument("text")
     p.add_argument("-k", type=int, default=5)
-    for name in ("search", "neighbors", "sql", "probe"):
+    p = sub.add_parser("steer", help="continue a prompt twice: untouched, and with features clamped or pushed")
+    p.add_argument("prompt")
+    p.add_argument("--feature", dest="features", action="append", required=True, metavar="ID=VALUE",
+                   help="a feature and its value in units of its corpus maximum (0 switches it off); repeatable")
+    p.add_argument("--mode", choices=MODES, default="clamp", help="clamp the activation, or add the decoder direction")
+    p.add_argument("--max-new-tokens", type=int, default=32)
+    p.add_argument("--temperature", type=float, default=0.0, help="0 is greedy")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--chat", action="store_true", help="wrap the prompt in the model's chat template")
+    p.add_argument("--generated-only", action="store_true", help="steer only the generated tokens")
+    for name in ("search", "neighbors", "sql", "probe", "steer"):
         q = sub.choices[name]
         q.add_argument("--atlas", default=ATLAS_DEFAULT)
         q.add_argument("--json", action="store_true", help="JSON instead of a table")
@@ -220,7 +231,7 @@ def _serve(args: argparse.Namespace) -> int:
 
 
 def _query(args: argparse.Namespace) -> int:
-    """search / neighbors / sql / probe: the same code paths as the HTTP routes."""
+    """search / neighbors / sql / probe / steer: the same code paths as the HTTP routes."""
     from featureatlas.api.service import AtlasService
     from featureatlas.store.sql import execute_sql
 
@@ -235,6 +246,14 @@ def _query(args: argparse.Namespace) -> int:
         result = service.neighbors(args.feature_id, args.k, args.by)
         rows = [[n["feature_id"], f"{n['similarity']:.4f}", f"{n['density']:.4%}", n["label"]] for n in result["neighbors"]]
         header = ["feature", "similarity", "density", "label"]
+    elif args.command == "steer":
+        result = service.steer(args.prompt, _edits(args.features, args.mode), max_new_tokens=args.max_new_tokens,
+                               temperature=args.temperature, seed=args.seed, chat=args.chat,
+                               generated_only=args.generated_only)
+        header = ["", "continuation of " + repr(_clip(args.prompt, 50))]
+        rows = [["default", _clip(result["default"]["text"], 200)], ["steered", _clip(result["steered"]["text"], 200)]]
+        rows += [[f"#{f['id']}", f"{f['mode']} {f['value']:g}x max ({f['max_activation']:.3g}): {_clip(f['label'], 80)}"]
+                 for f in result["features"]]
     elif args.command == "sql":
         result = execute_sql(atlas, args.sql).to_dict()
         rows, header = result["rows"], result["columns"]
@@ -252,6 +271,20 @@ def _query(args: argparse.Namespace) -> int:
         if result.get("truncated"):
             print(f"(truncated to {len(rows)} rows)")
     return 0
+
+
+def _edits(specs: list[str], mode: str) -> list[Edit]:
+    """"812=10" -> Edit(812, 10.0, mode)."""
+    out = []
+    for spec in specs:
+        fid, sep, value = spec.partition("=")
+        try:
+            out.append(Edit(int(fid), float(value), mode))
+        except ValueError:
+            raise BadParameter("--feature", f"expected ID=VALUE like 812=2, got {spec!r}") from None
+        if not sep:
+            raise BadParameter("--feature", f"expected ID=VALUE like 812=2, got {spec!r}")
+    return out
 
 
 def _search_header(result: dict) -> str:
@@ -282,7 +315,7 @@ def _table(header: list[str], rows: list[list[Any]]) -> str:
 
 
 _COMMANDS = {"ingest": _ingest, "label": _label, "sweep": _sweep, "info": _info, "serve": _serve, "search": _query,
-             "neighbors": _query, "sql": _query, "probe": _query}
+             "neighbors": _query, "sql": _query, "probe": _query, "steer": _query}
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -13,7 +13,8 @@ from typing import Any
 import numpy as np
 from featureatlas.ingest.config import config_of
 from featureatlas.ingest.embed import embed
-from featureatlas.ingest.probe import Probe
+from featureatlas.ingest.probe import ModelBusy, Probe
+from featureatlas.ingest.steer import Continuation, Edit
 from featureatlas.store import calibrate as C
 from featureatlas.store import search as S
 from featureatlas.store.atlas import Atlas, QueryInterrupted
@@ -40,6 +41,10 @@ SNIPPET_AFTER = 4
 
 # Prompts per side of a contrast query: each one is a forward pass of the model.
 MAX_PROMPTS = 16
+MAX_STEERED = 16  # features steered at once
+MAX_PROMPT_CHARS = 4000  # refused before tokenizing (the token limit is checked after)
+# A search's inference signal waits at most this long for a model busy steering, then is left out.
+INFERENCE_WAIT_S = 0.5
 
 
 # "features about X", "a feature that fires on X": the concept is X (the rest would pull every
@@ -165,7 +170,10 @@ class AtlasService:
         if "text" in modes:
             lists["text"] = S.text_search(self.atlas, concept, n)
         if "inference" in modes:
-            lists["inference"] = self._inference_ranking(q, n)
+            try:
+                lists["inference"] = self._inference_ranking(q, n)
+            except ModelBusy:  # steering holds the model: search goes on without this signal
+                log.info("search: the model was busy; the inference signal was left out for %r", q)
         cover = coverage(self.atlas, matched)
         hits = self._fused(lists, evidence, k, vec, cover["best_similarity"])
         confident = any(h["strong"] for h in hits[: C.CONFIDENT_WITHIN])
@@ -203,7 +211,7 @@ class AtlasService:
     def _inference_ranking(self, text: str, n: int) -> S.Ranked:
         """Anthropic's single-prompt method: features ranked by their activation on the text
         relative to their own maximum over the corpus."""
-        maxima = self.probe.run(text).feature_maxima(self.atlas.d_sae)
+        maxima = self.probe.run(text, timeout=INFERENCE_WAIT_S).feature_maxima(self.atlas.d_sae)
         ranked = self._relative(np.flatnonzero(maxima > 0), maxima)[:n]
         return [S.Hit(f, rel, info["label"], info["density"]) for f, rel, info in ranked]
 
@@ -245,6 +253,27 @@ class AtlasService:
             tokens.append({"token": tok, "features": feats})
         return {"tokens": tokens}
 
+    def steer(self, prompt: str, features: list[Edit], *, max_new_tokens: int = 32, temperature: float = 0.0,
+              seed: int = 0, chat: bool = False, generated_only: bool = False) -> dict[str, Any]:
+        """The prompt continued twice, untouched and with ``features`` clamped or pushed
+        (``ingest.steer``); each token carries the steered features' activations as the model read it."""
+        if len(prompt or "") > MAX_PROMPT_CHARS:
+            raise BadParameter("prompt", f"is {len(prompt):,} characters; the limit is {MAX_PROMPT_CHARS:,}")
+        if not features:
+            raise BadParameter("features", "give at least one feature to steer")
+        if len(features) > MAX_STEERED:
+            raise BadParameter("features", f"at most {MAX_STEERED} features at once, got {len(features)}")
+        result = self.probe.steer([prompt], features, max_new_tokens=max_new_tokens, temperature=temperature,
+                                  seed=seed, chat=chat, generated_only=generated_only)
+        info = self.atlas.summaries([e.feature for e in features])
+        steered = [{"id": e.feature, "value": e.value, "mode": e.mode, "label": info[e.feature]["label"],
+                    "max_activation": info[e.feature]["max_activation"], "density": info[e.feature]["density"]}
+                   for e in features]
+        settings = {"max_new_tokens": max_new_tokens, "temperature": temperature, "seed": seed, "chat": chat,
+                    "generated_only": generated_only}
+        return {"prompt": prompt, "settings": settings, "features": steered,
+                "default": _run_json(result.default[0]), "steered": _run_json(result.steered[0])}
+
     def neighbors(self, feature_id: int, k: int = 10, by: str = "decoder") -> dict[str, Any]:
         self.check_feature(feature_id)
         _check_k(k)
@@ -258,3 +287,7 @@ class AtlasService:
             {"feature_id": h.feature_id, "similarity": round(h.score, 6), "label": h.label, "density": h.density}
             for h in ranked
         ]}
+
+
+def _run_json(run: Continuation) -> dict[str, Any]:
+    return {"text": run.text, "tokens": run.tokens, "logprobs": run.logprobs, "activations": run.activations}

@@ -25,7 +25,7 @@ from typing import Any
 from featureatlas.store.errors import BadConfig
 
 EXPLAINERS = ("contrastive", "llm")  # ingest/labels/
-SCORERS = ("embedding", "token", "detection")
+SCORERS = ("embedding", "token", "detection", "intervention")
 ARCHITECTURES = ("topk", "batchtopk", "relu", "jumprelu")  # ingest/sae.py
 
 
@@ -118,8 +118,9 @@ class LabelConfig:
     embedder: str = setting("minilm", "sentence embedder of labels, windows and queries")
     context_embedding_examples: int = setting(4, "top examples embedded into a feature's context embedding")
     label_explainer: str = setting("contrastive", "who writes labels: contrastive (offline) or llm")
-    label_scorers: list[str] = setting(["embedding", "token"], "scorers on held-out windows: embedding, token, "
-                                                                    "detection (llm); the first gives label_score")
+    label_scorers: list[str] = setting(["embedding", "token"], "label scorers: embedding, token, detection (llm) on "
+                                                                    "held-out windows; intervention (steering) on "
+                                                                    "generated text; the first gives label_score")
     label_pool_windows: int = setting(10_000, "windows cut from each part of the label split")
     # The llm explainer and detection scorer: an OpenAI-compatible endpoint (llm_url + llm_model), or a
     # local instruct model folder (llm_model alone). The key is read from the named variable.
@@ -133,6 +134,16 @@ class LabelConfig:
     @property
     def needs_llm(self) -> bool:
         return self.label_explainer == "llm" or "detection" in self.label_scorers
+
+
+@dataclass
+class InterventionConfig:
+    # The intervention score (ingest/labels/intervention.py) generates text with each scored feature
+    # clamped: seconds a feature here, so the ingest scores a sample unless it is a label scorer.
+    intervention_features: int = setting(32, "live features scored by intervention at ingest (a seeded sample; "
+                                             "every feature when intervention is one of label_scorers)")
+    intervention_value: float = setting(2.0, "clamp value of the intervention score, times the feature's corpus max")
+    intervention_tokens: int = setting(24, "tokens generated per prompt by the intervention score")
 
 
 @dataclass
@@ -152,6 +163,7 @@ class AtlasConfig:
     evaluate: EvaluateConfig = field(default_factory=EvaluateConfig)
     analysis: AnalysisConfig = field(default_factory=AnalysisConfig)
     labels: LabelConfig = field(default_factory=LabelConfig)
+    intervention: InterventionConfig = field(default_factory=InterventionConfig)
     map: MapConfig = field(default_factory=MapConfig)
 
     @classmethod
@@ -179,6 +191,7 @@ class AtlasConfig:
         _validate_corpus(self.corpus)
         _validate_run(self.run, self.model)
         _validate_labels(self.labels)
+        _validate_intervention(self.intervention)
         if self.map.map_neighbors < 2:
             raise BadConfig(flag("map_neighbors"), f"must be at least 2, got {self.map.map_neighbors}")
         if self.map.map_layout not in ("function", "decoder"):  # ingest/feature_map.py
@@ -309,6 +322,15 @@ def _validate_labels(lab: LabelConfig) -> None:
             raise BadConfig(flag(name), f"must be at least {0 if name == 'llm_max_calls' else 1}, got {getattr(lab, name)}")
     if lab.llm_timeout <= 0:
         raise BadConfig(flag("llm_timeout"), f"must be > 0, got {lab.llm_timeout}")
+
+
+def _validate_intervention(i: InterventionConfig) -> None:
+    if i.intervention_features < 0:
+        raise BadConfig(flag("intervention_features"), f"must be >= 0, got {i.intervention_features}")
+    if not 0 < abs(i.intervention_value) <= 100:
+        raise BadConfig(flag("intervention_value"), f"must be nonzero and within ±100, got {i.intervention_value}")
+    if not 1 <= i.intervention_tokens <= 256:
+        raise BadConfig(flag("intervention_tokens"), f"must be in [1, 256], got {i.intervention_tokens}")
 
 
 # Profiles are partial overrides of the defaults above, by setting name.

@@ -1,5 +1,5 @@
 """The ingest: a list of stages in data-flow order (corpus, windows, harvest, train, evaluate,
-encode, labels, map), then publish. Each stage is skipped when its inputs did not change, so a re-run or a
+encode, labels, intervention, map), then publish. Each stage is skipped when its inputs did not change, so a re-run or a
 resumed run only does what is left (``ingest/stages.py``)."""
 
 from __future__ import annotations
@@ -26,6 +26,7 @@ from .embed import embed
 from .evaluate import METRICS_VERSION, loss_recovered, reconstruction_metrics
 from .feature_map import MAP_VERSION, coactivation, feature_map, function_vectors
 from .harvest import harvest_shard, harvest_summary, load_activations, shard_plan
+from .labels import intervention
 from .labels import stage as label_stage
 from .labels.label import LABELS_VERSION
 from .loaders import load_dictionary
@@ -181,6 +182,31 @@ def _run_labels(ctx: Ingest, folder: Path) -> dict[str, Any]:
         con.close()
 
 
+def _run_intervention(ctx: Ingest, folder: Path) -> dict[str, Any]:
+    """The intervention score of a sample of labelled live features (of every one when intervention
+    is a label scorer); the publish step merges it into their ``label_scores``."""
+    stats = pq.read_table(ctx.folder("encode") / "stats.parquet", columns=["feature_id", "max_activation"]).to_pydict()
+    maxima = dict(zip(stats["feature_id"], stats["max_activation"]))
+    labels = pq.read_table(ctx.folder("labels") / "labels.parquet", columns=["feature_id", "label_source", "label_embedding"])
+    vectors = vector_matrix(labels["label_embedding"])
+    labelled = [f for f, src in zip(labels["feature_id"].to_pylist(), labels["label_source"].to_pylist())
+                if src != "none" and maxima[f] > 0]
+    cfg = ctx.cfg.intervention
+    chosen = labelled if _intervention_is_a_scorer(ctx) else intervention.sample(labelled, cfg.intervention_features,
+                                                                                  ctx.cfg.run.seed)
+    embed_fn = lambda texts: embed(texts, name=ctx.cfg.labels.embedder)  # noqa: E731
+    scores = intervention.intervention_scores(ctx.model, ctx.sae, ctx.layer, {f: vectors[f] for f in chosen}, maxima,
+                                              embed_fn, value=cfg.intervention_value, tokens=cfg.intervention_tokens,
+                                              seed=ctx.cfg.run.seed)
+    pq.write_table(pa.table({"feature_id": pa.array(list(scores), pa.int32()),
+                             "score": pa.array(list(scores.values()), pa.float32())}), folder / "intervention.parquet")
+    return {"scored": len(scores), "mean": float(np.mean(list(scores.values()))) if scores else None}
+
+
+def _intervention_is_a_scorer(ctx: Ingest) -> bool:
+    return intervention.SCORER in ctx.cfg.labels.label_scorers
+
+
 def _run_map(ctx: Ingest, folder: Path) -> dict[str, Any]:
     """The layout of ``map_layout``: by decoder direction, or by what features do, from the encode
     stage's activations and the labels stage's context embeddings (``ingest/feature_map.py``)."""
@@ -218,6 +244,9 @@ STAGES: list[Stage[Ingest]] = [
     Stage("evaluate", METRICS_VERSION, ("evaluate",), ("train",), (), _run_evaluate),
     Stage("encode", encode.ENCODE_VERSION, ("analysis",), ("train",), encode.OUTPUTS, _run_encode),
     Stage("labels", LABELS_VERSION, ("labels", "run"), ("encode", "windows"), label_stage.OUTPUTS, _run_labels),
+    # Generation with features clamped: its own stage, so a change of its settings leaves the labels be.
+    Stage("intervention", 1, ("intervention", "run"), ("train", "encode", "labels"), ("intervention.parquet",),
+          _run_intervention, inputs=_intervention_is_a_scorer),
     # The function layout reads the encode stage's activations and the labels stage's context
     # embeddings, so a re-label (another explainer or scorer) lays the map out again (~30 s here).
     Stage("map", MAP_VERSION, ("map", "run"), ("train", "encode", "labels"), ("map.parquet",), _run_map),
@@ -229,7 +258,8 @@ def run_ingest(cfg: AtlasConfig) -> dict[str, Any]:
     ctx = Ingest.open(cfg)
     summaries = {stage.name: ctx.stages.ensure(stage, ctx) for stage in STAGES}
     root = Path(cfg.run.atlas)
-    publish_key = stage_key(PUBLISH_FORMAT, [ctx.stages.keys[s] for s in ("evaluate", "windows", "encode", "labels", "map")])
+    published = ("evaluate", "windows", "encode", "labels", "intervention", "map")
+    publish_key = stage_key(PUBLISH_FORMAT, [ctx.stages.keys[s] for s in published])
     existing = M.read(root) or {}
     if existing.get("publish_key") == publish_key:
         log.info("publish   skipped: %s already holds these results", root)
@@ -244,7 +274,8 @@ def run_ingest(cfg: AtlasConfig) -> dict[str, Any]:
 def _build(ctx: Ingest, staging: Path) -> dict[str, int]:
     """Every published part, from the stages' outputs; returns the LanceDB table versions."""
     ctx.sae.save(staging / M.DICTIONARY)
-    features = tables.features_table(ctx.sae, ctx.folder("encode"), ctx.folder("labels"), ctx.folder("map"))
+    features = tables.features_table(ctx.sae, ctx.folder("encode"), ctx.folder("labels"), ctx.folder("map"),
+                                     ctx.folder("intervention"), primary=ctx.cfg.labels.label_scorers[0])
     encode = ctx.folder("encode")
     corpus_windows = pq.read_table(ctx.folder("windows") / windows.OUTPUTS[0])
     versions = write_lance(staging / M.LANCE, features, pq.read_table(encode / "examples.parquet"), corpus_windows,

@@ -12,6 +12,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from featureatlas.store.schema import DOCUMENTS, TOKENS
 
+from .labels.intervention import SCORER, merge_scores
 from .sae import SAE
 from .tokens import TokenizedCorpus
 
@@ -49,13 +50,20 @@ def analytics_connection(documents: pa.Table, tokens: pa.Table, encode: Path) ->
     return con
 
 
-def features_table(sae: SAE, encode: Path, labels: Path, feature_map: Path) -> pa.Table:
-    """One row per feature in id order: decoder, statistics, logit effects, labels, map position
-    (``store.publish`` casts it to ``FEATURES`` and adds the full-text column)."""
+def features_table(sae: SAE, encode: Path, labels: Path, feature_map: Path, intervened: Path, *, primary: str) -> pa.Table:
+    """One row per feature in id order: decoder, statistics, logit effects, labels (with the
+    intervention stage's scores among ``label_scores``; ``primary``: the scorer that gives
+    ``label_score``), map position (``store.publish`` casts it to ``FEATURES`` and adds the full-text column)."""
     columns = {"decoder": pa.FixedSizeListArray.from_arrays(sae.unit_decoder().numpy().astype(np.float32).ravel(), sae.d_in)}
     for table in (pq.read_table(encode / "stats.parquet"), pq.read_table(labels / "labels.parquet"),
                   pq.read_table(feature_map / "map.parquet")):
         if "feature_id" in table.column_names and table["feature_id"].to_pylist() != list(range(sae.d_sae)):
             raise RuntimeError("stage outputs are not one row per feature in id order")
         columns.update({name: table[name] for name in table.column_names})
+    scored = pq.read_table(intervened / "intervention.parquet").to_pydict()
+    label_score, label_scores = columns["label_score"].to_pylist(), columns["label_scores"].to_pylist()
+    merge_scores(list(range(sae.d_sae)), label_score, label_scores, dict(zip(scored["feature_id"], scored["score"])),
+                 primary=primary == SCORER)
+    columns["label_score"] = pa.array(label_score, pa.float32())
+    columns["label_scores"] = pa.array(label_scores, columns["label_scores"].type)
     return pa.table(columns)

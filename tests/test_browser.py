@@ -1,6 +1,6 @@
 """The UI in real headless Chromium (Debian's, at /usr/bin/chromium) against a real server on
 loopback: search and open a result, shaded examples that follow the API, the probe, the map, the
-keyboard, a phone-width dark page, and no console errors anywhere. Screenshots go to
+keyboard, steering from a shared URL, a phone-width dark page, and no console errors anywhere. Screenshots go to
 tests/output/browser/ for a person to look at."""
 
 import math
@@ -9,6 +9,7 @@ import socket
 import threading
 import time
 from pathlib import Path
+from urllib.parse import urlencode
 
 import pytest
 from featureatlas.api.app import create_app
@@ -191,17 +192,125 @@ def test_map_highlights_a_feature_and_works_from_the_keyboard(page, server):
     assert re.search(r"/features/\d+$", page.url)
 
 
+def live_feature(pg, server: str) -> int:
+    return api(pg, server, "/api/features?sort=max_activation&limit=1")["features"][0]["feature_id"]
+
+
+def shown_tokens(tokens: list[str]) -> list[str]:
+    """Tokens as the page shows them (dom.js ``showToken``)."""
+    return [t.replace("\n", "⏎").replace("\t", "⇥") for t in tokens]
+
+
+def test_steer_runs_from_a_shared_url(page, server):
+    live = live_feature(page, server)
+    page.goto(f"{server}/steer?f={live}:1:clamp&prompt=The bridge")
+    ready(page, "steer")
+    # the form is filled from the URL, and it ran once
+    assert page.input_value("#steer-prompt") == "The bridge"
+    row = page.locator(".steer-feature")
+    assert row.count() == 1
+    assert row.locator(".steer-id").input_value() == str(live)
+    assert float(row.locator(".steer-value").input_value()) == 1
+    assert row.locator(".steer-mode").input_value() == "clamp"
+    body = {"prompt": "The bridge", "features": [{"id": live, "value": 1, "mode": "clamp"}]}
+    expected = api(page, server, "/api/steer", body)  # greedy: the same text the page got
+    top = expected["features"][0]["max_activation"]
+    assert row.locator(".steer-label").inner_text() == (expected["features"][0]["label"] or "(no label)")
+    for run in ("default", "steered"):
+        spans = page.locator(f"#steer-result [data-run={run}] span.tok")
+        assert spans.count() == len(expected[run]["tokens"]) > 0
+        assert spans.evaluate_all("els => els.map(e => e.textContent)") == shown_tokens(expected[run]["tokens"])
+        shades = spans.evaluate_all("els => els.map(e => Number(e.dataset.act))")
+        assert shades == pytest.approx([round(a[0] / top, 3) for a in expected[run]["activations"]], abs=1e-3)
+        assert f"logprob {expected[run]['logprobs'][0]:.2f}" in spans.first.get_attribute("title")
+    # Run writes the form back into the URL, so the steer can be shared
+    page.fill(".steer-value", "2.5")
+    page.select_option(".steer-mode", "add")
+    page.click("#steer-form button[type=submit]")
+    ready(page, "steer")
+    assert page.url == f"{server}/steer?f={live}:2.5:add&prompt=The+bridge"
+    assert page.locator("#steer-result [data-run=steered] span.tok").count() > 0
+
+
+HOSTILE = '<img src=x onerror="window.pwned=1"><b>bold</b>'
+
+
+def test_steer_shows_model_and_label_text_as_text(page, server):
+    live = live_feature(page, server)
+
+    def poison(route):
+        # the real answer, with a token and the label replaced by markup
+        response = route.fetch()
+        data = response.json()
+        if "steered" in data:
+            data["default"]["tokens"][0] = data["steered"]["tokens"][0] = HOSTILE
+            data["features"][0]["label"] = HOSTILE
+        else:
+            data["label"] = HOSTILE
+        route.fulfill(response=response, json=data)
+
+    page.route("**/api/steer", poison)
+    page.route(re.compile(r"/api/features/\d+$"), poison)
+    page.goto(f"{server}/steer?{urlencode({'f': f'{live}:2:clamp', 'prompt': HOSTILE})}")
+    ready(page, "steer")
+    assert page.locator("main img, main b").count() == 0
+    assert not page.evaluate("window.pwned")
+    assert page.locator("#steer-result [data-run=default] span.tok").first.text_content() == HOSTILE
+    assert page.locator("#steer-result [data-run=default] .example > span.muted").text_content() == HOSTILE  # the prompt
+    assert page.locator(".steer-label").inner_text() == HOSTILE
+    assert HOSTILE in page.locator("main p.meta").inner_text()  # the shading line names the feature
+
+
+def test_steer_errors_are_shown_plainly(page, server):
+    live = live_feature(page, server)
+    # a 400 names the field
+    page.goto(f"{server}/steer?f={live}:1:clamp&f={live}:2:add&prompt=The bridge")
+    ready(page, "steer")
+    assert page.inner_text("[role=alert]") == f"features[1].id: feature {live} is given twice"
+    # a 503 says when to try again; the page shows that it is running meanwhile
+    held = []
+    page.route("**/api/steer", lambda route: held.append(route))
+    page.click(".steer-feature:nth-child(2) button")  # remove the duplicate
+    page.click("#steer-form button[type=submit]")
+    page.wait_for_selector("text=running…")
+    assert page.is_disabled("#steer-form button[type=submit]")
+    while not held:
+        page.wait_for_timeout(20)
+    held[0].fulfill(status=503, headers={"Retry-After": "7"}, json={"error": "model busy", "detail": "the model is busy"})
+    ready(page, "steer")
+    assert page.inner_text("[role=alert]") == "model busy, try again in 7 s"
+    assert page.is_enabled("#steer-form button[type=submit]")
+    # the browser logs the API's 400 and 503; nothing else may fail
+    page.console_errors[:] = [e for e in page.console_errors if not re.search(r"\b(400|503)\b", e)]
+
+
+def test_feature_page_links_to_steer(page, server):
+    live = live_feature(page, server)
+    page.goto(f"{server}/features/{live}")
+    ready(page, "feature")
+    link = page.get_by_role("link", name="Steer with this feature")
+    assert link.get_attribute("href") == f"/steer?f={live}:2:clamp"
+    link.click()
+    ready(page, "steer")
+    assert page.url == f"{server}/steer?f={live}:2:clamp"
+    assert page.locator(".steer-id").input_value() == str(live)
+    assert float(page.input_value(".steer-value")) == 2
+    assert page.locator("#steer-result").count() == 0  # no prompt yet: nothing ran
+    page.wait_for_selector(".steer-label a")  # the feature's label, looked up
+
+
 def test_phone_width_dark_mode(browser, server):
     context = browser.new_context(viewport={"width": 390, "height": 800}, color_scheme="dark")
     pg = context.new_page()
     errors: list[str] = []
     pg.on("pageerror", lambda e: errors.append(str(e)))
     SHOTS.mkdir(parents=True, exist_ok=True)
-    for path, view in (("/", "home"), ("/features/3", "feature"), ("/map", "map")):
+    steer = f"/steer?f={live_feature(pg, server)}:2:clamp&prompt=The bridge"
+    for path, view in (("/", "home"), ("/features/3", "feature"), ("/map", "map"), (steer, "steer")):
         pg.goto(server + path)
         ready(pg, view)
         assert pg.evaluate("document.documentElement.scrollWidth <= window.innerWidth + 1"), f"{path} scrolls sideways"
-        pg.screenshot(path=str(SHOTS / f"phone-dark{path.replace('/', '-') or '-home'}.png"), full_page=True)
+        pg.screenshot(path=str(SHOTS / f"phone-dark-{path.split('?')[0].strip('/').replace('/', '-') or 'home'}.png"), full_page=True)
     background = pg.evaluate("getComputedStyle(document.body).backgroundColor")
     assert sum(float(x) for x in re.findall(r"\d+", background)[:3]) < 150  # a dark page
     context.close()

@@ -64,6 +64,14 @@ def test_query_commands_print_tables_and_json(tiny_atlas, capsys):
     assert len(json.loads(capsys.readouterr().out)["neighbors"]) == 4
     assert main(["probe", "the bridge", "--atlas", str(tiny_atlas), "--json"]) == 0
     assert json.loads(capsys.readouterr().out)["tokens"]
+    live = main(["sql", "select feature_id from features where max_activation > 0 limit 1", "--atlas", str(tiny_atlas),
+                 "--json"]) == 0 and json.loads(capsys.readouterr().out)["rows"][0][0]
+    assert main(["steer", "The bridge", "--feature", f"{live}=3", "--max-new-tokens", "4", "--atlas", str(tiny_atlas)]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert [line.split()[0] for line in lines[2:5]] == ["default", "steered", f"#{live}"]
+    assert main(["steer", "The bridge", "--feature", f"{live}=-1", "--mode", "add", "--max-new-tokens", "4",
+                 "--atlas", str(tiny_atlas), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["features"][0]["mode"] == "add"
 
 
 @pytest.mark.parametrize(
@@ -72,6 +80,9 @@ def test_query_commands_print_tables_and_json(tiny_atlas, capsys):
         (["sql", "drop table features"], "sql"),
         (["neighbors", "100000"], "feature_id"),
         (["search", "x", "-k", "0"], "k"),
+        (["steer", "x", "--feature", "3"], "--feature"),
+        (["steer", "x", "--feature", "3=big"], "--feature"),
+        (["steer", "x", "--feature", "3=1", "--max-new-tokens", "999"], "max_new_tokens"),
     ],
 )
 def test_query_command_errors_exit_2(tiny_atlas, capsys, args, flag):

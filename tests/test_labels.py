@@ -307,6 +307,25 @@ def test_label_command_relabels_in_place(tiny_atlas, tmp_path, capsys):
     assert atlas.features.search(rows[0]["label"].split()[0], query_type="fts").limit(5).to_list() is not None
 
 
+def test_label_command_scores_by_intervention(tiny_atlas, tmp_path, capsys):
+    """``--scorer intervention``: the relabelled features are steered, and that score is their label_score."""
+    root = tmp_path / "atlas"
+    shutil.copytree(tiny_atlas, root)
+    assert main(["label", "--atlas", str(root), "--features", "0-5", "--scorer", "intervention", "embedding", "--json"]) == 0
+    summary = json.loads(capsys.readouterr().out)
+    assert 0 <= summary["intervention_score_mean"] <= 1
+    rows = {r["feature_id"]: r for r in Atlas(root).features.to_arrow().to_pylist()}
+    scored = 0
+    for f in range(6):
+        scores = {s["scorer"]: s["score"] for s in rows[f]["label_scores"]}
+        if "intervention" in scores:
+            scored += 1
+            assert rows[f]["label_score"] == pytest.approx(scores["intervention"], abs=1e-6) and "embedding" in scores
+        else:  # unlabelled or never fired: nothing to steer with
+            assert rows[f]["label_source"] == "none" or rows[f]["max_activation"] == 0
+    assert scored and summary["label_score_mean"] is not None
+
+
 @pytest.mark.parametrize("args,flag", [
     (["--features", "5-x"], "--features"),
     (["--features", "100000"], "--features"),

@@ -97,6 +97,11 @@ def test_labels_and_embeddings_are_present(tiny_atlas):
     assert scored and all(0 <= f["label_score"] <= 1 for f in scored)
     assert all(f["label"].startswith('"') for f in labelled)  # every contrastive label quotes what fires
     assert all({s["scorer"] for s in f["label_scores"]} >= {"embedding", "token"} for f in scored)
+    # A seeded sample of labelled live features is also scored by steering with them (the intervention stage).
+    intervened = [f for f in feats if any(s["scorer"] == "intervention" for s in f["label_scores"])]
+    sampled = [f for f in labelled if f["max_activation"] > 0]
+    assert len(intervened) == min(8, len(sampled)) and all(f in sampled for f in intervened)  # conftest's sample
+    assert all(0 <= s["score"] <= 1 for f in intervened for s in f["label_scores"] if s["scorer"] == "intervention")
     for f in labelled[:10]:
         assert np.linalg.norm(f["label_embedding"]) == pytest.approx(1.0, abs=1e-3)
         assert np.linalg.norm(f["context_embedding"]) == pytest.approx(1.0, abs=1e-3)

@@ -1,28 +1,14 @@
-// The atlas in a browser: one page, five views (home, search, feature, probe, map), all drawn
+// The atlas in a browser: one page, six views (home, search, feature, probe, map, steer), all drawn
 // from the JSON API of the same server. No framework and no build step: the files served are the
 // files in this folder. Text from the corpus is untrusted, so it only ever enters the page as
 // textContent (the `h` helper), never as HTML.
-import { api, h } from "/static/dom.js";
+import { api, done, fmt, h, showToken } from "/static/dom.js";
 import { drawMap } from "/static/map.js";
+import { steer } from "/static/steer.js";
 
 const view = document.getElementById("view");
 
-const fmt = {
-  pct: (x) => (x === null || x === undefined ? "–" : `${(100 * x).toFixed(x < 0.001 ? 4 : x < 0.1 ? 2 : 1)}%`),
-  num: (x, d = 3) => (x === null || x === undefined ? "–" : Number(x).toPrecision(d)),
-  int: (x) => (x === null || x === undefined ? "–" : Number(x).toLocaleString("en")),
-};
-
-// Tokens as the model saw them: newlines and tabs made visible, leading spaces kept.
-const showToken = (t) => t.replace(/\n/g, "⏎").replace(/\t/g, "⇥");
-
 const featureLink = (id, label) => h("a", { href: `/features/${id}` }, `#${id}`, label ? ` ${label}` : "");
-
-function done(name) {
-  // For tests and scripts/bench_ui.py: when the view's data is on screen.
-  document.body.dataset.ready = name;
-  performance.mark(`fa:${name}`);
-}
 
 function fail(err) {
   view.replaceChildren(h("h1", {}, "Something went wrong"), h("p", { class: "error", role: "alert" }, String(err.message || err)));
@@ -173,7 +159,8 @@ async function feature(id) {
       `label by ${f.label_source || "?"}${f.label_score !== null && f.label_score !== undefined ? ` · label score ${fmt.num(f.label_score)}` : ""}${scores ? ` (${scores})` : ""}`,
       f.single_token ? " · single-token feature" : "",
       " · ", h("a", { href: `/features/${f.feature_id}`, rel: "bookmark" }, "permalink"),
-      " · ", h("a", { href: `/map?feature=${f.feature_id}` }, "on the map")),
+      " · ", h("a", { href: `/map?feature=${f.feature_id}` }, "on the map"),
+      " · ", h("a", { href: `/steer?f=${f.feature_id}:2:clamp` }, "Steer with this feature")),
     h("dl", { class: "stats" },
       ...[["density", fmt.pct(f.density)], ["fires on", `${fmt.int(f.n_active)} tokens, ${fmt.int(f.n_windows)} windows`],
         ["max activation", fmt.num(f.max_activation)], ["mean activation", fmt.num(f.mean_activation)]]
@@ -282,6 +269,7 @@ async function route() {
     else if (pathname === "/search") await search(searchParams);
     else if (pathname === "/probe") await probe(searchParams);
     else if (pathname === "/map") await map(searchParams);
+    else if (pathname === "/steer") await steer(view, searchParams);
     else await home();
   } catch (err) {
     fail(err);

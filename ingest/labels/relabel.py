@@ -1,7 +1,8 @@
 """`featureatlas label`: re-label a published atlas in place, from its own analytics database.
 
 Everything labelling needs (documents, tokens, the sparse code of every token, logit effects) is
-already in the atlas, so no model runs here unless an LLM explainer or judge is configured.
+already in the atlas, so no model runs here unless an LLM explainer or judge is configured, or the
+intervention scorer, which steers the atlas's own model.
 """
 
 from __future__ import annotations
@@ -17,7 +18,8 @@ from featureatlas.store.publish import update_labels
 
 from ..config import AtlasConfig, config_of
 from ..embed import embed
-from .label import label_features
+from . import intervention
+from .label import Labels, label_features
 from .llm import make_chat
 from .stage import LLM_CACHE
 
@@ -70,7 +72,29 @@ def relabel(root: str | Path, overrides: dict[str, Any], features: str | None = 
                                 seed=cfg.run.seed, chat=chat, logits=logits, windows=stored_windows(atlas))
     finally:
         con.close()
+    if intervention.SCORER in cfg.labels.label_scorers:
+        _score_interventions(atlas, cfg, labels)
     table = pa.table({"feature_id": pa.array(labels.features, pa.int32()), **labels.columns()})
     summary = {**labels.summary, "features": "all" if features is None else features}
     update_labels(atlas.root, table, labels.candidates, summary, cfg.to_dict())
     return summary
+
+
+def _score_interventions(atlas: Atlas, cfg: AtlasConfig, labels: Labels) -> None:
+    """Steers the atlas's model with each labelled feature (seconds each) and adds the scores."""
+    from ..probe import Probe
+
+    rows = atlas.features.search().select(["feature_id", "max_activation"]).limit(atlas.d_sae).to_arrow().to_pydict()
+    maxima = {f: float(m or 0.0) for f, m in zip(rows["feature_id"], rows["max_activation"])}
+    vectors = {f: labels.embeddings[i] for i, (f, src) in enumerate(zip(labels.features, labels.source))
+               if src != "none" and maxima.get(f, 0) > 0}
+    model, sae, layer = Probe(atlas, device=cfg.run.device).load()
+    i = cfg.intervention
+    scores = intervention.intervention_scores(model, sae, layer, vectors, maxima,
+                                              lambda t: embed(t, name=cfg.labels.embedder), value=i.intervention_value,
+                                              tokens=i.intervention_tokens, seed=cfg.run.seed)
+    intervention.merge_scores(labels.features, labels.score, labels.scores, scores,
+                              primary=cfg.labels.label_scorers[0] == intervention.SCORER)
+    labels.summary["intervention_score_mean"] = float(sum(scores.values()) / len(scores)) if scores else None
+    kept = [s for s in labels.score if s is not None]
+    labels.summary["label_score_mean"] = float(sum(kept) / len(kept)) if kept else None

@@ -1,0 +1,77 @@
+"""The intervention score (delphi's intervention scoring, without an LLM judge): does a label say what
+its feature *does* to the model's output, not only what it reads?
+
+Neutral prompts are continued with the feature clamped at ``value`` times its corpus maximum, and
+with each of a few control features (a seeded sample of other live ones) clamped at the same value.
+Score: the AUROC of cos(label, continuation) between the feature's continuations and the controls'
+(0.5 is chance: the label predicts what steering with it writes no better than with any feature).
+Only the continuations are embedded; the prompts are the same on both sides.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Callable
+
+import numpy as np
+from tqdm import tqdm
+
+from ..model import SubjectModel
+from ..sae import SAE
+from ..steer import Edit, steer
+from .scorers import auroc
+
+log = logging.getLogger(__name__)
+SCORER = "intervention"
+# Everyday openings with no topic of their own, so a topic in the continuation comes from the steering.
+PROMPTS = (
+    "The weather today is", "My favourite food is", "Scientists have discovered that", "The best way to learn is",
+    "Yesterday I went to", "The city council announced", "In my free time I like to", "The history of the region",
+    "Our team decided to", "The most important thing in life is",
+)
+CONTROLS = 8
+
+
+def sample(live: list[int], n: int, seed: int) -> list[int]:
+    """A seeded sample of ``n`` live features (all when ``n`` is at least their number), in id order."""
+    if n >= len(live):
+        return sorted(live)
+    return sorted(int(f) for f in np.random.default_rng([seed, 14]).choice(live, n, replace=False))
+
+
+def intervention_scores(model: SubjectModel, sae: SAE, layer: int, label_vectors: dict[int, np.ndarray],
+                        maxima: dict[int, float], embed_fn: Callable[[list[str]], np.ndarray], *, value: float,
+                        tokens: int, seed: int) -> dict[int, float]:
+    """The score of each feature in ``label_vectors`` (unit label embeddings); ``maxima``: every live
+    feature's corpus maximum (the controls are drawn from them)."""
+    live = sorted(f for f, m in maxima.items() if m > 0)
+    if len(live) < 2 or not label_vectors:
+        return {}
+    prompts = [[model.bos_id, *model.tokenizer(p, add_special_tokens=False)["input_ids"]] for p in PROMPTS]
+
+    def continuations(f: int) -> list[str]:
+        out = steer(model, sae, layer, prompts, [Edit(f, value)], maxima, max_new_tokens=tokens, seed=seed, default=False)
+        return [c.text for c in out.steered]
+
+    controls = sample(live, CONTROLS, seed + 1)
+    log.info("intervention: steering %d control features and %d scored ones", len(controls), len(label_vectors))
+    control_texts = {g: embed_fn(continuations(g)) for g in tqdm(controls, desc="intervention controls", unit="feature")}
+    scores = {}
+    for f, vec in tqdm(label_vectors.items(), desc="intervention scores", unit="feature"):
+        own = embed_fn(continuations(f)) if f not in control_texts else control_texts[f]
+        others = np.concatenate([e for g, e in control_texts.items() if g != f])
+        scores[f] = auroc(own @ vec, others @ vec)
+    return scores
+
+
+def merge_scores(features: list[int], label_score: list[float | None], label_scores: list[list[dict]],
+                 scores: dict[int, float], *, primary: bool) -> None:
+    """Adds each scored feature's intervention score to its ``label_scores`` (in place), and makes it
+    the ``label_score`` when intervention is the first label scorer."""
+    for i, f in enumerate(features):
+        if f in scores:
+            label_scores[i] = [s for s in label_scores[i] if s["scorer"] != SCORER] + [{"scorer": SCORER, "score": scores[f]}]
+            if primary:
+                label_score[i] = scores[f]
+        elif primary:
+            label_score[i] = None

@@ -1,0 +1,244 @@
+"""Steering: generate with chosen features clamped or pushed, next to the same generation untouched.
+
+Two interventions at the dictionary's own hook point (the residual stream after block ``layer``):
+
+- ``clamp`` (Anthropic, Scaling Monosemanticity): the residual is split into the dictionary's
+  reconstruction and the error; the chosen features' activations are set to ``value`` times their
+  maximum over the corpus and the reconstruction decoded again, the error added back unchanged.
+  Decoding is linear in the code, so this is ``x + sum_j (target_j - a_j(x)) * W_dec[j]``, computed
+  that way: only the chosen features change, and a feature set to what it already was (0 on a
+  silent one) leaves the residual bit for bit as it was.
+- ``add`` (Neuronpedia): ``x + value * max_j * W_dec[j]``, the same push whatever the feature reads,
+  in the same units as a clamp (1 means "as strong as it ever fires in the corpus").
+
+Dictionaries that layer-norm their input decode in normalised units; the push is scaled back by the
+token's own norm, as their reconstruction is.
+
+The default and steered continuations of a prompt are two rows of one batch sharing one KV cache
+pass per step, and their sampling shares its random numbers (the same Gumbel noise per prompt and
+step): where steering leaves the next-token distribution alone, both rows pick the same token, so
+the two texts differ only where the intervention made them differ. A steered run costs about what
+plain generation does. Position 0 of every text (BOS, or the chat template's first token) is never
+touched: its residual is an outlier the dictionary never saw.
+"""
+
+from __future__ import annotations
+
+import inspect
+from dataclasses import dataclass
+
+import torch
+from featureatlas.store.errors import BadParameter
+from torch import nn
+
+from .model import SubjectModel
+from .sae import SAE
+
+MODES = ("clamp", "add")
+
+MAX_VALUE = 100.0  # in units of the feature's corpus maximum
+
+
+@dataclass(frozen=True)
+class Edit:
+    feature: int
+    value: float  # times the feature's maximum activation over the corpus
+    mode: str = "clamp"
+
+
+@dataclass
+class Continuation:
+    """One generated text: its tokens, each token's log-probability under the run that produced it
+    (at temperature 1), and each edited feature's activation as the model read that token."""
+
+    text: str
+    tokens: list[str]
+    token_ids: list[int]
+    logprobs: list[float]
+    activations: list[list[float]]  # [token][edit]
+
+
+@dataclass
+class Steered:
+    default: list[Continuation]  # one per prompt
+    steered: list[Continuation]
+
+
+def check_edits(edits: list[Edit], maxima: dict[int, float], d_sae: int) -> None:
+    """Every mistake a caller can make, as a ``BadParameter`` naming the field."""
+    seen: set[int] = set()
+    for i, e in enumerate(edits):
+        where = f"features[{i}]"
+        if not 0 <= e.feature < d_sae:
+            raise BadParameter(f"{where}.id", f"no feature {e.feature}: this atlas has features 0..{d_sae - 1}")
+        if e.feature in seen:
+            raise BadParameter(f"{where}.id", f"feature {e.feature} is given twice")
+        seen.add(e.feature)
+        if e.mode not in MODES:
+            raise BadParameter(f"{where}.mode", f"must be one of {', '.join(MODES)}, got {e.mode!r}")
+        if not -MAX_VALUE <= e.value <= MAX_VALUE:  # also refuses nan
+            raise BadParameter(f"{where}.value", f"must be between -{MAX_VALUE:g} and {MAX_VALUE:g} (times the "
+                                                 f"feature's corpus maximum), got {e.value}")
+        if not maxima.get(e.feature, 0.0) > 0:
+            raise BadParameter(f"{where}.id", f"feature {e.feature} never fired on the corpus: it has no scale to "
+                                              "steer with")
+
+
+class Intervention:
+    """The edits as one function of the residual: ``x`` [n, d_in] -> (edited x, [n, edits] the edited
+    features' activations before the edit)."""
+
+    def __init__(self, sae: SAE, edits: list[Edit], maxima: dict[int, float]):
+        self.sae = sae
+        dev, dtype = sae.W_dec.device, sae.W_dec.dtype
+        self.ids = torch.tensor([e.feature for e in edits], dtype=torch.long, device=dev)
+        self.targets = torch.tensor([e.value * maxima[e.feature] for e in edits], dtype=dtype, device=dev)
+        self.clamped = torch.tensor([e.mode == "clamp" for e in edits], dtype=torch.bool, device=dev)
+        self.directions = sae.W_dec.detach()[self.ids]  # [edits, d_in]
+
+    def read(self, x: torch.Tensor) -> torch.Tensor:
+        """[n, edits] the edited features' activations on ``x``."""
+        if not len(self.ids):
+            return x.new_zeros(len(x), 0)
+        code = self.sae.encode(x)
+        rows, cols = code.row_ids(), code.indices
+        out = x.new_zeros(len(x), len(self.ids))
+        hit = cols[:, None] == self.ids[None, :]  # [nnz, edits]
+        entry, edit = hit.nonzero(as_tuple=True)
+        out[rows[entry], edit] = code.values[entry].to(x.dtype)
+        return out
+
+    @torch.no_grad()
+    def __call__(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        acts = self.read(x)
+        if not len(self.ids):
+            return x, acts
+        coef = torch.where(self.clamped, self.targets - acts, self.targets.expand_as(acts))
+        delta = coef @ self.directions
+        if self.sae.layer_norm_input:
+            delta = delta * (self.sae._layer_norm(x)[2] + 1e-5)
+        return x + delta, acts
+
+
+class _Hook:
+    """The forward hook on block ``layer``: edits the rows and positions in ``mask`` and records the
+    edited features' activations at every position it sees (``history``, one tensor per pass)."""
+
+    def __init__(self, intervention: Intervention):
+        self.intervention = intervention
+        self.mask: torch.Tensor | None = None  # [batch, seq] where to edit, set before each pass
+        self.history: list[torch.Tensor] = []
+
+    def __call__(self, _module: nn.Module, _inputs: object, output: object) -> object:
+        hidden = output[0] if isinstance(output, tuple) else output
+        b, s, d = hidden.shape
+        flat = hidden.reshape(b * s, d).to(self.intervention.sae.W_dec.dtype)
+        edited, acts = self.intervention(flat)
+        self.history.append(acts.view(b, s, -1).float().cpu())
+        assert self.mask is not None
+        keep = self.mask.reshape(b * s, 1).to(flat.device)
+        new = torch.where(keep, edited, flat).view(b, s, d).to(hidden.dtype)
+        return (new, *output[1:]) if isinstance(output, tuple) else new
+
+
+@torch.no_grad()
+def steer(model: SubjectModel, sae: SAE, layer: int, prompts: list[list[int]], edits: list[Edit],
+          maxima: dict[int, float], *, max_new_tokens: int = 32, temperature: float = 0.0, seed: int = 0,
+          generated_only: bool = False, default: bool = True, steered: bool = True) -> Steered:
+    """Default and steered continuations of each prompt (token ids, position 0 included).
+
+    ``temperature`` 0 is greedy. ``generated_only`` edits only the tokens the model writes, not the
+    prompt's. ``default=False`` or ``steered=False`` leaves that side out (an empty list): plain
+    generation with the same code is the steering bench's baseline, and the intervention score
+    needs only steered text."""
+    if not (default or steered):
+        raise ValueError("nothing to generate: default and steered are both off")
+    n = len(prompts)
+    n_default = n if default else 0
+    rows = (list(prompts) if default else []) + (list(prompts) if steered else [])
+    width = max(len(p) for p in rows)
+    pad = model.tokenizer.pad_token_id if model.tokenizer.pad_token_id is not None else model.bos_id
+    ids = torch.full((len(rows), width), pad, dtype=torch.long)
+    attention = torch.zeros((len(rows), width), dtype=torch.long)
+    for i, p in enumerate(rows):  # left padding: every row's next token is at the same column
+        ids[i, width - len(p):] = torch.tensor(p)
+        attention[i, width - len(p):] = 1
+    edit_row = torch.zeros(len(rows), dtype=torch.bool)
+    edit_row[n_default:] = True
+    first = width - torch.tensor([len(p) for p in rows])  # column of each row's position 0
+    prompt_mask = edit_row[:, None] & (torch.arange(width)[None, :] > first[:, None])
+    if generated_only:
+        prompt_mask[:] = False
+
+    hook = _Hook(Intervention(sae, edits, maxima))
+    gen = torch.Generator().manual_seed(seed)
+    eos = model.tokenizer.eos_token_id
+    out_ids = torch.zeros((len(rows), 0), dtype=torch.long)
+    logprobs = torch.zeros((len(rows), 0))
+    done = torch.zeros(len(rows), dtype=torch.bool)
+    handle = model.blocks[layer].register_forward_hook(hook)
+    try:  # a hook left behind would edit every later forward pass of this model
+        hook.mask = prompt_mask
+        positions = (attention.cumsum(1) - 1).clamp_min(0)
+        result = model.model(input_ids=ids.to(model.device), attention_mask=attention.to(model.device),
+                             position_ids=positions.to(model.device), use_cache=True, logits_to_keep=1)
+        # transformers 5 renamed the KV cache argument and output (``past_key_values`` -> ``cache``)
+        name = "cache" if "cache" in inspect.signature(model.model.forward).parameters else "past_key_values"
+        cache, last = getattr(result, name), positions[:, -1]
+        for step in range(max_new_tokens + 1):
+            logits = result.logits[:, -1].float().cpu()
+            if step == max_new_tokens or bool(done.all()):
+                break  # the last pass only read the final tokens (their activations)
+            log_p = torch.log_softmax(logits, -1)
+            if temperature > 0:
+                noise = -torch.log(-torch.log(torch.rand((n, logits.shape[1]), generator=gen).clamp_min(1e-20)))
+                choice = (logits / temperature + noise.repeat(len(rows) // n, 1)).argmax(-1)
+            else:
+                choice = logits.argmax(-1)
+            choice = torch.where(done, torch.full_like(choice, pad), choice)
+            out_ids = torch.cat([out_ids, choice[:, None]], 1)
+            logprobs = torch.cat([logprobs, log_p.gather(1, choice[:, None])], 1)
+            done |= choice == eos if eos is not None else torch.zeros_like(done)
+            attention = torch.cat([attention, torch.ones((len(rows), 1), dtype=torch.long)], 1)
+            last = last + 1
+            hook.mask = edit_row[:, None].clone()
+            result = model.model(input_ids=choice[:, None].to(model.device), attention_mask=attention.to(model.device),
+                                 position_ids=last[:, None].to(model.device), use_cache=True, **{name: cache})
+            cache = getattr(result, name)
+    finally:
+        handle.remove()
+    # history[0] is the prompt pass; history[t] (t >= 1) read generated token t - 1
+    read = torch.cat(hook.history[1:], 1) if len(hook.history) > 1 else torch.zeros((len(rows), 0, len(edits)))
+    runs = [_continuation(model, out_ids[i], logprobs[i], read[i], eos) for i in range(len(rows))]
+    return Steered(runs[:n_default], runs[n_default:])
+
+
+def logits_of(model: SubjectModel, sae: SAE, layer: int, ids: list[int], edits: list[Edit], maxima: dict[int, float],
+              *, generated_only_from: int | None = None) -> torch.Tensor:
+    """[seq, vocab] next-token logits of one text with the edits applied (position 0 untouched;
+    with ``generated_only_from``, only positions from there on): the single-pass form of ``steer``."""
+    hook = _Hook(Intervention(sae, edits, maxima))
+    mask = torch.arange(len(ids)) > 0
+    if generated_only_from is not None:
+        mask &= torch.arange(len(ids)) >= generated_only_from
+    hook.mask = mask[None, :]
+    handle = model.blocks[layer].register_forward_hook(hook)
+    try:
+        with torch.no_grad():
+            return model.model(input_ids=torch.tensor([ids], device=model.device), use_cache=False).logits[0].float().cpu()
+    finally:
+        handle.remove()
+
+
+def _continuation(model: SubjectModel, ids: torch.Tensor, logprobs: torch.Tensor, read: torch.Tensor,
+                  eos: int | None) -> Continuation:
+    """One row's generated tokens up to (not including) its end of text."""
+    keep = ids.tolist()
+    if eos is not None and eos in keep:
+        keep = keep[: keep.index(eos)]
+    m = len(keep)
+    return Continuation(
+        text=model.tokenizer.decode(keep), tokens=[model.tokenizer.decode([t]) for t in keep], token_ids=keep,
+        logprobs=[round(float(x), 4) for x in logprobs[:m]],
+        activations=[[round(float(v), 4) for v in row] for row in read[:m]],
+    )
