@@ -96,6 +96,23 @@ def tiny_atlas(tmp_path_factory, tiny_model_dir, corpus_dir) -> Path:
     return root
 
 
+@pytest.fixture(scope="module")
+def client(tiny_atlas):
+    """The HTTP app over the tiny atlas, one per test module."""
+    from featureatlas.api.app import create_app
+    from featureatlas.store.atlas import Atlas
+    from litestar.testing import TestClient
+
+    with TestClient(create_app(Atlas(tiny_atlas))) as c:
+        yield c
+
+
+@pytest.fixture(scope="module")
+def live(client) -> int:
+    """A feature of the tiny atlas that fired (the densest)."""
+    return client.get("/api/features", params={"limit": 1}).json()["features"][0]["feature_id"]
+
+
 class _Rows:
     def __init__(self, rows: list[tuple]):
         self.rows = rows

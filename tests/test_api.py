@@ -11,17 +11,6 @@ from litestar.testing import TestClient
 from .conftest import SQL
 
 
-@pytest.fixture(scope="module")
-def client(tiny_atlas):
-    with TestClient(create_app(Atlas(tiny_atlas))) as c:
-        yield c
-
-
-@pytest.fixture(scope="module")
-def live(client):
-    return client.get("/api/features", params={"limit": 1}).json()["features"][0]["feature_id"]
-
-
 def test_health_and_summary(client):
     assert client.get("/healthz").json()["features"] == 64
     summary = client.get("/api/atlas").json()

@@ -310,7 +310,8 @@ def test_phone_width_dark_mode(browser, server):
         pg.goto(server + path)
         ready(pg, view)
         assert pg.evaluate("document.documentElement.scrollWidth <= window.innerWidth + 1"), f"{path} scrolls sideways"
-        pg.screenshot(path=str(SHOTS / f"phone-dark-{path.split('?')[0].strip('/').replace('/', '-') or 'home'}.png"), full_page=True)
+        name = path.split("?")[0].strip("/").replace("/", "-") or "home"
+        pg.screenshot(path=str(SHOTS / f"phone-dark-{name}.png"), full_page=True)
     background = pg.evaluate("getComputedStyle(document.body).backgroundColor")
     assert sum(float(x) for x in re.findall(r"\d+", background)[:3]) < 150  # a dark page
     context.close()

@@ -126,17 +126,6 @@ def test_a_failed_generation_leaves_no_hook_behind(model):
 # -- the HTTP route ---------------------------------------------------------------------------------
 
 
-@pytest.fixture(scope="module")
-def client(tiny_atlas):
-    with TestClient(create_app(Atlas(tiny_atlas))) as c:
-        yield c
-
-
-@pytest.fixture(scope="module")
-def live(client):
-    return client.get("/api/features", params={"limit": 1}).json()["features"][0]["feature_id"]
-
-
 def test_steer_route_answers_default_and_steered(client, live):
     r = client.post("/api/steer", json={"prompt": "The bridge", "features": [{"id": live, "value": 3}],
                                         "max_new_tokens": 5})
@@ -180,6 +169,16 @@ def test_a_silent_feature_cannot_be_steered(client, tiny_atlas):
         pytest.skip("every feature of the tiny atlas fired")
     r = client.post("/api/steer", json={"prompt": "x", "features": [{"id": dead[0][0], "value": 1}]})
     assert r.status_code == 400 and "never fired" in r.json()["detail"]
+
+
+def test_search_goes_on_without_inference_while_the_model_is_busy(tiny_atlas):
+    from featureatlas.api import service as S
+
+    svc = S.AtlasService(Atlas(tiny_atlas))
+    assert any("inference" in h["matched_by"] for h in svc.search("bridge", k=20)["hits"])
+    with svc.probe.busy:  # a steering request holds the model
+        hits = svc.search("bridge", k=20)["hits"]
+    assert hits and not any("inference" in h["matched_by"] for h in hits)
 
 
 def test_a_full_model_pool_answers_503_with_retry_after(tiny_atlas, live):
