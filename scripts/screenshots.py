@@ -1,6 +1,7 @@
 """Screenshots of every view of the UI on a real atlas, light and dark, desktop and phone width.
 
     .venv/bin/python scripts/screenshots.py --atlas atlas --out docs/ui [--feature 812] [--query "Golden Gate Bridge"]
+        [--steer 812:2:clamp ...]
 
 Serves the atlas on loopback, opens each view in headless Chromium (Debian's /usr/bin/chromium),
 waits until its data is on screen and writes one PNG per view.
@@ -25,7 +26,10 @@ def main() -> None:
     p.add_argument("--feature", type=int, default=812)
     p.add_argument("--query", default="Golden Gate Bridge")
     p.add_argument("--probe", default="The Golden Gate Bridge spans the strait into San Francisco Bay.")
+    p.add_argument("--steer", nargs="+", help="features the Steer view steers, ID:VALUE:MODE (default: --feature at 2x)")
+    p.add_argument("--steer-prompt", default="My favourite food is")
     args = p.parse_args()
+    steered = "&".join(f"f={quote(f)}" for f in args.steer or [f"{args.feature}:2:clamp"])
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     views = [
@@ -35,6 +39,7 @@ def main() -> None:
         ("probe", f"/probe?text={quote(args.probe)}", "probe"),
         ("map", "/map", "map"),
         ("map-neighbours", f"/map?feature={args.feature}", "map"),
+        ("steer", f"/steer?{steered}&prompt={quote(args.steer_prompt)}", "steer"),
     ]
     with serving(Path(args.atlas)) as base, sync_playwright() as pw:
         browser = pw.chromium.launch(executable_path=CHROMIUM)

@@ -96,11 +96,13 @@ def test_stage_keys_follow_their_own_settings_only(tmp_path):
 
     base = keys()
     changed = lambda **c: {n for n, k in keys(**c).items() if k != base[n]}  # noqa: E731
-    # The map is laid out by what features do, from the labels stage's context embeddings: it follows the labels.
-    assert changed(label_pool_windows=500) == {"labels", "map"}
-    assert changed(llm_max_calls=5) == {"labels", "map"}  # the budget changes which labels an LLM wrote
-    assert changed(d_sae=1024) == {"train", "evaluate", "encode", "labels", "map"}
-    assert changed(top_examples=3) == {"encode", "labels", "map"}
+    # The map is laid out by what features do, from the labels stage's context embeddings: it follows
+    # the labels; so does the intervention score, which judges them.
+    assert changed(label_pool_windows=500) == {"labels", "intervention", "map"}
+    assert changed(llm_max_calls=5) == {"labels", "intervention", "map"}  # the budget changes which labels an LLM wrote
+    assert changed(d_sae=1024) == {"train", "evaluate", "encode", "labels", "intervention", "map"}
+    assert changed(top_examples=3) == {"encode", "labels", "intervention", "map"}
     assert changed(map_neighbors=30) == {"map"}
-    assert changed(embedder="/models/other") == {"windows", "labels", "map"}
+    assert changed(intervention_value=3.0) == {"intervention"}  # its own stage: the labels stay
+    assert changed(embedder="/models/other") == {"windows", "labels", "intervention", "map"}
     assert changed(harvest_batch=4, llm_workers=9, threads=1) == set()

@@ -10,8 +10,9 @@ from featureatlas.api.model_pool import ModelPool, PoolFull
 from featureatlas.ingest.config import ARCHITECTURES
 from featureatlas.ingest.model import load_model
 from featureatlas.ingest.sae import SAE
-from featureatlas.ingest.steer import Edit, Intervention, logits_of, steer
+from featureatlas.ingest.steer import Edit, Intervention, check_edits, logits_of, steer
 from featureatlas.store.atlas import Atlas
+from featureatlas.store.errors import BadParameter
 from litestar.testing import TestClient
 
 LAYER = 2
@@ -163,12 +164,11 @@ def test_bad_steer_input_is_a_400_naming_the_field(client, live, change, field):
     assert field in r.json()["error"]
 
 
-def test_a_silent_feature_cannot_be_steered(client, tiny_atlas):
-    dead = Atlas(tiny_atlas).query("select feature_id from features where max_activation = 0 limit 1").rows
-    if not dead:
-        pytest.skip("every feature of the tiny atlas fired")
-    r = client.post("/api/steer", json={"prompt": "x", "features": [{"id": dead[0][0], "value": 1}]})
-    assert r.status_code == 400 and "never fired" in r.json()["detail"]
+def test_a_feature_that_never_fired_cannot_be_steered():
+    """Its corpus maximum is 0, so a value in units of it means nothing: a 400, not a no-op."""
+    with pytest.raises(BadParameter, match="never fired") as e:
+        check_edits([Edit(3, 1.0)], {3: 0.0}, d_sae=10)
+    assert e.value.where == "features[0].id"
 
 
 def test_search_goes_on_without_inference_while_the_model_is_busy(tiny_atlas):
