@@ -230,6 +230,24 @@ def logits_of(model: SubjectModel, sae: SAE, layer: int, ids: list[int], edits: 
         handle.remove()
 
 
+def token_texts(tokenizer: object, ids: list[int]) -> list[str]:
+    """Each token's share of the decoded text, so that the pieces join up to it: a token that ends
+    inside a multi-byte character (an accent split over two byte tokens) shows nothing, and the
+    next one the whole character, where decoding tokens one by one would show two "\ufffd"."""
+    out, done = [], ""
+    for i, t in enumerate(ids):
+        text = tokenizer.decode(ids[: i + 1])
+        if text.endswith("\ufffd") and i + 1 < len(ids):
+            out.append("")
+        elif text.startswith(done):
+            out.append(text[len(done):])
+            done = text
+        else:  # a tokenizer whose decoding of a prefix is not a prefix of the whole
+            out.append(tokenizer.decode([t]))
+            done = text
+    return out
+
+
 def _continuation(model: SubjectModel, ids: torch.Tensor, logprobs: torch.Tensor, read: torch.Tensor,
                   eos: int | None) -> Continuation:
     """One row's generated tokens up to (not including) its end of text."""
@@ -238,7 +256,7 @@ def _continuation(model: SubjectModel, ids: torch.Tensor, logprobs: torch.Tensor
         keep = keep[: keep.index(eos)]
     m = len(keep)
     return Continuation(
-        text=model.tokenizer.decode(keep), tokens=[model.tokenizer.decode([t]) for t in keep], token_ids=keep,
+        text=model.tokenizer.decode(keep), tokens=token_texts(model.tokenizer, keep), token_ids=keep,
         logprobs=[round(float(x), 4) for x in logprobs[:m]],
         activations=[[round(float(v), 4) for v in row] for row in read[:m]],
     )

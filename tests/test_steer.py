@@ -10,7 +10,7 @@ from featureatlas.api.model_pool import ModelPool, PoolFull
 from featureatlas.ingest.config import ARCHITECTURES
 from featureatlas.ingest.model import load_model
 from featureatlas.ingest.sae import SAE
-from featureatlas.ingest.steer import Edit, Intervention, check_edits, logits_of, steer
+from featureatlas.ingest.steer import Edit, Intervention, check_edits, logits_of, steer, token_texts
 from featureatlas.store.atlas import Atlas
 from featureatlas.store.errors import BadParameter
 from litestar.testing import TestClient
@@ -113,6 +113,13 @@ def test_sampling_is_seeded_and_shared_between_default_and_steered(model):
     alone = steer(model, sae, LAYER, prompts[1:], [], {}, max_new_tokens=8, steered=False)
     batched = steer(model, sae, LAYER, prompts, [], {}, max_new_tokens=8, steered=False)
     assert alone.default[0].token_ids == batched.default[1].token_ids  # padding changes nothing
+
+
+def test_token_texts_join_up_to_the_text_without_broken_characters(model):
+    ids = model.tokenizer("Le pont 東京 à Paris", add_special_tokens=False)["input_ids"]
+    pieces = token_texts(model.tokenizer, ids)
+    assert len(pieces) == len(ids) and "".join(pieces) == model.tokenizer.decode(ids)
+    assert "\ufffd" not in "".join(pieces) and "\ufffd" in "".join(model.tokenizer.decode([i]) for i in ids)
 
 
 def test_a_failed_generation_leaves_no_hook_behind(model):
