@@ -71,7 +71,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--explainer", "--label-explainer", dest="explainer", choices=EXPLAINERS,
                    help="who writes labels (default: the atlas's)")
     p.add_argument("--scorer", "--label-scorers", dest="scorer", nargs="+", choices=SCORERS,
-                   help="scorers on held-out windows; the first gives label_score")
+                   help="label scorers (intervention steers the model); the first gives label_score")
     p.add_argument("--features", help="ids and ranges, e.g. 3,7,100-120 (default: all)")
     p.add_argument("--llm-url", help="OpenAI-compatible endpoint, e.g. http://127.0.0.1:8080/v1")
     p.add_argument("--llm-model", help="model name at the endpoint, or a local instruct model folder")
@@ -117,7 +117,8 @@ def _add_queries(sub: argparse._SubParsersAction) -> None:
     p.add_argument("prompt")
     p.add_argument("--feature", dest="features", action="append", required=True, metavar="ID=VALUE",
                    help="a feature and its value in units of its corpus maximum (0 switches it off); repeatable")
-    p.add_argument("--mode", choices=MODES, default="clamp", help="clamp the activation, or add the decoder direction")
+    p.add_argument("--mode", choices=MODES, default="clamp",
+                   help="clamp the activation, or add the decoder direction (every --feature; the API sets it per feature)")
     p.add_argument("--max-new-tokens", type=int, default=32)
     p.add_argument("--temperature", type=float, default=0.0, help="0 is greedy")
     p.add_argument("--seed", type=int, default=0)
@@ -277,13 +278,11 @@ def _edits(specs: list[str], mode: str) -> list[Edit]:
     """"812=10" -> Edit(812, 10.0, mode)."""
     out = []
     for spec in specs:
-        fid, sep, value = spec.partition("=")
-        try:
+        fid, _, value = spec.partition("=")
+        try:  # "812" alone leaves value "", which float refuses too
             out.append(Edit(int(fid), float(value), mode))
         except ValueError:
             raise BadParameter("--feature", f"expected ID=VALUE like 812=2, got {spec!r}") from None
-        if not sep:
-            raise BadParameter("--feature", f"expected ID=VALUE like 812=2, got {spec!r}")
     return out
 
 

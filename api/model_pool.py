@@ -1,6 +1,7 @@
-"""Model work off the request threads, bounded: a forward pass or a generation runs in this pool's
-own thread, never in the thread pool that serves the read-only routes, and at most ``workers +
-waiting`` requests are in it at once. One more is refused at once (``PoolFull``: a 503 with
+"""Model work off the request threads, bounded: a generation or a probe runs in this pool's own
+thread, never in the thread pool that serves the read-only routes (only a search's inference signal
+runs one short forward pass there, and waits at most half a second for the model), and at most
+``workers + waiting`` requests are in it at once. One more is refused at once (``PoolFull``: a 503 with
 ``Retry-After``) rather than queued without bound: a steering request takes seconds on a CPU, and a
 queue that grows is a server that answers nobody in time.
 """

@@ -253,22 +253,22 @@ class AtlasService:
             tokens.append({"token": tok, "features": feats})
         return {"tokens": tokens}
 
-    def steer(self, prompt: str, features: list[Edit], *, max_new_tokens: int = 32, temperature: float = 0.0,
+    def steer(self, prompt: str, edits: list[Edit], *, max_new_tokens: int = 32, temperature: float = 0.0,
               seed: int = 0, chat: bool = False, generated_only: bool = False) -> dict[str, Any]:
-        """The prompt continued twice, untouched and with ``features`` clamped or pushed
+        """The prompt continued twice, untouched and with the edited features clamped or pushed
         (``ingest.steer``); each token carries the steered features' activations as the model read it."""
         if len(prompt or "") > MAX_PROMPT_CHARS:
             raise BadParameter("prompt", f"is {len(prompt):,} characters; the limit is {MAX_PROMPT_CHARS:,}")
-        if not features:
+        if not edits:
             raise BadParameter("features", "give at least one feature to steer")
-        if len(features) > MAX_STEERED:
-            raise BadParameter("features", f"at most {MAX_STEERED} features at once, got {len(features)}")
-        result = self.probe.steer([prompt], features, max_new_tokens=max_new_tokens, temperature=temperature,
+        if len(edits) > MAX_STEERED:
+            raise BadParameter("features", f"at most {MAX_STEERED} features at once, got {len(edits)}")
+        result = self.probe.steer([prompt], edits, max_new_tokens=max_new_tokens, temperature=temperature,
                                   seed=seed, chat=chat, generated_only=generated_only)
-        info = self.atlas.summaries([e.feature for e in features])
+        info = self.atlas.summaries([e.feature for e in edits])
         steered = [{"id": e.feature, "value": e.value, "mode": e.mode, "label": info[e.feature]["label"],
                     "max_activation": info[e.feature]["max_activation"], "density": info[e.feature]["density"]}
-                   for e in features]
+                   for e in edits]
         settings = {"max_new_tokens": max_new_tokens, "temperature": temperature, "seed": seed, "chat": chat,
                     "generated_only": generated_only}
         return {"prompt": prompt, "settings": settings, "features": steered,

@@ -191,20 +191,12 @@ def _run_intervention(ctx: Ingest, folder: Path) -> dict[str, Any]:
     vectors = vector_matrix(labels["label_embedding"])
     labelled = [f for f, src in zip(labels["feature_id"].to_pylist(), labels["label_source"].to_pylist())
                 if src != "none" and maxima[f] > 0]
-    cfg = ctx.cfg.intervention
-    chosen = labelled if _intervention_is_a_scorer(ctx) else intervention.sample(labelled, cfg.intervention_features,
-                                                                                  ctx.cfg.run.seed)
-    embed_fn = lambda texts: embed(texts, name=ctx.cfg.labels.embedder)  # noqa: E731
-    scores = intervention.intervention_scores(ctx.model, ctx.sae, ctx.layer, {f: vectors[f] for f in chosen}, maxima,
-                                              embed_fn, value=cfg.intervention_value, tokens=cfg.intervention_tokens,
-                                              seed=ctx.cfg.run.seed)
+    if intervention.SCORER not in ctx.cfg.labels.label_scorers:
+        labelled = intervention.sample(labelled, ctx.cfg.intervention.intervention_features, ctx.cfg.run.seed)
+    scores = intervention.score_labels(ctx.model, ctx.sae, ctx.layer, {f: vectors[f] for f in labelled}, maxima, ctx.cfg)
     pq.write_table(pa.table({"feature_id": pa.array(list(scores), pa.int32()),
                              "score": pa.array(list(scores.values()), pa.float32())}), folder / "intervention.parquet")
     return {"scored": len(scores), "mean": float(np.mean(list(scores.values()))) if scores else None}
-
-
-def _intervention_is_a_scorer(ctx: Ingest) -> bool:
-    return intervention.SCORER in ctx.cfg.labels.label_scorers
 
 
 def _run_map(ctx: Ingest, folder: Path) -> dict[str, Any]:
@@ -245,8 +237,9 @@ STAGES: list[Stage[Ingest]] = [
     Stage("encode", encode.ENCODE_VERSION, ("analysis",), ("train",), encode.OUTPUTS, _run_encode),
     Stage("labels", LABELS_VERSION, ("labels", "run"), ("encode", "windows"), label_stage.OUTPUTS, _run_labels),
     # Generation with features clamped: its own stage, so a change of its settings leaves the labels be.
+    # (Whether intervention is a label scorer, which decides sample or all, is in the labels key.)
     Stage("intervention", 1, ("intervention", "run"), ("train", "encode", "labels"), ("intervention.parquet",),
-          _run_intervention, inputs=_intervention_is_a_scorer),
+          _run_intervention),
     # The function layout reads the encode stage's activations and the labels stage's context
     # embeddings, so a re-label (another explainer or scorer) lays the map out again (~30 s here).
     Stage("map", MAP_VERSION, ("map", "run"), ("train", "encode", "labels"), ("map.parquet",), _run_map),

@@ -12,7 +12,7 @@ Two interventions at the dictionary's own hook point (the residual stream after 
   in the same units as a clamp (1 means "as strong as it ever fires in the corpus").
 
 Dictionaries that layer-norm their input decode in normalised units; the push is scaled back by the
-token's own norm, as their reconstruction is.
+token's own standard deviation, as their reconstruction is.
 
 The default and steered continuations of a prompt are two rows of one batch sharing one KV cache
 pass per step, and their sampling shares its random numbers (the same Gumbel noise per prompt and
@@ -32,7 +32,7 @@ from featureatlas.store.errors import BadParameter
 from torch import nn
 
 from .model import SubjectModel
-from .sae import SAE
+from .sae import LAYER_NORM_EPS, SAE
 
 MODES = ("clamp", "add")
 
@@ -116,7 +116,7 @@ class Intervention:
         coef = torch.where(self.clamped, self.targets - acts, self.targets.expand_as(acts))
         delta = coef @ self.directions
         if self.sae.layer_norm_input:
-            delta = delta * (self.sae._layer_norm(x)[2] + 1e-5)
+            delta = delta * (self.sae._layer_norm(x)[2] + LAYER_NORM_EPS)
         return x + delta, acts
 
 
@@ -213,15 +213,12 @@ def steer(model: SubjectModel, sae: SAE, layer: int, prompts: list[list[int]], e
     return Steered(runs[:n_default], runs[n_default:])
 
 
-def logits_of(model: SubjectModel, sae: SAE, layer: int, ids: list[int], edits: list[Edit], maxima: dict[int, float],
-              *, generated_only_from: int | None = None) -> torch.Tensor:
-    """[seq, vocab] next-token logits of one text with the edits applied (position 0 untouched;
-    with ``generated_only_from``, only positions from there on): the single-pass form of ``steer``."""
+def logits_of(model: SubjectModel, sae: SAE, layer: int, ids: list[int], edits: list[Edit],
+              maxima: dict[int, float]) -> torch.Tensor:
+    """[seq, vocab] next-token logits of one text with the edits applied at every position but the
+    first: the single-pass form of ``steer`` (no edits: the plain model)."""
     hook = _Hook(Intervention(sae, edits, maxima))
-    mask = torch.arange(len(ids)) > 0
-    if generated_only_from is not None:
-        mask &= torch.arange(len(ids)) >= generated_only_from
-    hook.mask = mask[None, :]
+    hook.mask = (torch.arange(len(ids)) > 0)[None, :]
     handle = model.blocks[layer].register_forward_hook(hook)
     try:
         with torch.no_grad():

@@ -2,7 +2,8 @@
 its feature *does* to the model's output, not only what it reads?
 
 Neutral prompts are continued with the feature clamped at ``value`` times its corpus maximum, and
-with each of a few control features (a seeded sample of other live ones) clamped at the same value.
+with each of a few control features (a seeded sample of live ones, the same for every feature; a
+scored feature that is one of them is compared with the others) clamped at the same value.
 Score: the AUROC of cos(label, continuation) between the feature's continuations and the controls'
 (0.5 is chance: the label predicts what steering with it writes no better than with any feature).
 Only the continuations are embedded; the prompts are the same on both sides.
@@ -16,6 +17,8 @@ from typing import Callable
 import numpy as np
 from tqdm import tqdm
 
+from ..config import AtlasConfig
+from ..embed import embed
 from ..model import SubjectModel
 from ..sae import SAE
 from ..steer import Edit, steer
@@ -37,6 +40,22 @@ def sample(live: list[int], n: int, seed: int) -> list[int]:
     if n >= len(live):
         return sorted(live)
     return sorted(int(f) for f in np.random.default_rng([seed, 14]).choice(live, n, replace=False))
+
+
+def score_labels(model: SubjectModel, sae: SAE, layer: int, label_vectors: dict[int, np.ndarray],
+                 maxima: dict[int, float], cfg: AtlasConfig) -> dict[int, float]:
+    """``intervention_scores`` with the atlas config's settings, for the features of ``label_vectors``
+    that ever fired (the others have no scale to steer with). The dictionary runs on the model's
+    device for the duration and is put back where it was."""
+    vectors = {f: v for f, v in label_vectors.items() if maxima.get(f, 0) > 0}
+    where = sae.W_dec.device
+    sae.to(model.device)
+    try:
+        return intervention_scores(model, sae, layer, vectors, maxima, lambda t: embed(t, name=cfg.labels.embedder),
+                                   value=cfg.intervention.intervention_value,
+                                   tokens=cfg.intervention.intervention_tokens, seed=cfg.run.seed)
+    finally:
+        sae.to(where)
 
 
 def intervention_scores(model: SubjectModel, sae: SAE, layer: int, label_vectors: dict[int, np.ndarray],

@@ -18,6 +18,8 @@ from featureatlas.store.publish import update_labels
 
 from ..config import AtlasConfig, config_of
 from ..embed import embed
+from ..model import load_model
+from ..sae import SAE
 from . import intervention
 from .label import Labels, label_features
 from .llm import make_chat
@@ -82,17 +84,12 @@ def relabel(root: str | Path, overrides: dict[str, Any], features: str | None = 
 
 def _score_interventions(atlas: Atlas, cfg: AtlasConfig, labels: Labels) -> None:
     """Steers the atlas's model with each labelled feature (seconds each) and adds the scores."""
-    from ..probe import Probe
-
     rows = atlas.features.search().select(["feature_id", "max_activation"]).limit(atlas.d_sae).to_arrow().to_pydict()
     maxima = {f: float(m or 0.0) for f, m in zip(rows["feature_id"], rows["max_activation"])}
-    vectors = {f: labels.embeddings[i] for i, (f, src) in enumerate(zip(labels.features, labels.source))
-               if src != "none" and maxima.get(f, 0) > 0}
-    model, sae, layer = Probe(atlas, device=cfg.run.device).load()
-    i = cfg.intervention
-    scores = intervention.intervention_scores(model, sae, layer, vectors, maxima,
-                                              lambda t: embed(t, name=cfg.labels.embedder), value=i.intervention_value,
-                                              tokens=i.intervention_tokens, seed=cfg.run.seed)
+    vectors = {f: labels.embeddings[i] for i, (f, src) in enumerate(zip(labels.features, labels.source)) if src != "none"}
+    model = load_model(cfg.model.model, device=cfg.run.device, dtype=cfg.run.dtype, cache_dir=cfg.model.model_cache)
+    sae = SAE.load(atlas.dictionary_dir)
+    scores = intervention.score_labels(model, sae, int(atlas.manifest["hook"]["layer"]), vectors, maxima, cfg)
     intervention.merge_scores(labels.features, labels.score, labels.scores, scores,
                               primary=cfg.labels.label_scorers[0] == intervention.SCORER)
     labels.summary["intervention_score_mean"] = float(sum(scores.values()) / len(scores)) if scores else None
