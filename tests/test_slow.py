@@ -16,7 +16,7 @@ def test_real_model_and_corpus_end_to_end(tmp_path):
         overrides={
             "atlas": str(tmp_path / "atlas"), "tokens": 12_000, "eval_fraction": 0.15, "d_sae": 512,
             "train_tokens": 150_000, "train_batch": 512, "dead_tokens": 50_000, "ce_eval_contexts": 4,
-            "top_examples": 5, "context_embedding_examples": 2,
+            "top_examples": 5, "context_embedding_examples": 2, "intervention_features": 4,
         },
     )
     manifest = run_ingest(cfg)
@@ -42,3 +42,6 @@ def test_real_model_and_corpus_end_to_end(tmp_path):
     assert labels["explainer"] == "contrastive" and labels["scored"] > 0 and 0 < labels["label_score_mean"] < 1
     assert con.execute("select count(*) from label_candidates where chosen").fetchone()[0] == labels["labelled"] - con.execute(
         "select count(*) from features where label_source = 'none'").fetchone()[0]
+    # Steering the real model with a sample of features scores their labels by what it writes.
+    steered = manifest["stages"]["intervention"]["summary"]
+    assert steered["scored"] == 4 and 0 <= steered["mean"] <= 1
