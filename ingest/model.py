@@ -48,6 +48,12 @@ class SubjectModel:
         bos = self.tokenizer.bos_token_id
         return int(bos if bos is not None else self.tokenizer.eos_token_id)
 
+    @property
+    def pad_id(self) -> int:
+        """What pads a batch (masked out, so any id would do; the tokenizer's own when it has one)."""
+        pad = self.tokenizer.pad_token_id
+        return int(pad if pad is not None else self.bos_id)
+
     @torch.no_grad()
     def residual(self, input_ids: torch.Tensor, layer: int) -> torch.Tensor:
         """Residual stream after block ``layer``, shape [batch, seq, d_model], in float32.

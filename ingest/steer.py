@@ -156,19 +156,12 @@ def steer(model: SubjectModel, sae: SAE, layer: int, prompts: list[list[int]], e
     n = len(prompts)
     n_default = n if default else 0
     rows = (list(prompts) if default else []) + (list(prompts) if steered else [])
-    width = max(len(p) for p in rows)
-    pad = model.tokenizer.pad_token_id if model.tokenizer.pad_token_id is not None else model.bos_id
-    ids = torch.full((len(rows), width), pad, dtype=torch.long)
-    attention = torch.zeros((len(rows), width), dtype=torch.long)
-    for i, p in enumerate(rows):  # left padding: every row's next token is at the same column
-        ids[i, width - len(p):] = torch.tensor(p)
-        attention[i, width - len(p):] = 1
+    pad = model.pad_id
+    ids, attention = left_padded(rows, pad)
     edit_row = torch.zeros(len(rows), dtype=torch.bool)
     edit_row[n_default:] = True
-    first = width - torch.tensor([len(p) for p in rows])  # column of each row's position 0
-    prompt_mask = edit_row[:, None] & (torch.arange(width)[None, :] > first[:, None])
-    if generated_only:
-        prompt_mask[:] = False
+    # the prompt pass edits the steered rows past each row's position 0 (and past its padding)
+    prompt_mask = edit_row[:, None] & (attention.cumsum(1) > 1) & (not generated_only)
 
     hook = _Hook(Intervention(sae, edits, maxima))
     gen = torch.Generator().manual_seed(seed)
@@ -211,6 +204,18 @@ def steer(model: SubjectModel, sae: SAE, layer: int, prompts: list[list[int]], e
     read = torch.cat(hook.history[1:], 1) if len(hook.history) > 1 else torch.zeros((len(rows), 0, len(edits)))
     runs = [_continuation(model, out_ids[i], logprobs[i], read[i], eos) for i in range(len(rows))]
     return Steered(runs[:n_default], runs[n_default:])
+
+
+def left_padded(rows: list[list[int]], pad: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """([rows, width] token ids, [rows, width] attention mask), padded on the left so that every
+    row's next token is at the same column."""
+    width = max(len(r) for r in rows)
+    ids = torch.full((len(rows), width), pad, dtype=torch.long)
+    attention = torch.zeros((len(rows), width), dtype=torch.long)
+    for i, r in enumerate(rows):
+        ids[i, width - len(r):] = torch.tensor(r)
+        attention[i, width - len(r):] = 1
+    return ids, attention
 
 
 def logits_of(model: SubjectModel, sae: SAE, layer: int, ids: list[int], edits: list[Edit],

@@ -40,7 +40,7 @@ from featureatlas.api.service import AtlasService
 from featureatlas.ingest.embed import embed
 from featureatlas.ingest.labels import intervention
 from featureatlas.ingest.probe import Probe
-from featureatlas.ingest.steer import Edit, logits_of, steer
+from featureatlas.ingest.steer import Edit, left_padded, logits_of, steer
 from featureatlas.store.atlas import Atlas
 
 PROMPTS = list(intervention.PROMPTS)  # the neutral prompts the intervention label score steers on
@@ -179,10 +179,9 @@ def combined(atlas: Atlas, loaded: tuple, ids: list[list[int]], query: str, kind
 def speed(loaded: tuple, ids: list[list[int]], edit: Edit, top: float, new_tokens: int, repeats: int) -> dict:
     """Generated tokens/s, the three ways taking turns so machine noise hits each alike."""
     model, sae, layer = loaded
-    pad = model.tokenizer.pad_token_id if model.tokenizer.pad_token_id is not None else model.bos_id
-    width = max(map(len, ids))
-    batch = torch.tensor([[pad] * (width - len(p)) + p for p in ids])  # left padding, as ``steer`` does
-    mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in ids])
+    pad = model.pad_id
+    batch, mask = left_padded(ids, pad)  # as ``steer`` pads
+    width = batch.shape[1]
 
     def hf() -> tuple[int, list[list[int]]]:
         out = model.model.generate(input_ids=batch.to(model.device), attention_mask=mask.to(model.device),
