@@ -87,6 +87,7 @@ class AtlasService:
         lazy (seconds to load, and many deployments never use it)."""
         embed(["warm up"], name=self.embedder)
         self.atlas.open_all()
+        self.atlas.sql_workers  # noqa: B018 (started now: a worker process takes ~0.3 s to start)
         S.decoder_neighbors(self.atlas, 0, 1)  # small atlases load their decoders for exact search here
         # The map document takes seconds at 100k features: built in the background, so the server
         # starts answering now and the first visitor of the map does not wait for all of it.

@@ -16,6 +16,7 @@ import duckdb
 from . import manifest as M
 from .errors import BadParameter, NotFound
 from .schema import vector_matrix
+from .sql_worker import SQLWorkers, locked_config
 
 QUERY_MEMORY_LIMIT = "2GB"
 # Internal queries (feature pages, neighbours, browsing) get this long; user SQL has its own,
@@ -57,7 +58,8 @@ class Atlas:
             raise AtlasNotFound(f"{self.root} is not a finished atlas (no {M.MANIFEST}); run `featureatlas ingest` first")
         self.manifest: dict[str, Any] = manifest
         self._vectors: dict[tuple[str, int | None], Any] = {}
-        self._vectors_lock = threading.Lock()
+        self._vectors_lock = threading.Lock()  # also guards the SQL workers' start
+        self._sql_workers: SQLWorkers | None = None
 
     @property
     def dictionary_dir(self) -> Path:
@@ -102,12 +104,28 @@ class Atlas:
     def _con(self):
         """A read-only connection that cannot reach files, the network or extensions, and whose
         configuration cannot be changed afterwards: the engine, not string checks, keeps SQL safe."""
-        return duckdb.connect(
-            str(self.root / M.duckdb_file(self.manifest)),
-            read_only=True,
-            # memory_limit: one query must not take the server's memory with it.
-            config={"enable_external_access": False, "lock_configuration": True, "memory_limit": QUERY_MEMORY_LIMIT},
-        )
+        # memory_limit: one query must not take the server's memory with it.
+        return duckdb.connect(str(self.duckdb_path), read_only=True, config=locked_config(QUERY_MEMORY_LIMIT))
+
+    @property
+    def duckdb_path(self) -> Path:
+        return self.root / M.duckdb_file(self.manifest)
+
+    @property
+    def sql_workers(self) -> SQLWorkers:
+        """The worker processes that run user SQL (``store.sql``), started on first use (once,
+        however many requests ask at the same time)."""
+        with self._vectors_lock:
+            if self._sql_workers is None:
+                self._sql_workers = SQLWorkers(self.duckdb_path)
+            return self._sql_workers
+
+    def close(self) -> None:
+        """Stop the SQL workers, if any started. The databases close with the object."""
+        with self._vectors_lock:
+            if self._sql_workers is not None:
+                self._sql_workers.close()
+                self._sql_workers = None
 
     def open_all(self) -> None:
         """Open both databases and every table now (a server's first request would pay ~1-4 s)."""

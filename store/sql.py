@@ -1,16 +1,15 @@
 """Read-only SQL over an atlas's analytics database, the way Datasette does it.
 
 The engine is the guard: the connection is read-only, cannot reach files, the network or
-extensions, and its configuration is locked (``Atlas._con``). On top of that, the text must parse
-to exactly one SELECT-like statement, and it runs through ``Atlas.query`` like every internal
-query, with a shorter time limit; results stop at a row limit with ``truncated`` set.
+extensions, and its configuration is locked (``sql_worker.locked_config``). On top of that, the text
+must parse to exactly one SELECT-like statement, and it runs in a worker process with hard time and
+memory limits (``store.sql_worker``); results stop at a row limit with ``truncated`` set. A statement
+past a limit is a refusal that names the limit; no free worker for as long as a statement may run is
+``QueryInterrupted`` (the server is busy: a 503).
 """
 
 from __future__ import annotations
 
-import datetime as dt
-import decimal
-import uuid
 from dataclasses import dataclass
 from typing import Any
 
@@ -18,16 +17,13 @@ import duckdb
 
 from .atlas import Atlas, QueryInterrupted
 from .errors import QueryRefused
+from .sql_worker import LimitExceeded, StatementFailed, WorkersBusy, first_line
 
 SQL_TIME_LIMIT_MS = 2000
 MAX_RETURNED_ROWS = 1000
 MAX_SQL_CHARS = 20_000
 # Statement types that only read.
 _READ_ONLY = {"SELECT", "EXPLAIN"}
-# What a query can do wrong as written (a missing column, a bad cast, reading a file, too much
-# memory): a refusal. Anything else (a damaged file, an internal error) is ours: a 500.
-_USER_ERRORS = (duckdb.ProgrammingError, duckdb.DataError, duckdb.NotSupportedError, duckdb.OutOfMemoryException,
-                duckdb.PermissionException, duckdb.IntegrityError)
 
 
 @dataclass
@@ -56,36 +52,19 @@ def execute_sql(
     try:
         kinds = atlas.statements(sql)
     except duckdb.Error as e:
-        raise QueryRefused(f"syntax error: {_first_line(e)}") from None
+        raise QueryRefused(f"syntax error: {first_line(e)}") from None
     if len(kinds) != 1:
         raise QueryRefused(f"exactly one statement is allowed, got {len(kinds)}")
     if kinds[0] not in _READ_ONLY:
         raise QueryRefused(f"only read-only queries (SELECT) are allowed, got {kinds[0]}")
     try:
-        result = atlas.query(sql, params, time_limit_ms=time_limit_ms, row_limit=max_rows)
-    except QueryInterrupted:
-        raise QueryRefused(f"query interrupted: it ran longer than the {time_limit_ms} ms limit") from None
-    except _USER_ERRORS as e:
-        raise QueryRefused(_first_line(e)) from None
-    rows = [[_json_safe(v) for v in r] for r in result.rows]
-    return SQLResult(result.columns, rows, result.truncated, result.elapsed_ms)
-
-
-def _first_line(e: Exception) -> str:
-    return str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-
-
-def _json_safe(v: Any) -> Any:
-    if v is None or isinstance(v, (bool, int, float, str)):
-        return v
-    if isinstance(v, decimal.Decimal):
-        return float(v)
-    if isinstance(v, (dt.date, dt.datetime, dt.time, dt.timedelta, uuid.UUID)):
-        return str(v)
-    if isinstance(v, (bytes, bytearray, memoryview)):
-        return bytes(v).hex()
-    if isinstance(v, (list, tuple)):
-        return [_json_safe(x) for x in v]
-    if isinstance(v, dict):
-        return {str(k): _json_safe(x) for k, x in v.items()}
-    return str(v)
+        result = atlas.sql_workers.run(sql, params, time_limit_ms=time_limit_ms, max_rows=max_rows)
+    except WorkersBusy as e:
+        raise QueryInterrupted(str(e)) from None
+    except LimitExceeded as e:
+        raise QueryRefused(f"{e} [{e.limit} limit]") from None
+    except StatementFailed as e:
+        if not e.user:
+            raise RuntimeError(f"SQL worker: {e}") from None
+        raise QueryRefused(str(e)) from None
+    return SQLResult(result.columns, result.rows, result.truncated, result.elapsed_ms)

@@ -1,0 +1,248 @@
+"""User SQL in worker processes with hard limits.
+
+DuckDB checks for interrupts between chunks of work and counts only its buffer-managed memory, so
+inside the server one scalar-heavy statement (``md5(repeat('ab', 400000000))``) overruns any time
+limit and strings built that way escape any memory limit. A separate process can be bounded by the
+operating system instead: its address space is capped (``RLIMIT_AS``: an allocation past it fails,
+and DuckDB turns that into an out-of-memory error), and a statement past its time limit is ended by
+killing the process. The server's own memory never sees the statement, and a worker that passed a
+limit is replaced by a fresh one.
+
+This module is what a worker process imports, so it stays light: DuckDB, and no torch or LanceDB.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import decimal
+import json
+import logging
+import multiprocessing
+import os
+import queue
+import threading
+import time
+import uuid
+from dataclasses import dataclass
+from multiprocessing.connection import Connection
+from pathlib import Path
+from typing import Any
+
+import duckdb
+
+log = logging.getLogger(__name__)
+WORKERS = 2
+# A worker's whole address space: DuckDB's base reservation (~0.8 GB) plus what one statement may use.
+ADDRESS_SPACE_BYTES = 3 * 2**30
+# DuckDB's own limit for its buffer-managed memory (joins, sorts, aggregates), under the cap above
+# so that those fail with DuckDB's clearer message first.
+DUCKDB_MEMORY = "1GB"
+DUCKDB_THREADS = 2  # each thread reserves address space; a big machine's 64 would eat the cap
+MAX_RESULT_BYTES = 8 * 2**20  # as JSON: an answer the server holds in memory and sends
+START_TIMEOUT_S = 30
+# What a statement can do wrong as written (a missing column, a bad cast, reading a file, too
+# much memory): a refusal. Anything else (a damaged file, an internal error) is ours.
+_USER_ERRORS = (duckdb.ProgrammingError, duckdb.DataError, duckdb.NotSupportedError, duckdb.OutOfMemoryException,
+                duckdb.PermissionException, duckdb.IntegrityError, duckdb.InvalidInputException,
+                duckdb.ConversionException, MemoryError)
+
+
+class LimitExceeded(Exception):
+    """The statement passed a limit (``limit``: "time", "memory" or "result size"); its worker was replaced."""
+
+    def __init__(self, limit: str, message: str):
+        super().__init__(message)
+        self.limit = limit
+
+
+class StatementFailed(Exception):
+    """The statement failed as written (``user``) or the engine failed (not ``user``: ours, a 500)."""
+
+    def __init__(self, message: str, *, user: bool):
+        super().__init__(message)
+        self.user = user
+
+
+class WorkersBusy(Exception):
+    """Every worker stayed busy for as long as a statement may run."""
+
+
+@dataclass
+class Rows:
+    columns: list[str]
+    rows: list[list[Any]]  # JSON-safe values
+    truncated: bool
+    elapsed_ms: float
+
+
+class SQLWorkers:
+    """A small pool of worker processes, each with one read-only connection to ``database``."""
+
+    def __init__(self, database: Path, *, workers: int = WORKERS, address_space: int = ADDRESS_SPACE_BYTES):
+        self.database = Path(database)
+        self.address_space = address_space
+        self._context = multiprocessing.get_context("spawn")  # never fork a server's threads
+        self._idle: queue.Queue[_Worker] = queue.Queue()
+        self._closed = False
+        for _ in range(workers):
+            self._idle.put(self._start())
+
+    def _start(self) -> _Worker:
+        return _Worker(self._context, self.database, self.address_space)
+
+    def run(self, sql: str, params: list[Any] | dict[str, Any] | None, *, time_limit_ms: int, max_rows: int) -> Rows:
+        """One statement on an idle worker, waiting at most ``time_limit_ms`` for one to be free."""
+        if self._closed:
+            raise RuntimeError("SQLWorkers.run after close")
+        try:
+            worker = self._idle.get(timeout=time_limit_ms / 1000)
+        except queue.Empty:
+            raise WorkersBusy(f"all {WORKERS} SQL workers stayed busy for {time_limit_ms} ms") from None
+        healthy = False
+        try:
+            result = worker.run(sql, params, time_limit_ms=time_limit_ms, max_rows=max_rows)
+            healthy = True
+            return result
+        except StatementFailed:
+            healthy = True
+            raise
+        except LimitExceeded as e:
+            healthy = e.limit == "result size"  # refused before anything was sent: the worker is fine
+            raise
+        finally:
+            if healthy:
+                self._idle.put(worker)
+            else:
+                # Killed, or dead of its own accord: a fresh worker takes its place, started in
+                # the background so that this caller hears about its limit at once.
+                worker.kill()
+                threading.Thread(target=self._replace, name="sql-worker-start", daemon=True).start()
+
+    def _replace(self) -> None:
+        if self._closed:
+            return
+        try:
+            self._idle.put(self._start())
+        except Exception:
+            log.exception("could not start a replacement SQL worker")
+
+    def close(self) -> None:
+        self._closed = True
+        while True:
+            try:
+                self._idle.get_nowait().kill()
+            except queue.Empty:
+                return
+
+
+class _Worker:
+    """One process and the parent's end of its pipe."""
+
+    def __init__(self, context: Any, database: Path, address_space: int):
+        self._conn, child = context.Pipe()
+        self.process = context.Process(target=_serve, args=(child, str(database), address_space),
+                                       name="featureatlas-sql", daemon=True)
+        self.process.start()
+        child.close()
+        if not self._conn.poll(START_TIMEOUT_S):
+            self.kill()
+            raise RuntimeError(f"an SQL worker did not start within {START_TIMEOUT_S} s")
+        status, detail = self._conn.recv()
+        if status != "ready":
+            self.kill()
+            raise RuntimeError(f"an SQL worker could not open {database}: {detail}")
+
+    def run(self, sql: str, params: Any, *, time_limit_ms: int, max_rows: int) -> Rows:
+        t0 = time.perf_counter()
+        try:
+            self._conn.send((sql, params, max_rows))
+            ready = self._conn.poll(time_limit_ms / 1000)
+            reply = self._conn.recv() if ready else None
+        except (EOFError, OSError):  # the worker died: its address space ran out outside DuckDB's checks
+            raise LimitExceeded("memory", "the query was stopped: it passed the memory limit") from None
+        if reply is None:
+            raise LimitExceeded("time", f"the query was stopped: it ran longer than the {time_limit_ms} ms limit")
+        status, detail = reply
+        if status == "ok":
+            columns, rows, truncated = detail
+            return Rows(columns, rows, truncated, round((time.perf_counter() - t0) * 1000, 2))
+        if status == "memory":
+            raise LimitExceeded("memory", f"the query was stopped: {detail}")
+        if status == "size":
+            raise LimitExceeded("result size", detail)
+        raise StatementFailed(detail, user=status == "refused")
+
+    def kill(self) -> None:
+        self.process.kill()
+        self.process.join(5)
+        self._conn.close()
+
+
+def _serve(conn: Connection, database: str, address_space: int) -> None:
+    """A worker's life: cap the address space, open the database, answer statements until the pipe closes."""
+    import resource
+
+    resource.setrlimit(resource.RLIMIT_AS, (address_space, address_space))
+    try:
+        con = duckdb.connect(database, read_only=True, config=locked_config(DUCKDB_MEMORY, threads=DUCKDB_THREADS))
+    except Exception as e:
+        conn.send(("failed", first_line(e)))
+        return
+    conn.send(("ready", os.getpid()))
+    while True:
+        try:
+            sql, params, max_rows = conn.recv()
+        except EOFError:
+            return
+        conn.send(_answer(con, sql, params, max_rows))
+
+
+def locked_config(memory_limit: str, *, threads: int | None = None) -> dict[str, Any]:
+    """A read-only connection's settings: no files, network or extensions, and no way to change
+    them afterwards; the engine, not string checks, keeps SQL safe."""
+    config: dict[str, Any] = {"enable_external_access": False, "lock_configuration": True, "memory_limit": memory_limit}
+    if threads is not None:
+        config["threads"] = threads
+    return config
+
+
+def _answer(con: duckdb.DuckDBPyConnection, sql: str, params: Any, max_rows: int) -> tuple[str, Any]:
+    cur = con.cursor()
+    try:
+        cur.execute(sql, params) if params else cur.execute(sql)
+        columns = [d[0] for d in cur.description or []]
+        fetched = cur.fetchmany(max_rows + 1)
+        rows = [[json_safe(v) for v in r] for r in fetched[:max_rows]]
+        size = len(json.dumps(rows))
+        if size > MAX_RESULT_BYTES:
+            return "size", (f"the result is {size / 2**20:.0f} MiB; the limit is {MAX_RESULT_BYTES // 2**20} MiB "
+                            "(select fewer rows or shorter values)")
+        return "ok", (columns, rows, len(fetched) > max_rows)
+    except (duckdb.OutOfMemoryException, MemoryError) as e:
+        return "memory", first_line(e)
+    except _USER_ERRORS as e:
+        return "refused", first_line(e)
+    except Exception as e:
+        return "failed", f"{type(e).__name__}: {first_line(e)}"
+    finally:
+        cur.close()
+
+
+def first_line(e: BaseException) -> str:
+    return str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+
+
+def json_safe(v: Any) -> Any:
+    if v is None or isinstance(v, (bool, int, float, str)):
+        return v
+    if isinstance(v, decimal.Decimal):
+        return float(v)
+    if isinstance(v, (dt.date, dt.datetime, dt.time, dt.timedelta, uuid.UUID)):
+        return str(v)
+    if isinstance(v, (bytes, bytearray, memoryview)):
+        return bytes(v).hex()
+    if isinstance(v, (list, tuple)):
+        return [json_safe(x) for x in v]
+    if isinstance(v, dict):
+        return {str(k): json_safe(x) for k, x in v.items()}
+    return str(v)
