@@ -1,0 +1,79 @@
+"""Serving through a rebuild: the server follows the atlas's manifest.
+
+An ``ingest`` or ``label`` that publishes into the atlas being served writes new parts beside the
+old ones and then replaces the manifest (``store.publish``). Each request asks ``LiveService.current``
+for the service to answer from; when the manifest has changed, the new atlas is opened and warmed
+up in the background while requests go on being answered from the old one, and then it replaces
+the old one between two requests. A request is answered from one atlas only, old or new: it holds
+its service for its whole life, and the old parts stay on disk until the next publish after that.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+from pathlib import Path
+
+from featureatlas.store import manifest as M
+from featureatlas.store.atlas import Atlas
+
+from .service import AtlasService
+
+log = logging.getLogger(__name__)
+# How long a replaced atlas keeps its SQL workers: longer than any request on it may still run.
+RETIRE_AFTER_S = 60.0
+
+
+def _stamp(root: Path) -> tuple[int, int] | None:
+    """What changes when the manifest is replaced (a publish writes a new file and renames it)."""
+    try:
+        st = os.stat(root / M.MANIFEST)
+    except FileNotFoundError:
+        return None
+    return st.st_ino, st.st_mtime_ns
+
+
+class LiveService:
+    def __init__(self, atlas: Atlas, *, probe_device: str | None = None):
+        self.root = atlas.root
+        self._probe_device = probe_device
+        self._service = AtlasService(atlas, probe_device=probe_device)
+        self._stamp = _stamp(self.root)
+        self._lock = threading.Lock()
+        self._switching = False
+
+    def warm_up(self) -> None:
+        self._service.warm_up()
+
+    def current(self) -> AtlasService:
+        """The service to answer this request from (a stat of the manifest: microseconds)."""
+        stamp = _stamp(self.root)
+        if stamp is not None and stamp != self._stamp:
+            with self._lock:
+                if not self._switching and stamp != self._stamp:
+                    self._switching = True
+                    threading.Thread(target=self._switch, args=(stamp,), name="atlas-switch", daemon=True).start()
+        return self._service
+
+    def _switch(self, stamp: tuple[int, int]) -> None:
+        try:
+            service = AtlasService(Atlas(self.root), probe_device=self._probe_device)
+            service.warm_up()
+        except Exception:
+            # A damaged or unreadable new atlas: keep serving the old one, and try again only when
+            # the manifest changes again.
+            log.exception("the atlas at %s changed but could not be opened; still serving the previous one", self.root)
+            with self._lock:
+                self._stamp, self._switching = stamp, False
+            return
+        with self._lock:
+            old, self._service = self._service, service
+            self._stamp, self._switching = stamp, False
+        log.info("now serving the atlas published at %s", service.atlas.manifest.get("created_at"))
+        retire = threading.Timer(RETIRE_AFTER_S, old.atlas.close)
+        retire.daemon = True
+        retire.start()
+
+    def close(self) -> None:
+        self._service.atlas.close()
