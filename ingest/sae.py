@@ -25,13 +25,14 @@ from pathlib import Path
 from typing import Any, NamedTuple
 
 import torch
+from featureatlas.store import manifest as M
 from safetensors.torch import load_file, save_file
 from torch import nn
 
 from .config import ARCHITECTURES
 
-WEIGHTS_FILE = "sae_weights.safetensors"
-CFG_FILE = "cfg.json"
+WEIGHTS_FILE = M.DICTIONARY_WEIGHTS
+CFG_FILE = M.DICTIONARY_CFG
 
 
 class SparseCode(NamedTuple):

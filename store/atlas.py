@@ -14,7 +14,7 @@ from typing import Any
 import duckdb
 
 from . import manifest as M
-from .errors import BadParameter, NotFound
+from .errors import BadParameter, DamagedAtlas, NotFound
 from .schema import vector_matrix
 from .sql_worker import SQLWorkers, locked_config
 
@@ -57,13 +57,27 @@ class Atlas:
         if manifest is None:
             raise AtlasNotFound(f"{self.root} is not a finished atlas (no {M.MANIFEST}); run `featureatlas ingest` first")
         self.manifest: dict[str, Any] = manifest
+        # Where the published parts are: the folder the manifest names, read once, so that every
+        # read of this object comes from the same publish however the atlas changes meanwhile.
+        self.base = self.root / M.folder(manifest)
+        self._check_parts()
         self._vectors: dict[tuple[str, int | None], Any] = {}
         self._vectors_lock = threading.Lock()  # also guards the SQL workers' start
         self._sql_workers: SQLWorkers | None = None
 
+    def _check_parts(self) -> None:
+        """Every part the manifest names is there (a deleted or half-copied atlas says so at once,
+        naming the file, rather than failing on some later query)."""
+        parts = [self.duckdb_path, self.dictionary_dir / M.DICTIONARY_CFG, self.dictionary_dir / M.DICTIONARY_WEIGHTS,
+                 *(self.base / M.LANCE / f"{t}.lance" for t in ("features", "examples"))]
+        for path in parts:
+            if not path.exists():
+                raise DamagedAtlas(path, f"is missing; re-run `featureatlas ingest --atlas {self.root}` to publish "
+                                         "the atlas again (finished stages are reused)")
+
     @property
     def dictionary_dir(self) -> Path:
-        return self.root / M.DICTIONARY
+        return self.base / M.DICTIONARY
 
     @property
     def d_sae(self) -> int:
@@ -73,7 +87,7 @@ class Atlas:
     def _lance(self):
         import lancedb
 
-        return lancedb.connect(str(self.root / M.LANCE))
+        return lancedb.connect(str(self.base / M.LANCE))
 
     def has_table(self, name: str) -> bool:
         """Whether the LanceDB side holds ``name`` (atlases published by older versions lack some)."""
@@ -104,12 +118,16 @@ class Atlas:
     def _con(self):
         """A read-only connection that cannot reach files, the network or extensions, and whose
         configuration cannot be changed afterwards: the engine, not string checks, keeps SQL safe."""
-        # memory_limit: one query must not take the server's memory with it.
-        return duckdb.connect(str(self.duckdb_path), read_only=True, config=locked_config(QUERY_MEMORY_LIMIT))
+        try:
+            # memory_limit: one query must not take the server's memory with it.
+            return duckdb.connect(str(self.duckdb_path), read_only=True, config=locked_config(QUERY_MEMORY_LIMIT))
+        except duckdb.Error as e:
+            raise DamagedAtlas(self.duckdb_path, f"cannot be opened ({str(e).splitlines()[0]}); re-run `featureatlas "
+                                                 f"ingest --atlas {self.root}` to publish the atlas again") from None
 
     @property
     def duckdb_path(self) -> Path:
-        return self.root / M.duckdb_file(self.manifest)
+        return self.base / M.duckdb_file(self.manifest)
 
     @property
     def sql_workers(self) -> SQLWorkers:

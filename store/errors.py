@@ -49,3 +49,14 @@ class QueryRefused(UserError):
 
     def __init__(self, message: str):
         super().__init__("sql", message)
+
+
+class DamagedAtlas(UserError):
+    """A file of an atlas that is missing, unreadable or from a newer version. Not the requester's
+    doing, but the operator's to fix: the message names the file and what to do."""
+
+    status = 500
+    kind = "damaged atlas"
+
+    def __init__(self, path: object, message: str):
+        super().__init__(str(path), message)

@@ -1,14 +1,20 @@
 """Writing an atlas: a whole publish, and a re-label, each one atomic change.
 
 The manifest is the commit record (``store.manifest``). A publish builds every part in a staging
-folder, removes the manifest, swaps the parts in and writes the manifest last: a crash leaves the
-previous atlas, or a folder that ``Atlas`` refuses to open, never a half atlas that opens. A
-re-label writes a new DuckDB file and a new LanceDB table version, neither of which readers open
-until the manifest that names them replaces the old one.
+folder, moves it whole to a new folder ``data/<id>/`` and then writes the manifest that names it: a
+crash leaves the previous atlas as it was. A re-label writes a new DuckDB file and a new LanceDB
+table version in the current folder, neither of which readers open until the manifest that names
+them replaces the old one.
+
+Nothing a reader may still be using is deleted: the parts the previous manifest named stay until
+the next change, so a server that opened them a moment ago finishes its answers from them and
+then moves to the new manifest (``api.live``). ``dictionary``, ``lance`` and ``analytics.duckdb`` at
+the top of the atlas are links to the current parts, for people and peers' tools.
 """
 
 from __future__ import annotations
 
+import errno
 import fcntl
 import shutil
 import time
@@ -23,7 +29,7 @@ import pyarrow as pa
 from lancedb.index import FTS, BTree, IvfHnswSq
 
 from . import manifest as M
-from .errors import BadParameter
+from .errors import BadParameter, DamagedAtlas, UserError
 from .schema import ANN_MIN_ROWS, DUCKDB_TABLES, EXAMPLES, FEATURES, LABEL_CANDIDATES, WINDOWS
 
 STAGING = ".staging"
@@ -116,21 +122,76 @@ def _publish(root: Path, build: Callable[[Path], dict[str, int]], manifest: dict
     staging = root / M.CACHE / STAGING
     if staging.exists():
         shutil.rmtree(staging)  # left by a crash: rebuilt whole, never trusted
-    staging.mkdir(parents=True)
-    versions = build(staging)
-    missing = [p for p in PUBLISHED if not (staging / p).exists()]
-    if missing:
-        raise RuntimeError(f"publish: build did not write {missing}")
-    old = staging / "old"
-    old.mkdir()
-    (root / M.MANIFEST).unlink(missing_ok=True)
-    for part in PUBLISHED:
-        if (root / part).exists():
-            (root / part).rename(old / part)
-        (staging / part).rename(root / part)
-    _remove_relabelled_copies(root, keep={M.DUCKDB})
-    M.write(root, M.pin(manifest, duckdb=M.DUCKDB, lance=versions))
-    shutil.rmtree(staging)
+    previous = _current_folder(root)
+    folder = f"{M.DATA}/{time.time_ns()}"
+    try:
+        staging.mkdir(parents=True)
+        versions = build(staging)
+        missing = [p for p in PUBLISHED if not (staging / p).exists()]
+        if missing:
+            raise RuntimeError(f"publish: build did not write {missing}")
+        (root / M.DATA).mkdir(exist_ok=True)
+        staging.rename(root / folder)
+        M.write(root, M.pin(manifest, folder=folder, duckdb=M.DUCKDB, lance=versions))
+    except OSError as e:
+        shutil.rmtree(staging, ignore_errors=True)
+        if _current_folder(root) != folder:
+            shutil.rmtree(root / folder, ignore_errors=True)
+        if e.errno == errno.ENOSPC:
+            raise DiskFull(root) from None
+        raise
+    _link_current(root)
+    _remove_retired(root, keep={folder, previous})
+
+
+class DiskFull(UserError):
+    kind = "disk full"
+
+    def __init__(self, root: Path):
+        super().__init__(str(root), "the disk filled while publishing; the atlas is unchanged and the unfinished "
+                                    "copy was removed: free some space and re-run (finished stages are reused)")
+
+
+def _current_folder(root: Path) -> str | None:
+    """The folder the manifest names now, or None where there is no readable manifest."""
+    try:
+        manifest = M.read(root)
+    except DamagedAtlas:
+        return None
+    return M.folder(manifest) if manifest is not None else None
+
+
+def _link_current(root: Path) -> None:
+    """Point the top-level names at the current parts (each link replaced atomically). A name
+    still held by a format-1 part is left alone until that part is retired."""
+    manifest = M.read(root)
+    base = M.folder(manifest or {})
+    if manifest is None or not base:
+        return
+    for name, target in ((M.DICTIONARY, M.DICTIONARY), (M.LANCE, M.LANCE), (M.DUCKDB, M.duckdb_file(manifest))):
+        path = root / name
+        if path.exists() and not path.is_symlink():
+            continue
+        tmp = root / f".{name}.link"
+        tmp.unlink(missing_ok=True)
+        tmp.symlink_to(f"{base}/{target}")
+        tmp.replace(path)
+
+
+def _remove_retired(root: Path, *, keep: set[str | None]) -> None:
+    """Every published folder but ``keep`` (the current one and the one before, which a reader may
+    still use); format-1 parts at the top level once they are not among those."""
+    if (root / M.DATA).is_dir():
+        for path in (root / M.DATA).iterdir():
+            if f"{M.DATA}/{path.name}" not in keep:
+                shutil.rmtree(path, ignore_errors=True)
+    if "" in keep:
+        return
+    for part in (M.DICTIONARY, M.LANCE):
+        if (root / part).is_dir() and not (root / part).is_symlink():
+            shutil.rmtree(root / part)
+    _remove_relabelled_copies(root, keep=set())
+    _link_current(root)
 
 
 def update_labels(root: Path, labels: pa.Table, candidates: pa.Table, summary: dict[str, Any],
@@ -144,14 +205,18 @@ def update_labels(root: Path, labels: pa.Table, candidates: pa.Table, summary: d
         manifest = M.read(root)
         if manifest is None:
             raise RuntimeError(f"{root} has no manifest")
+        folder = M.folder(manifest)
+        base = root / folder
         previous = M.duckdb_file(manifest)
-        duckdb_name = _relabelled_duckdb(root, previous, labels, candidates)
-        features_version = _relabelled_lance(root, M.lance_version(manifest, "features"), labels)
+        duckdb_name = _relabelled_duckdb(base, previous, labels, candidates)
+        features_version = _relabelled_lance(base, M.lance_version(manifest, "features"), labels)
         lance = {**manifest.get("published", {}).get("lance", {}), "features": features_version}
-        M.write(root, M.pin({**manifest, "labels": summary, "config": config}, duckdb=duckdb_name, lance=lance))
+        M.write(root, M.pin({**manifest, "labels": summary, "config": config}, folder=folder, duckdb=duckdb_name,
+                            lance=lance))
+        _link_current(root)
         # The file just replaced stays until the next change: a reader that read the old manifest
         # a moment ago can still open it.
-        _remove_relabelled_copies(root, keep={duckdb_name, previous})
+        _remove_relabelled_copies(base, keep={duckdb_name, previous})
 
 
 def _relabelled_duckdb(root: Path, current: str, labels: pa.Table, candidates: pa.Table) -> str:
@@ -200,12 +265,12 @@ def _relabelled_lance(root: Path, version: int | None, labels: pa.Table) -> int:
     return table.version
 
 
-def _remove_relabelled_copies(root: Path, *, keep: set[str]) -> None:
-    """DuckDB files that are neither named by the manifest nor the one it named before (a reader
-    may still be opening that), and any of a re-label that died before its commit. Called while
-    holding the writer lock, so no other writer's file is in progress."""
-    for path in root.glob("analytics*.duckdb"):
-        if path.name not in keep:
+def _remove_relabelled_copies(folder: Path, *, keep: set[str]) -> None:
+    """DuckDB files in ``folder`` that are neither named by the manifest nor the one it named before
+    (a reader may still be opening that), and any of a re-label that died before its commit. Called
+    while holding the writer lock, so no other writer's file is in progress."""
+    for path in folder.glob("analytics*.duckdb"):
+        if path.name not in keep and not path.is_symlink():
             path.unlink(missing_ok=True)
-    for path in root.glob(".analytics.*.duckdb.tmp"):
+    for path in folder.glob(".analytics.*.duckdb.tmp"):
         path.unlink(missing_ok=True)

@@ -40,6 +40,9 @@ DUCKDB_MEMORY = "1GB"
 DUCKDB_THREADS = 2  # each thread reserves address space; a big machine's 64 would eat the cap
 MAX_RESULT_BYTES = 8 * 2**20  # as JSON: an answer the server holds in memory and sends
 START_TIMEOUT_S = 30
+# How long a statement waits for a free worker before the server says it is busy (a 503): a few
+# statements' worth, so that a burst queues and only a sustained overload is refused.
+QUEUE_WAIT_S = 10.0
 # What a statement can do wrong as written (a missing column, a bad cast, reading a file, too
 # much memory): a refusal. Anything else (a damaged file, an internal error) is ours.
 _USER_ERRORS = (duckdb.ProgrammingError, duckdb.DataError, duckdb.NotSupportedError, duckdb.OutOfMemoryException,
@@ -84,20 +87,18 @@ class SQLWorkers:
         self._context = multiprocessing.get_context("spawn")  # never fork a server's threads
         self._idle: queue.Queue[_Worker] = queue.Queue()
         self._closed = False
-        for _ in range(workers):
-            self._idle.put(self._start())
-
-    def _start(self) -> _Worker:
-        return _Worker(self._context, self.database, self.address_space)
+        starting = [_Worker(self._context, self.database, self.address_space) for _ in range(workers)]
+        for worker in starting:  # started together, waited for in turn
+            self._idle.put(worker.ready())
 
     def run(self, sql: str, params: list[Any] | dict[str, Any] | None, *, time_limit_ms: int, max_rows: int) -> Rows:
-        """One statement on an idle worker, waiting at most ``time_limit_ms`` for one to be free."""
+        """One statement on an idle worker, waiting at most ``QUEUE_WAIT_S`` for one to be free."""
         if self._closed:
             raise RuntimeError("SQLWorkers.run after close")
         try:
-            worker = self._idle.get(timeout=time_limit_ms / 1000)
+            worker = self._idle.get(timeout=QUEUE_WAIT_S)
         except queue.Empty:
-            raise WorkersBusy(f"all {WORKERS} SQL workers stayed busy for {time_limit_ms} ms") from None
+            raise WorkersBusy(f"every SQL worker stayed busy for {QUEUE_WAIT_S:g} s") from None
         healthy = False
         try:
             result = worker.run(sql, params, time_limit_ms=time_limit_ms, max_rows=max_rows)
@@ -122,7 +123,7 @@ class SQLWorkers:
         if self._closed:
             return
         try:
-            self._idle.put(self._start())
+            self._idle.put(_Worker(self._context, self.database, self.address_space).ready())
         except Exception:
             log.exception("could not start a replacement SQL worker")
 
@@ -144,13 +145,18 @@ class _Worker:
                                        name="featureatlas-sql", daemon=True)
         self.process.start()
         child.close()
+        self.database = database
+
+    def ready(self) -> _Worker:
+        """This worker, once its database is open."""
         if not self._conn.poll(START_TIMEOUT_S):
             self.kill()
             raise RuntimeError(f"an SQL worker did not start within {START_TIMEOUT_S} s")
         status, detail = self._conn.recv()
         if status != "ready":
             self.kill()
-            raise RuntimeError(f"an SQL worker could not open {database}: {detail}")
+            raise RuntimeError(f"an SQL worker could not open {self.database}: {detail}")
+        return self
 
     def run(self, sql: str, params: Any, *, time_limit_ms: int, max_rows: int) -> Rows:
         t0 = time.perf_counter()

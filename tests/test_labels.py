@@ -286,7 +286,7 @@ def test_budget_and_timeouts_raise_chat_errors():
 
 def test_label_command_relabels_in_place(tiny_atlas, tmp_path, capsys):
     root = tmp_path / "atlas"
-    shutil.copytree(tiny_atlas, root)
+    shutil.copytree(tiny_atlas, root, symlinks=True)
     before = Atlas(root).features.version
     assert main(["label", "--atlas", str(root), "--features", "0-9", "--scorer", "token", "embedding", "--json"]) == 0
     summary = json.loads(capsys.readouterr().out)
@@ -310,7 +310,7 @@ def test_label_command_relabels_in_place(tiny_atlas, tmp_path, capsys):
 def test_label_command_scores_by_intervention(tiny_atlas, tmp_path, capsys):
     """``--scorer intervention``: the relabelled features are steered, and that score is their label_score."""
     root = tmp_path / "atlas"
-    shutil.copytree(tiny_atlas, root)
+    shutil.copytree(tiny_atlas, root, symlinks=True)
     assert main(["label", "--atlas", str(root), "--features", "0-5", "--scorer", "intervention", "embedding", "--json"]) == 0
     summary = json.loads(capsys.readouterr().out)
     assert 0 <= summary["intervention_score_mean"] <= 1
@@ -334,7 +334,7 @@ def test_label_command_scores_by_intervention(tiny_atlas, tmp_path, capsys):
 ])
 def test_label_command_bad_input_exits_2(tiny_atlas, tmp_path, capsys, args, flag):
     root = tmp_path / "atlas"
-    shutil.copytree(tiny_atlas, root)
+    shutil.copytree(tiny_atlas, root, symlinks=True)
     assert main(["label", "--atlas", str(root), *args]) == 2
     assert flag in capsys.readouterr().err
 
@@ -362,7 +362,7 @@ def test_a_relabel_that_dies_between_the_databases_leaves_the_previous_labels_in
     from featureatlas.store import publish
 
     root = tmp_path / "atlas"
-    shutil.copytree(tiny_atlas, root)
+    shutil.copytree(tiny_atlas, root, symlinks=True)
     before = {r["feature_id"]: r["label"] for r in Atlas(root).features.to_arrow().to_pylist()}
 
     def crash(*_a, **_kw):
@@ -382,5 +382,6 @@ def test_a_relabel_that_dies_between_the_databases_leaves_the_previous_labels_in
     assert atlas.manifest["labels"]["scorers"] == ["token"]
     # The crashed run's file is gone; the one just replaced stays until the next change (a reader
     # that read the old manifest may still open it).
-    assert {p.name for p in root.glob("*.duckdb")} == {atlas.manifest["published"]["duckdb"], "analytics.duckdb"}
-    assert not list(root.glob(".*.tmp"))
+    assert {p.name for p in atlas.base.glob("*.duckdb")} == {atlas.manifest["published"]["duckdb"], "analytics.duckdb"}
+    assert not list(atlas.base.glob(".*.tmp"))
+    assert (root / "analytics.duckdb").resolve() == atlas.duckdb_path.resolve()  # the link follows the re-label

@@ -222,7 +222,7 @@ def _unpin(root):
 
 def test_an_atlas_without_a_map_says_how_to_get_one(tiny_atlas, tmp_path):
     old = tmp_path / "old-atlas"
-    shutil.copytree(tiny_atlas, old)
+    shutil.copytree(tiny_atlas, old, symlinks=True)
     lancedb.connect(str(old / "lance")).open_table("features").drop_columns(["map_x", "map_y"])
     _unpin(old)  # atlases from before maps also predate pinned versions: readers open the latest
     with TestClient(create_app(Atlas(old))) as client:
@@ -234,7 +234,7 @@ def test_an_atlas_without_a_map_says_how_to_get_one(tiny_atlas, tmp_path):
 def test_map_stays_in_feature_order_after_rows_are_rewritten(tiny_atlas, tmp_path):
     """A re-label rewrites rows through merge_insert, and LanceDB moves them to the end of the table."""
     atlas_dir = tmp_path / "relabelled"
-    shutil.copytree(tiny_atlas, atlas_dir)
+    shutil.copytree(tiny_atlas, atlas_dir, symlinks=True)
     table = lancedb.connect(str(atlas_dir / "lance")).open_table("features")
     rows = table.search().where("feature_id in (3, 40)").limit(2).to_arrow()
     rows = rows.set_column(rows.schema.get_field_index("label"), "label", pa.array(["label three", "label forty"]))
@@ -254,7 +254,7 @@ def test_map_stays_in_feature_order_after_rows_are_rewritten(tiny_atlas, tmp_pat
 def test_the_decoder_layout_is_still_an_option(tiny_atlas, tiny_model_dir, corpus_dir, tmp_path):
     """A re-run with ``map_layout=decoder`` redoes the map alone, from the decoder directions."""
     root = tmp_path / "decoder-map"
-    shutil.copytree(tiny_atlas, root)
+    shutil.copytree(tiny_atlas, root, symlinks=True)
     manifest_ = run_ingest(tiny_config(root, tiny_model_dir, corpus_dir, map_layout="decoder"))
     assert manifest_["stages"]["map"]["status"] == "done" and manifest_["stages"]["encode"]["status"] != "done"
     atlas = Atlas(root)

@@ -6,7 +6,7 @@ import threading
 import pytest
 import torch
 from featureatlas.api.app import create_app
-from featureatlas.api.model_pool import ModelPool, PoolFull
+from featureatlas.api.work_pool import PoolFull, WorkPool
 from featureatlas.ingest.config import ARCHITECTURES
 from featureatlas.ingest.model import load_model
 from featureatlas.ingest.sae import SAE
@@ -189,7 +189,7 @@ def test_search_goes_on_without_inference_while_the_model_is_busy(tiny_atlas):
 
 
 def test_a_full_model_pool_answers_503_with_retry_after(tiny_atlas, live):
-    pool = ModelPool(workers=1, waiting=0)
+    pool = WorkPool("the model", workers=1, waiting=0)
     release = threading.Event()
     loop = asyncio.new_event_loop()
     occupant = threading.Thread(target=loop.run_until_complete, args=(pool.run(release.wait),), daemon=True)
