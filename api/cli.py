@@ -6,6 +6,7 @@ import argparse
 import dataclasses
 import json
 import logging
+import os
 import sys
 import typing
 from pathlib import Path
@@ -91,9 +92,11 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true")
     p = sub.add_parser("serve", help="serve an atlas over HTTP (Litestar; OpenAPI at /schema)")
     p.add_argument("--atlas", default=ATLAS_DEFAULT)
-    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--host", default="127.0.0.1", help="beyond loopback (e.g. 0.0.0.0), a token is required")
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--device", help="device for search by inference (default: the one the atlas was built on)")
+    p.add_argument("--token", help="required by /api and /schema (default: $FEATUREATLAS_TOKEN, which keeps it out "
+                                   "of process lists)")
     _add_queries(sub)
     return parser
 
@@ -224,10 +227,19 @@ def _info(args: argparse.Namespace) -> int:
 
 
 def _serve(args: argparse.Namespace) -> int:
+    """Open on loopback; beyond it, only with a token (the API runs SQL and the model for anyone)."""
     import uvicorn
     from featureatlas.api.app import create_app
+    from featureatlas.api.edge import TOKEN_ENV, check_token, is_loopback
 
-    uvicorn.run(create_app(_open(args.atlas), probe_device=args.device), host=args.host, port=args.port, log_level="info")
+    token = args.token or os.environ.get(TOKEN_ENV) or None
+    if token is None and not is_loopback(args.host):
+        raise BadParameter("--host", f"{args.host} is reachable beyond this machine: set a token in ${TOKEN_ENV} "
+                                     "(or --token), or serve on 127.0.0.1")
+    if token is not None:
+        check_token(token)
+    app = create_app(_open(args.atlas), probe_device=args.device, token=token)
+    uvicorn.run(app, host=args.host, port=args.port, log_level="info")
     return 0
 
 

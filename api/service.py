@@ -66,6 +66,12 @@ def not_found(query: str, cover: dict[str, Any]) -> str:
     return f"No feature in this atlas is clearly about {query!r}; the corpus {where}. The nearest features follow, all weak."
 
 
+def _check_text(where: str, text: str) -> None:
+    """Refused before tokenizing: a megabyte of text would cost the model's tokenizer seconds."""
+    if len(text or "") > MAX_PROMPT_CHARS:
+        raise BadParameter(where, f"is {len(text):,} characters; the limit is {MAX_PROMPT_CHARS:,}")
+
+
 def _check_k(k: int) -> None:
     if not 1 <= k <= MAX_K:
         raise BadParameter("k", f"must be between 1 and {MAX_K}")
@@ -229,6 +235,9 @@ class AtlasService:
             raise BadParameter("positive", "give at least one positive prompt")
         if len(positive) > MAX_PROMPTS or len(negative) > MAX_PROMPTS:
             raise BadParameter("positive", f"at most {MAX_PROMPTS} prompts on each side")
+        for side, prompts in (("positive", positive), ("negative", negative)):
+            for i, text in enumerate(prompts):
+                _check_text(f"{side}[{i}]", text)
         _check_k(k)
         d = self.atlas.d_sae
         pos = np.stack([self.probe.run(t).feature_maxima(d) for t in positive])
@@ -239,6 +248,7 @@ class AtlasService:
         return {"positive": positive, "negative": negative, "hits": hits}
 
     def activations(self, text: str, k: int = 5) -> dict[str, Any]:
+        _check_text("text", text)
         _check_k(k)
         result = self.probe.run(text)
         k = min(k, result.values.shape[1])
@@ -258,8 +268,7 @@ class AtlasService:
               seed: int = 0, chat: bool = False, generated_only: bool = False) -> dict[str, Any]:
         """The prompt continued twice, untouched and with the edited features clamped or pushed
         (``ingest.steer``); each token carries the steered features' activations as the model read it."""
-        if len(prompt or "") > MAX_PROMPT_CHARS:
-            raise BadParameter("prompt", f"is {len(prompt):,} characters; the limit is {MAX_PROMPT_CHARS:,}")
+        _check_text("prompt", prompt)
         if not edits:
             raise BadParameter("features", "give at least one feature to steer")
         if len(edits) > MAX_STEERED:

@@ -13,6 +13,7 @@ from urllib.parse import urlencode
 
 import pytest
 from featureatlas.api.app import create_app
+from featureatlas.api.edge import CSP
 from featureatlas.store.atlas import Atlas
 
 CHROMIUM = Path("/usr/bin/chromium")
@@ -23,14 +24,13 @@ if not CHROMIUM.exists():
     pytest.skip("no /usr/bin/chromium (scripts/setup installs it where it runs as root)", allow_module_level=True)
 
 
-@pytest.fixture(scope="module")
-def server(tiny_atlas):
+def _serve(app):
     import uvicorn
 
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    srv = uvicorn.Server(uvicorn.Config(create_app(Atlas(tiny_atlas)), host="127.0.0.1", port=port, log_level="warning"))
+    srv = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
     thread = threading.Thread(target=srv.run, daemon=True)
     thread.start()
     deadline = time.monotonic() + 120
@@ -43,6 +43,11 @@ def server(tiny_atlas):
 
 
 @pytest.fixture(scope="module")
+def server(tiny_atlas):
+    yield from _serve(create_app(Atlas(tiny_atlas)))
+
+
+@pytest.fixture(scope="module")
 def browser():
     with playwright.sync_playwright() as p:
         b = p.chromium.launch(executable_path=str(CHROMIUM))
@@ -50,24 +55,38 @@ def browser():
         b.close()
 
 
+# Every Content-Security-Policy violation on the page, whether or not the browser also logs it.
+CSP_WATCH = """window.cspViolations = [];
+document.addEventListener("securitypolicyviolation",
+                          (e) => window.cspViolations.push(`${e.violatedDirective} ${e.blockedURI}`));"""
+
+
 @pytest.fixture
 def page(browser, request):
-    """A fresh page that fails the test on any console error or uncaught exception."""
+    """A fresh page that fails the test on any console error, uncaught exception or CSP violation,
+    and on any document served without the security headers."""
     context = browser.new_context(viewport={"width": 1200, "height": 850})
+    context.add_init_script(CSP_WATCH)
     pg = context.new_page()
     errors: list[str] = []
     pg.on("console", lambda m: errors.append(m.text) if m.type == "error" else None)
     pg.on("pageerror", lambda e: errors.append(str(e)))
+    pg.on("response", lambda r: errors.append(f"no CSP on {r.url}")
+          if r.request.resource_type == "document" and "content-security-policy" not in r.headers else None)
     pg.console_errors = errors
     yield pg
     SHOTS.mkdir(parents=True, exist_ok=True)
     pg.screenshot(path=str(SHOTS / f"{request.node.name}.png"), full_page=True)
+    violations = pg.evaluate("window.cspViolations")
     context.close()
     assert not errors, f"console errors: {errors}"
+    assert not violations, f"CSP violations: {violations}"
 
 
 def ready(pg, view: str, timeout: float = 60_000) -> None:
-    pg.wait_for_function(f"['{view}', 'error'].includes(document.body.dataset.ready)", timeout=timeout)
+    # Predicates are functions, not expressions: Playwright evaluates an expression with eval,
+    # which the page's CSP refuses.
+    pg.wait_for_function(f"() => ['{view}', 'error'].includes(document.body.dataset.ready)", timeout=timeout)
     assert pg.evaluate("document.body.dataset.ready") == view, pg.inner_text("main")
 
 
@@ -110,7 +129,7 @@ def test_feature_page_shading_follows_the_activations(page, server):
     detail = api(page, server, f"/api/features/{live}")
     page.goto(f"{server}/features/{live}")
     ready(page, "feature")
-    page.wait_for_function("performance.getEntriesByName('fa:feature-complete').length > 0")
+    page.wait_for_function("() => performance.getEntriesByName('fa:feature-complete').length > 0")
     rows = page.locator("#top-examples .example")
     assert rows.count() == len(detail["top_examples"])
     for i, example in enumerate(detail["top_examples"]):
@@ -316,3 +335,49 @@ def test_phone_width_dark_mode(browser, server):
     assert sum(float(x) for x in re.findall(r"\d+", background)[:3]) < 150  # a dark page
     context.close()
     assert not errors
+
+
+def test_the_policy_blocks_what_the_ui_never_does(page, server):
+    """The UI runs under the CSP (every test checks it sees no violation); markup injected past
+    the ``h`` helper would not run: an inline script and a style attribute are both refused."""
+    response = page.goto(server + "/")
+    ready(page, "home")
+    assert response.headers["content-security-policy"] == CSP
+    page.evaluate("""() => { const s = document.createElement("script"); s.textContent = "window.ran = 1";
+                            document.body.append(s);
+                            document.body.insertAdjacentHTML("beforeend", '<p id="styled" style="color: red">x</p>'); }""")
+    page.wait_for_function("() => window.cspViolations.length >= 2")
+    assert not page.evaluate("window.ran")
+    assert page.evaluate("getComputedStyle(document.getElementById('styled')).color") != "rgb(255, 0, 0)"
+    page.evaluate("window.cspViolations.length = 0")  # provoked on purpose
+    page.console_errors[:] = [e for e in page.console_errors if "Content Security Policy" not in e]
+
+
+TOKEN = "browser-token-0123456789"
+
+
+@pytest.fixture(scope="module")
+def guarded_server(tiny_atlas):
+    """The server as `featureatlas serve` runs it beyond loopback: with a token."""
+    yield from _serve(create_app(Atlas(tiny_atlas), token=TOKEN))
+
+
+def test_with_a_token_the_ui_works_after_one_visit_with_it(page, guarded_server):
+    page.goto(f"{guarded_server}/search?q=bridge&token={TOKEN}")
+    ready(page, "search")  # its API requests carried the cookie
+    assert page.url == f"{guarded_server}/search?q=bridge"  # the token left the URL
+    assert page.locator("ol.hits > li").count() > 0
+    cookie = next(c for c in page.context.cookies() if c["name"] == "featureatlas_token")
+    assert cookie["httpOnly"] and cookie["sameSite"] == "Strict" and not page.evaluate("document.cookie")
+    page.goto(f"{guarded_server}/probe")  # later pages need no token in the URL
+    ready(page, "probe")
+    page.fill("#probe-text", "The bridge spans the bay.")
+    page.click("button[type=submit]")
+    page.wait_for_selector("#probe-tokens button")
+
+
+def test_with_a_token_the_ui_without_it_says_what_to_do(page, guarded_server):
+    assert page.goto(guarded_server + "/").status == 200  # the page itself is open ...
+    ready(page, "error")  # ... and its data is not: the error says how to get in
+    assert "token required" in page.inner_text("main") and "/?token=" in page.inner_text("main")
+    page.console_errors[:] = [e for e in page.console_errors if "401" not in e]
