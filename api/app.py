@@ -11,7 +11,9 @@ every response: security headers, HEAD, the token.
 from __future__ import annotations
 
 import logging
+import os
 import uuid
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -23,6 +25,7 @@ from featureatlas.store.atlas import SORTABLE, Atlas, QueryInterrupted
 from featureatlas.store.errors import UserError
 from featureatlas.store.search import SEARCH_MODES
 from featureatlas.store.sql import MAX_SQL_CHARS, execute_sql
+from featureatlas.store.sql_worker import WORKERS as SQL_WORKERS
 from litestar import Litestar, MediaType, Request, Response, Router, get, post
 from litestar.di import NamedDependency, Provide
 from litestar.exceptions import HTTPException, ValidationException
@@ -48,6 +51,8 @@ MAX_JSON_INT = 2**53 - 1
 REQUEST_ID_HEADER = "X-Request-ID"
 RETRY_AFTER_S = 5
 SEARCH_WAITING = 63
+HEAVY_THREADS = max(1, (os.cpu_count() or 2) - 1)
+SQL_WAITING = 30
 # Request bodies past these sizes are refused (413) before they are read. Each fits its route's
 # largest valid body even with every character sent as a JSON \uXXXX escape (6 bytes), which is how
 # Python's json.dumps sends non-ASCII text.
@@ -60,6 +65,7 @@ WEB = Path(__file__).with_name("web")
 Service = NamedDependency[AtlasService]
 Pool = NamedDependency[WorkPool]
 Searches = NamedDependency[WorkPool]
+Statements = NamedDependency[WorkPool]
 
 
 def _body_limit(chars: int) -> int:
@@ -101,8 +107,8 @@ _ERRORS = {
     404: "No such feature (ids run from 0 to the atlas's feature count - 1), or no feature map in this atlas.",
     413: "The request body is over this route's size limit; nothing of it was read past the limit.",
     500: "The server failed. The log holds the traceback under `request_id`.",
-    503: "Too busy: the model pool is full, or an internal query ran past its time limit. Ask again after "
-         "`Retry-After` seconds.",
+    503: "Too busy: the model or search pool is full, no SQL worker came free, or an internal query ran past "
+         "its time limit. Ask again after `Retry-After` seconds.",
 }
 
 
@@ -139,9 +145,14 @@ def _http_error(request: Request, exc: HTTPException) -> Response:
     return _error(exc.status_code, exc.detail, exc.detail, headers=headers)
 
 
-def _user_error(_: Request, exc: UserError) -> Response:
-    """The user's mistake: a 4xx that says what to change, and nothing logged above INFO."""
-    return _error(exc.status, f"{exc.kind}: {exc.where}", str(exc))
+def _user_error(request: Request, exc: UserError) -> Response:
+    """The user's mistake: a 4xx that says what to change, and nothing logged above INFO. A damaged
+    atlas is the operator's (a 500, ``DamagedAtlas``): logged with a request id, its message shown."""
+    if exc.status < 500:
+        return _error(exc.status, f"{exc.kind}: {exc.where}", str(exc))
+    request_id = uuid.uuid4().hex[:16]
+    log.error("%s %s on %s %s: %s", exc.kind, request_id, request.method, request.url.path, exc)
+    return _error(exc.status, exc.kind, exc.message, request_id=request_id)
 
 
 def _busy(_: Request, exc: QueryInterrupted | PoolFull) -> Response:
@@ -337,11 +348,11 @@ class SQLRequest(msgspec.Struct):
     params: list[Any] | dict[str, Any] | None = None
 
 
-@post("/api/sql", sync_to_thread=True, status_code=200, responses=_errors(400, 413, 503),
-      request_max_body_size=_body_limit(MAX_SQL_CHARS))
-def sql(service: Service, data: JSONBody[SQLRequest]) -> dict[str, Any]:
+@post("/api/sql", status_code=200, responses=_errors(400, 413, 503), request_max_body_size=_body_limit(MAX_SQL_CHARS))
+async def sql(service: Service, statements: Statements, data: JSONBody[SQLRequest]) -> dict[str, Any]:
     """Read-only SQL over documents, tokens, activations and features, row and time limited."""
-    return execute_sql(service.atlas, data.sql, data.params).to_dict()
+    result = await statements.run(execute_sql, service.atlas, data.sql, data.params)
+    return result.to_dict()
 
 
 API = [atlas_summary, list_features, feature_detail, neighbors, feature_map, search, contrast, activations, steer, sql]
@@ -353,22 +364,28 @@ def create_app(atlas: Atlas, *, probe_device: str | None = None, pool: WorkPool 
     route under /api and by /schema (``edge.AtlasApp``); the schema then declares it."""
     configure()
     live = LiveService(atlas, probe_device=probe_device)  # follows the atlas through a rebuild (api/live.py)
-    pool = pool or WorkPool("the model")
-    # Searches queue rather than being refused (a page of results is what a visitor came for), one
-    # at a time, so that a burst of them leaves the other core to the cheap routes.
-    searches = WorkPool("search", workers=1, waiting=SEARCH_WAITING)
+    # Heavy work (the model, search) gets all cores but one, whatever mix of it arrives: the cheap
+    # routes keep the last core (``featureatlas serve`` holds torch's own threads to the same number).
+    heavy = ThreadPoolExecutor(HEAVY_THREADS, thread_name_prefix="heavy")
+    pool = pool or WorkPool("the model", executor=heavy)
+    # Searches queue rather than being refused (a page of results is what a visitor came for).
+    searches = WorkPool("search", waiting=SEARCH_WAITING, executor=heavy)
+    # SQL threads only wait on the worker processes, which bound the work themselves.
+    statements = WorkPool("SQL", workers=SQL_WORKERS, waiting=SQL_WAITING)
     bearer = {"bearer": SecurityScheme(type="http", scheme="bearer", description="the token the server was started with")}
     return AtlasApp(
         token=token,
         # The first query otherwise pays for loading the embedder and the tables (~1-4 s).
         on_startup=[live.warm_up],
-        on_shutdown=[pool.shutdown, searches.shutdown, live.close],
+        on_shutdown=[pool.shutdown, statements.shutdown, lambda: heavy.shutdown(wait=False, cancel_futures=True),
+                     live.close],
         route_handlers=[healthz, Router("/", route_handlers=API, security=[{"bearer": []}] if token else None),
                         page, feature_page,
                         create_static_files_router("/static", directories=[WEB], include_in_schema=False)],
         dependencies={"service": Provide(live.current, use_cache=False, sync_to_thread=False),
                       "pool": Provide(lambda: pool, use_cache=True, sync_to_thread=False),
-                      "searches": Provide(lambda: searches, use_cache=True, sync_to_thread=False)},
+                      "searches": Provide(lambda: searches, use_cache=True, sync_to_thread=False),
+                      "statements": Provide(lambda: statements, use_cache=True, sync_to_thread=False)},
         exception_handlers={HTTPException: _http_error, UserError: _user_error, QueryInterrupted: _busy,
                             PoolFull: _busy, Exception: _internal},
         request_max_body_size=MAX_BODY,

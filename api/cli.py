@@ -229,7 +229,7 @@ def _info(args: argparse.Namespace) -> int:
 def _serve(args: argparse.Namespace) -> int:
     """Open on loopback; beyond it, only with a token (the API runs SQL and the model for anyone)."""
     import uvicorn
-    from featureatlas.api.app import create_app
+    from featureatlas.api.app import HEAVY_THREADS, create_app
     from featureatlas.api.edge import TOKEN_ENV, check_token, is_loopback
 
     token = args.token or os.environ.get(TOKEN_ENV) or None
@@ -238,6 +238,7 @@ def _serve(args: argparse.Namespace) -> int:
                                      "(or --token), or serve on 127.0.0.1")
     if token is not None:
         check_token(token)
+    configure(threads=HEAVY_THREADS)  # the model and the embedder leave the cheap routes a core (api/app.py)
     app = create_app(_open(args.atlas), probe_device=args.device, token=token)
     uvicorn.run(app, host=args.host, port=args.port, log_level="info")
     return 0
@@ -268,7 +269,10 @@ def _query(args: argparse.Namespace) -> int:
         rows += [[f"#{f['id']}", f"{f['mode']} {f['value']:g}x max ({f['max_activation']:.3g}): {_clip(f['label'], 80)}"]
                  for f in result["features"]]
     elif args.command == "sql":
-        result = execute_sql(atlas, args.sql).to_dict()
+        try:
+            result = execute_sql(atlas, args.sql).to_dict()
+        finally:
+            atlas.close()  # its worker processes
         rows, header = result["rows"], result["columns"]
     else:
         result = service.activations(args.text, args.k)

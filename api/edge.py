@@ -19,6 +19,7 @@ import msgspec
 from featureatlas.store.errors import BadParameter
 from litestar import Litestar
 from litestar.types import Message, Receive, Scope, Send
+from litestar.utils import normalize_path
 
 # The UI is plain files from this server, with no inline script or style and nothing from another
 # origin. ``style-src 'self'`` refuses style attributes in markup but not ``element.style`` (CSSOM),
@@ -77,14 +78,20 @@ class AtlasApp(Litestar):
         head = scope["method"] == "HEAD"
         if head:  # answered as GET (same status and headers, content-length included), without the body
             scope = {**scope, "method": "GET"}
+        # The router matches the path without the root path and with slashes merged (//api/sql is
+        # /api/sql): the guard must see the same string, or a doubled slash would pass it.
+        root = scope.get("root_path") or ""
+        path = scope["path"].removeprefix(root) if root and scope["path"].startswith(root) else scope["path"]
+        scope = {**scope, "path": root + normalize_path(path)}
+        guarded_path = normalize_path(path)
         send = _edge_send(send, head=head)
-        if self.token is not None and not await self._admitted(scope, send):
+        if self.token is not None and not await self._admitted(scope, guarded_path, send):
             return
         await super().__call__(scope, receive, send)
 
-    async def _admitted(self, scope: Scope, send: Send) -> bool:
-        """Whether the request goes on; if not, its answer (401, or the redirect that sets the cookie) is sent."""
-        path = scope["path"]
+    async def _admitted(self, scope: Scope, path: str, send: Send) -> bool:
+        """Whether the request goes on; if not, its answer (401, or the redirect that sets the cookie) is sent.
+        ``path``: the path as the router matches it."""
         query = parse_qsl(scope.get("query_string", b"").decode("latin-1"), keep_blank_values=True)
         offered = [v for k, v in query if k == "token"]
         if any(path == p or path.startswith(p + "/") for p in GUARDED):

@@ -36,10 +36,11 @@ def _stamp(root: Path) -> tuple[int, int] | None:
 
 class LiveService:
     def __init__(self, atlas: Atlas, *, probe_device: str | None = None):
+        """``atlas``: opened before this; a publish since then is noticed at the first request."""
         self.root = atlas.root
         self._probe_device = probe_device
         self._service = AtlasService(atlas, probe_device=probe_device)
-        self._stamp = _stamp(self.root)
+        self._stamp = _stamp(self.root) if M.read(self.root) == atlas.manifest else None
         self._lock = threading.Lock()
         self._switching = False
 
@@ -51,16 +52,25 @@ class LiveService:
         stamp = _stamp(self.root)
         if stamp is not None and stamp != self._stamp:
             with self._lock:
-                if not self._switching and stamp != self._stamp:
-                    self._switching = True
-                    threading.Thread(target=self._switch, args=(stamp,), name="atlas-switch", daemon=True).start()
+                start = not self._switching and stamp != self._stamp
+                self._switching |= start
+            if start and not self._service.atlas.base.exists():
+                # Two publishes since the last request: the old parts are gone, so this request
+                # cannot be answered from them; it waits for the switch (rare: an idle server).
+                self._switch(stamp)
+            elif start:
+                threading.Thread(target=self._switch, args=(stamp,), name="atlas-switch", daemon=True).start()
         return self._service
 
     def _switch(self, stamp: tuple[int, int]) -> None:
+        atlas = None
         try:
-            service = AtlasService(Atlas(self.root), probe_device=self._probe_device)
+            atlas = Atlas(self.root)
+            service = AtlasService(atlas, probe_device=self._probe_device)
             service.warm_up()
         except Exception:
+            if atlas is not None:
+                atlas.close()
             # A damaged or unreadable new atlas: keep serving the old one, and try again only when
             # the manifest changes again.
             log.exception("the atlas at %s changed but could not be opened; still serving the previous one", self.root)

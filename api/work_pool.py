@@ -28,13 +28,16 @@ class PoolFull(Exception):
 
 
 class WorkPool:
-    def __init__(self, what: str, *, workers: int = 1, waiting: int = 8):
+    def __init__(self, what: str, *, workers: int = 1, waiting: int = 8, executor: ThreadPoolExecutor | None = None):
         """``what``: the name a refusal uses ("the model"). One worker by default: the model runs one
         forward pass at a time anyway (``Probe.busy``), and on a small machine a second worker would
-        only take cores from the cheap routes."""
+        only take cores from the cheap routes. ``executor``: threads shared with other pools (each
+        pool still bounds its own requests), so that several kinds of heavy work together take no
+        more cores than it has threads."""
         self.what = what
         self.capacity = workers + waiting
-        self._executor = ThreadPoolExecutor(workers, thread_name_prefix=what.split()[-1])
+        self._owned = executor is None
+        self._executor = executor or ThreadPoolExecutor(workers, thread_name_prefix=what.split()[-1])
         self._slots = threading.BoundedSemaphore(self.capacity)
 
     async def run(self, fn: Callable[..., T], *args: object, **kwargs: object) -> T:
@@ -51,4 +54,5 @@ class WorkPool:
         return await asyncio.wrap_future(future)
 
     def shutdown(self) -> None:
-        self._executor.shutdown(wait=False, cancel_futures=True)
+        if self._owned:
+            self._executor.shutdown(wait=False, cancel_futures=True)

@@ -25,7 +25,7 @@ from featureatlas.ingest.labels.relabel import atlas_config, stored_windows
 from featureatlas.ingest.labels.stage import LLM_CACHE
 from featureatlas.ingest.labels.wording import show_token
 from featureatlas.store.atlas import Atlas
-from featureatlas.store.manifest import CACHE, duckdb_file
+from featureatlas.store.manifest import CACHE
 
 
 def describe(scores: list[float]) -> dict[str, float | int | None]:
@@ -99,7 +99,7 @@ def main() -> None:
     args = p.parse_args()
 
     atlas = Atlas(args.atlas)
-    con = duckdb.connect(str(atlas.root / duckdb_file(atlas.manifest)), read_only=True)
+    con = duckdb.connect(str(atlas.duckdb_path), read_only=True)
     live = [f for (f,) in con.execute("select feature_id from features where n_active > 0 order by feature_id").fetchall()]
     rng = np.random.default_rng(args.seed)
     sample = sorted(rng.choice(live, min(args.features, len(live)), replace=False).tolist())

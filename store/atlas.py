@@ -1,6 +1,7 @@
 """The one way to open an atlas: its manifest, the two databases at the versions the manifest
-names, and the one query path every DuckDB read goes through (``Atlas.query``: time and row
-limited, so no route can run unbounded)."""
+names, and the one query path every internal DuckDB read goes through (``Atlas.query``: time and
+row limited, so no route can run unbounded). User SQL runs in worker processes instead
+(``Atlas.sql_workers``, ``store.sql``)."""
 
 from __future__ import annotations
 
@@ -62,8 +63,10 @@ class Atlas:
         self.base = self.root / M.folder(manifest)
         self._check_parts()
         self._vectors: dict[tuple[str, int | None], Any] = {}
-        self._vectors_lock = threading.Lock()  # also guards the SQL workers' start
+        self._vectors_lock = threading.Lock()
+        self._workers_lock = threading.Lock()
         self._sql_workers: SQLWorkers | None = None
+        self._workers_closed = False
 
     def _check_parts(self) -> None:
         """Every part the manifest names is there (a deleted or half-copied atlas says so at once,
@@ -133,14 +136,17 @@ class Atlas:
     def sql_workers(self) -> SQLWorkers:
         """The worker processes that run user SQL (``store.sql``), started on first use (once,
         however many requests ask at the same time)."""
-        with self._vectors_lock:
+        with self._workers_lock:
+            if self._workers_closed:  # a request that began on an atlas the server has since replaced
+                raise QueryInterrupted("the atlas was republished while this query waited; ask again")
             if self._sql_workers is None:
                 self._sql_workers = SQLWorkers(self.duckdb_path)
             return self._sql_workers
 
     def close(self) -> None:
         """Stop the SQL workers, if any started. The databases close with the object."""
-        with self._vectors_lock:
+        with self._workers_lock:
+            self._workers_closed = True
             if self._sql_workers is not None:
                 self._sql_workers.close()
                 self._sql_workers = None

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import errno
 import fcntl
+import logging
 import shutil
 import time
 from contextlib import contextmanager
@@ -32,10 +33,11 @@ from . import manifest as M
 from .errors import BadParameter, DamagedAtlas, UserError
 from .schema import ANN_MIN_ROWS, DUCKDB_TABLES, EXAMPLES, FEATURES, LABEL_CANDIDATES, WINDOWS
 
+log = logging.getLogger(__name__)
 STAGING = ".staging"
 LOCK = ".writer.lock"
 KEEP_VERSIONS = timedelta(days=365_000)
-# The published parts, swapped in together; the manifest goes last.
+# The published parts, written together into one folder; the manifest naming it goes last.
 PUBLISHED = (M.DICTIONARY, M.LANCE, M.DUCKDB)
 
 
@@ -113,7 +115,8 @@ def writer_lock(root: Path) -> Iterator[None]:
 
 def publish(root: Path, build: Callable[[Path], dict[str, int]], manifest: dict[str, Any]) -> None:
     """``build(staging)`` writes every part in ``PUBLISHED`` under ``staging`` and returns the
-    LanceDB table versions; then the parts replace the atlas's and the manifest is written last."""
+    LanceDB table versions; then the folder becomes ``data/<id>`` and the manifest naming it is
+    written last."""
     with writer_lock(root):
         _publish(root, build, manifest)
 
@@ -133,15 +136,20 @@ def _publish(root: Path, build: Callable[[Path], dict[str, int]], manifest: dict
         (root / M.DATA).mkdir(exist_ok=True)
         staging.rename(root / folder)
         M.write(root, M.pin(manifest, folder=folder, duckdb=M.DUCKDB, lance=versions))
-    except OSError as e:
+    except BaseException as e:
+        # Whatever stopped it (DuckDB and LanceDB report a full disk as their own errors), the
+        # unfinished copy goes: left there it would keep the disk full.
         shutil.rmtree(staging, ignore_errors=True)
         if _current_folder(root) != folder:
             shutil.rmtree(root / folder, ignore_errors=True)
-        if e.errno == errno.ENOSPC:
+        if getattr(e, "errno", None) == errno.ENOSPC or "No space left on device" in str(e):
             raise DiskFull(root) from None
         raise
-    _link_current(root)
-    _remove_retired(root, keep={folder, previous})
+    try:  # committed: what follows is tidying, which a failure must not turn into a failed publish
+        _link_current(root)
+        _remove_retired(root, keep={folder, previous})
+    except OSError:
+        log.warning("published %s, but could not update its links or remove old parts", root, exc_info=True)
 
 
 class DiskFull(UserError):
@@ -189,7 +197,7 @@ def _remove_retired(root: Path, *, keep: set[str | None]) -> None:
         return
     for part in (M.DICTIONARY, M.LANCE):
         if (root / part).is_dir() and not (root / part).is_symlink():
-            shutil.rmtree(root / part)
+            shutil.rmtree(root / part, ignore_errors=True)
     _remove_relabelled_copies(root, keep=set())
     _link_current(root)
 

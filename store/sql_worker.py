@@ -17,9 +17,12 @@ import datetime as dt
 import decimal
 import json
 import logging
-import multiprocessing
 import os
 import queue
+import signal
+import socket
+import subprocess
+import sys
 import threading
 import time
 import uuid
@@ -84,17 +87,22 @@ class SQLWorkers:
     def __init__(self, database: Path, *, workers: int = WORKERS, address_space: int = ADDRESS_SPACE_BYTES):
         self.database = Path(database)
         self.address_space = address_space
-        self._context = multiprocessing.get_context("spawn")  # never fork a server's threads
         self._idle: queue.Queue[_Worker] = queue.Queue()
+        self._lock = threading.Lock()  # orders close() against workers coming back to the pool
         self._closed = False
-        starting = [_Worker(self._context, self.database, self.address_space) for _ in range(workers)]
-        for worker in starting:  # started together, waited for in turn
-            self._idle.put(worker.ready())
+        starting = [_Worker(self.database, self.address_space) for _ in range(workers)]
+        try:
+            for worker in starting:  # started together, waited for in turn
+                self._give_back(worker.ready())
+        except BaseException:
+            for worker in starting:
+                worker.kill()
+            raise
 
     def run(self, sql: str, params: list[Any] | dict[str, Any] | None, *, time_limit_ms: int, max_rows: int) -> Rows:
         """One statement on an idle worker, waiting at most ``QUEUE_WAIT_S`` for one to be free."""
         if self._closed:
-            raise RuntimeError("SQLWorkers.run after close")
+            raise WorkersBusy("this atlas was replaced by a newer one; ask again")
         try:
             worker = self._idle.get(timeout=QUEUE_WAIT_S)
         except queue.Empty:
@@ -104,31 +112,45 @@ class SQLWorkers:
             result = worker.run(sql, params, time_limit_ms=time_limit_ms, max_rows=max_rows)
             healthy = True
             return result
-        except StatementFailed:
-            healthy = True
+        except StatementFailed as e:
+            healthy = e.user  # after an engine failure DuckDB may refuse everything: a fresh worker
             raise
         except LimitExceeded as e:
             healthy = e.limit == "result size"  # refused before anything was sent: the worker is fine
             raise
         finally:
             if healthy:
-                self._idle.put(worker)
+                self._give_back(worker)
             else:
                 # Killed, or dead of its own accord: a fresh worker takes its place, started in
                 # the background so that this caller hears about its limit at once.
                 worker.kill()
                 threading.Thread(target=self._replace, name="sql-worker-start", daemon=True).start()
 
+    def _give_back(self, worker: _Worker) -> None:
+        with self._lock:
+            if not self._closed:
+                self._idle.put(worker)
+                return
+        worker.kill()
+
     def _replace(self) -> None:
-        if self._closed:
-            return
-        try:
-            self._idle.put(_Worker(self._context, self.database, self.address_space).ready())
-        except Exception:
-            log.exception("could not start a replacement SQL worker")
+        """Start a worker, trying again (1 s, 2 s, ... up to a minute apart) until one starts: a pool
+        that lost its workers for good would refuse every statement until a restart."""
+        delay = 1.0
+        while not self._closed:
+            try:
+                self._give_back(_Worker(self.database, self.address_space).ready())
+                return
+            except Exception:
+                log.exception("could not start a replacement SQL worker; trying again in %.0f s", delay)
+                time.sleep(delay)
+                delay = min(delay * 2, 60.0)
 
     def close(self) -> None:
-        self._closed = True
+        """Stop every idle worker now; a busy one stops when its statement ends."""
+        with self._lock:
+            self._closed = True
         while True:
             try:
                 self._idle.get_nowait().kill()
@@ -137,22 +159,29 @@ class SQLWorkers:
 
 
 class _Worker:
-    """One process and the parent's end of its pipe."""
+    """One process (``python -m featureatlas.store.sql_worker``: it imports DuckDB and nothing of
+    the server's) and the parent's end of a socket pair to it."""
 
-    def __init__(self, context: Any, database: Path, address_space: int):
-        self._conn, child = context.Pipe()
-        self.process = context.Process(target=_serve, args=(child, str(database), address_space),
-                                       name="featureatlas-sql", daemon=True)
-        self.process.start()
-        child.close()
+    def __init__(self, database: Path, address_space: int):
+        ours, theirs = socket.socketpair()
         self.database = database
+        with theirs:
+            self.process = subprocess.Popen(
+                [sys.executable, "-m", __name__, str(theirs.fileno()), str(database), str(address_space)],
+                pass_fds=[theirs.fileno()], stdin=subprocess.DEVNULL)
+        self._conn = Connection(ours.detach())
 
     def ready(self) -> _Worker:
         """This worker, once its database is open."""
-        if not self._conn.poll(START_TIMEOUT_S):
+        try:
+            if not self._conn.poll(START_TIMEOUT_S):
+                raise RuntimeError(f"an SQL worker did not start within {START_TIMEOUT_S} s")
+            status, detail = self._conn.recv()
+        except (EOFError, OSError):
+            status, detail = "failed", f"it exited with {self.process.poll()}"
+        except BaseException:
             self.kill()
-            raise RuntimeError(f"an SQL worker did not start within {START_TIMEOUT_S} s")
-        status, detail = self._conn.recv()
+            raise
         if status != "ready":
             self.kill()
             raise RuntimeError(f"an SQL worker could not open {self.database}: {detail}")
@@ -180,7 +209,7 @@ class _Worker:
 
     def kill(self) -> None:
         self.process.kill()
-        self.process.join(5)
+        self.process.wait(5)
         self._conn.close()
 
 
@@ -188,6 +217,7 @@ def _serve(conn: Connection, database: str, address_space: int) -> None:
     """A worker's life: cap the address space, open the database, answer statements until the pipe closes."""
     import resource
 
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the server's Ctrl-C is the server's to handle
     resource.setrlimit(resource.RLIMIT_AS, (address_space, address_space))
     try:
         con = duckdb.connect(database, read_only=True, config=locked_config(DUCKDB_MEMORY, threads=DUCKDB_THREADS))
@@ -252,3 +282,7 @@ def json_safe(v: Any) -> Any:
     if isinstance(v, dict):
         return {str(k): json_safe(x) for k, x in v.items()}
     return str(v)
+
+
+if __name__ == "__main__":
+    _serve(Connection(int(sys.argv[1])), sys.argv[2], int(sys.argv[3]))

@@ -111,6 +111,14 @@ def test_with_a_token_the_api_refuses_requests_without_it(guarded, path, headers
     assert _security_headers(r.headers) == SECURITY_HEADERS
 
 
+@pytest.mark.parametrize("path", ["//api/atlas", "///api/features/1", "/api//atlas", "//schema"])
+def test_the_token_holds_for_paths_the_router_normalises(guarded, path):
+    """The router merges slashes; the guard sees the path as the router does."""
+    guarded.cookies.clear()
+    assert guarded.get(f"{guarded.base_url}{path}").status_code == 401
+    assert guarded.get(f"{guarded.base_url}{path}", headers={"Authorization": f"Bearer {TOKEN}"}).status_code == 200
+
+
 def test_with_a_token_the_api_answers_the_token_and_the_rest_stays_open(guarded):
     guarded.cookies.clear()
     assert guarded.get("/api/atlas", headers=AUTH).status_code == 200

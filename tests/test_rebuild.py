@@ -9,6 +9,7 @@ import shutil
 import threading
 import time
 
+import duckdb
 import pytest
 from featureatlas.api.app import create_app
 from featureatlas.ingest.labels.relabel import relabel
@@ -135,13 +136,15 @@ def test_the_cli_says_what_is_damaged_without_a_traceback(atlas_copy, capsys):
     assert "manifest.json" in err and "Traceback" not in err
 
 
-def test_a_disk_that_fills_while_publishing_leaves_the_atlas_as_it_was(atlas_copy):
+@pytest.mark.parametrize("full", [OSError(errno.ENOSPC, "No space left on device"),
+                                  duckdb.IOException('IO Error: Could not write file "x": No space left on device')])
+def test_a_disk_that_fills_while_publishing_leaves_the_atlas_as_it_was(atlas_copy, full):
     manifest = json.loads((atlas_copy / M.MANIFEST).read_text())
     before = sorted(p.name for p in (atlas_copy / M.DATA).iterdir())
 
     def build(staging):
         (staging / M.DICTIONARY).mkdir()
-        raise OSError(errno.ENOSPC, "No space left on device")
+        raise full
 
     with pytest.raises(DiskFull, match="atlas is unchanged"):
         publish(atlas_copy, build, manifest)
