@@ -42,7 +42,6 @@ class QueryInterrupted(Exception):
 class QueryResult:
     columns: list[str]
     rows: list[tuple]
-    truncated: bool  # more rows than the row limit: the rest were not read
     elapsed_ms: float
 
     def dicts(self) -> list[dict[str, Any]]:
@@ -159,9 +158,9 @@ class Atlas:
         self.query("select count(*) from features")
 
     def query(self, sql: str, params: list[Any] | dict[str, Any] | None = None, *,
-              time_limit_ms: int = INTERNAL_TIME_LIMIT_MS, row_limit: int | None = None) -> QueryResult:
-        """Every DuckDB read of the atlas goes through here, on its own cursor: a timer interrupts
-        it after ``time_limit_ms`` (``QueryInterrupted``), and at most ``row_limit`` rows are read."""
+              time_limit_ms: int = INTERNAL_TIME_LIMIT_MS) -> QueryResult:
+        """Every internal DuckDB read of the atlas goes through here, on its own cursor: a timer
+        interrupts it after ``time_limit_ms`` (``QueryInterrupted``)."""
         cur = self._con.cursor()
         timer = threading.Timer(time_limit_ms / 1000, cur.interrupt)
         t0 = time.perf_counter()
@@ -169,15 +168,13 @@ class Atlas:
         try:
             cur.execute(sql, params) if params else cur.execute(sql)
             columns = [d[0] for d in cur.description or []]
-            rows = cur.fetchall() if row_limit is None else cur.fetchmany(row_limit + 1)
+            rows = cur.fetchall()
         except duckdb.InterruptException:
             raise QueryInterrupted(f"the query ran longer than the {time_limit_ms} ms limit") from None
         finally:
             timer.cancel()
             cur.close()
-        truncated = row_limit is not None and len(rows) > row_limit
-        return QueryResult(columns, rows[:row_limit] if truncated else rows, truncated,
-                           round((time.perf_counter() - t0) * 1000, 2))
+        return QueryResult(columns, rows, round((time.perf_counter() - t0) * 1000, 2))
 
     def batch_connection(self) -> duckdb.DuckDBPyConnection:
         """A new connection on the same read-only database, for batch work that registers its own

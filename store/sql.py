@@ -10,31 +10,19 @@ past a limit is a refusal that names the limit; no free worker for as long as a 
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Any
 
 import duckdb
 
 from .atlas import Atlas, QueryInterrupted
 from .errors import QueryRefused
-from .sql_worker import LimitExceeded, StatementFailed, WorkersBusy, first_line
+from .sql_worker import LimitExceeded, Rows, StatementFailed, WorkersBusy, first_line
 
 SQL_TIME_LIMIT_MS = 2000
 MAX_RETURNED_ROWS = 1000
 MAX_SQL_CHARS = 20_000
 # Statement types that only read.
 _READ_ONLY = {"SELECT", "EXPLAIN"}
-
-
-@dataclass
-class SQLResult:
-    columns: list[str]
-    rows: list[list[Any]]
-    truncated: bool
-    elapsed_ms: float
-
-    def to_dict(self) -> dict[str, Any]:
-        return {"columns": self.columns, "rows": self.rows, "truncated": self.truncated, "elapsed_ms": self.elapsed_ms}
 
 
 def execute_sql(
@@ -44,7 +32,7 @@ def execute_sql(
     *,
     time_limit_ms: int = SQL_TIME_LIMIT_MS,
     max_rows: int = MAX_RETURNED_ROWS,
-) -> SQLResult:
+) -> Rows:
     if not sql or not sql.strip():
         raise QueryRefused("empty query")
     if len(sql) > MAX_SQL_CHARS:
@@ -58,7 +46,7 @@ def execute_sql(
     if kinds[0] not in _READ_ONLY:
         raise QueryRefused(f"only read-only queries (SELECT) are allowed, got {kinds[0]}")
     try:
-        result = atlas.sql_workers.run(sql, params, time_limit_ms=time_limit_ms, max_rows=max_rows)
+        return atlas.sql_workers.run(sql, params, time_limit_ms=time_limit_ms, max_rows=max_rows)
     except WorkersBusy as e:
         raise QueryInterrupted(str(e)) from None
     except LimitExceeded as e:
@@ -67,4 +55,3 @@ def execute_sql(
         if not e.user:
             raise RuntimeError(f"SQL worker: {e}") from None
         raise QueryRefused(str(e)) from None
-    return SQLResult(result.columns, result.rows, result.truncated, result.elapsed_ms)

@@ -77,8 +77,11 @@ class WorkersBusy(Exception):
 class Rows:
     columns: list[str]
     rows: list[list[Any]]  # JSON-safe values
-    truncated: bool
+    truncated: bool  # more rows than the row limit: the rest were not read
     elapsed_ms: float
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"columns": self.columns, "rows": self.rows, "truncated": self.truncated, "elapsed_ms": self.elapsed_ms}
 
 
 class SQLWorkers:
