@@ -70,7 +70,7 @@ class StatementFailed(Exception):
 
 
 class WorkersBusy(Exception):
-    """Every worker stayed busy for as long as a statement may run."""
+    """No worker came free within ``QUEUE_WAIT_S`` (or the pool was closed: its atlas was replaced)."""
 
 
 @dataclass
