@@ -142,6 +142,11 @@ def test_a_visit_with_the_token_sets_a_strict_cookie_the_api_accepts(guarded):
     assert cookie.startswith(f"{COOKIE}={TOKEN};") and "HttpOnly" in cookie and "SameSite=Strict" in cookie
     assert "Path=/" in cookie and r.headers["cache-control"] == "no-store"
     assert guarded.get("/api/atlas").status_code == 200  # the cookie alone, as the UI's fetches send it
+    # A post with the cookie must be JSON, which another origin (another port: the same site) cannot
+    # send without a CORS preflight; a form-encodable body is refused before any work.
+    sql = '{"sql": "select 1"}'
+    assert guarded.post("/api/sql", content=sql, headers={"content-type": "text/plain"}).status_code == 415
+    assert guarded.post("/api/sql", content=sql, headers={"content-type": "application/json"}).status_code == 200
     guarded.cookies.clear()
     r = guarded.get("/", params={"token": "wrong-token-0123456789"}, follow_redirects=False)
     assert r.status_code == 401 and "set-cookie" not in r.headers
