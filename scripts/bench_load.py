@@ -32,16 +32,15 @@ import json
 import os
 import random
 import signal
-import socket
-import subprocess
 import sys
 import threading
 import time
 from collections import Counter
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from pathlib import Path
 from urllib.parse import quote
+
+from bench_search import serving
 
 MAX_CLIENTS = 256
 MAX_SECONDS = 1800
@@ -95,34 +94,6 @@ def cpu_s(pid: int) -> float:
     """CPU seconds (user + system) that ``pid`` has used so far."""
     fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
-
-@contextmanager
-def serving(atlas: str, host: str, log: Path) -> Iterator[tuple[subprocess.Popen, int]]:
-    """``featureatlas serve`` on a free port of ``host``; yields (process, port) once /healthz answers."""
-    with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as s:
-        s.bind((host, 0))
-        port = s.getsockname()[1]
-    exe = Path(sys.executable).with_name("featureatlas")
-    cmd = [str(exe)] if exe.exists() else [sys.executable, "-m", "featureatlas.api.cli"]
-    env = {**os.environ, "OMP_WAIT_POLICY": "PASSIVE", "HF_HUB_OFFLINE": "1"}
-    with log.open("w") as out:  # a session of its own: Ctrl-C reaches this script, which stops it
-        server = subprocess.Popen([*cmd, "serve", "--atlas", atlas, "--host", host, "--port", str(port)],
-                                  stdout=out, stderr=subprocess.STDOUT, env=env, start_new_session=True)
-    try:
-        deadline = time.monotonic() + 600
-        while request(http.client.HTTPConnection(host, port, timeout=2), "GET", "/healthz")[0] != 200:
-            if server.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError(f"the server did not start; its log: {log}")
-            time.sleep(0.5)
-        yield server, port
-    finally:
-        server.send_signal(signal.SIGINT)
-        try:
-            server.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            server.kill()
-            server.wait()
 
 
 def request(conn: http.client.HTTPConnection, method: str, path: str, body: object = None) -> tuple[int, bytes]:
@@ -255,7 +226,8 @@ def by_route(records: list[Record], seconds: float) -> dict:
 def run(args: argparse.Namespace) -> dict:
     # Other work on the machine moves every number here: say how busy it was.
     log, load_before = Path(f"{args.out}.server.log"), os.getloadavg()
-    with serving(args.atlas, args.host, log) as (server, port):
+    with serving(Path(args.atlas), host=args.host, log=log) as (base, server):
+        port = int(base.rsplit(":", 1)[1])
         memory = {"start": rss_mib(server.pid)}
         live = live_features(args.host, port)
         samples: list[float] = []

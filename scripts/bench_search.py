@@ -121,12 +121,6 @@ def reuse(root: Path) -> np.ndarray:
     return flat.reshape(-1, D_MODEL)[order]
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def timed(client: httpx.Client, url: str, params: dict | None = None) -> tuple[float, dict]:
     t0 = time.perf_counter()
     r = client.get(url, params=params)
@@ -136,33 +130,44 @@ def timed(client: httpx.Client, url: str, params: dict | None = None) -> tuple[f
 
 
 @contextmanager
-def serving(root: Path) -> Iterator[str]:
-    """``featureatlas serve`` on a free loopback port, as a subprocess; yields its base URL once it
-    answers, and stops it on exit."""
-    port = free_port()
-    server = subprocess.Popen(
-        [sys.executable, "-m", "featureatlas.api.cli", "serve", "--atlas", str(root), "--port", str(port)],
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env={**os.environ, "HF_HUB_OFFLINE": "1"},
-    )
-    base = f"http://127.0.0.1:{port}"
+def serving(root: Path, *, host: str = "127.0.0.1", log: Path | None = None) -> Iterator[tuple[str, subprocess.Popen]]:
+    """``featureatlas serve`` on a free port of ``host``, as a subprocess (its output to ``log``, or
+    nowhere); yields its base URL and process once /healthz answers, and stops it on exit. The
+    benchmarks' one way to run a server. ``OMP_WAIT_POLICY=PASSIVE``: spinning torch threads would
+    starve the read-only routes on a small machine."""
+    with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as s:
+        s.bind((host, 0))
+        port = s.getsockname()[1]
+    base = f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_WAIT_POLICY": "PASSIVE"}
+    with open(log or os.devnull, "w") as out:  # a session of its own: Ctrl-C reaches the script, which stops it
+        server = subprocess.Popen(
+            [sys.executable, "-m", "featureatlas.api.cli", "serve", "--atlas", str(root), "--host", host, "--port", str(port)],
+            stdout=out, stderr=subprocess.STDOUT, env=env, start_new_session=True)
     try:
-        for _ in range(600):
+        deadline = time.monotonic() + 600
+        while True:
             try:
-                if httpx.get(f"{base}/healthz").status_code == 200:
+                if httpx.get(f"{base}/healthz", timeout=2).status_code == 200:
                     break
             except httpx.TransportError:
-                time.sleep(0.1)
-        else:
-            raise RuntimeError("server did not start")
-        yield base
+                pass
+            if server.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError("the server did not start" + (f"; its log: {log}" if log else ""))
+            time.sleep(0.2)
+        yield base, server
     finally:
         server.send_signal(signal.SIGINT)
-        server.wait(timeout=30)
+        try:
+            server.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            server.kill()
+            server.wait()
 
 
 def measure(root: Path, decoder: np.ndarray, requests: int, seed: int = 1) -> dict:
     rng = np.random.default_rng(seed)
-    with serving(root) as base:
+    with serving(root) as (base, _):
         with httpx.Client(base_url=base, timeout=30) as client:
             ids = rng.integers(0, len(decoder), requests)
             queries = [" ".join(rng.choice(WORDS, 2)) for _ in range(requests)]

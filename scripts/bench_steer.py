@@ -23,10 +23,6 @@ import argparse
 import json
 import os
 import re
-import signal
-import socket
-import subprocess
-import sys
 import threading
 import time
 import urllib.error
@@ -36,6 +32,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from bench_search import serving
 from featureatlas.api.service import AtlasService
 from featureatlas.ingest.embed import embed
 from featureatlas.ingest.labels import intervention
@@ -243,22 +240,10 @@ def latencies(base: str, live: list[int], rng: np.random.Generator, done: Callab
 
 def load_test(atlas_dir: str, live: list[int], edit: Edit, new_tokens: int, clients: int, seconds: float) -> dict:
     """GET latency on the real server idle (``seconds`` / 3), then while ``clients`` steer (``seconds``)."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        base, rng = f"http://127.0.0.1:{s.getsockname()[1]}", np.random.default_rng(0)
-    server = subprocess.Popen([sys.executable, "-m", "featureatlas.api.cli", "serve", "--atlas", atlas_dir, "--port",
-                               base.rsplit(":", 1)[1]], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    rng = np.random.default_rng(0)
     body = lambda i: {"prompt": PROMPTS[i % len(PROMPTS)], "max_new_tokens": new_tokens,  # noqa: E731
                       "features": [{"id": edit.feature, "value": edit.value, "mode": edit.mode}]}
-    try:
-        for _ in range(600):
-            try:
-                if call(f"{base}/healthz", timeout=2)[0] == 200:
-                    break
-            except OSError:
-                time.sleep(0.2)
-        else:
-            raise RuntimeError("the server did not start")
+    with serving(Path(atlas_dir)) as (base, _):
         assert call(f"{base}/api/steer", body(0))[0] == 200  # loads the model
         for _ in range(20):  # warms the tables and the page cache
             call(f"{base}/api/features/{int(rng.choice(live))}")
@@ -275,12 +260,6 @@ def load_test(atlas_dir: str, live: list[int], edit: Edit, new_tokens: int, clie
         [t.start() for t in threads]
         busy = latencies(base, live, rng, lambda: not any(t.is_alive() for t in threads))
         return {"get_idle": idle, "get_under_load": busy, "steer_under_load": stats(steers), "clients": clients}
-    finally:
-        server.send_signal(signal.SIGINT)
-        try:
-            server.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            server.kill()
 
 
 def plot(rows: list[dict], path: Path) -> None:

@@ -156,7 +156,7 @@ def main() -> None:
             build_atlas(map_root, synthetic_features(args.map_features)[0])
 
         ids = np.random.default_rng(1).integers(0, args.page_features, args.pages).tolist()
-        with serving(page_root) as base:
+        with serving(page_root) as (base, _):
             page_ms = browser_times(base, [f"/features/{i}" for i in ids], ["feature", "feature-complete"], shots, "feature")
             api_ms = api_times(base, [[f"/api/features/{i}", f"/api/features/{i}/neighbors?by=decoder&k=10",
                                        f"/api/features/{i}/neighbors?by=coactivation&k=10"] for i in ids])
@@ -165,7 +165,7 @@ def main() -> None:
 
         result["map"] = {}
         for root, n in ((page_root, args.page_features), (map_root, args.map_features)):
-            with serving(root) as base:
+            with serving(root) as (base, _):
                 time.sleep(MAP_WARMUP_S)
                 map_ms = browser_times(base, ["/map"] * args.maps, ["map"], shots, f"map-{n}")
                 api_ms = api_times(base, [["/api/map"]] * args.maps)

@@ -41,7 +41,7 @@ def main() -> None:
         ("map-neighbours", f"/map?feature={args.feature}", "map"),
         ("steer", f"/steer?{steered}&prompt={quote(args.steer_prompt)}", "steer"),
     ]
-    with serving(Path(args.atlas)) as base, sync_playwright() as pw:
+    with serving(Path(args.atlas)) as (base, _), sync_playwright() as pw:
         browser = pw.chromium.launch(executable_path=CHROMIUM)
         for suffix, size, scheme in (("", (1280, 900), "light"), ("-phone-dark", (390, 844), "dark")):
             page = browser.new_page(viewport={"width": size[0], "height": size[1]}, color_scheme=scheme)
