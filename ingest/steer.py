@@ -183,12 +183,7 @@ def steer(model: SubjectModel, sae: SAE, layer: int, prompts: list[list[int]], e
             if step == max_new_tokens or bool(done.all()):
                 break  # the last pass only read the final tokens (their activations)
             log_p = torch.log_softmax(logits, -1)
-            if temperature > 0:
-                noise = -torch.log(-torch.log(torch.rand((n, logits.shape[1]), generator=gen).clamp_min(1e-20)))
-                choice = (logits / temperature + noise.repeat(len(rows) // n, 1)).argmax(-1)
-            else:
-                choice = logits.argmax(-1)
-            choice = torch.where(done, torch.full_like(choice, pad), choice)
+            choice = torch.where(done, torch.full_like(done, pad, dtype=torch.long), _sample(logits, n, temperature, gen))
             out_ids = torch.cat([out_ids, choice[:, None]], 1)
             logprobs = torch.cat([logprobs, log_p.gather(1, choice[:, None])], 1)
             done |= choice == eos if eos is not None else torch.zeros_like(done)
@@ -204,6 +199,16 @@ def steer(model: SubjectModel, sae: SAE, layer: int, prompts: list[list[int]], e
     read = torch.cat(hook.history[1:], 1) if len(hook.history) > 1 else torch.zeros((len(rows), 0, len(edits)))
     runs = [_continuation(model, out_ids[i], logprobs[i], read[i], eos) for i in range(len(rows))]
     return Steered(runs[:n_default], runs[n_default:])
+
+
+def _sample(logits: torch.Tensor, n: int, temperature: float, gen: torch.Generator) -> torch.Tensor:
+    """The next token of each row: greedy at temperature 0, else the Gumbel-max trick with one draw
+    of noise per prompt (``n`` of them), shared by that prompt's default and steered rows, so the
+    two differ only where steering changed the distribution."""
+    if temperature <= 0:
+        return logits.argmax(-1)
+    noise = -torch.log(-torch.log(torch.rand((n, logits.shape[1]), generator=gen).clamp_min(1e-20)))
+    return (logits / temperature + noise.repeat(logits.shape[0] // n, 1)).argmax(-1)
 
 
 def left_padded(rows: list[list[int]], pad: int) -> tuple[torch.Tensor, torch.Tensor]:
