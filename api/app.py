@@ -38,12 +38,10 @@ from litestar.types import Empty
 
 from .edge import AtlasApp
 from .live import LiveService
-from .service import MAX_K, MAX_PROMPT_CHARS, MAX_PROMPTS, MAX_STEERED, AtlasService
+from .service import MAX_K, MAX_OFFSET, MAX_PAGE, MAX_PROMPT_CHARS, MAX_PROMPTS, MAX_STEERED, AtlasService
 from .work_pool import PoolFull, WorkPool
 
 log = logging.getLogger(__name__)
-MAX_PAGE = 1000
-MAX_OFFSET = 2**31 - 1  # DuckDB's OFFSET is a BIGINT; past any atlas's size anyway
 MAX_QUERY_CHARS = 1000
 # The largest integer a JSON number carries exactly to every client (JavaScript's MAX_SAFE_INTEGER),
 # and that the schema can state exactly (it writes limits as floats): the steer seed's limit.
@@ -218,8 +216,7 @@ def healthz(service: Service) -> dict[str, Any]:
 
 @get("/api/atlas", sync_to_thread=False, responses=_errors())
 def atlas_summary(service: Service) -> dict[str, Any]:
-    m = service.atlas.manifest
-    return {k: m.get(k) for k in ("model", "hook", "dictionary", "metrics", "corpus", "tokens", "labels", "created_at")}
+    return service.info()
 
 
 @get("/api/map", sync_to_thread=True, responses=_errors(404))
@@ -257,8 +254,7 @@ def list_features(
     limit: int = Parameter(default=50, ge=1, le=MAX_PAGE),
     offset: int = Parameter(default=0, ge=0, le=MAX_OFFSET),
 ) -> dict[str, Any]:
-    rows = service.atlas.list_features(sort=sort, descending=order == "desc", limit=limit, offset=offset)
-    return {"features": rows, "limit": limit, "offset": offset, "total": service.atlas.d_sae}
+    return service.features(sort, order == "desc", limit, offset)
 
 
 @get("/api/features/{feature_id:int}", sync_to_thread=True, responses=_errors(400, 404, 503))

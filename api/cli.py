@@ -10,7 +10,7 @@ import os
 import sys
 import typing
 from pathlib import Path
-from typing import Any, Sequence
+from typing import TYPE_CHECKING, Any, Sequence
 
 from featureatlas.ingest.config import (
     EXPLAINERS,
@@ -27,9 +27,13 @@ from featureatlas.ingest.config import (
 )
 from featureatlas.ingest.runtime import configure
 from featureatlas.ingest.steer import MODES, Edit
-from featureatlas.store.atlas import QueryInterrupted
+from featureatlas.store.atlas import SORTABLE, QueryInterrupted
 from featureatlas.store.errors import BadParameter, UserError
+from featureatlas.store.export import FORMATS
 from featureatlas.store.search import SEARCH_MODES
+
+if TYPE_CHECKING:  # the service imports torch: only the commands that query load it
+    from featureatlas.api.service import AtlasService
 
 EXIT_BAD_INPUT = 2
 ATLAS_DEFAULT = RunConfig.atlas
@@ -98,11 +102,16 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--token", help="required by /api and /schema (default: $FEATUREATLAS_TOKEN, which keeps it out "
                                    "of process lists)")
     _add_queries(sub)
+    p = sub.add_parser("export", help="write the atlas in a format other tools read")
+    p.add_argument("--atlas", default=ATLAS_DEFAULT)
+    p.add_argument("--format", choices=FORMATS, required=True,
+                   help="neuronpedia: feature and explanation JSON; parquet: every table; saelens: the dictionary")
+    p.add_argument("--out", help="folder to write to (saelens without it: print where the dictionary is)")
     return parser
 
 
 def _add_queries(sub: argparse._SubParsersAction) -> None:
-    """search / neighbors / sql / probe / steer: the HTTP API's queries on the command line."""
+    """The HTTP API's queries on the command line, and export."""
     p = sub.add_parser("search", help="natural-language search over features")
     p.add_argument("query")
     p.add_argument("-k", type=int, default=10)
@@ -111,6 +120,17 @@ def _add_queries(sub: argparse._SubParsersAction) -> None:
     p.add_argument("feature_id", type=int)
     p.add_argument("-k", type=int, default=10)
     p.add_argument("--by", choices=("decoder", "coactivation"), default="decoder")
+    p = sub.add_parser("feature", help="one feature: label, statistics and examples")
+    p.add_argument("feature_id", type=int)
+    p = sub.add_parser("features", help="a page of the feature list")
+    p.add_argument("--sort", choices=SORTABLE, default="density")
+    p.add_argument("--order", choices=("asc", "desc"), default="desc")
+    p.add_argument("--limit", type=int, default=50)
+    p.add_argument("--offset", type=int, default=0)
+    p = sub.add_parser("contrast", help="features on every positive prompt and on no negative one")
+    p.add_argument("--positive", nargs="+", required=True, metavar="PROMPT")
+    p.add_argument("--negative", nargs="+", metavar="PROMPT")
+    p.add_argument("-k", type=int, default=10)
     p = sub.add_parser("sql", help="read-only SQL over the analytics database")
     p.add_argument("sql")
     p = sub.add_parser("probe", help="top features of each token of a text")
@@ -127,7 +147,7 @@ def _add_queries(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--chat", action="store_true", help="wrap the prompt in the model's chat template")
     p.add_argument("--generated-only", action="store_true", help="steer only the generated tokens")
-    for name in ("search", "neighbors", "sql", "probe", "steer"):
+    for name in ("search", "neighbors", "feature", "features", "contrast", "sql", "probe", "steer"):
         q = sub.choices[name]
         q.add_argument("--atlas", default=ATLAS_DEFAULT)
         q.add_argument("--json", action="store_true", help="JSON instead of a table")
@@ -245,48 +265,104 @@ def _serve(args: argparse.Namespace) -> int:
 
 
 def _query(args: argparse.Namespace) -> int:
-    """search / neighbors / sql / probe / steer: the same code paths as the HTTP routes."""
+    """The HTTP API's queries on the command line: the same service, the same checks and limits."""
     from featureatlas.api.service import AtlasService
-    from featureatlas.store.sql import execute_sql
 
     atlas = _open(args.atlas)
-    service = AtlasService(atlas)
-    if args.command == "search":
-        result = service.search(args.query, args.k, args.mode)
-        rows = [[h["feature_id"], f"{h['evidence']:.1f}" + ("" if h["strong"] else " weak"), f"{h['density']:.4%}",
-                 _why(h["matched_by"]), _clip(h["label"], 70), h["snippet"]] for h in result["hits"]]
-        header = ["feature", "evidence", "density", "matched by", "label", "top example"]
-    elif args.command == "neighbors":
-        result = service.neighbors(args.feature_id, args.k, args.by)
-        rows = [[n["feature_id"], f"{n['similarity']:.4f}", f"{n['density']:.4%}", n["label"]] for n in result["neighbors"]]
-        header = ["feature", "similarity", "density", "label"]
-    elif args.command == "steer":
-        result = service.steer(args.prompt, _edits(args.features, args.mode), max_new_tokens=args.max_new_tokens,
-                               temperature=args.temperature, seed=args.seed, chat=args.chat,
-                               generated_only=args.generated_only)
-        header = ["", "continuation of " + repr(_clip(args.prompt, 50))]
-        rows = [["default", _clip(result["default"]["text"], 200)], ["steered", _clip(result["steered"]["text"], 200)]]
-        rows += [[f"#{f['id']}", f"{f['mode']} {f['value']:g}x max ({f['max_activation']:.3g}): {_clip(f['label'], 80)}"]
-                 for f in result["features"]]
-    elif args.command == "sql":
-        try:
-            result = execute_sql(atlas, args.sql).to_dict()
-        finally:
-            atlas.close()  # its worker processes
-        rows, header = result["rows"], result["columns"]
-    else:
-        result = service.activations(args.text, args.k)
-        rows = [[repr(t["token"]), ", ".join(f"{f['feature_id']} ({f['value']:.2f}) {_clip(f['label'], 40)}"
-                                             for f in t["features"])] for t in result["tokens"]]
-        header = ["token", "top features (activation) label"]
+    try:
+        result, header, rows = _QUERIES[args.command](AtlasService(atlas), args)
+    finally:
+        atlas.close()  # its SQL worker processes, if a query started them
     if args.json:
         print(json.dumps(result, indent=2, default=str))
-    else:
-        if args.command == "search":
-            print(_search_header(result))
-        print(_table(header, rows))
-        if result.get("truncated"):
-            print(f"(truncated to {len(rows)} rows)")
+        return 0
+    if args.command == "search":
+        print(_search_header(result))
+    print(_table(header, rows))
+    if result.get("truncated"):
+        print(f"(truncated to {len(rows)} rows)")
+    return 0
+
+
+Rows = tuple[dict[str, Any], list[str], list[list[Any]]]  # the JSON answer, and its table for people
+
+
+def _search(service: AtlasService, args: argparse.Namespace) -> Rows:
+    result = service.search(args.query, args.k, args.mode)
+    rows = [[h["feature_id"], f"{h['evidence']:.1f}" + ("" if h["strong"] else " weak"), f"{h['density']:.4%}",
+             _why(h["matched_by"]), _clip(h["label"], 70), h["snippet"]] for h in result["hits"]]
+    return result, ["feature", "evidence", "density", "matched by", "label", "top example"], rows
+
+
+def _neighbors(service: AtlasService, args: argparse.Namespace) -> Rows:
+    result = service.neighbors(args.feature_id, args.k, args.by)
+    rows = [[n["feature_id"], f"{n['similarity']:.4f}", f"{n['density']:.4%}", n["label"]] for n in result["neighbors"]]
+    return result, ["feature", "similarity", "density", "label"], rows
+
+
+def _feature(service: AtlasService, args: argparse.Namespace) -> Rows:
+    from featureatlas.api.service import snippet
+
+    f = service.feature(args.feature_id)
+    score = "unscored" if f["label_score"] is None else f"{f['label_score']:.3f}"
+    rows = [["label", f["label"]], ["description", _clip(f["description"], 120)],
+            ["label by", f"{f['label_source']} (score {score})"],
+            ["density", f"{f['density']:.4%} of tokens ({f['n_active']:,})"],
+            ["activation", f"max {f['max_activation']:.3g}, mean {f['mean_activation']:.3g} where it fires"]]
+    rows += [[f"{e['kind']} {e['max_activation']:.3g}", _clip(snippet(e["tokens"], e["activations"]), 100)]
+             for e in f["top_examples"] + f["quantile_examples"]]
+    return f, ["", f"feature #{f['feature_id']}"], rows
+
+
+def _features(service: AtlasService, args: argparse.Namespace) -> Rows:
+    result = service.features(args.sort, args.order == "desc", args.limit, args.offset)
+    rows = [[r["feature_id"], f"{r['density']:.4%}", f"{r['max_activation']:.3g}",
+             "" if r["label_score"] is None else f"{r['label_score']:.3f}", _clip(r["label"], 70)] for r in result["features"]]
+    return result, ["feature", "density", "max", "label score", "label"], rows
+
+
+def _contrast(service: AtlasService, args: argparse.Namespace) -> Rows:
+    result = service.contrast(args.positive, args.negative or [], args.k)
+    rows = [[h["feature_id"], f"{h['score']:.3f}", f"{h['density']:.4%}", _clip(h["label"], 70)] for h in result["hits"]]
+    return result, ["feature", "weakest relative activation", "density", "label"], rows
+
+
+def _steer(service: AtlasService, args: argparse.Namespace) -> Rows:
+    result = service.steer(args.prompt, _edits(args.features, args.mode), max_new_tokens=args.max_new_tokens,
+                           temperature=args.temperature, seed=args.seed, chat=args.chat, generated_only=args.generated_only)
+    rows = [["default", _clip(result["default"]["text"], 200)], ["steered", _clip(result["steered"]["text"], 200)]]
+    rows += [[f"#{f['id']}", f"{f['mode']} {f['value']:g}x max ({f['max_activation']:.3g}): {_clip(f['label'], 80)}"]
+             for f in result["features"]]
+    return result, ["", "continuation of " + repr(_clip(args.prompt, 50))], rows
+
+
+def _sql(service: AtlasService, args: argparse.Namespace) -> Rows:
+    from featureatlas.store.sql import execute_sql
+
+    result = execute_sql(service.atlas, args.sql).to_dict()
+    return result, result["columns"], result["rows"]
+
+
+def _probe(service: AtlasService, args: argparse.Namespace) -> Rows:
+    result = service.activations(args.text, args.k)
+    rows = [[repr(t["token"]), ", ".join(f"{f['feature_id']} ({f['value']:.2f}) {_clip(f['label'], 40)}"
+                                         for f in t["features"])] for t in result["tokens"]]
+    return result, ["token", "top features (activation) label"], rows
+
+
+def _export(args: argparse.Namespace) -> int:
+    from featureatlas.store.export import export
+
+    atlas = _open(args.atlas)
+    if args.format == "saelens":
+        print(f"the dictionary is in SAELens's layout already: {atlas.dictionary_dir.resolve()} "
+              "(sae_lens.SAE.load_from_disk reads it)")
+        if args.out is None:
+            return 0
+    elif args.out is None:
+        raise BadParameter("--out", f"give a folder to write the {args.format} export to")
+    for path in export(atlas, args.format, Path(args.out)):
+        print("wrote", path)
     return 0
 
 
@@ -329,8 +405,10 @@ def _table(header: list[str], rows: list[list[Any]]) -> str:
     return "\n".join(lines)
 
 
-_COMMANDS = {"ingest": _ingest, "label": _label, "sweep": _sweep, "info": _info, "serve": _serve, "search": _query,
-             "neighbors": _query, "sql": _query, "probe": _query, "steer": _query}
+_QUERIES = {"search": _search, "neighbors": _neighbors, "feature": _feature, "features": _features, "contrast": _contrast,
+            "steer": _steer, "sql": _sql, "probe": _probe}
+_COMMANDS = {"ingest": _ingest, "label": _label, "sweep": _sweep, "info": _info, "serve": _serve, "export": _export,
+             **dict.fromkeys(_QUERIES, _query)}
 
 if __name__ == "__main__":
     sys.exit(main())

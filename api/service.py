@@ -30,6 +30,10 @@ log = logging.getLogger(__name__)
 DENSE_DENSITY = 0.05
 DENSE_WEIGHT = 0.5
 MAX_K = 100
+MAX_PAGE = 1000  # features in one page of the feature list
+MAX_OFFSET = 2**31 - 1  # DuckDB's OFFSET is a BIGINT; past any atlas's size anyway
+# What an atlas is, from its manifest (``info``): the rest (config, versions, parts) is for the CLI's ``info --json``.
+INFO_KEYS = ("model", "hook", "dictionary", "metrics", "corpus", "tokens", "labels", "created_at")
 # Each signal contributes this many candidates per requested hit (at least ``MIN_CANDIDATES``
 # hits' worth) before fusion: a short answer is the head of the same ranking as a long one.
 CANDIDATES_PER_HIT = 3
@@ -64,6 +68,14 @@ def not_found(query: str, cover: dict[str, Any]) -> str:
     docs = cover["documents"]
     where = "does not mention it" if docs == 0 else f"mentions it in {docs:,} of {cover['documents_total']:,} documents"
     return f"No feature in this atlas is clearly about {query!r}; the corpus {where}. The nearest features follow, all weak."
+
+
+def snippet(tokens: list[str], activations: list[float]) -> str:
+    """An example on one line around its strongest token, which is in [[brackets]]."""
+    i = int(np.argmax(activations))
+    before = "".join(tokens[max(0, i - SNIPPET_BEFORE) : i])
+    after = "".join(tokens[i + 1 : i + 1 + SNIPPET_AFTER])
+    return f"{before}[[{tokens[i]}]]{after}".replace("\n", "⏎")
 
 
 def _check_text(where: str, text: str) -> None:
@@ -105,7 +117,20 @@ class AtlasService:
         except NoMap:
             pass  # an atlas without a map: /api/map says so when asked
 
+    def info(self) -> dict[str, Any]:
+        """What was mapped and how well: model, hook, dictionary, metrics, corpus, tokens, labels."""
+        return {k: self.atlas.manifest.get(k) for k in INFO_KEYS}
+
     # -- features -------------------------------------------------------------------------------
+
+    def features(self, sort: str = "density", descending: bool = True, limit: int = 50, offset: int = 0) -> dict[str, Any]:
+        """A page of the feature list (scalar columns), sorted by one of ``store.atlas.SORTABLE``."""
+        if not 1 <= limit <= MAX_PAGE:
+            raise BadParameter("limit", f"must be between 1 and {MAX_PAGE}")
+        if not 0 <= offset <= MAX_OFFSET:
+            raise BadParameter("offset", f"must be between 0 and {MAX_OFFSET}")
+        rows = self.atlas.list_features(sort=sort, descending=descending, limit=limit, offset=offset)
+        return {"features": rows, "limit": limit, "offset": offset, "total": self.atlas.d_sae}
 
     def check_feature(self, feature_id: int) -> None:
         if not 0 <= feature_id < self.atlas.d_sae:
@@ -125,14 +150,7 @@ class AtlasService:
 
     def _snippets(self, ids: list[int]) -> dict[int, str]:
         """The top example of each feature, strongest token in [[brackets]]."""
-        out = {}
-        for f, r in self.atlas.top_examples(ids).items():
-            i = int(np.argmax(r["activations"]))
-            tokens = r["tokens"]
-            before = "".join(tokens[max(0, i - SNIPPET_BEFORE) : i])
-            after = "".join(tokens[i + 1 : i + 1 + SNIPPET_AFTER])
-            out[f] = f"{before}[[{tokens[i]}]]{after}".replace("\n", "⏎")
-        return out
+        return {f: snippet(r["tokens"], r["activations"]) for f, r in self.atlas.top_examples(ids).items()}
 
     def feature_map(self) -> bytes:
         """The map document (``store.map_view``), built on first request and kept: it is the same

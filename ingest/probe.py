@@ -55,6 +55,15 @@ class Probe:
         self._lock = threading.Lock()
         self.busy = threading.Lock()
         self._loaded: tuple[SubjectModel, SAE, int] | None = None
+        self._dictionary: SAE | None = None
+
+    def dictionary(self) -> SAE:
+        """The atlas's dictionary, loaded on first use without the model (milliseconds, where the
+        model takes seconds); ``load`` moves this same copy to the model's device."""
+        with self._lock:
+            if self._dictionary is None:
+                self._dictionary = SAE.load(self.atlas.dictionary_dir)
+            return self._dictionary
 
     def load(self) -> tuple[SubjectModel, SAE, int]:
         """(model, dictionary, hook layer), loaded on first use."""
@@ -66,7 +75,7 @@ class Probe:
                                        cache_dir=cfg.model.model_cache)
                 except UserError as e:  # the server's set-up, not the request, is wrong: a logged 500
                     raise RuntimeError(f"the atlas's model cannot be loaded: {e}") from e
-                sae = SAE.load(self.atlas.dictionary_dir, device=model.device)
+                sae = self._dictionary = (self._dictionary or SAE.load(self.atlas.dictionary_dir)).to(model.device)
                 self._loaded = (model, sae, int(self.atlas.manifest["hook"]["layer"]))
         return self._loaded
 

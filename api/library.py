@@ -1,0 +1,230 @@
+"""The atlas as a Python library: ``fa.open(path)`` and the queries of the HTTP API as methods.
+
+Every method calls the code behind the HTTP routes and the CLI (``api.service``, ``store.sql``), with
+the same checks and limits, so the three give the same answer to the same question. A result keeps
+that answer as the API's JSON (``Result.data``) and adds what a notebook wants: its rows as an Arrow
+table (``to_arrow``, with ``to_pandas`` and ``to_polars`` one call away, neither required) and an
+HTML display (``api.notebook``).
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+from urllib.parse import unquote, urlparse
+
+import pyarrow as pa
+from featureatlas.ingest.steer import MODES, Edit
+from featureatlas.store.atlas import Atlas
+from featureatlas.store.errors import BadParameter
+from featureatlas.store.sql import execute_sql
+
+from . import notebook
+from .service import AtlasService
+
+if TYPE_CHECKING:
+    from featureatlas.ingest.model import SubjectModel
+    from featureatlas.ingest.sae import SAE
+
+
+class Result:
+    """One query's answer. ``data`` is exactly the HTTP API's JSON for the same query; ``rows`` its
+    list of records (hits, neighbours, features, tokens, SQL rows), which ``len``, iteration and
+    ``to_arrow`` see; ``result["key"]`` reads ``data``."""
+
+    def __init__(self, data: dict[str, Any], rows: list[dict[str, Any]], html: Callable[[], str], *,
+                 schema: pa.Schema | None = None):
+        self.data = data
+        self.rows = rows
+        self._html = html
+        self._schema = schema
+
+    def __getitem__(self, key: str) -> Any:
+        return self.data[key]
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        return iter(self.rows)
+
+    def to_arrow(self) -> pa.Table:
+        """The rows as an Arrow table (nested values stay nested: lists and structs)."""
+        if self._schema is not None and not self.rows:
+            return self._schema.empty_table()
+        return pa.Table.from_pylist(self.rows, schema=self._schema)
+
+    def to_pandas(self):
+        """The rows as a pandas DataFrame (needs pandas)."""
+        return self.to_arrow().to_pandas()
+
+    def to_polars(self):
+        """The rows as a polars DataFrame (needs polars)."""
+        import polars
+
+        return polars.from_arrow(self.to_arrow())
+
+    def _repr_html_(self) -> str:
+        return self._html()
+
+    def __repr__(self) -> str:
+        return f"<{type(self).__name__}: {len(self.rows)} rows; keys {', '.join(self.data)}>"
+
+
+class OpenAtlas:
+    """An atlas opened for reading (``fa.open``). Nothing here writes to it.
+
+    The model loads on first use of ``activations``, ``contrast``, ``steer``, ``model`` or a search
+    that includes the inference signal; the dictionary loads alone on first use of ``dictionary``.
+    """
+
+    def __init__(self, atlas: Atlas, *, device: str | None = None):
+        self._atlas = atlas
+        self._service = AtlasService(atlas, probe_device=device)
+
+    @property
+    def path(self) -> Path:
+        return self._atlas.root
+
+    @property
+    def info(self) -> dict[str, Any]:
+        """What was mapped and how well (the HTTP API's ``/api/atlas``)."""
+        return self._service.info()
+
+    @property
+    def d_sae(self) -> int:
+        """How many features the dictionary has (ids run 0..d_sae-1)."""
+        return self._atlas.d_sae
+
+    def search(self, q: str, k: int = 10, mode: str | None = None) -> Result:
+        """Features about ``q`` (a concept in plain words), best first; ``mode`` restricts the
+        search to one signal of ``store.search.SEARCH_MODES``. ``result["confident"]`` says whether
+        a hit is clearly about it."""
+        data = self._service.search(q, k, mode)
+        return Result(data, data["hits"], lambda: notebook.search_html(data))
+
+    def neighbors(self, feature_id: int, k: int = 10, by: str = "decoder") -> Result:
+        """The ``k`` features nearest to one: by decoder direction (cosine) or by co-activation."""
+        data = self._service.neighbors(feature_id, k, by)
+        return Result(data, data["neighbors"], lambda: _table(data["neighbors"], f"neighbours of #{feature_id} by {by}"))
+
+    def feature(self, feature_id: int) -> Result:
+        """One feature: label, description, scores, statistics, histogram and examples; its rows are
+        the examples (top ones first, then the quantile ones)."""
+        data = self._service.feature(feature_id)
+        return Result(data, data["top_examples"] + data["quantile_examples"], lambda: notebook.feature_html(data))
+
+    def features(self, sort: str = "density", descending: bool = True, limit: int = 50, offset: int = 0) -> Result:
+        """A page of the feature list, sorted by one of ``store.atlas.SORTABLE``."""
+        data = self._service.features(sort, descending, limit, offset)
+        return Result(data, data["features"], lambda: _table(data["features"], f"features by {sort}"))
+
+    def activations(self, text: str, k: int = 5) -> Result:
+        """Each token of ``text`` with its ``k`` strongest features (runs the model); ``relative`` is
+        the activation over the feature's maximum in the corpus."""
+        data = self._service.activations(text, k)
+        rows = [{"position": i, **t} for i, t in enumerate(data["tokens"])]
+        return Result(data, rows, lambda: notebook.activations_html(data))
+
+    def contrast(self, positive: Sequence[str], negative: Sequence[str] = (), k: int = 10) -> Result:
+        """Features that fire on every ``positive`` prompt and on none of the ``negative`` ones."""
+        data = self._service.contrast(_prompts("positive", positive), _prompts("negative", negative), k)
+        return Result(data, data["hits"], lambda: _table(data["hits"], "contrast"))
+
+    def steer(self, prompt: str, features: Mapping[int, float | tuple[float, str]], *, mode: str = "clamp",
+              max_new_tokens: int = 32, temperature: float = 0.0, seed: int = 0, chat: bool = False,
+              generated_only: bool = False) -> Result:
+        """The prompt continued twice: untouched, and with ``features`` changed. Each value is in
+        units of the feature's corpus maximum (``{812: 10}`` clamps 812 at ten times it; 0 switches
+        it off); ``(value, "add")`` pushes along the decoder direction instead of ``mode``."""
+        if not isinstance(features, Mapping):
+            raise BadParameter("features", "give a mapping of feature id to value, e.g. {812: 10}")
+        edits = [Edit(int(f), *(v if isinstance(v, tuple) else (v, mode))) for f, v in features.items()]
+        for e in edits:
+            if e.mode not in MODES:
+                raise BadParameter("mode", f"must be one of {', '.join(MODES)}, got {e.mode!r}")
+        data = self._service.steer(prompt, edits, max_new_tokens=max_new_tokens, temperature=temperature, seed=seed,
+                                   chat=chat, generated_only=generated_only)
+        rows = [{"run": run, **data[run]} for run in ("default", "steered")]
+        return Result(data, rows, lambda: notebook.steer_html(data))
+
+    def sql(self, query: str, params: list[Any] | dict[str, Any] | None = None) -> Result:
+        """A read-only SQL statement over the analytics database (``store.schema`` lists its tables),
+        under the server's limits: one SELECT, 2 s, 1,000 rows (``truncated`` says so), 8 MiB."""
+        data = execute_sql(self._atlas, query, params).to_dict()
+        rows = [dict(zip(data["columns"], r)) for r in data["rows"]]
+        schema = pa.schema([(c, pa.null()) for c in data["columns"]])  # names kept when no row came back
+        return Result(data, rows, lambda: notebook.table_html(data["columns"], data["rows"], caption=_sql_caption(data)),
+                      schema=None if rows else schema)
+
+    @property
+    def dictionary(self) -> SAE:
+        """The dictionary as a torch module (``encode``, ``decode``, ``activations``, ``W_enc``,
+        ``W_dec``), loaded on first use; the model, once loaded, shares this copy."""
+        return self._service.probe.dictionary()
+
+    @property
+    def model(self) -> SubjectModel:
+        """The subject model (``.model`` the transformers module, ``.tokenizer``), loaded on first use."""
+        return self._service.probe.load()[0]
+
+    def close(self) -> None:
+        """Stop the SQL worker processes (they also stop with the interpreter)."""
+        self._atlas.close()
+
+    def __enter__(self) -> OpenAtlas:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return f"<featureatlas atlas {str(self.path)!r}: {self.d_sae:,} features>"
+
+    def _repr_html_(self) -> str:
+        return notebook.table_html(["", ""], [[k, v] for k, v in _summary(self.info).items()], caption=str(self.path))
+
+
+def open(path: str | os.PathLike[str], *, device: str | None = None) -> OpenAtlas:  # noqa: A001 (fa.open reads best)
+    """Open the atlas at ``path`` (a folder, or a ``file://`` URI) for reading. ``device`` runs the
+    model there for activations, contrast, steering and search by inference (default: the one the
+    atlas was built on)."""
+    return OpenAtlas(Atlas(_local_path(path)), device=device)
+
+
+def _local_path(path: str | os.PathLike[str]) -> Path:
+    text = os.fspath(path)
+    parsed = urlparse(text)
+    if parsed.scheme == "file":
+        return Path(unquote(parsed.path))
+    if len(parsed.scheme) > 1:  # one letter is a Windows drive
+        raise BadParameter("path", f"{parsed.scheme}:// atlases cannot be opened yet; give a local folder or a file:// URI")
+    return Path(text)
+
+
+def _prompts(side: str, prompts: Sequence[str]) -> list[str]:
+    """A list of prompts (a lone string would be read as a list of characters)."""
+    if isinstance(prompts, str):
+        raise BadParameter(side, "give a list of prompts, e.g. [\"...\"], not one string")
+    return list(prompts)
+
+
+def _table(rows: list[dict[str, Any]], caption: str) -> str:
+    columns = list(rows[0]) if rows else []
+    return notebook.table_html(columns, [[r[c] for c in columns] for r in rows], caption=caption)
+
+
+def _sql_caption(data: dict[str, Any]) -> str:
+    more = " (truncated at the row limit)" if data["truncated"] else ""
+    return f"{len(data['rows']):,} rows in {data['elapsed_ms']:.0f} ms{more}"
+
+
+def _summary(info: dict[str, Any]) -> dict[str, Any]:
+    """The few facts a person reads first, flattened for a two-column table."""
+    model, hook, dictionary = info.get("model") or {}, info.get("hook") or {}, info.get("dictionary") or {}
+    metrics = info.get("metrics") or {}
+    return {"model": model.get("name"), "layer": hook.get("layer"), "dictionary": dictionary.get("architecture"),
+            "features": dictionary.get("d_sae"), "k": dictionary.get("k"),
+            "variance explained": metrics.get("variance_explained"), "created": info.get("created_at")}

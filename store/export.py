@@ -1,0 +1,99 @@
+"""An atlas in the formats other tools read (``featureatlas export``).
+
+- ``parquet``: every table, one Parquet file each, plus the manifest. LanceDB's tables (features
+  with their vectors, examples, windows with their embeddings) come whole from LanceDB; the tables
+  only DuckDB holds (documents, tokens, activations, label candidates) from DuckDB. Written in
+  bounded batches, so an atlas of any size exports in constant memory.
+- ``saelens``: the dictionary folder is already SAELens's layout (``cfg.json`` and
+  ``sae_weights.safetensors``, which ``sae_lens.SAE.load_from_disk`` reads); exporting copies it.
+- ``neuronpedia``: Neuronpedia's feature batches and explanations (``store.neuronpedia``).
+"""
+
+from __future__ import annotations
+
+import shutil
+from collections.abc import Iterator
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from . import manifest as M
+from .atlas import Atlas
+from .errors import BadParameter
+from .schema import DUCKDB_TABLES
+
+FORMATS = ("neuronpedia", "parquet", "saelens")
+# Rows per batch read and written: a batch of features with 2,304-wide decoders is ~100 MB.
+BATCH_ROWS = 10_000
+# Tables read from LanceDB (whole rows: vectors and embeddings included); the rest from DuckDB.
+LANCE_TABLES = ("features", "examples", "windows")
+DUCKDB_ONLY = tuple(t.name for t in DUCKDB_TABLES if t.name not in LANCE_TABLES)
+
+
+def export(atlas: Atlas, fmt: str, out: Path) -> list[Path]:
+    """Write ``atlas`` in format ``fmt`` under ``out`` (created; files already there are replaced)."""
+    if fmt not in FORMATS:
+        raise BadParameter("--format", f"must be one of {', '.join(FORMATS)}, got {fmt!r}")
+    out = Path(out)
+    if out.resolve() == atlas.root.resolve() or atlas.root.resolve() in out.resolve().parents:
+        raise BadParameter("--out", f"{out} is inside the atlas; export somewhere else")
+    out.mkdir(parents=True, exist_ok=True)
+    if fmt == "parquet":
+        return write_parquet(atlas, out)
+    if fmt == "saelens":
+        return write_saelens(atlas, out)
+    from .neuronpedia import write_neuronpedia
+
+    return write_neuronpedia(atlas, out)
+
+
+def write_parquet(atlas: Atlas, out: Path) -> list[Path]:
+    """``<table>.parquet`` for every table and ``manifest.json``."""
+    written = []
+    for name in LANCE_TABLES:
+        table = getattr(atlas, name)
+        written.append(_write(out / f"{name}.parquet", table.schema, _lance_batches(table)))
+    present = {r[0] for r in atlas.query("select table_name from information_schema.tables").rows}
+    for name in (n for n in DUCKDB_ONLY if n in present):  # atlases of older versions lack some
+        written.append(_write(out / f"{name}.parquet", *_duckdb_batches(atlas, name)))
+    shutil.copyfile(atlas.root / M.MANIFEST, out / M.MANIFEST)
+    return [*written, out / M.MANIFEST]
+
+
+def write_saelens(atlas: Atlas, out: Path) -> list[Path]:
+    """The dictionary's two files, as they are (they are SAELens's layout already)."""
+    return [Path(shutil.copyfile(atlas.dictionary_dir / name, out / name)) for name in (M.DICTIONARY_CFG, M.DICTIONARY_WEIGHTS)]
+
+
+def _write(path: Path, schema: pa.Schema, batches: Iterator[pa.RecordBatch]) -> Path:
+    """One Parquet file from a stream of batches; an empty table still gets its columns."""
+    tmp = path.with_suffix(".parquet.tmp")
+    with pq.ParquetWriter(tmp, schema) as writer:
+        for batch in batches:
+            writer.write_batch(batch)
+    tmp.replace(path)
+    return path
+
+
+def _lance_batches(table) -> Iterator[pa.RecordBatch]:
+    """Every row of a LanceDB table in row order, ``BATCH_ROWS`` at a time."""
+    n = table.count_rows()
+    for start in range(0, n, BATCH_ROWS):
+        yield from table.take_offsets(list(range(start, min(n, start + BATCH_ROWS)))).to_arrow().to_batches()
+
+
+def _duckdb_batches(atlas: Atlas, name: str) -> tuple[pa.Schema, Iterator[pa.RecordBatch]]:
+    """A DuckDB table's schema and its rows as a stream (in the order the table stores them)."""
+    cur = atlas.batch_connection()
+    if name not in {t.name for t in DUCKDB_TABLES}:  # names are interpolated: only declared tables
+        raise ValueError(f"no table {name!r}")
+    reader = cur.sql(f"select * from {name}").to_arrow_reader(BATCH_ROWS)
+
+    def batches() -> Iterator[pa.RecordBatch]:
+        try:
+            yield from reader
+        finally:
+            cur.close()
+
+    return reader.schema, batches()
