@@ -137,8 +137,8 @@ class OpenAtlas:
               max_new_tokens: int = 32, temperature: float = 0.0, seed: int = 0, chat: bool = False,
               generated_only: bool = False) -> Result:
         """The prompt continued twice: untouched, and with ``features`` changed. Each value is in
-        units of the feature's corpus maximum (``{812: 10}`` clamps 812 at ten times it; 0 switches
-        it off); ``(value, "add")`` pushes along the decoder direction instead of ``mode``."""
+        units of the feature's corpus maximum (``{812: 2}`` clamps 812 at twice it; 0 switches it
+        off); ``(value, "add")`` pushes along the decoder direction instead of ``mode``."""
         if not isinstance(features, Mapping):
             raise BadParameter("features", "give a mapping of feature id to value, e.g. {812: 10}")
         edits = [Edit(int(f), *(v if isinstance(v, tuple) else (v, mode))) for f, v in features.items()]
