@@ -38,11 +38,10 @@ from litestar.types import Empty
 
 from .edge import AtlasApp
 from .live import LiveService
-from .service import MAX_K, MAX_OFFSET, MAX_PAGE, MAX_PROMPT_CHARS, MAX_PROMPTS, MAX_STEERED, AtlasService
+from .service import MAX_K, MAX_OFFSET, MAX_PAGE, MAX_PROMPT_CHARS, MAX_PROMPTS, MAX_QUERY_CHARS, MAX_STEERED, AtlasService
 from .work_pool import PoolFull, WorkPool
 
 log = logging.getLogger(__name__)
-MAX_QUERY_CHARS = 1000
 # The largest integer a JSON number carries exactly to every client (JavaScript's MAX_SAFE_INTEGER),
 # and that the schema can state exactly (it writes limits as floats): the steer seed's limit.
 MAX_JSON_INT = 2**53 - 1

@@ -355,7 +355,10 @@ def _export(args: argparse.Namespace) -> int:
 
     atlas = _open(args.atlas)
     if args.format == "saelens":
-        print(f"the dictionary is in SAELens's layout already: {atlas.dictionary_dir.resolve()} "
+        from featureatlas.store.manifest import DICTIONARY
+
+        # the top-level name, which follows republishing (a link to the current data folder's copy)
+        print(f"the dictionary is in SAELens's layout already: {(atlas.root / DICTIONARY).absolute()} "
               "(sae_lens.SAE.load_from_disk reads it)")
         if args.out is None:
             return 0

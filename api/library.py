@@ -9,20 +9,24 @@ HTML display (``api.notebook``).
 
 from __future__ import annotations
 
+import json
 import os
+import weakref
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
-from urllib.parse import unquote, urlparse
+from urllib.parse import urlparse
+from urllib.request import url2pathname
 
 import pyarrow as pa
-from featureatlas.ingest.steer import MODES, Edit
+from featureatlas.ingest.steer import Edit
 from featureatlas.store.atlas import Atlas
 from featureatlas.store.errors import BadParameter
+from featureatlas.store.schema import EXAMPLES, FEATURES
 from featureatlas.store.sql import execute_sql
 
 from . import notebook
-from .service import AtlasService
+from .service import CONTRAST_KEYS, NEIGHBOR_KEYS, AtlasService
 
 if TYPE_CHECKING:
     from featureatlas.ingest.model import SubjectModel
@@ -35,11 +39,12 @@ class Result:
     ``to_arrow`` see; ``result["key"]`` reads ``data``."""
 
     def __init__(self, data: dict[str, Any], rows: list[dict[str, Any]], html: Callable[[], str], *,
-                 schema: pa.Schema | None = None):
+                 columns: Sequence[str] = (), arrow: Callable[[], pa.Table] | None = None):
         self.data = data
         self.rows = rows
         self._html = html
-        self._schema = schema
+        self._columns = columns  # of an empty answer, which has no row to name them
+        self._arrow = arrow
 
     def __getitem__(self, key: str) -> Any:
         return self.data[key]
@@ -52,9 +57,11 @@ class Result:
 
     def to_arrow(self) -> pa.Table:
         """The rows as an Arrow table (nested values stay nested: lists and structs)."""
-        if self._schema is not None and not self.rows:
-            return self._schema.empty_table()
-        return pa.Table.from_pylist(self.rows, schema=self._schema)
+        if self._arrow is not None:
+            return self._arrow()
+        if not self.rows:
+            return pa.table({c: pa.array([], pa.null()) for c in self._columns})
+        return pa.Table.from_pylist(self.rows)
 
     def to_pandas(self):
         """The rows as a pandas DataFrame (needs pandas)."""
@@ -83,9 +90,13 @@ class OpenAtlas:
     def __init__(self, atlas: Atlas, *, device: str | None = None):
         self._atlas = atlas
         self._service = AtlasService(atlas, probe_device=device)
+        # A notebook keeps every displayed atlas alive in its output history: the SQL workers of one
+        # opened again stop when it is collected, not with the kernel.
+        self._closer = weakref.finalize(self, atlas.close)
 
     @property
     def path(self) -> Path:
+        """The atlas folder, as opened."""
         return self._atlas.root
 
     @property
@@ -108,18 +119,21 @@ class OpenAtlas:
     def neighbors(self, feature_id: int, k: int = 10, by: str = "decoder") -> Result:
         """The ``k`` features nearest to one: by decoder direction (cosine) or by co-activation."""
         data = self._service.neighbors(feature_id, k, by)
-        return Result(data, data["neighbors"], lambda: _table(data["neighbors"], f"neighbours of #{feature_id} by {by}"))
+        return Result(data, data["neighbors"], lambda: _table(data["neighbors"], f"neighbours of #{feature_id} by {by}"),
+                      columns=NEIGHBOR_KEYS)
 
     def feature(self, feature_id: int) -> Result:
         """One feature: label, description, scores, statistics, histogram and examples; its rows are
         the examples (top ones first, then the quantile ones)."""
         data = self._service.feature(feature_id)
-        return Result(data, data["top_examples"] + data["quantile_examples"], lambda: notebook.feature_html(data))
+        return Result(data, data["top_examples"] + data["quantile_examples"], lambda: notebook.feature_html(data),
+                      columns=EXAMPLES.names)
 
     def features(self, sort: str = "density", descending: bool = True, limit: int = 50, offset: int = 0) -> Result:
         """A page of the feature list, sorted by one of ``store.atlas.SORTABLE``."""
         data = self._service.features(sort, descending, limit, offset)
-        return Result(data, data["features"], lambda: _table(data["features"], f"features by {sort}"))
+        return Result(data, data["features"], lambda: _table(data["features"], f"features by {sort}"),
+                      columns=FEATURES.sql_names)
 
     def activations(self, text: str, k: int = 5) -> Result:
         """Each token of ``text`` with its ``k`` strongest features (runs the model); ``relative`` is
@@ -130,8 +144,8 @@ class OpenAtlas:
 
     def contrast(self, positive: Sequence[str], negative: Sequence[str] = (), k: int = 10) -> Result:
         """Features that fire on every ``positive`` prompt and on none of the ``negative`` ones."""
-        data = self._service.contrast(_prompts("positive", positive), _prompts("negative", negative), k)
-        return Result(data, data["hits"], lambda: _table(data["hits"], "contrast"))
+        data = self._service.contrast(positive, negative, k)
+        return Result(data, data["hits"], lambda: _table(data["hits"], "contrast"), columns=CONTRAST_KEYS)
 
     def steer(self, prompt: str, features: Mapping[int, float | tuple[float, str]], *, mode: str = "clamp",
               max_new_tokens: int = 32, temperature: float = 0.0, seed: int = 0, chat: bool = False,
@@ -140,11 +154,8 @@ class OpenAtlas:
         units of the feature's corpus maximum (``{812: 2}`` clamps 812 at twice it; 0 switches it
         off); ``(value, "add")`` pushes along the decoder direction instead of ``mode``."""
         if not isinstance(features, Mapping):
-            raise BadParameter("features", "give a mapping of feature id to value, e.g. {812: 10}")
-        edits = [Edit(int(f), *(v if isinstance(v, tuple) else (v, mode))) for f, v in features.items()]
-        for e in edits:
-            if e.mode not in MODES:
-                raise BadParameter("mode", f"must be one of {', '.join(MODES)}, got {e.mode!r}")
+            raise BadParameter("features", "give a mapping of feature id to value, e.g. {812: 2}")
+        edits = [Edit(f, *(v if isinstance(v, tuple) and len(v) == 2 else (v, mode))) for f, v in features.items()]
         data = self._service.steer(prompt, edits, max_new_tokens=max_new_tokens, temperature=temperature, seed=seed,
                                    chat=chat, generated_only=generated_only)
         rows = [{"run": run, **data[run]} for run in ("default", "steered")]
@@ -152,17 +163,26 @@ class OpenAtlas:
 
     def sql(self, query: str, params: list[Any] | dict[str, Any] | None = None) -> Result:
         """A read-only SQL statement over the analytics database (``store.schema`` lists its tables),
-        under the server's limits: one SELECT, 2 s, 1,000 rows (``truncated`` says so), 8 MiB."""
+        under the server's limits: one SELECT, 2 s, 1,000 rows (``truncated`` says so), 8 MiB.
+        ``params`` are JSON values, as over HTTP. Rows iterate as dicts by column name; ``to_arrow``
+        keeps every column, duplicate names included, with types read from the values."""
+        if not self._closer.alive:
+            raise ValueError("this atlas was closed; open it again with fa.open")
+        try:
+            params = None if params is None else json.loads(json.dumps(params, allow_nan=False))
+        except (TypeError, ValueError):
+            raise BadParameter("params", "must be JSON values (numbers, strings, booleans, None, lists of them)") from None
         data = execute_sql(self._atlas, query, params).to_dict()
-        rows = [dict(zip(data["columns"], r)) for r in data["rows"]]
-        schema = pa.schema([(c, pa.null()) for c in data["columns"]])  # names kept when no row came back
-        return Result(data, rows, lambda: notebook.table_html(data["columns"], data["rows"], caption=_sql_caption(data)),
-                      schema=None if rows else schema)
+        columns, values = data["columns"], data["rows"]
+        return Result(data, [dict(zip(columns, r)) for r in values],
+                      lambda: notebook.table_html(columns, values, caption=_sql_caption(data)),
+                      arrow=lambda: _by_position(columns, values))
 
     @property
     def dictionary(self) -> SAE:
         """The dictionary as a torch module (``encode``, ``decode``, ``activations``, ``W_enc``,
-        ``W_dec``), loaded on first use; the model, once loaded, shares this copy."""
+        ``W_dec``), loaded on first use on the CPU. The model, once loaded, shares this copy: on a
+        GPU atlas that moves it to the model's device."""
         return self._service.probe.dictionary()
 
     @property
@@ -171,8 +191,9 @@ class OpenAtlas:
         return self._service.probe.load()[0]
 
     def close(self) -> None:
-        """Stop the SQL worker processes (they also stop with the interpreter)."""
-        self._atlas.close()
+        """Stop the SQL worker processes (they also stop when this object is collected, or with the
+        interpreter). The other queries still work; ``sql`` does not."""
+        self._closer()
 
     def __enter__(self) -> OpenAtlas:
         return self
@@ -195,20 +216,22 @@ def open(path: str | os.PathLike[str], *, device: str | None = None) -> OpenAtla
 
 
 def _local_path(path: str | os.PathLike[str]) -> Path:
+    """A folder from a path or a ``file://`` URI (percent-escapes decoded); other schemes are refused."""
     text = os.fspath(path)
+    if "://" not in text:
+        return Path(text).expanduser()
     parsed = urlparse(text)
-    if parsed.scheme == "file":
-        return Path(unquote(parsed.path))
-    if len(parsed.scheme) > 1:  # one letter is a Windows drive
+    if parsed.scheme != "file":
         raise BadParameter("path", f"{parsed.scheme}:// atlases cannot be opened yet; give a local folder or a file:// URI")
-    return Path(text)
+    if parsed.netloc not in ("", "localhost"):
+        raise BadParameter("path", f"file://{parsed.netloc}/ names another machine; give a local folder")
+    return Path(url2pathname(parsed.path))
 
 
-def _prompts(side: str, prompts: Sequence[str]) -> list[str]:
-    """A list of prompts (a lone string would be read as a list of characters)."""
-    if isinstance(prompts, str):
-        raise BadParameter(side, "give a list of prompts, e.g. [\"...\"], not one string")
-    return list(prompts)
+def _by_position(columns: list[str], rows: list[list[Any]]) -> pa.Table:
+    """Columns built by position, so two of the same name (a self-join) both survive."""
+    arrays = [pa.array(list(c)) for c in zip(*rows)] if rows else [pa.array([], pa.null()) for _ in columns]
+    return pa.Table.from_arrays(arrays, names=columns)
 
 
 def _table(rows: list[dict[str, Any]], caption: str) -> str:

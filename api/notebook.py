@@ -135,9 +135,9 @@ def _spread(items: list[Any], k: int) -> list[Any]:
     return [items[round(i * step)] for i in range(k)]
 
 
-def _examples(examples: list[dict[str, Any]], shown: list[dict[str, Any]], max_activation: float) -> str:
+def _examples(examples: list[dict[str, Any]], shown: list[dict[str, Any]], max_activation: float, empty: str) -> str:
     if not examples:
-        return _el("div", "none (the feature never fired on the corpus)", style=_MUTED)
+        return _el("div", _e(empty), style=_MUTED)
     return "".join(_example(e, max_activation) for e in shown) + _more(len(examples) - len(shown), "examples")
 
 
@@ -193,9 +193,10 @@ def feature_html(feature: dict[str, Any]) -> str:
         _el("div", "Activation histogram", style=_HEAD),
         _histogram(f.get("histogram") or [], f.get("histogram_edges") or []),
         _el("div", "Top examples", style=_HEAD),
-        _examples(top, top[:MAX_EXAMPLES], peak),
+        _examples(top, top[:MAX_EXAMPLES], peak, "none (the feature never fired on the corpus)"),
         _el("div", "Examples across activation quantiles", style=_HEAD),
-        _examples(quantile, _spread(quantile, MAX_QUANTILE_EXAMPLES), peak),
+        _examples(quantile, _spread(quantile, MAX_QUANTILE_EXAMPLES), peak,
+                  "none (it fired in too few contexts for more than its top examples)" if top else "none"),
         _logits("promotes", f.get("logit_positive")),
         _logits("suppresses", f.get("logit_negative")),
     )

@@ -1,11 +1,16 @@
-"""The queries users run, shared by the HTTP routes and the CLI: search, contrast, probe, neighbours.
+"""The queries users run, shared by the HTTP routes, the CLI and the Python API: search, contrast,
+probe, steering, neighbours, features.
 
-Each returns plain JSON-ready dicts. Input errors raise ``store.errors.UserError``s (HTTP 4xx).
+Each returns plain JSON-ready dicts. Input errors raise ``store.errors.UserError``s (HTTP 4xx). The
+checks are here, not only in the HTTP schema, because Python callers pass any object: a float id
+or a numpy integer must be refused or made an ``int`` before it reaches a query or the answer.
 """
 
 from __future__ import annotations
 
+import copy
 import logging
+import numbers
 import re
 import threading
 from typing import Any
@@ -32,6 +37,9 @@ DENSE_WEIGHT = 0.5
 MAX_K = 100
 MAX_PAGE = 1000  # features in one page of the feature list
 MAX_OFFSET = 2**31 - 1  # DuckDB's OFFSET is a BIGINT; past any atlas's size anyway
+# The keys of a neighbour and of a contrast hit (the Python API names the columns of an empty answer by them).
+NEIGHBOR_KEYS = ("feature_id", "similarity", "label", "density")
+CONTRAST_KEYS = ("feature_id", "label", "score", "density")
 # What an atlas is, from its manifest (``info``): the rest (config, versions, parts) is for the CLI's ``info --json``.
 INFO_KEYS = ("model", "hook", "dictionary", "metrics", "corpus", "tokens", "labels", "created_at")
 # Each signal contributes this many candidates per requested hit (at least ``MIN_CANDIDATES``
@@ -47,6 +55,7 @@ SNIPPET_AFTER = 4
 MAX_PROMPTS = 16
 MAX_STEERED = 16  # features steered at once
 MAX_PROMPT_CHARS = 4000  # refused before tokenizing (the token limit is checked after)
+MAX_QUERY_CHARS = 1000  # a search query
 # A search's inference signal waits at most this long for a model busy steering, then is left out.
 INFERENCE_WAIT_S = 0.5
 
@@ -78,15 +87,42 @@ def snippet(tokens: list[str], activations: list[float]) -> str:
     return f"{before}[[{tokens[i]}]]{after}".replace("\n", "⏎")
 
 
-def _check_text(where: str, text: str) -> None:
+def _check_text(where: str, text: str, limit: int = MAX_PROMPT_CHARS) -> str:
     """Refused before tokenizing: a megabyte of text would cost the model's tokenizer seconds."""
-    if len(text or "") > MAX_PROMPT_CHARS:
-        raise BadParameter(where, f"is {len(text):,} characters; the limit is {MAX_PROMPT_CHARS:,}")
+    if not isinstance(text, str):
+        raise BadParameter(where, f"must be a string, got {type(text).__name__}")
+    if len(text) > limit:
+        raise BadParameter(where, f"is {len(text):,} characters; the limit is {limit:,}")
+    return text
 
 
-def _check_k(k: int) -> None:
+def integer(where: str, value: Any) -> int:
+    """``value`` as a Python ``int``; numpy integers pass, bools and floats (3.7 is not feature 3) do not."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise BadParameter(where, f"must be an integer, got {value!r}")
+    return int(value)
+
+
+def _number(where: str, value: Any) -> float:
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise BadParameter(where, f"must be a number, got {value!r}")
+    return float(value)
+
+
+def _check_k(k: int) -> int:
+    k = integer("k", k)
     if not 1 <= k <= MAX_K:
         raise BadParameter("k", f"must be between 1 and {MAX_K}")
+    return k
+
+
+def _prompts(where: str, prompts: list[str]) -> list[str]:
+    """A list of prompts, each checked (a lone string would be read as a list of characters)."""
+    if isinstance(prompts, str) or not isinstance(prompts, (list, tuple)):
+        raise BadParameter(where, "give a list of prompts, e.g. [\"...\"]")
+    if len(prompts) > MAX_PROMPTS:
+        raise BadParameter(where, f"at most {MAX_PROMPTS} prompts on each side")
+    return [_check_text(f"{where}[{i}]", text) for i, text in enumerate(prompts)]
 
 
 class AtlasService:
@@ -119,25 +155,30 @@ class AtlasService:
 
     def info(self) -> dict[str, Any]:
         """What was mapped and how well: model, hook, dictionary, metrics, corpus, tokens, labels."""
-        return {k: self.atlas.manifest.get(k) for k in INFO_KEYS}
+        return copy.deepcopy({k: self.atlas.manifest.get(k) for k in INFO_KEYS})  # the caller's to change
 
     # -- features -------------------------------------------------------------------------------
 
     def features(self, sort: str = "density", descending: bool = True, limit: int = 50, offset: int = 0) -> dict[str, Any]:
         """A page of the feature list (scalar columns), sorted by one of ``store.atlas.SORTABLE``."""
+        limit, offset = integer("limit", limit), integer("offset", offset)
         if not 1 <= limit <= MAX_PAGE:
             raise BadParameter("limit", f"must be between 1 and {MAX_PAGE}")
         if not 0 <= offset <= MAX_OFFSET:
             raise BadParameter("offset", f"must be between 0 and {MAX_OFFSET}")
-        rows = self.atlas.list_features(sort=sort, descending=descending, limit=limit, offset=offset)
+        rows = self.atlas.list_features(sort=sort, descending=bool(descending), limit=limit, offset=offset)
         return {"features": rows, "limit": limit, "offset": offset, "total": self.atlas.d_sae}
 
-    def check_feature(self, feature_id: int) -> None:
+    def check_feature(self, feature_id: int) -> int:
+        """The id as an ``int``, or ``NotFound`` for one outside the dictionary."""
+        feature_id = integer("feature_id", feature_id)
         if not 0 <= feature_id < self.atlas.d_sae:
             raise NotFound("feature_id", f"no feature {feature_id}: this atlas has features 0..{self.atlas.d_sae - 1}")
+        return feature_id
 
     def feature(self, feature_id: int) -> dict[str, Any]:
-        self.check_feature(feature_id)
+        """Label, scores, statistics, histogram (with its bin edges), and top and quantile examples."""
+        feature_id = self.check_feature(feature_id)
         row = self.atlas.feature(feature_id)
         if row is None:  # its id is in range: the atlas itself is damaged
             raise RuntimeError(f"feature {feature_id} is missing from the features table")
@@ -166,10 +207,10 @@ class AtlasService:
         """Features about ``q`` from every signal (or one, ``mode``), ordered by their calibrated
         evidence (``store.calibrate``); ``confident`` says whether one of the first hits clearly
         is about the query, ``coverage`` how much of the corpus is."""
-        q = (q or "").strip()
+        q = _check_text("q", q, MAX_QUERY_CHARS).strip()
         if not q:
             raise BadParameter("q", "the query is empty")
-        _check_k(k)
+        k = _check_k(k)
         if mode is not None and mode not in SEARCH_MODES:
             raise BadParameter("mode", f"must be one of {', '.join(SEARCH_MODES)}")
         modes = [mode] if mode else list(SEARCH_MODES)
@@ -199,6 +240,8 @@ class AtlasService:
                 lists["inference"] = self._inference_ranking(q, n)
             except ModelBusy:  # steering holds the model: search goes on without this signal
                 log.info("search: the model was busy; the inference signal was left out for %r", q)
+            except BadParameter as e:  # over the model's token limit (CJK text can be): the other signals answer
+                log.info("search: the inference signal was left out for %r: %s", q, e)
         cover = coverage(self.atlas, matched)
         hits = self._fused(lists, evidence, k, vec, cover["best_similarity"])
         confident = any(h["strong"] for h in hits[: C.CONFIDENT_WITHIN])
@@ -249,25 +292,22 @@ class AtlasService:
     def contrast(self, positive: list[str], negative: list[str], k: int = 10) -> dict[str, Any]:
         """Features active on every positive prompt and on none of the negative ones, ranked by
         their weakest relative activation over the positives."""
+        positive, negative = _prompts("positive", positive), _prompts("negative", negative)
         if not positive:
             raise BadParameter("positive", "give at least one positive prompt")
-        if len(positive) > MAX_PROMPTS or len(negative) > MAX_PROMPTS:
-            raise BadParameter("positive", f"at most {MAX_PROMPTS} prompts on each side")
-        for side, prompts in (("positive", positive), ("negative", negative)):
-            for i, text in enumerate(prompts):
-                _check_text(f"{side}[{i}]", text)
-        _check_k(k)
+        k = _check_k(k)
         d = self.atlas.d_sae
         pos = np.stack([self.probe.run(t).feature_maxima(d) for t in positive])
         neg = np.stack([self.probe.run(t).feature_maxima(d) for t in negative]) if negative else np.zeros((1, d))
         ok = np.flatnonzero((pos > 0).all(0) & (neg <= 0).all(0))
         ranked = self._relative(ok, pos.min(0))[:k]
-        hits = [{"feature_id": f, "label": info["label"], "score": rel, "density": info["density"]} for f, rel, info in ranked]
+        hits = [dict(zip(CONTRAST_KEYS, (f, info["label"], rel, info["density"]))) for f, rel, info in ranked]
         return {"positive": positive, "negative": negative, "hits": hits}
 
     def activations(self, text: str, k: int = 5) -> dict[str, Any]:
+        """Each token of ``text`` with its ``k`` strongest features (runs the model)."""
         _check_text("text", text)
-        _check_k(k)
+        k = _check_k(k)
         result = self.probe.run(text)
         k = min(k, result.values.shape[1])
         ids = sorted({int(f) for row, vals in zip(result.indices, result.values) for f, v in zip(row[:k], vals[:k]) if v > 0})
@@ -287,6 +327,10 @@ class AtlasService:
         """The prompt continued twice, untouched and with the edited features clamped or pushed
         (``ingest.steer``); each token carries the steered features' activations as the model read it."""
         _check_text("prompt", prompt)
+        edits = [Edit(integer(f"features[{i}].id", e.feature), _number(f"features[{i}].value", e.value), e.mode)
+                 for i, e in enumerate(edits)]
+        max_new_tokens, seed = integer("max_new_tokens", max_new_tokens), integer("seed", seed)
+        temperature = _number("temperature", temperature)
         if not edits:
             raise BadParameter("features", "give at least one feature to steer")
         if len(edits) > MAX_STEERED:
@@ -303,8 +347,9 @@ class AtlasService:
                 "default": _run_json(result.default[0]), "steered": _run_json(result.steered[0])}
 
     def neighbors(self, feature_id: int, k: int = 10, by: str = "decoder") -> dict[str, Any]:
-        self.check_feature(feature_id)
-        _check_k(k)
+        """The ``k`` nearest features by decoder cosine or by co-activation (Jaccard)."""
+        feature_id = self.check_feature(feature_id)
+        k = _check_k(k)
         if by == "decoder":
             ranked = S.decoder_neighbors(self.atlas, feature_id, k)
         elif by == "coactivation":
@@ -312,9 +357,7 @@ class AtlasService:
         else:
             raise BadParameter("by", "must be decoder or coactivation")
         return {"feature_id": feature_id, "by": by, "neighbors": [
-            {"feature_id": h.feature_id, "similarity": round(h.score, 6), "label": h.label, "density": h.density}
-            for h in ranked
-        ]}
+            dict(zip(NEIGHBOR_KEYS, (h.feature_id, round(h.score, 6), h.label, h.density))) for h in ranked]}
 
 
 def _run_json(run: Continuation) -> dict[str, Any]:

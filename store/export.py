@@ -12,7 +12,7 @@
 from __future__ import annotations
 
 import shutil
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 import pyarrow as pa
@@ -36,6 +36,8 @@ def export(atlas: Atlas, fmt: str, out: Path) -> list[Path]:
     if fmt not in FORMATS:
         raise BadParameter("--format", f"must be one of {', '.join(FORMATS)}, got {fmt!r}")
     out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise BadParameter("--out", f"{out} is a file; give a folder")
     if out.resolve() == atlas.root.resolve() or atlas.root.resolve() in out.resolve().parents:
         raise BadParameter("--out", f"{out} is inside the atlas; export somewhere else")
     out.mkdir(parents=True, exist_ok=True)
@@ -51,12 +53,17 @@ def export(atlas: Atlas, fmt: str, out: Path) -> list[Path]:
 def write_parquet(atlas: Atlas, out: Path) -> list[Path]:
     """``<table>.parquet`` for every table and ``manifest.json``."""
     written = []
-    for name in LANCE_TABLES:
+    for name in (n for n in LANCE_TABLES if atlas.has_table(n)):  # atlases of older versions lack some tables
         table = getattr(atlas, name)
         written.append(_write(out / f"{name}.parquet", table.schema, _lance_batches(table)))
     present = {r[0] for r in atlas.query("select table_name from information_schema.tables").rows}
-    for name in (n for n in DUCKDB_ONLY if n in present):  # atlases of older versions lack some
-        written.append(_write(out / f"{name}.parquet", *_duckdb_batches(atlas, name)))
+    for name in (n for n in DUCKDB_ONLY if n in present):
+        cur = atlas.batch_connection()
+        try:
+            reader = cur.sql(f"select * from {name}").to_arrow_reader(BATCH_ROWS)  # a declared name, not input
+            written.append(_write(out / f"{name}.parquet", reader.schema, reader))
+        finally:
+            cur.close()
     shutil.copyfile(atlas.root / M.MANIFEST, out / M.MANIFEST)
     return [*written, out / M.MANIFEST]
 
@@ -66,13 +73,18 @@ def write_saelens(atlas: Atlas, out: Path) -> list[Path]:
     return [Path(shutil.copyfile(atlas.dictionary_dir / name, out / name)) for name in (M.DICTIONARY_CFG, M.DICTIONARY_WEIGHTS)]
 
 
-def _write(path: Path, schema: pa.Schema, batches: Iterator[pa.RecordBatch]) -> Path:
-    """One Parquet file from a stream of batches; an empty table still gets its columns."""
+def _write(path: Path, schema: pa.Schema, batches: Iterable[pa.RecordBatch]) -> Path:
+    """One Parquet file from a stream of batches, under a temporary name until whole; an empty
+    table still gets its columns."""
     tmp = path.with_suffix(".parquet.tmp")
-    with pq.ParquetWriter(tmp, schema) as writer:
-        for batch in batches:
-            writer.write_batch(batch)
-    tmp.replace(path)
+    try:
+        with pq.ParquetWriter(tmp, schema) as writer:
+            for batch in batches:
+                writer.write_batch(batch)
+        tmp.replace(path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
     return path
 
 
@@ -81,19 +93,3 @@ def _lance_batches(table) -> Iterator[pa.RecordBatch]:
     n = table.count_rows()
     for start in range(0, n, BATCH_ROWS):
         yield from table.take_offsets(list(range(start, min(n, start + BATCH_ROWS)))).to_arrow().to_batches()
-
-
-def _duckdb_batches(atlas: Atlas, name: str) -> tuple[pa.Schema, Iterator[pa.RecordBatch]]:
-    """A DuckDB table's schema and its rows as a stream (in the order the table stores them)."""
-    cur = atlas.batch_connection()
-    if name not in {t.name for t in DUCKDB_TABLES}:  # names are interpolated: only declared tables
-        raise ValueError(f"no table {name!r}")
-    reader = cur.sql(f"select * from {name}").to_arrow_reader(BATCH_ROWS)
-
-    def batches() -> Iterator[pa.RecordBatch]:
-        try:
-            yield from reader
-        finally:
-            cur.close()
-
-    return reader.schema, batches()

@@ -30,7 +30,6 @@ import json
 import math
 import os
 import re
-from collections import Counter
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -216,15 +215,14 @@ def _activations(atlas: Atlas, where: str, max_activation: dict[int, float], ids
     -1, bin_max the feature's maximum, bin_contains -1 for it). Our quantile examples come from
     rank bands, not activation intervals, and the band is not stored: their bin fields stay null,
     which the importer allows and the feature page sorts by activation."""
-    seen: Counter[int] = Counter()
     query = atlas.examples.search().where(where).select(EXAMPLE_COLUMNS).limit(atlas.examples.count_rows())
     for batch in query.to_batches(READ_ROWS):
         for ex in batch.to_pylist():
             f, values = ex["feature_id"], ex["activations"]
             top, peak = ex["kind"] == "top", max(values)
-            seen[f] += 1
+            row = f"activation/{ex['kind']}/{ex['doc_id']}/{ex['start']}/{ex['max_position']}"
             yield {
-                "id": _row_id(ids, f, "activation", seen[f]), **ids, "index": str(f), "creatorId": creator_id,
+                "id": _row_id(ids, f, row), **ids, "index": str(f), "creatorId": creator_id,
                 "tokens": ex["tokens"], "values": values, "maxValue": peak, "minValue": min(values),
                 "maxValueTokenIndex": values.index(peak),
                 "qualifyingTokenIndex": ex["max_position"] - ex["start"],  # the token that picked the window
@@ -243,15 +241,16 @@ def _explanation(row: dict[str, Any], ids: dict[str, str], creator_id: str) -> d
         return None
     score = _finite(row.get("label_score"))
     note = f"Feature Atlas label by {row['label_source']}" + (f", held-out score {score:.3f}" if score is not None else "")
-    return {"id": _row_id(ids, row["feature_id"], "explanation", 0), **ids, "index": str(row["feature_id"]),
+    return {"id": _row_id(ids, row["feature_id"], "explanation"), **ids, "index": str(row["feature_id"]),
             "authorId": creator_id, "description": row["label"], "typeName": None, "explanationModelName": None,
             "notes": note}
 
 
-def _row_id(ids: dict[str, str], feature: int, kind: str, n: int) -> str:
+def _row_id(ids: dict[str, str], feature: int, what: str) -> str:
     """A primary key shaped like the cuids Neuronpedia uses (25 lowercase characters), but derived
-    from what the row is: importing the same export twice then adds nothing (``ON CONFLICT DO NOTHING``)."""
-    key = f"featureatlas/{ids['modelId']}/{ids['layer']}/{feature}/{kind}/{n}"
+    from what the row is (for an example: its kind, document and window), whatever order rows are
+    read in: importing the same export twice then adds nothing (``ON CONFLICT DO NOTHING``)."""
+    key = f"featureatlas/{ids['modelId']}/{ids['layer']}/{feature}/{what}"
     return "f" + hashlib.blake2b(key.encode(), digest_size=12).hexdigest()
 
 

@@ -88,19 +88,31 @@ def test_info_is_the_http_summary(atlas, client, tiny_atlas):
     assert _same(atlas.info) == client.get("/api/atlas").json()
     assert atlas.info["dictionary"]["d_sae"] == atlas.d_sae == 64
     assert atlas.path == tiny_atlas and "64 features" in repr(atlas)
+    mine = atlas.info
+    mine["hook"]["layer"] = 99  # the caller's copy: the atlas (and the model it loads) is unchanged
+    assert atlas.info["hook"]["layer"] != 99
 
 
 def test_open_takes_a_path_or_a_file_uri_and_refuses_the_rest(tiny_atlas, tmp_path):
-    with fa.open(tiny_atlas.as_uri()) as by_uri:
-        assert by_uri.path == tiny_atlas
+    spaced = tmp_path / "my atlas #2"
+    spaced.symlink_to(tiny_atlas)
+    with fa.open(spaced.as_uri()) as by_uri:  # file:///.../my%20atlas%20%232
+        assert by_uri.path == spaced and by_uri.d_sae == 64
+    with fa.open(f"file://localhost{tiny_atlas}") as by_host:
+        assert by_host.path == tiny_atlas
     with fa.open(str(tiny_atlas)) as by_string:
         assert by_string.d_sae == 64
     with pytest.raises(BadParameter, match="s3:// atlases cannot be opened yet"):
         fa.open("s3://bucket/atlas")
+    with pytest.raises(BadParameter, match="another machine"):
+        fa.open(f"file://server{tiny_atlas}")
     with pytest.raises(NotFound, match="not a finished atlas"):
         fa.open(tmp_path)
+    with pytest.raises(NotFound):  # a folder name with a colon is a path, not a scheme
+        fa.open("atlas:v2")
     with pytest.raises(AttributeError):
         fa.no_such_thing  # noqa: B018
+    assert {"open", "OpenAtlas", "Result"} <= set(dir(fa)) and "open" not in fa.__all__  # * leaves the builtin alone
 
 
 def test_results_are_arrow_tables_with_pandas_one_call_away(atlas):
@@ -117,10 +129,17 @@ def test_results_are_arrow_tables_with_pandas_one_call_away(atlas):
     assert tokens.column("position").to_pylist() == list(range(tokens.num_rows))
 
 
-def test_polars_is_optional(atlas):
+def test_to_polars(atlas):
     polars = pytest.importorskip("polars")
     frame = atlas.features(limit=5).to_polars()
     assert isinstance(frame, polars.DataFrame) and frame.height == 5
+
+
+def test_an_empty_answer_still_names_its_columns(atlas):
+    none = atlas.contrast(["The bridge spans the bay."], ["The bridge spans the bay."])  # nothing fires on one and not the other
+    assert len(none) == 0 and none.to_arrow().column_names == ["feature_id", "label", "score", "density"]
+    assert list(none.to_pandas().columns) == ["feature_id", "label", "score", "density"]
+    assert atlas.features(offset=10_000).to_arrow().column_names[:2] == ["feature_id", "label"]
 
 
 def test_feature_rows_are_its_examples_top_first(atlas, live):
@@ -140,6 +159,11 @@ def test_sql_has_the_servers_limits(atlas):
     empty = atlas.sql("select feature_id, label from features where false")
     assert len(empty) == 0 and empty.to_arrow().column_names == ["feature_id", "label"]
     assert atlas.sql("select ? + 1 as n", [41])["rows"] == [[42]]
+    pair = atlas.sql("select 1 as id, 'a' as id")
+    assert pair.to_arrow().column_names == ["id", "id"] and pair.to_arrow().column(1).to_pylist() == ["a"]
+    with pytest.raises(BadParameter, match="JSON values") as caught:
+        atlas.sql("select ?", [object()])
+    assert caught.value.where == "params"
     for refused in ("drop table features", "select 1; select 2", "copy features to '/tmp/x.csv'",
                     "select * from read_csv('/etc/passwd')"):
         with pytest.raises(QueryRefused):
@@ -156,11 +180,36 @@ def test_bad_input_names_the_parameter(atlas, live):
                        (lambda: atlas.features(limit=10_000), "limit"),
                        (lambda: atlas.contrast("one string"), "positive"),
                        (lambda: atlas.steer("x", [live]), "features"),
-                       (lambda: atlas.steer("x", {live: 2}, mode="twist"), "mode"),
-                       (lambda: atlas.activations("x" * 5000), "text")]:
+                       (lambda: atlas.steer("x", {live: 2}, mode="twist"), "features[0].mode"),
+                       (lambda: atlas.activations("x" * 5000), "text"),
+                       (lambda: atlas.search("x" * 1001), "q"), (lambda: atlas.search(5), "q"),
+                       (lambda: atlas.feature(3.7), "feature_id"), (lambda: atlas.neighbors(True), "feature_id"),
+                       (lambda: atlas.neighbors(live, k=2.5), "k"), (lambda: atlas.features(limit=5.0), "limit"),
+                       (lambda: atlas.contrast([1]), "positive[0]"), (lambda: atlas.contrast(["a"], "b"), "negative"),
+                       (lambda: atlas.steer("x", {"3": 2}), "features[0].id"),
+                       (lambda: atlas.steer("x", {live: "big"}), "features[0].value"),
+                       (lambda: atlas.steer("x", {live: (2.0,)}), "features[0].value"),
+                       (lambda: atlas.steer("x", {live: 2}, max_new_tokens=4.0), "max_new_tokens"),
+                       (lambda: atlas.activations(None), "text")]:
         with pytest.raises(BadParameter) as caught:
             call()
         assert caught.value.where == name
+
+
+def test_numpy_ids_are_taken_and_answered_as_ints(atlas, live):
+    import numpy as np
+
+    feature = atlas.feature(np.int64(live))
+    assert type(feature["feature_id"]) is int and json.dumps(feature.data, default=None)
+    assert atlas.neighbors(np.int32(live), k=np.int64(3))["feature_id"] == live
+
+
+def test_a_closed_atlas_refuses_sql_and_answers_the_rest(tiny_atlas):
+    with fa.open(tiny_atlas) as opened:
+        assert opened.sql("select 1 as one")["rows"] == [[1]]
+    with pytest.raises(ValueError, match="closed"):
+        opened.sql("select 1")
+    assert len(opened.features(limit=2)) == 2
 
 
 def test_steer_takes_a_mode_per_feature(atlas, live):
@@ -182,15 +231,24 @@ def test_the_dictionary_is_the_torch_module_the_atlas_was_encoded_with(atlas, li
         resid = model.residual(torch.tensor([[model.bos_id, *ids]]), atlas.info["hook"]["layer"])[0, 1:]
         dense = sae.activations(resid.to(sae.W_enc.dtype))
         recon = sae.decode(sae.encode(resid))
+    assert atlas.dictionary is sae  # the model's load kept this copy
     for position, token in enumerate(probed["tokens"]):
         expected = {i: v for i, v in enumerate(dense[position].tolist()) if v > 0}
         assert {f["feature_id"]: pytest.approx(f["value"], rel=1e-5) for f in token["features"]} == expected
     assert recon.shape == resid.shape
 
 
-def test_notebook_display_is_html(atlas, live):
-    assert "<" in atlas.feature(live)._repr_html_() and "<" in atlas.search("bridge")._repr_html_()
-    assert "<table" in atlas.sql("select 1 as one")._repr_html_() and "<" in atlas._repr_html_()
+def test_notebook_display_draws_each_result(atlas, live):
+    import html
+
+    feature = atlas.feature(live)
+    page = feature._repr_html_()
+    assert html.escape(feature["label"]) in page and "Top examples" in page and "background: rgba(" in page
+    assert "Features for “bridge”" in atlas.search("bridge")._repr_html_()
+    assert ">one</th>" in atlas.sql("select 1 as one")._repr_html_()
+    assert "neighbours of #" in atlas.neighbors(live)._repr_html_()
+    assert "Strongest features in this text" in atlas.activations("The bridge")._repr_html_()
+    assert ">64</td>" in atlas._repr_html_()  # the summary's feature count
 
 
 def test_opening_never_writes(tiny_atlas):

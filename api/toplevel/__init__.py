@@ -21,15 +21,21 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-__all__ = ["open", "OpenAtlas", "Result"]
+# ``open`` is public but left out of ``__all__``: ``from featureatlas import *`` must not shadow the builtin.
+__all__ = ["OpenAtlas", "Result"]
+_PUBLIC = ("open", *__all__)
 
 if TYPE_CHECKING:
-    from featureatlas.api.library import OpenAtlas, Result, open
+    from featureatlas.api.library import OpenAtlas, Result, open  # noqa: F401 (for type checkers)
 
 
 def __getattr__(name: str) -> Any:
-    if name in __all__:
+    if name in _PUBLIC:
         from featureatlas.api import library
 
         return getattr(library, name)
     raise AttributeError(f"module 'featureatlas' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted({*globals(), *_PUBLIC})
