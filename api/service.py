@@ -96,7 +96,7 @@ def _check_text(where: str, text: str, limit: int = MAX_PROMPT_CHARS) -> str:
     return text
 
 
-def integer(where: str, value: Any) -> int:
+def _integer(where: str, value: Any) -> int:
     """``value`` as a Python ``int``; numpy integers pass, bools and floats (3.7 is not feature 3) do not."""
     if isinstance(value, bool) or not isinstance(value, numbers.Integral):
         raise BadParameter(where, f"must be an integer, got {value!r}")
@@ -110,7 +110,7 @@ def _number(where: str, value: Any) -> float:
 
 
 def _check_k(k: int) -> int:
-    k = integer("k", k)
+    k = _integer("k", k)
     if not 1 <= k <= MAX_K:
         raise BadParameter("k", f"must be between 1 and {MAX_K}")
     return k
@@ -161,7 +161,7 @@ class AtlasService:
 
     def features(self, sort: str = "density", descending: bool = True, limit: int = 50, offset: int = 0) -> dict[str, Any]:
         """A page of the feature list (scalar columns), sorted by one of ``store.atlas.SORTABLE``."""
-        limit, offset = integer("limit", limit), integer("offset", offset)
+        limit, offset = _integer("limit", limit), _integer("offset", offset)
         if not 1 <= limit <= MAX_PAGE:
             raise BadParameter("limit", f"must be between 1 and {MAX_PAGE}")
         if not 0 <= offset <= MAX_OFFSET:
@@ -171,7 +171,7 @@ class AtlasService:
 
     def check_feature(self, feature_id: int) -> int:
         """The id as an ``int``, or ``NotFound`` for one outside the dictionary."""
-        feature_id = integer("feature_id", feature_id)
+        feature_id = _integer("feature_id", feature_id)
         if not 0 <= feature_id < self.atlas.d_sae:
             raise NotFound("feature_id", f"no feature {feature_id}: this atlas has features 0..{self.atlas.d_sae - 1}")
         return feature_id
@@ -327,9 +327,9 @@ class AtlasService:
         """The prompt continued twice, untouched and with the edited features clamped or pushed
         (``ingest.steer``); each token carries the steered features' activations as the model read it."""
         _check_text("prompt", prompt)
-        edits = [Edit(integer(f"features[{i}].id", e.feature), _number(f"features[{i}].value", e.value), e.mode)
+        edits = [Edit(_integer(f"features[{i}].id", e.feature), _number(f"features[{i}].value", e.value), e.mode)
                  for i, e in enumerate(edits)]
-        max_new_tokens, seed = integer("max_new_tokens", max_new_tokens), integer("seed", seed)
+        max_new_tokens, seed = _integer("max_new_tokens", max_new_tokens), _integer("seed", seed)
         temperature = _number("temperature", temperature)
         if not edits:
             raise BadParameter("features", "give at least one feature to steer")

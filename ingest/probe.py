@@ -52,7 +52,7 @@ class Probe:
     def __init__(self, atlas: Atlas, *, device: str | None = None):
         self.atlas = atlas
         self._device = device
-        self._lock = threading.Lock()
+        self._lock = threading.RLock()  # load() takes it, then dictionary() again
         self.busy = threading.Lock()
         self._loaded: tuple[SubjectModel, SAE, int] | None = None
         self._dictionary: SAE | None = None
@@ -75,7 +75,7 @@ class Probe:
                                        cache_dir=cfg.model.model_cache)
                 except UserError as e:  # the server's set-up, not the request, is wrong: a logged 500
                     raise RuntimeError(f"the atlas's model cannot be loaded: {e}") from e
-                sae = self._dictionary = (self._dictionary or SAE.load(self.atlas.dictionary_dir)).to(model.device)
+                sae = self._dictionary = self.dictionary().to(model.device)
                 self._loaded = (model, sae, int(self.atlas.manifest["hook"]["layer"]))
         return self._loaded
 

@@ -64,7 +64,7 @@ def write_parquet(atlas: Atlas, out: Path) -> list[Path]:
             written.append(_write(out / f"{name}.parquet", reader.schema, reader))
         finally:
             cur.close()
-    shutil.copyfile(atlas.root / M.MANIFEST, out / M.MANIFEST)
+    M.write(out, atlas.manifest)  # the manifest of the parts exported, even if the atlas was republished since
     return [*written, out / M.MANIFEST]
 
 
