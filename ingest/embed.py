@@ -28,9 +28,15 @@ def load_embedder(name: str = "minilm", device: str = "cpu"):
 
 
 def embed(texts: list[str], *, name: str = "minilm", device: str = "cpu", progress: bool = False) -> np.ndarray:
-    """Unit-norm float32 embeddings [len(texts), dim]; cosine similarity is then a dot product."""
+    """Unit-norm float32 embeddings [len(texts), dim]; cosine similarity is then a dot product.
+    Each distinct text is embedded once (candidate labels repeat across features: a quoted token
+    is often the label of many)."""
     if not texts:
         return np.zeros((0, EMBEDDING_DIM), dtype=np.float32)
+    unique = list(dict.fromkeys(texts))
     model = load_embedder(name, device)
-    out = model.encode(texts, batch_size=64, normalize_embeddings=True, show_progress_bar=progress, convert_to_numpy=True)
+    out = model.encode(unique, batch_size=64, normalize_embeddings=True, show_progress_bar=progress, convert_to_numpy=True)
+    if len(unique) < len(texts):
+        row = {t: i for i, t in enumerate(unique)}
+        out = out[[row[t] for t in texts]]
     return out.astype(np.float32)

@@ -171,16 +171,6 @@ def build_examples(picks: pa.Table, codes: Codes, corpus: TokenizedCorpus, vocab
     return pa.table(cols)
 
 
-def example_texts(examples: pa.Table, per_feature: int, d_sae: int) -> list[list[str]]:
-    """Up to ``per_feature`` top-example snippets per feature, for the context embedding."""
-    out: list[list[str]] = [[] for _ in range(d_sae)]
-    ex = examples.select(["feature_id", "kind", "tokens"]).to_pydict()
-    for f, kind, tokens in zip(ex["feature_id"], ex["kind"], ex["tokens"]):
-        if kind == "top" and len(out[f]) < per_feature:
-            out[f].append("".join(tokens).strip())
-    return out
-
-
 @torch.no_grad()
 def logit_effects(sae: SAE, model: SubjectModel, vocab: list[str], n: int, *, chunk: int = 512) -> tuple[list, list]:
     """Top ``n`` promoted and suppressed tokens of each decoder direction through the final norm's

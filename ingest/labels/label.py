@@ -31,7 +31,7 @@ from .wording import Evidence
 
 log = logging.getLogger(__name__)
 # Part of the ingest's labels-stage key: bump it when labelling changes, so old labels are redone.
-LABELS_VERSION = 9
+LABELS_VERSION = 10
 # A feature whose top activations (explainer side) all sit on one token id: it scores high on
 # token matching trivially, so reports keep it apart.
 SINGLE_TOKEN_TOP = 10
@@ -113,7 +113,7 @@ def label_features(
     trials = {"choose": scorers.make_trials(pools["choose"], fired["choose"], top_token, seed=seed, per_side=None),
               "holdout": scorers.make_trials(pools["holdout"], fired["holdout"], top_token, seed=seed)}
     flat = [(f, c) for f in features for c in proposed[f] if c.status == "ok"]
-    vectors = embed_fn([c.text for _, c in flat]) if flat else np.zeros((0, EMBEDDING_DIM), np.float32)
+    vectors = _embed_candidates(flat, trials, embed_fn)
     judged = {part: _judge(flat, vectors, pools[part], trials[part], fired[part], vocab, part)
               for part in ("choose", "holdout")}
     chosen = _choose(flat, judged["choose"].combined)
@@ -163,16 +163,33 @@ def _propose(features: list[int], evidence: dict[int, Evidence], pool: WindowPoo
     return proposed
 
 
+def _embed_candidates(flat: list[tuple[int, Candidate]], trials: dict[str, dict[int, scorers.Trial]],
+                      embed_fn: Callable[[list[str]], np.ndarray]) -> np.ndarray:
+    """[len(flat), dim] the embedding of every candidate that is judged (its feature has a trial in
+    choose or holdout) or kept unjudged (a feature's first candidate); zeros for the rest, which
+    nothing reads. With a wide dictionary over a short corpus most features fire too rarely to be
+    judged, and embedding their every candidate was most of the stage."""
+    judged = set(trials["choose"]) | set(trials["holdout"])
+    wanted = [i for i, (f, _) in enumerate(flat) if f in judged or i == 0 or flat[i - 1][0] != f]
+    vectors = np.zeros((len(flat), EMBEDDING_DIM), np.float32)
+    if wanted:
+        vectors[wanted] = embed_fn([flat[i][1].text for i in wanted])
+    return vectors
+
+
 def _judge(flat: list[tuple[int, Candidate]], vectors: np.ndarray, pool: WindowPool, trials: dict[int, scorers.Trial],
            fired: dict, vocab: dict[int, str], part: str) -> Judged:
+    """Every candidate's scores; a feature's candidates are consecutive in ``flat`` and judged together."""
     tokens = scorers.TokenScorer(pool, vocab)
     auroc = np.full(len(flat), np.nan)
     token: list[scorers.TokenScore | None] = [None] * len(flat)
-    for i, (f, c) in enumerate(tqdm(flat, desc=f"score candidates ({part})", unit="label")):
+    starts = [i for i in range(len(flat)) if i == 0 or flat[i - 1][0] != flat[i][0]] + [len(flat)]
+    for a, b in tqdm(list(zip(starts, starts[1:])), desc=f"score candidates ({part})", unit="feature"):
+        f = flat[a][0]
         trial = trials.get(f)
         if trial is not None:
-            auroc[i] = scorers.embedding_scores(pool, {f: trial}, {f: vectors[i]})[f]
-            token[i] = tokens.score(c.text, trial, fired[f])
+            auroc[a:b] = scorers.embedding_auroc(pool, trial, vectors[a:b])
+            token[a:b] = [tokens.score(c.text, trial, fired[f]) for _, c in flat[a:b]]
     return Judged(auroc, token)
 
 

@@ -23,6 +23,7 @@ import duckdb
 import numpy as np
 import pyarrow as pa
 from featureatlas.store.schema import WINDOW
+from scipy.stats import rankdata
 
 from .windows import KeyIndex, WindowPool
 from .wording import parse_pattern, token_key
@@ -132,14 +133,26 @@ def auroc(pos: np.ndarray, neg: np.ndarray) -> float:
     return float((d > 0).mean() + 0.5 * (d == 0).mean())
 
 
+def auroc_rows(scores: np.ndarray, n_pos: int) -> np.ndarray:
+    """``auroc`` of each row of ``scores`` [m, n_pos + n_neg] whose first ``n_pos`` columns are the
+    positives (Mann-Whitney from average ranks, so ties still count half): every candidate label of
+    a feature in one vectorised ranking instead of a pairwise matrix each."""
+    n_neg = scores.shape[1] - n_pos
+    if n_pos == 0 or n_neg == 0:
+        return np.full(len(scores), np.nan)
+    ranks = rankdata(scores, axis=1)
+    return (ranks[:, :n_pos].sum(1) - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg)
+
+
+def embedding_auroc(pool: WindowPool, trial: Trial, vectors: np.ndarray) -> np.ndarray:
+    """AUROC of cos(label, window) between the trial's positives and negatives, per row of ``vectors``."""
+    windows = pool.embeddings[np.concatenate([trial.positives, trial.negatives])]
+    return auroc_rows(np.atleast_2d(vectors) @ windows.T, len(trial.positives))
+
+
 def embedding_scores(pool: WindowPool, trials: dict[int, Trial], label_embeddings: dict[int, np.ndarray]) -> dict[int, float]:
     """AUROC of cos(label, window) between each feature's positives and negatives."""
-    out = {}
-    for f, vec in label_embeddings.items():
-        t = trials.get(f)
-        if t is not None:
-            out[f] = auroc(pool.embeddings[t.positives] @ vec, pool.embeddings[t.negatives] @ vec)
-    return out
+    return {f: float(embedding_auroc(pool, trials[f], vec)[0]) for f, vec in label_embeddings.items() if f in trials}
 
 
 class HeldOutJudge:
