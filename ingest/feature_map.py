@@ -56,6 +56,12 @@ EXACT_NEIGHBORS_MAX = 30_000
 SMALL_COMPONENT = 0.02
 # Rows of the similarity matrix held at once by the neighbour search (float32: 128 MB).
 KNN_BLOCK_CELLS = 1 << 25
+# Features UMAP lays out itself; past this many, the rest are placed among them. UMAP of 50k
+# (NN-descent) takes minutes on two cores, and placing a million more about as long.
+LANDMARKS = 50_000
+# A placed feature sits at the softmax-weighted mean (cosine / temperature) of its nearest landmarks.
+PLACE_NEIGHBORS = 8
+PLACE_TEMPERATURE = 0.05
 
 
 def _unit(x: np.ndarray) -> np.ndarray:
@@ -143,8 +149,42 @@ def gather_components(xy: np.ndarray, graph: sp.spmatrix) -> np.ndarray:
 def feature_map(vectors: np.ndarray, *, neighbors: int = 15, seed: int = 0) -> np.ndarray:
     """[n_features, 2] float32 coordinates for feature ``vectors`` [n_features, dim] (decoder rows or
     ``function_vectors``), laid out by cosine, scaled into [-1, 1] on the wider axis (the browser
-    fits the view to the points either way)."""
+    fits the view to the points either way). Past ``LANDMARKS`` features, UMAP lays out a seeded
+    sample of them and every other feature is placed among its nearest sampled ones
+    (``place_by_landmarks``): UMAP over a million points would take hours here, and its layout
+    of a large uniform sample already holds every region the rest could fall in."""
     x = _unit(vectors)
+    if len(x) > LANDMARKS:
+        marks = np.sort(np.random.default_rng(seed).choice(len(x), LANDMARKS, replace=False))
+        log.info("map: %d landmark features laid out, %d placed among them", LANDMARKS, len(x) - LANDMARKS)
+        xy = place_by_landmarks(x, x[marks], _layout(x[marks], neighbors, seed))
+    else:
+        xy = _layout(x, neighbors, seed)
+    xy = np.asarray(xy, dtype=np.float32)
+    xy -= (xy.max(0) + xy.min(0)) / 2
+    span = float(np.abs(xy).max())
+    return xy / span if span > 0 else xy
+
+
+def place_by_landmarks(x: np.ndarray, marks: np.ndarray, marks_xy: np.ndarray) -> np.ndarray:
+    """[len(x), 2] each unit row of ``x`` at the mean position of its ``PLACE_NEIGHBORS`` most
+    similar ``marks`` (unit rows laid out at ``marks_xy``), weighted by a softmax of their cosine
+    so the nearest dominate; a row equal to a landmark lands on it. Blocks of rows bound the memory
+    (``KNN_BLOCK_CELLS``); the cost is linear in the number of rows."""
+    k = min(PLACE_NEIGHBORS, len(marks))
+    block = max(1, KNN_BLOCK_CELLS // max(len(marks), 1))
+    out = np.empty((len(x), 2), np.float32)
+    for start in range(0, len(x), block):
+        sim = x[start:start + block] @ marks.T
+        near = np.argpartition(-sim, k - 1, axis=1)[:, :k]
+        s = np.take_along_axis(sim, near, 1)
+        w = np.exp((s - s.max(1, keepdims=True)) / PLACE_TEMPERATURE)
+        out[start:start + block] = (w[..., None] * marks_xy[near]).sum(1) / w.sum(1, keepdims=True)
+    return out
+
+
+def _layout(x: np.ndarray, neighbors: int, seed: int) -> np.ndarray:
+    """UMAP of unit rows ``x`` by cosine (their principal plane when there are too few for UMAP)."""
     if len(x) < MIN_UMAP_POINTS:
         centred = x - x.mean(0)
         _, _, vt = np.linalg.svd(centred, full_matrices=False)
@@ -164,7 +204,4 @@ def feature_map(vectors: np.ndarray, *, neighbors: int = 15, seed: int = 0) -> n
             reducer = umap.UMAP(n_neighbors=k, metric="cosine", init="pca", random_state=seed, n_jobs=1,
                                 precomputed_knn=knn)
             xy = gather_components(reducer.fit_transform(x), reducer.graph_)
-    xy = np.asarray(xy, dtype=np.float32)
-    xy -= (xy.max(0) + xy.min(0)) / 2
-    span = float(np.abs(xy).max())
-    return xy / span if span > 0 else xy
+    return np.asarray(xy, dtype=np.float32)

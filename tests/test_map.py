@@ -46,6 +46,24 @@ def test_umap_layout_keeps_groups_together():
     assert (group[nearest] == group[:, None]).mean() > 0.95
 
 
+def test_past_the_landmark_count_the_rest_are_placed_among_their_groups(monkeypatch):
+    """A wide dictionary is laid out from a sample: the placed features still land with their group,
+    and a feature identical to a landmark lands on it."""
+    import featureatlas.ingest.feature_map as fm
+
+    monkeypatch.setattr(fm, "LANDMARKS", 60)
+    vectors, group = planted(4, 50, 64, 0.3)
+    xy = feature_map(vectors, neighbors=10)
+    assert xy.shape == (200, 2) and np.isfinite(xy).all()
+    assert np.abs(xy).max() == pytest.approx(1.0)
+    assert ten_nn_purity(xy, group) > 0.9
+    marks = np.array([[0.0, 0.0], [1.0, 0.0], [0.0, 1.0]], np.float32)
+    unit = np.eye(3, 8, dtype=np.float32)
+    placed = fm.place_by_landmarks(np.vstack([unit, (unit[0] + 0.2 * unit[1])[None] / np.hypot(1, 0.2)]), unit, marks)
+    assert placed[:3] == pytest.approx(marks, abs=1e-3)
+    assert placed[3] == pytest.approx(marks[0], abs=0.05)  # nearer the first landmark
+
+
 def co_firing(groups: int, per: int, docs_per_group: int, seed: int = 0) -> tuple[tuple[np.ndarray, ...], np.ndarray]:
     """Activations (feature_id, doc_id, value) of features that fire in their own group's documents,
     plus a little everywhere, and each feature's group."""
