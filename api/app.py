@@ -224,6 +224,19 @@ def feature_map(service: Service) -> Response:
     return Response(service.feature_map(), media_type=MediaType.JSON)
 
 
+@get("/api/map/head", sync_to_thread=True, responses=_errors(404))
+def map_head(service: Service) -> dict[str, Any]:
+    """The map for the browser, part one: clusters, regions, and how many points each level of detail holds."""
+    return service.map_head()
+
+
+@get("/api/map/points/{level:int}", sync_to_thread=True, responses=_errors(404))
+def map_points(service: Service, level: FromPath[int]) -> Response:
+    """One level of detail of the map's points: little-endian int32 feature_id, float32 x, y and
+    density, int32 cluster, each column whole before the next (``store.map_view.map_levels``)."""
+    return Response(service.map_level(level), media_type="application/octet-stream")
+
+
 def _page() -> Response:
     # One document for every page: the script reads the path and draws the view.
     return Response((WEB / "index.html").read_bytes(), media_type=MediaType.HTML)
@@ -350,7 +363,8 @@ async def sql(service: Service, statements: Statements, data: JSONBody[SQLReques
     return result.to_dict()
 
 
-API = [atlas_summary, list_features, feature_detail, neighbors, feature_map, search, contrast, activations, steer, sql]
+API = [atlas_summary, list_features, feature_detail, neighbors, feature_map, map_head, map_points, search, contrast, activations,
+       steer, sql]
 
 
 def create_app(atlas: Atlas, *, probe_device: str | None = None, pool: WorkPool | None = None,

@@ -25,7 +25,7 @@ from featureatlas.store import search as S
 from featureatlas.store.atlas import Atlas, QueryInterrupted
 from featureatlas.store.corpus_search import coverage, enriched, match_windows
 from featureatlas.store.errors import BadParameter, NotFound
-from featureatlas.store.map_view import NoMap, map_json
+from featureatlas.store.map_view import NoMap, map_data, map_json, map_levels
 from featureatlas.store.search import SEARCH_MODES
 
 log = logging.getLogger(__name__)
@@ -133,8 +133,8 @@ class AtlasService:
         self.atlas = atlas
         self.probe = Probe(atlas, device=probe_device)
         self.embedder = config_of(atlas.manifest).labels.embedder
-        self._map: bytes | None = None
-        self._map_lock = threading.Lock()
+        self._map_parts: dict[str, Any] = {}
+        self._map_lock = threading.RLock()
 
     def warm_up(self) -> None:
         """Load the embedder and open the tables now; the model behind search by inference stays
@@ -149,7 +149,7 @@ class AtlasService:
 
     def _warm_map(self) -> None:
         try:
-            self.feature_map()
+            self.map_head()
         except NoMap:
             pass  # an atlas without a map: /api/map says so when asked
 
@@ -193,13 +193,32 @@ class AtlasService:
         """The top example of each feature, strongest token in [[brackets]]."""
         return {f: snippet(r["tokens"], r["activations"]) for f, r in self.atlas.top_examples(ids).items()}
 
-    def feature_map(self) -> bytes:
-        """The map document (``store.map_view``), built on first request and kept: it is the same
-        for every visitor until the atlas is re-labelled, and a restart picks that up."""
+    def _map(self, part: str) -> Any:
+        """A part of the map (``store.map_view``: its ``data``, ``json`` document or binary
+        ``levels``), made on first request and kept: it is the same for every visitor until the
+        atlas is re-labelled, and a restart picks that up."""
+        make = {"data": lambda: map_data(self.atlas), "json": lambda: map_json(self._map("data")),
+                "levels": lambda: map_levels(self._map("data"))}[part]
         with self._map_lock:  # one build, however many requests arrive while it runs
-            if self._map is None:
-                self._map = map_json(self.atlas)
-            return self._map
+            if part not in self._map_parts:
+                self._map_parts[part] = make()
+            return self._map_parts[part]
+
+    def feature_map(self) -> bytes:
+        """The whole map as one JSON document (``map_json``)."""
+        return self._map("json")
+
+    def map_head(self) -> dict[str, Any]:
+        """The map's head for the browser: clusters, regions and the size of each level (``map_levels``)."""
+        return self._map("levels")[0]
+
+    def map_level(self, level: int) -> bytes:
+        """One level of detail of the map's points, as binary columns (``map_levels``)."""
+        level = _integer("level", level)
+        levels = self._map("levels")[1]
+        if not 0 <= level < len(levels):
+            raise NotFound("level", f"the map has levels 0..{len(levels) - 1}")
+        return levels[level]
 
     # -- search ---------------------------------------------------------------------------------
 

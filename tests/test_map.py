@@ -216,6 +216,44 @@ def test_map_document_matches_the_atlas(tiny_atlas):
     assert row == pytest.approx((doc["x"][3], doc["y"][3]), abs=1e-4)
 
 
+def decode_levels(head: dict, blocks: list[bytes]) -> dict[str, np.ndarray]:
+    """The binary levels of ``map_levels`` read back as the browser does, joined in level order."""
+    out: dict[str, list] = {name: [] for name, _ in head["columns"]}
+    for count, block in zip(head["levels"], blocks):
+        assert len(block) == 4 * count * len(head["columns"])
+        for k, (name, kind) in enumerate(head["columns"]):
+            out[name].append(np.frombuffer(block, "<i4" if kind == "int32" else "<f4", count, 4 * count * k))
+    return {name: np.concatenate(parts) for name, parts in out.items()}
+
+
+def test_binary_levels_of_detail_hold_every_point_once_and_match_the_json(tiny_atlas, monkeypatch):
+    import featureatlas.store.map_view as mv
+
+    with TestClient(create_app(Atlas(tiny_atlas))) as client:
+        doc = client.get("/api/map").json()
+        head = client.get("/api/map/head").json()
+        blocks = [client.get(f"/api/map/points/{i}").content for i in range(len(head["levels"]))]
+        assert client.get(f"/api/map/points/{len(head['levels'])}").status_code == 404
+    assert head["n"] == doc["n"] and head["levels"] == [doc["n"]]  # a small map is one level
+    assert head["regions"] == doc["regions"] and head["clusters"] == doc["clusters"]
+    points = decode_levels(head, blocks)
+    order = np.argsort(points["feature_id"])
+    assert points["feature_id"][order].tolist() == doc["feature_id"]
+    for name in ("x", "y", "density", "cluster"):
+        assert points[name][order] == pytest.approx(np.array(doc[name], np.float32), abs=1e-4)
+    # A wide map is cut into levels, each four times the last, every one a spread-out sample.
+    monkeypatch.setattr(mv, "LOD_FIRST", 5)
+    data = mv.map_data(Atlas(tiny_atlas))
+    head, blocks = mv.map_levels(data)
+    n = len(data.feature_id)
+    assert head["levels"][:2] == [5, 20] and sum(head["levels"]) == n
+    points = decode_levels(head, blocks)
+    assert sorted(points["feature_id"].tolist()) == list(range(n))
+    first = points["feature_id"][:5]
+    assert np.ptp(first) > n / 4  # not the first five ids
+    assert points["x"][5:25] == pytest.approx(data.xy[points["feature_id"][5:25], 0].astype(np.float32))
+
+
 def test_pages_and_static_files_are_served(tiny_atlas):
     with TestClient(create_app(Atlas(tiny_atlas))) as client:
         for path in ("/", "/search?q=x", "/features/3", "/map", "/probe"):

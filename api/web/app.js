@@ -242,19 +242,60 @@ function showProbe(out, result) {
 
 // -- map ---------------------------------------------------------------------------------------
 
+// One level of detail of the map's points: binary columns, each whole, in the head's order.
+async function mapLevel(head, level) {
+  const r = await fetch(`/api/map/points/${level}`);
+  if (!r.ok) throw new Error(`map level ${level}: ${r.statusText}`);
+  const buffer = await r.arrayBuffer(), count = head.levels[level], out = {};
+  head.columns.forEach(([name, type], k) => {
+    out[name] = new (type === "int32" ? Int32Array : Float32Array)(buffer, 4 * count * k, count);
+  });
+  return out;
+}
+
+// The levels so far as one set of points (typed arrays grown by concatenation).
+function joinLevels(head, parts) {
+  const n = parts.reduce((a, p) => a + p.feature_id.length, 0), data = { ...head, n, total: head.n };
+  for (const [name, type] of head.columns) {
+    const all = new (type === "int32" ? Int32Array : Float32Array)(n);
+    let at = 0;
+    for (const p of parts) { all.set(p[name], at); at += p[name].length; }
+    data[name] = all;
+  }
+  return data;
+}
+
+// A feature's label, asked for once (the map's tooltip and highlight list).
+const labels = new Map();
+const labelOf = (id) => {
+  if (!labels.has(id)) labels.set(id, api(`/api/features/${id}`).then((f) => f.label, () => null));
+  return labels.get(id);
+};
+
+// The first level of detail is drawn as soon as it arrives (a uniform sample: the whole map's
+// shape), the rest are added level by level; ``map`` marks the first draw, ``map-full`` the last.
 async function map(params) {
   view.replaceChildren(h("h1", {}, "Map of the features"), h("p", { class: "muted" }, "Loading the map…"));
   let highlight = (params.get("highlight") || "").split(",").filter(Boolean).map(Number);
   const center = params.has("feature") ? Number(params.get("feature")) : null;
-  const [data, near] = await Promise.all([
-    api("/api/map"),
+  const [head, near] = await Promise.all([
+    api("/api/map/head"),
     center === null ? null : api(`/api/features/${center}/neighbors?by=decoder&k=10`).catch(() => null),
   ]);
   if (center !== null) highlight = [center, ...(near ? near.neighbors.map((n) => n.feature_id) : [])];
   const title = center !== null ? `Feature #${center} and its decoder neighbours`
     : params.get("q") ? `Search results for “${params.get("q")}”` : null;
-  drawMap(view, data, { highlight, title, onOpen: (id) => navigate(`/features/${id}`) });
+  const parts = [await mapLevel(head, 0)];
+  const update = drawMap(view, joinLevels(head, parts), { highlight, title, labelOf, onOpen: (id) => navigate(`/features/${id}`) });
+  const canvas = view.querySelector("#map-canvas");
   done("map");
+  if (head.levels.length < 2) return;
+  for (let level = 1; level < head.levels.length; level++) {
+    parts.push(await mapLevel(head, level));
+    if (!canvas.isConnected) return; // the view was left
+    update(joinLevels(head, parts));
+  }
+  done("map-full");
 }
 
 // -- routing -----------------------------------------------------------------------------------

@@ -39,20 +39,24 @@ const clampZoom = (zoom) => Math.min(400, Math.max(0.5, zoom));
 // -- the points and the viewport, shared by the three parts ---------------------------------------
 
 // Centred on the points' bounding box, with a margin (ingest stores them in [-1, 1]; older or
-// imported maps need not be).
-function centred(data) {
+// imported maps need not be). Later levels of detail keep the first level's frame: a uniform
+// sample spans the same box, and the view must not jump as points arrive.
+function centred(data, frame = null) {
   const n = data.n;
-  let x0 = Infinity, x1 = -Infinity, y0 = Infinity, y1 = -Infinity;
-  for (let i = 0; i < n; i++) {
-    x0 = Math.min(x0, data.x[i]); x1 = Math.max(x1, data.x[i]); y0 = Math.min(y0, data.y[i]); y1 = Math.max(y1, data.y[i]);
+  if (!frame) {
+    let x0 = Infinity, x1 = -Infinity, y0 = Infinity, y1 = -Infinity;
+    for (let i = 0; i < n; i++) {
+      x0 = Math.min(x0, data.x[i]); x1 = Math.max(x1, data.x[i]); y0 = Math.min(y0, data.y[i]); y1 = Math.max(y1, data.y[i]);
+    }
+    frame = { mx: n ? (x0 + x1) / 2 : 0, my: n ? (y0 + y1) / 2 : 0, extent: n ? 1.05 * Math.max(x1 - x0, y1 - y0, 1e-6) / 2 : 1 };
   }
-  const mx = n ? (x0 + x1) / 2 : 0, my = n ? (y0 + y1) / 2 : 0;
   return {
     n,
-    xs: Float32Array.from(data.x, (v) => v - mx),
-    ys: Float32Array.from(data.y, (v) => v - my),
-    regions: data.regions.map((r) => ({ name: r.name, x: r.x - mx, y: r.y - my })),
-    extent: n ? 1.05 * Math.max(x1 - x0, y1 - y0, 1e-6) / 2 : 1,
+    frame,
+    xs: Float32Array.from(data.x, (v) => v - frame.mx),
+    ys: Float32Array.from(data.y, (v) => v - frame.my),
+    regions: data.regions.map((r) => ({ name: r.name, x: r.x - frame.mx, y: r.y - frame.my })),
+    extent: frame.extent,
   };
 }
 
@@ -221,7 +225,7 @@ function drawCross(ctx, { canvas, dpr }, ring) {
 }
 
 // Any number of changes within one animation frame cost one draw.
-function renderer(vp, points, marked) {
+function renderer(vp, live) {
   const { canvas, state, dpr } = vp;
   const ctx = canvas.getContext("2d");
   const frames = { groups: [], names: true, schedule, draw };
@@ -240,6 +244,7 @@ function renderer(vp, points, marked) {
     if (!image || image.width !== w || image.height !== hgt) image = ctx.createImageData(w, hgt); // reused: no garbage per frame
     const pixels = new Uint32Array(image.data.buffer);
     pixels.fill(0);
+    const { points, marked } = live;
     writePoints(pixels, w, hgt, frames.groups, points,
       { s, ox, oy, size: pointSize(points.n, state.zoom, dpr), alpha: marked.size ? 90 : 220 });
     ctx.putImageData(image, 0, 0);
@@ -259,13 +264,16 @@ function renderer(vp, points, marked) {
 
 // -- input ---------------------------------------------------------------------------------------
 
-// The hovered point is ringed as well as named, hence the redraw.
-function tooltip(tip, data, vp, schedule) {
+// The hovered point is ringed as well as named, hence the redraw. Labels are not part of the map's
+// points (a million of them would outweigh the points): the tooltip asks for each one once.
+function tooltip(tip, data, vp, schedule, labelOf) {
   return function showTip(i, sx, sy) {
     vp.state.hover = i;
     if (i < 0) { tip.style.display = "none"; schedule(); return; }
-    const d = data.density[i];
-    tip.textContent = `#${data.feature_id[i]} ${data.label[i] || "(no label)"} · density ${d > 0 ? (100 * d).toPrecision(2) + "%" : "dead"}`;
+    const d = data.density[i], id = data.feature_id[i];
+    const text = (label) => `#${id} ${label} · density ${d > 0 ? (100 * d).toPrecision(2) + "%" : "dead"}`;
+    tip.textContent = text("…");
+    labelOf(id).then((label) => { if (vp.state.hover === i) tip.textContent = text(label || "(no label)"); });
     tip.style.display = "block";
     tip.style.left = `${Math.min(sx / vp.dpr + 12, vp.canvas.clientWidth - 200)}px`;
     tip.style.top = `${sy / vp.dpr + 12}px`;
@@ -308,11 +316,11 @@ function bindWheel(vp, schedule) {
 
 // Keyboard users see the centre cross instead of a pointer: the tooltip follows the point nearest
 // it, the one Enter opens.
-function bindKeys(vp, { hit, showTip, open, zoomBy, points }) {
+function bindKeys(vp, { hit, showTip, open, zoomBy, live }) {
   const { canvas, state } = vp;
   const tipAtCentre = () => {
     const i = hit.centre();
-    if (i >= 0) showTip(i, ...vp.toScreen(points.xs[i], points.ys[i]));
+    if (i >= 0) showTip(i, ...vp.toScreen(live.points.xs[i], live.points.ys[i]));
   };
   canvas.addEventListener("keydown", (e) => {
     const step = (0.15 * vp.extent) / state.zoom;
@@ -328,24 +336,26 @@ function bindKeys(vp, { hit, showTip, open, zoomBy, points }) {
   canvas.addEventListener("blur", () => { state.focused = false; showTip(-1, 0, 0); });
 }
 
-function bindInput(els, vp, { data, points, hit, frames, onOpen }) {
+// ``live`` holds what a new level of detail replaces (data, points, hit): handlers read it at each event.
+function bindInput(els, vp, live, { frames, onOpen, labelOf }) {
   const { state } = vp, schedule = frames.schedule;
   const zoomBy = (f) => { state.zoom = clampZoom(state.zoom * f); schedule(); };
-  const open = (i) => { if (i >= 0) onOpen(data.feature_id[i]); };
-  const showTip = tooltip(els.tip, data, vp, schedule);
+  const open = (i) => { if (i >= 0) onOpen(live.data.feature_id[i]); };
+  const hit = { at: (...a) => live.hit.at(...a), centre: () => live.hit.centre() };
+  const showTip = (i, sx, sy) => tooltip(els.tip, live.data, vp, schedule, labelOf)(i, sx, sy);
   els.zoomIn.addEventListener("click", () => zoomBy(1.5));
   els.zoomOut.addEventListener("click", () => zoomBy(1 / 1.5));
   els.reset.addEventListener("click", () => { Object.assign(state, { cx: 0, cy: 0, zoom: 1 }); schedule(); });
   bindPointer(vp, { hit, showTip, open, schedule });
   bindWheel(vp, schedule);
-  bindKeys(vp, { hit, showTip, open, zoomBy, points });
+  bindKeys(vp, { hit, showTip, open, zoomBy, live });
 }
 
 // -- the view ------------------------------------------------------------------------------------
 
 // The handlers are bound later, by bindInput: building the DOM needs none of the map's state.
-function mapView(view, data, marked, title) {
-  const n = data.n;
+function mapView(view, data, highlight, title, labelOf) {
+  const n = data.total;
   const els = {
     canvas: h("canvas", {
       tabindex: "0", role: "img", id: "map-canvas",
@@ -359,38 +369,56 @@ function mapView(view, data, marked, title) {
     zoomIn: h("button", { type: "button", "aria-label": "zoom in" }, "+"),
     zoomOut: h("button", { type: "button", "aria-label": "zoom out" }, "−"),
     reset: h("button", { type: "button" }, "reset"),
+    shown: h("span", { class: "meta" }),
   };
+  const listed = highlight.map((id) => { const a = h("a", { href: `/features/${id}` }, `#${id}`); labelOf(id).then((l) => a.append(` ${l || ""}`)); return h("li", {}, a); });
   view.replaceChildren(
     h("h1", {}, title || "Map of the features"),
     h("div", { class: "toolbar" }, els.colourBy, h("label", {}, els.names, " region names"), els.zoomIn, els.zoomOut, els.reset,
-      h("span", { class: "meta" }, `${n.toLocaleString("en")} features · ${LAYOUTS[data.layout] || data.layout}`)),
+      els.shown),
     h("div", { class: "map-wrap" }, els.canvas, els.tip),
     els.legend,
-    marked.size ? h("section", {}, h("h2", {}, "Highlighted"), h("ol", { class: "neighbors" },
-      [...marked].map((i) => h("li", {}, h("a", { href: `/features/${data.feature_id[i]}` }, `#${data.feature_id[i]} ${data.label[i] || ""}`))))) : "",
+    listed.length ? h("section", {}, h("h2", {}, "Highlighted"), h("ol", { class: "neighbors" }, listed)) : "",
   );
   return els;
 }
 
-export function drawMap(view, data, { highlight = [], title = null, onOpen }) {
-  const points = centred(data);
-  const position = new Map(data.feature_id.map((id, i) => [id, i]));
-  const marked = new Set(highlight.map((id) => position.get(id)).filter((i) => i !== undefined));
-  const els = mapView(view, data, marked, title);
-  const vp = viewport(els.canvas, points.extent);
-  const hit = hitTester(spatialIndex(points), vp);
-  const frames = renderer(vp, points, marked);
-  const density = densityScale(data.density);
-  bindInput(els, vp, { data, points, hit, frames, onOpen });
-  els.colourBy.addEventListener("change", () => recolour(els, data, density, frames));
-  els.names.addEventListener("change", () => { frames.names = els.names.checked; frames.schedule(); });
+function shownText(data) {
+  const all = data.n === data.total ? data.total.toLocaleString("en") : `${data.n.toLocaleString("en")} of ${data.total.toLocaleString("en")} (loading the rest)`;
+  return `${all} features · ${LAYOUTS[data.layout] || data.layout}`;
+}
 
-  recolour(els, data, density, frames);
+// The positions of ``ids`` among the points (-1 where not loaded yet): one pass, no map of every id.
+function positionsOf(data, ids) {
+  const want = new Map(ids.map((id, k) => [id, k])), out = ids.map(() => -1);
+  for (let i = 0; i < data.n; i++) { const k = want.get(data.feature_id[i]); if (k !== undefined) out[k] = i; }
+  return out;
+}
+
+// ``data``: the first level of detail (typed arrays feature_id, x, y, density, cluster; n of
+// total; clusters, regions, layout). Returns a function that takes the same with more points.
+export function drawMap(view, data, { highlight = [], title = null, onOpen, labelOf }) {
+  const els = mapView(view, data, highlight, title, labelOf);
+  const live = { data, points: centred(data), marked: new Set() };
+  const vp = viewport(els.canvas, live.points.extent);
+  const frames = renderer(vp, live);
+  bindInput(els, vp, live, { frames, onOpen, labelOf });
+  const show = (d, points) => {
+    Object.assign(live, { data: d, points, hit: hitTester(spatialIndex(points), vp) });
+    live.marked = new Set(positionsOf(d, highlight).filter((i) => i >= 0));
+    live.density = densityScale(d.density);
+    els.shown.textContent = shownText(d);
+    recolour(els, d, live.density, frames);
+  };
+  show(data, live.points);
+  els.colourBy.addEventListener("change", () => recolour(els, live.data, live.density, frames));
+  els.names.addEventListener("change", () => { frames.names = els.names.checked; frames.schedule(); });
   frames.draw(); // the first frame now, not on the next animation frame: the caller marks the map drawn
   // For tests: screen position of a feature, in CSS pixels relative to the canvas.
   els.canvas.locate = (id) => {
-    const i = position.get(id);
-    const [sx, sy] = vp.toScreen(points.xs[i], points.ys[i]);
+    const [i] = positionsOf(live.data, [id]);
+    const [sx, sy] = vp.toScreen(live.points.xs[i], live.points.ys[i]);
     return { x: sx / vp.dpr, y: sy / vp.dpr };
   };
+  return (more) => { show(more, centred(more, live.points.frame)); frames.draw(); };
 }
