@@ -41,7 +41,7 @@ MAX_OFFSET = 2**31 - 1  # DuckDB's OFFSET is a BIGINT; past any atlas's size any
 NEIGHBOR_KEYS = ("feature_id", "similarity", "label", "density")
 CONTRAST_KEYS = ("feature_id", "label", "score", "density")
 # What an atlas is, from its manifest (``info``): the rest (config, versions, parts) is for the CLI's ``info --json``.
-INFO_KEYS = ("model", "hook", "dictionary", "metrics", "corpus", "tokens", "labels", "created_at")
+INFO_KEYS = ("model", "hook", "dictionary", "metrics", "corpus", "tokens", "labels", "firing", "created_at")
 # Each signal contributes this many candidates per requested hit (at least ``MIN_CANDIDATES``
 # hits' worth) before fusion: a short answer is the head of the same ranking as a long one.
 CANDIDATES_PER_HIT = 3

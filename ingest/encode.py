@@ -63,6 +63,9 @@ class Codes:
         return np.where((keys[at] == want) & (features < width), values[at], 0).astype(np.float32)
 
 
+# A feature that fires in fewer corpus windows than this is counted as rare in the manifest: too
+# little text for its label to be judged on held-out documents (a fifth of them each).
+RARE_WINDOWS = 10
 # Pre-activation cells ([tokens, d_sae] float32) held at once by the encode: 8,192 tokens at 32k
 # features, 256 at a million (whose 8,192 would need 32 GiB).
 ENCODE_CELLS = 1 << 28
@@ -245,7 +248,8 @@ def run(sae: SAE, model: SubjectModel, corpus: TokenizedCorpus, acts, is_bos: np
     # The dictionary pass alone (reading the harvest included), set against the matmul limit by scripts/bench_scale.py.
     return {"encoded_tokens": n_encoded, "encode_tokens_per_s": round(len(acts) / encode_seconds, 1),
             "activation_rows": records.num_rows, "examples": examples.num_rows,
-            "features_fired": int(sum(1 for n in columns["n_active"] if n > 0))}
+            "features_fired": int(sum(1 for n in columns["n_active"] if n > 0)),
+            "features_rare": int(sum(1 for n in columns["n_windows"] if 0 < n < RARE_WINDOWS))}
 
 
 def stat_columns(stats: pa.Table, d_sae: int, bins: int, vocab: list[str]) -> dict[str, list]:

@@ -308,6 +308,14 @@ def _mean_norm(rows: np.ndarray) -> float:
     return float(np.linalg.norm(rows.astype(np.float32), axis=1).mean())
 
 
+def _firing(d_sae: int, encoded: dict[str, Any]) -> dict[str, Any]:
+    """How many features never fired on the whole corpus, and how many fired too rarely to judge a
+    label on (a wide dictionary over a short corpus has many of both, and says so)."""
+    fired, rare = encoded["features_fired"], encoded.get("features_rare")
+    return {"dead": d_sae - fired, "rare": rare, "live": None if rare is None else fired - rare,
+            "rare_below_windows": encode.RARE_WINDOWS}
+
+
 def _manifest(ctx: Ingest, summaries: dict[str, dict[str, Any]]) -> dict[str, Any]:
     cfg, corpus, sae, model = ctx.cfg, ctx.corpus, ctx.sae, ctx.model
     sources: dict[str, int] = {}
@@ -329,6 +337,7 @@ def _manifest(ctx: Ingest, summaries: dict[str, dict[str, Any]]) -> dict[str, An
         "tokens": {"harvested": corpus.n_tokens, "bos": int(ctx.is_bos.sum()),
                    "train": int((~ctx.is_bos & ~ctx.is_eval).sum()), "eval": int((~ctx.is_bos & ctx.is_eval).sum()), **norms},
         "labels": summaries["labels"].get("labels"),
+        "firing": _firing(sae.d_sae, summaries["encode"]),
         "stages": ctx.stages.record,
         "config": cfg.to_dict(),
         "versions": M.package_versions(),

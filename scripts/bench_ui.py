@@ -1,6 +1,8 @@
 """Browser speed of the UI, in headless Chromium on loopback: a feature page's first render on a
 16k-feature atlas, and the map's first draw and its frame time while panning and zooming, with 16k
-and with 100k points.
+and with 100k points (or any number: ``--map-features 1000000 --page-features 0`` for the map at a
+million alone). A map of more than one level of detail (``store.map_view.map_levels``) reports its
+first draw and, as ``all_levels``, the draw with every point in; frames are measured after that.
 
     .venv/bin/python scripts/bench_ui.py --out ui.json [--screenshots DIR] [--workdir DIR]
 
@@ -135,7 +137,7 @@ def stats(xs: list[float]) -> dict[str, float]:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--page-features", type=int, default=16_384)
+    p.add_argument("--page-features", type=int, default=16_384, help="0: the map alone")
     p.add_argument("--map-features", type=int, default=100_000)
     p.add_argument("--pages", type=int, default=20, help="feature pages loaded (the first is reported apart)")
     p.add_argument("--maps", type=int, default=5, help="map loads")
@@ -150,28 +152,36 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(args.workdir or tmp)
         page_root, map_root = work / f"ui-page-{args.page_features}", work / f"ui-map-{args.map_features}"
-        if not (page_root / "manifest.json").is_file():
+        if args.page_features and not (page_root / "manifest.json").is_file():
             build_atlas(page_root, *page_atlas_parts(args.page_features))
         if not (map_root / "manifest.json").is_file():
             build_atlas(map_root, synthetic_features(args.map_features)[0])
 
-        ids = np.random.default_rng(1).integers(0, args.page_features, args.pages).tolist()
-        with serving(page_root) as (base, _):
-            page_ms = browser_times(base, [f"/features/{i}" for i in ids], ["feature", "feature-complete"], shots, "feature")
-            api_ms = api_times(base, [[f"/api/features/{i}", f"/api/features/{i}/neighbors?by=decoder&k=10",
-                                       f"/api/features/{i}/neighbors?by=coactivation&k=10"] for i in ids])
-        result["feature_page"] = {"features": args.page_features, **stats(page_ms["feature"]),
-                                  "with_neighbours": stats(page_ms["feature-complete"]), "api_only": stats(api_ms)}
+        maps = [(map_root, args.map_features)]
+        if args.page_features:
+            ids = np.random.default_rng(1).integers(0, args.page_features, args.pages).tolist()
+            with serving(page_root) as (base, _):
+                page_ms = browser_times(base, [f"/features/{i}" for i in ids], ["feature", "feature-complete"], shots, "feature")
+                api_ms = api_times(base, [[f"/api/features/{i}", f"/api/features/{i}/neighbors?by=decoder&k=10",
+                                           f"/api/features/{i}/neighbors?by=coactivation&k=10"] for i in ids])
+            result["feature_page"] = {"features": args.page_features, **stats(page_ms["feature"]),
+                                      "with_neighbours": stats(page_ms["feature-complete"]), "api_only": stats(api_ms)}
+            maps.insert(0, (page_root, args.page_features))
 
         result["map"] = {}
-        for root, n in ((page_root, args.page_features), (map_root, args.map_features)):
+        for root, n in maps:
             with serving(root) as (base, _):
                 time.sleep(MAP_WARMUP_S)
-                map_ms = browser_times(base, ["/map"] * args.maps, ["map"], shots, f"map-{n}")
-                api_ms = api_times(base, [["/api/map"]] * args.maps)
-            result["map"][str(n)] = {**stats(map_ms["map"]), "api_only": stats(api_ms),
+                levels = len(httpx.get(f"{base}/api/map/head", timeout=600).json()["levels"])
+                # The first level is the first draw; with more, frames are measured once all are in.
+                marks = ["map", "map-full"] if levels > 1 else ["map"]
+                map_ms = browser_times(base, ["/map"] * args.maps, marks, shots, f"map-{n}")
+                api_ms = api_times(base, [["/api/map/head", *(f"/api/map/points/{i}" for i in range(levels))]] * args.maps)
+            result["map"][str(n)] = {**stats(map_ms["map"]), "levels": levels, "api_only": stats(api_ms),
                                      "frame_p50_ms": float(np.percentile(map_ms["frame"], 50)),
                                      "frame_p90_ms": float(np.percentile(map_ms["frame"], 90))}
+            if levels > 1:
+                result["map"][str(n)]["all_levels"] = stats(map_ms["map-full"])
     print(json.dumps(result, indent=2))
     if args.out:
         Path(args.out).write_text(json.dumps(result, indent=2))

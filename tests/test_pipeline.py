@@ -57,6 +57,11 @@ def test_atlas_tables_are_consistent(tiny_atlas):
     sql_windows = dict(con.execute(
         "select feature_id, count(distinct (doc_id, position // 16)) from activations group by feature_id").fetchall())
     assert dict(con.execute("select feature_id, n_windows from features where n_windows > 0").fetchall()) == sql_windows
+    # Dead and rare features are counted over the whole corpus, as the features table has them.
+    firing = m["firing"]
+    assert firing["dead"] == 64 - len(sql_windows)
+    assert firing["rare"] == sum(0 < n < firing["rare_below_windows"] for n in sql_windows.values())
+    assert firing["dead"] + firing["rare"] + firing["live"] == 64
 
 
 def test_examples_show_the_features_real_activations(tiny_atlas):

@@ -32,6 +32,7 @@ async function home() {
       stat("variance explained", fmt.pct(m.variance_explained)),
       stat("loss recovered", fmt.pct(m.loss_recovered)),
       stat("dead features", fmt.pct(m.dead_fraction)),
+      a.firing ? stat("never fired / rare", `${fmt.int(a.firing.dead)} / ${fmt.int(a.firing.rare)} (under ${a.firing.rare_below_windows} windows of the corpus)`) : "",
       stat("corpus", (corpus.sources || []).join(", ") || "–"),
       stat("documents", fmt.int(corpus.documents)),
       stat("tokens", fmt.int(a.tokens?.harvested)),
