@@ -3,6 +3,11 @@ stage at several dictionary widths, and each stage's growth exponent (seconds âˆ
 
     .venv/bin/python scripts/bench_scale.py --base atlas --sizes 16384 65536 262144 1048576 --out scale.json
 
+Sizes already in ``--out`` are kept and the exponents refitted with them, so sizes can be measured
+in separate runs. Intervention is left out (``--intervention-features 0``) unless asked for: it
+steers a fixed sample of features whatever the width. Encode is reported against the dense matmul
+limit at each width (``encode_fraction_of_limit``).
+
 Each width F gets a randomly initialised TopK dictionary (``SAE.initialized``: unit decoder rows, the
 encoder their transpose) saved in our SAELens layout and loaded through the normal ``--dictionary``
 path, so training is left out (the issue's budget excludes it) and every stage after it runs as a
@@ -149,10 +154,13 @@ def main() -> None:
     if read(args.base) is None:
         raise SystemExit(f"{args.base} is not a built atlas: run `featureatlas ingest --profile quick` first")
     args.work.mkdir(parents=True, exist_ok=True)
-    runs = []
+    # Sizes already in --out from an earlier run are kept (a million-feature build takes hours;
+    # smaller sizes can be added later), unless measured again now.
+    earlier = json.loads(args.out.read_text())["runs"] if args.out.is_file() else []
+    runs = [r for r in earlier if r["features"] not in args.sizes]
     for width in sorted(args.sizes):
-        runs.append(build(args.base, width, args.work, args.seed, extra))
-        r = runs[-1]
+        runs = sorted([*runs, build(args.base, width, args.work, args.seed, extra)], key=lambda r: r["features"])
+        r = next(r for r in runs if r["features"] == width)
         print(f"{width:>9,} features: {r['wall_seconds']:8.1f} s, peak {r['peak_rss_gib']:.2f} GiB, encode "
               f"{r['encode_fraction_of_limit']} of the matmul limit  "
               + "  ".join(f"{s} {r['seconds'].get(s, 0):.1f}" for s in STAGES), flush=True)
