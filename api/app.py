@@ -230,8 +230,9 @@ def map_head(service: Service) -> dict[str, Any]:
     return service.map_head()
 
 
-@get("/api/map/points/{level:int}", sync_to_thread=True, responses=_errors(404))
-def map_points(service: Service, level: FromPath[int]) -> Response:
+@get("/api/map/points/{level:int}", sync_to_thread=True, media_type="application/octet-stream",
+     responses=_errors(400, 404))
+def map_points(service: Service, level: FromPath[int]) -> Response[bytes]:
     """One level of detail of the map's points: little-endian int32 feature_id, float32 x, y and
     density, int32 cluster, each column whole before the next (``store.map_view.map_levels``)."""
     return Response(service.map_level(level), media_type="application/octet-stream")

@@ -197,6 +197,8 @@ class AtlasService:
         """A part of the map (``store.map_view``: its ``data``, ``json`` document or binary
         ``levels``), made on first request and kept: it is the same for every visitor until the
         atlas is re-labelled, and a restart picks that up."""
+        if part in self._map_parts:  # made already: no wait behind another part's build
+            return self._map_parts[part]
         make = {"data": lambda: map_data(self.atlas), "json": lambda: map_json(self._map("data")),
                 "levels": lambda: map_levels(self._map("data"))}[part]
         with self._map_lock:  # one build, however many requests arrive while it runs
