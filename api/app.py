@@ -46,6 +46,7 @@ log = logging.getLogger(__name__)
 # and that the schema can state exactly (it writes limits as floats): the steer seed's limit.
 MAX_JSON_INT = 2**53 - 1
 REQUEST_ID_HEADER = "X-Request-ID"
+MAP_VERSION_HEADER = "X-Atlas-Version"  # on each map level: the ``version`` of the head it belongs to
 RETRY_AFTER_S = 5
 SEARCH_WAITING = 63
 HEAVY_THREADS = max(1, (os.cpu_count() or 2) - 1)
@@ -226,7 +227,8 @@ def feature_map(service: Service) -> Response:
 
 @get("/api/map/head", sync_to_thread=True, responses=_errors(404))
 def map_head(service: Service) -> dict[str, Any]:
-    """The map for the browser, part one: clusters, regions, and how many points each level of detail holds."""
+    """The map for the browser, part one: clusters, regions, how many points each level of detail
+    holds, and the atlas ``version`` that each level's ``X-Atlas-Version`` header must match."""
     return service.map_head()
 
 
@@ -234,8 +236,10 @@ def map_head(service: Service) -> dict[str, Any]:
      responses=_errors(400, 404))
 def map_points(service: Service, level: FromPath[int]) -> Response[bytes]:
     """One level of detail of the map's points: little-endian int32 feature_id, float32 x, y and
-    density, int32 cluster, each column whole before the next (``store.map_view.map_levels``)."""
-    return Response(service.map_level(level), media_type="application/octet-stream")
+    density, int32 cluster, each column whole before the next (``store.map_view.map_levels``);
+    ``X-Atlas-Version`` names the atlas they come from."""
+    return Response(service.map_level(level), media_type="application/octet-stream",
+                    headers={MAP_VERSION_HEADER: service.map_version})
 
 
 def _page() -> Response:

@@ -154,7 +154,8 @@ class AtlasService:
             pass  # an atlas without a map: /api/map says so when asked
 
     def info(self) -> dict[str, Any]:
-        """What was mapped and how well: model, hook, dictionary, metrics, corpus, tokens, labels."""
+        """What was mapped and how well: model, hook, dictionary, metrics, corpus, tokens, labels,
+        and firing (features that never fired or fired rarely over the corpus)."""
         return copy.deepcopy({k: self.atlas.manifest.get(k) for k in INFO_KEYS})  # the caller's to change
 
     # -- features -------------------------------------------------------------------------------
@@ -211,8 +212,14 @@ class AtlasService:
         return self._map("json")
 
     def map_head(self) -> dict[str, Any]:
-        """The map's head for the browser: clusters, regions and the size of each level (``map_levels``)."""
-        return self._map("levels")[0]
+        """The map's head for the browser: clusters, regions and the size of each level
+        (``map_levels``), and ``version``: the atlas's publish time, which each level's answer
+        carries too, so that a browser never joins levels of two atlases across a re-publish."""
+        return {**self._map("levels")[0], "version": self.map_version}
+
+    @property
+    def map_version(self) -> str:
+        return str(self.atlas.manifest.get("created_at"))
 
     def map_level(self, level: int) -> bytes:
         """One level of detail of the map's points, as binary columns (``map_levels``)."""

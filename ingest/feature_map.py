@@ -33,7 +33,7 @@ from scipy.sparse.csgraph import connected_components
 log = logging.getLogger(__name__)
 
 # Bump when the layout changes, so cached maps are recomputed.
-MAP_VERSION = 2
+MAP_VERSION = 3
 # UMAP's neighbour graph needs a few more points than neighbours; smaller dictionaries (tests, toy
 # runs) are laid out by their two principal directions instead.
 MIN_UMAP_POINTS = 16
@@ -157,7 +157,9 @@ def feature_map(vectors: np.ndarray, *, neighbors: int = 15, seed: int = 0) -> n
     if len(x) > LANDMARKS:
         marks = np.sort(np.random.default_rng(seed).choice(len(x), LANDMARKS, replace=False))
         log.info("map: %d landmark features laid out, %d placed among them", LANDMARKS, len(x) - LANDMARKS)
-        xy = place_by_landmarks(x, x[marks], _layout(x[marks], neighbors, seed))
+        marks_xy = _layout(x[marks], neighbors, seed)
+        xy = place_by_landmarks(x, x[marks], marks_xy)
+        xy[marks] = marks_xy  # a landmark stays where UMAP put it, not pulled toward its neighbours
     else:
         xy = _layout(x, neighbors, seed)
     xy = np.asarray(xy, dtype=np.float32)

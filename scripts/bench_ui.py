@@ -97,18 +97,19 @@ def browser_times(base: str, paths: list[str], marks: list[str], shots: Path | N
             page.on("pageerror", lambda e: errors.append(str(e)))
             page.goto(base + path)
             last = f"performance.getEntriesByName('fa:{marks[-1]}').length"
-            page.wait_for_function(f"{last} || document.body.dataset.ready === 'error'", timeout=60_000)
-            if page.evaluate("document.body.dataset.ready") == "error":
+            page.wait_for_function(f"{last} || ['error', 'map-error'].includes(document.body.dataset.ready)", timeout=60_000)
+            if page.evaluate("document.body.dataset.ready") in ("error", "map-error"):
                 raise RuntimeError(f"{path}: {page.inner_text('main')}")
             for m in marks:
                 times[m].append(page.evaluate(f"performance.getEntriesByName('fa:{m}')[0].startTime"))
-            if "map" in marks:  # a frame's cost while zooming and panning from the keyboard
+            if "map" in marks:  # a frame's cost while zooming and panning from the keyboard, all levels in
                 page.focus("#map-canvas")
                 for key in ["+", "ArrowLeft", "+", "ArrowUp", "-", "ArrowRight", "-", "ArrowDown"] * 2:
                     page.keyboard.press(key)
                     page.wait_for_timeout(50)
                 times.setdefault("frame", []).extend(
-                    page.evaluate("performance.getEntriesByName('fa:draw').slice(1).map(e => e.duration)"))
+                    page.evaluate(f"performance.getEntriesByName('fa:draw').filter(e => e.startTime > "
+                                  f"performance.getEntriesByName('fa:{marks[-1]}')[0].startTime).map(e => e.duration)"))
             if shots and i == 0:
                 page.screenshot(path=str(shots / f"{shot_name}.png"))
             page.close()

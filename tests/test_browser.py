@@ -211,6 +211,26 @@ def test_map_highlights_a_feature_and_works_from_the_keyboard(page, server):
     assert re.search(r"/features/\d+$", page.url)
 
 
+def test_map_levels_arrive_after_the_first_draw_and_a_republish_is_refused(page, tiny_atlas, monkeypatch):
+    import featureatlas.store.map_view as mv
+
+    monkeypatch.setattr(mv, "LOD_FIRST", 5)  # the tiny map in levels of 5, 20, ... points
+    for base in _serve(create_app(Atlas(tiny_atlas))):
+        head = api(page, base, "/api/map/head")
+        assert len(head["levels"]) > 1
+        page.goto(f"{base}/map")
+        ready(page, "map-full")
+        assert page.inner_text(".toolbar .meta").startswith(f"{head['n']:,} features")  # all levels joined
+        assert page.locator("#map-canvas").evaluate(f"c => c.locate({head['n'] - 1})") is not None
+        # A level that answers for another atlas than the head's (a publish mid-load) is not joined.
+        page.route("**/api/map/points/1", lambda route: route.fulfill(
+            response=(r := route.fetch()), headers={**r.headers, "x-atlas-version": "a later publish"}))
+        page.goto(f"{base}/map")
+        ready(page, "map-error")
+        assert "published again" in page.inner_text("[role=alert]")
+        assert page.inner_text(".toolbar .meta").startswith(f"{head['levels'][0]} of {head['n']:,}")
+
+
 def live_feature(pg, server: str) -> int:
     return api(pg, server, "/api/features?sort=max_activation&limit=1")["features"][0]["feature_id"]
 

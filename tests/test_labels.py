@@ -385,3 +385,34 @@ def test_a_relabel_that_dies_between_the_databases_leaves_the_previous_labels_in
     assert {p.name for p in atlas.base.glob("*.duckdb")} == {atlas.manifest["published"]["duckdb"], "analytics.duckdb"}
     assert not list(atlas.base.glob(".*.tmp"))
     assert (root / "analytics.duckdb").resolve() == atlas.duckdb_path.resolve()  # the link follows the re-label
+
+
+def test_context_embeddings_average_the_stored_windows_each_example_spans(monkeypatch):
+    """A feature's context embedding is the unit mean of its first top examples, each the mean of
+    the stored window embeddings it covers; quantile examples and later top examples do not count,
+    and the answer is the same gathered one row at a time (the chunking a million features needs)."""
+    from featureatlas.ingest.labels import stage
+    from featureatlas.store.schema import WINDOW
+
+    e = np.eye(4, dtype=np.float32)  # windows (doc 0, 0), (doc 0, 1), (doc 1, 0)
+    windows = pa.table({"doc_id": [0, 0, 1], "window_index": [0, 1, 0],
+                        "embedding": pa.FixedSizeListArray.from_arrays(pa.array(e[:3].ravel()), 4)})
+    rows = [  # feature, kind, doc, start, length
+        (0, "top", 0, WINDOW - 1, 2),  # spans windows 0 and 1
+        (0, "top", 1, 0, 3),
+        (0, "top", 0, 0, 1),  # past context_embedding_examples=2
+        (1, "quantile", 0, 0, 1),
+        (2, "top", 0, WINDOW, 1),
+    ]
+    examples = pa.table({"feature_id": [r[0] for r in rows], "kind": [r[1] for r in rows], "doc_id": [r[2] for r in rows],
+                         "start": [r[3] for r in rows], "tokens": [["t"] * r[4] for r in rows]})
+    cfg = LabelConfig(context_embedding_examples=2)
+    out = stage.context_embeddings(examples, windows, cfg, 4)
+    expected = np.zeros((4, 4), np.float32)
+    expected[0] = (e[0] / 2 + e[1] / 2 + e[2]) / np.linalg.norm([0.5, 0.5, 1])
+    expected[2] = e[1]
+    assert out == pytest.approx(expected, abs=1e-6)
+    monkeypatch.setattr(stage, "CONTEXT_CHUNK", 1)
+    assert stage.context_embeddings(examples, windows, cfg, 4) == pytest.approx(expected, abs=1e-6)
+    with pytest.raises(RuntimeError, match="lacks 1 windows"):
+        stage.context_embeddings(examples, windows.slice(0, 2), cfg, 4)

@@ -232,7 +232,10 @@ def test_binary_levels_of_detail_hold_every_point_once_and_match_the_json(tiny_a
     with TestClient(create_app(Atlas(tiny_atlas))) as client:
         doc = client.get("/api/map").json()
         head = client.get("/api/map/head").json()
-        blocks = [client.get(f"/api/map/points/{i}").content for i in range(len(head["levels"]))]
+        answers = [client.get(f"/api/map/points/{i}") for i in range(len(head["levels"]))]
+        blocks = [r.content for r in answers]
+        # Each level names the atlas it came from, so a browser never joins two across a publish.
+        assert {r.headers["x-atlas-version"] for r in answers} == {head["version"]} != {"None"}
         assert client.get(f"/api/map/points/{len(head['levels'])}").status_code == 404
     assert head["n"] == doc["n"] and head["levels"] == [doc["n"]]  # a small map is one level
     assert head["regions"] == doc["regions"] and head["clusters"] == doc["clusters"]

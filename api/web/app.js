@@ -243,11 +243,15 @@ function showProbe(out, result) {
 
 // -- map ---------------------------------------------------------------------------------------
 
-// One level of detail of the map's points: binary columns, each whole, in the head's order.
+// One level of detail of the map's points: binary columns, each whole, in the head's order. A
+// level from another atlas than the head's (a publish while the map loads) is refused, not joined.
 async function mapLevel(head, level) {
   const r = await fetch(`/api/map/points/${level}`);
   if (!r.ok) throw new Error(`map level ${level}: ${r.statusText}`);
   const buffer = await r.arrayBuffer(), count = head.levels[level], out = {};
+  if (r.headers.get("x-atlas-version") !== head.version || buffer.byteLength !== 4 * count * head.columns.length) {
+    throw new Error("the atlas was published again while the map loaded: reload the page to see the new one");
+  }
   head.columns.forEach(([name, type], k) => {
     out[name] = new (type === "int32" ? Int32Array : Float32Array)(buffer, 4 * count * k, count);
   });
@@ -266,37 +270,50 @@ function joinLevels(head, parts) {
   return data;
 }
 
-// A feature's label, asked for once (the map's tooltip and highlight list).
+// A feature's label, asked for once (the map's tooltip and highlight list); a failed ask is
+// forgotten, so the next hover asks again.
 const labels = new Map();
 const labelOf = (id) => {
-  if (!labels.has(id)) labels.set(id, api(`/api/features/${id}`).then((f) => f.label, () => null));
+  if (!labels.has(id)) labels.set(id, api(`/api/features/${id}`).then((f) => f.label, () => { labels.delete(id); return null; }));
   return labels.get(id);
 };
+
+// The levels after the first, added as they arrive while the map is already in use; a failure
+// says so above the map and leaves the points already drawn.
+async function addLevels(head, parts, update, canvas) {
+  try {
+    for (let level = parts.length; level < head.levels.length; level++) {
+      parts.push(await mapLevel(head, level));
+      if (!canvas.isConnected) return; // the view was left
+      update(joinLevels(head, parts));
+    }
+    done("map-full");
+  } catch (err) {
+    if (!canvas.isConnected) return;
+    canvas.parentElement.before(h("p", { class: "error", role: "alert" }, `Only part of the map is shown: ${err.message || err}`));
+    done("map-error");
+  }
+}
 
 // The first level of detail is drawn as soon as it arrives (a uniform sample: the whole map's
 // shape), the rest are added level by level; ``map`` marks the first draw, ``map-full`` the last.
 async function map(params) {
   view.replaceChildren(h("h1", {}, "Map of the features"), h("p", { class: "muted" }, "Loading the map…"));
-  let highlight = (params.get("highlight") || "").split(",").filter(Boolean).map(Number);
+  let highlight = (params.get("highlight") || "").split(",").map(Number).filter((id) => Number.isInteger(id) && id >= 0);
   const center = params.has("feature") ? Number(params.get("feature")) : null;
   const [head, near] = await Promise.all([
     api("/api/map/head"),
     center === null ? null : api(`/api/features/${center}/neighbors?by=decoder&k=10`).catch(() => null),
   ]);
   if (center !== null) highlight = [center, ...(near ? near.neighbors.map((n) => n.feature_id) : [])];
+  for (const n of near ? near.neighbors : []) labels.set(n.feature_id, Promise.resolve(n.label));
   const title = center !== null ? `Feature #${center} and its decoder neighbours`
     : params.get("q") ? `Search results for “${params.get("q")}”` : null;
   const parts = [await mapLevel(head, 0)];
   const update = drawMap(view, joinLevels(head, parts), { highlight, title, labelOf, onOpen: (id) => navigate(`/features/${id}`) });
   const canvas = view.querySelector("#map-canvas");
   done("map");
-  if (head.levels.length < 2) return;
-  for (let level = 1; level < head.levels.length; level++) {
-    parts.push(await mapLevel(head, level));
-    if (!canvas.isConnected) return; // the view was left
-    update(joinLevels(head, parts));
-  }
-  done("map-full");
+  if (head.levels.length > 1) addLevels(head, parts, update, canvas); // not awaited: the view is ready with the first level
 }
 
 // -- routing -----------------------------------------------------------------------------------

@@ -12,6 +12,7 @@ const NONE = "#8a8f96"; // dead or unlabelled
 // Density on a log scale in ten steps (cividis-like: tells apart without relying on red/green).
 const RAMP = ["#00224e", "#123570", "#3b496c", "#575d6d", "#707173", "#8a8779", "#a59c74", "#c3b369", "#e1cc55", "#fee838"];
 const GRID = 128; // hover lookup: the map's square is cut into GRID x GRID cells
+const LABEL_DELAY_MS = 120; // how long the pointer rests on a point before its label is asked for
 // What placed the points (the document's layout field, from ingest/feature_map.py).
 const LAYOUTS = {
   function: "placed by what they do: UMAP of document co-activation and firing windows",
@@ -273,7 +274,10 @@ function tooltip(tip, data, vp, schedule, labelOf) {
     const d = data.density[i], id = data.feature_id[i];
     const text = (label) => `#${id} ${label} · density ${d > 0 ? (100 * d).toPrecision(2) + "%" : "dead"}`;
     tip.textContent = text("…");
-    labelOf(id).then((label) => { if (vp.state.hover === i) tip.textContent = text(label || "(no label)"); });
+    // Asked only once the pointer rests: a sweep across the map does not ask for every point passed.
+    setTimeout(() => {
+      if (vp.state.hover === i) labelOf(id).then((label) => { if (vp.state.hover === i) tip.textContent = text(label || "(no label)"); });
+    }, LABEL_DELAY_MS);
     tip.style.display = "block";
     tip.style.left = `${Math.min(sx / vp.dpr + 12, vp.canvas.clientWidth - 200)}px`;
     tip.style.top = `${sy / vp.dpr + 12}px`;
@@ -417,6 +421,7 @@ export function drawMap(view, data, { highlight = [], title = null, onOpen, labe
   // For tests: screen position of a feature, in CSS pixels relative to the canvas.
   els.canvas.locate = (id) => {
     const [i] = positionsOf(live.data, [id]);
+    if (i < 0) return null; // not in the levels loaded so far
     const [sx, sy] = vp.toScreen(live.points.xs[i], live.points.ys[i]);
     return { x: sx / vp.dpr, y: sy / vp.dpr };
   };

@@ -163,6 +163,11 @@ def _propose(features: list[int], evidence: dict[int, Evidence], pool: WindowPoo
     return proposed
 
 
+def _starts(flat: list[tuple[int, Candidate]]) -> list[int]:
+    """Where each feature's run of candidates begins in ``flat`` (its first, kept if none is judged)."""
+    return [i for i in range(len(flat)) if i == 0 or flat[i - 1][0] != flat[i][0]]
+
+
 def _embed_candidates(flat: list[tuple[int, Candidate]], trials: dict[str, dict[int, scorers.Trial]],
                       embed_fn: Callable[[list[str]], np.ndarray]) -> np.ndarray:
     """[len(flat), dim] the embedding of every candidate that is judged (its feature has a trial in
@@ -170,7 +175,7 @@ def _embed_candidates(flat: list[tuple[int, Candidate]], trials: dict[str, dict[
     nothing reads. With a wide dictionary over a short corpus most features fire too rarely to be
     judged, and embedding their every candidate was most of the stage."""
     judged = set(trials["choose"]) | set(trials["holdout"])
-    wanted = [i for i, (f, _) in enumerate(flat) if f in judged or i == 0 or flat[i - 1][0] != f]
+    wanted = sorted({i for i, (f, _) in enumerate(flat) if f in judged} | set(_starts(flat)))
     vectors = np.zeros((len(flat), EMBEDDING_DIM), np.float32)
     if wanted:
         vectors[wanted] = embed_fn([flat[i][1].text for i in wanted])
@@ -183,7 +188,7 @@ def _judge(flat: list[tuple[int, Candidate]], vectors: np.ndarray, pool: WindowP
     tokens = scorers.TokenScorer(pool, vocab)
     auroc = np.full(len(flat), np.nan)
     token: list[scorers.TokenScore | None] = [None] * len(flat)
-    starts = [i for i in range(len(flat)) if i == 0 or flat[i - 1][0] != flat[i][0]] + [len(flat)]
+    starts = _starts(flat) + [len(flat)]
     for a, b in tqdm(list(zip(starts, starts[1:])), desc=f"score candidates ({part})", unit="feature"):
         f = flat[a][0]
         trial = trials.get(f)

@@ -21,6 +21,8 @@ from .llm import make_chat
 from .windows import KeyIndex
 
 OUTPUTS = ("labels.parquet", "label_candidates.parquet")
+EXAMPLE_COLUMNS = ("feature_id", "kind", "doc_id", "start", "tokens")  # what context_embeddings reads of an example
+CONTEXT_CHUNK = 1 << 16  # (example, window) rows gathered at once: 100 MB of 384-dim vectors
 LLM_CACHE = "llm-cache.jsonl"  # beside the stage folders: answers survive a change of labels settings
 
 
@@ -34,7 +36,7 @@ def run(con: duckdb.DuckDBPyConnection, d_sae: int, cfg: LabelConfig, encode: Pa
     embed_fn = lambda texts: embed(texts, name=cfg.embedder, progress=True)  # noqa: E731
     stored = pq.read_table(windows / corpus_windows.OUTPUTS[0], columns=["doc_id", "window_index", "embedding"])
     labels = label_features(con, list(range(d_sae)), cfg, embed_fn, seed=seed, chat=chat, logits=promoted, windows=stored)
-    context = context_embeddings(pq.read_table(encode / "examples.parquet"), stored, cfg, d_sae)
+    context = context_embeddings(pq.read_table(encode / "examples.parquet", columns=list(EXAMPLE_COLUMNS)), stored, cfg, d_sae)
     table = pa.table({"feature_id": pa.array(labels.features, pa.int32()), **labels.columns(),
                       "context_embedding": pa.FixedSizeListArray.from_arrays(context.ravel(), context.shape[1])})
     pq.write_table(table, folder / "labels.parquet")
@@ -48,7 +50,7 @@ def context_embeddings(examples: pa.Table, windows: pa.Table, cfg: LabelConfig, 
     corpus windows its tokens span (``windows``: the windows stage's table), so nothing is embedded
     here: embedding four snippets per feature cost ~110 ms a feature on two cores, 30 hours at a
     million features."""
-    ex = examples.select(["feature_id", "kind", "doc_id", "start", "tokens"])
+    ex = examples.select(list(EXAMPLE_COLUMNS))
     top = ex.filter(pc.equal(ex["kind"], "top"))
     by_feature = np.argsort(top["feature_id"].to_numpy(), kind="stable")  # stable: strongest first, as written
     sorted_ids = top["feature_id"].to_numpy()[by_feature]
@@ -68,7 +70,9 @@ def context_embeddings(examples: pa.Table, windows: pa.Table, cfg: LabelConfig, 
         raise RuntimeError(f"the windows table lacks {int((found < 0).sum())} windows of the examples: rebuild the atlas")
     vectors = vector_matrix(windows["embedding"])
     out = np.zeros((d_sae, vectors.shape[1]), np.float32)
-    # Each example weighs the same however many windows it spans.
-    np.add.at(out, feature[example], vectors[found] / spans[example, None].astype(np.float32))
+    weight = 1 / spans[example].astype(np.float32)  # each example weighs the same however many windows it spans
+    for at in range(0, len(example), CONTEXT_CHUNK):  # gathered a chunk at a time: at 1M features, 9 GB at once
+        part = slice(at, at + CONTEXT_CHUNK)
+        np.add.at(out, feature[example[part]], vectors[found[part]] * weight[part, None])
     norms = np.linalg.norm(out, axis=1, keepdims=True)
     return np.where(norms > 0, out / np.maximum(norms, 1e-8), 0).astype(np.float32)
