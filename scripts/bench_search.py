@@ -29,9 +29,11 @@ from pathlib import Path
 import httpx
 import numpy as np
 import pyarrow as pa
+import torch
 from featureatlas.ingest.embed import embed
+from featureatlas.ingest.sae import SAE
 from featureatlas.store.publish import publish, write_duckdb, write_lance
-from featureatlas.store.schema import ACTIVATIONS, DOCUMENTS, EXAMPLES, LABEL_CANDIDATES, TOKENS, WINDOWS
+from featureatlas.store.schema import ACTIVATIONS, DOCUMENTS, EXAMPLES, LABEL_CANDIDATES, TOKENS, WINDOWS, vector_matrix
 
 D_MODEL = 576
 # Requests before timing starts (their latencies are reported apart, as cold_*).
@@ -87,8 +89,19 @@ def synthetic_features(n: int, seed: int = 0) -> tuple[pa.Table, np.ndarray]:
     return table, decoder
 
 
-def build_atlas(root: Path, features: pa.Table, examples: pa.Table | None = None, dictionary=None) -> None:
-    """Publish ``features`` (and ``examples``, and a ``dictionary`` SAE if given) as an atlas."""
+def tied_dictionary(decoder: np.ndarray) -> SAE:
+    """A TopK dictionary whose decoder rows are ``decoder`` and whose encoder is their transpose:
+    an atlas holds its dictionary (``Atlas`` refuses to open one without), a synthetic one too."""
+    sae = SAE(D_MODEL, len(decoder), 32)
+    with torch.no_grad():
+        sae.W_dec.copy_(torch.from_numpy(decoder.copy()))  # Arrow hands out a read-only view
+        sae.W_enc.copy_(sae.W_dec.T)
+    return sae
+
+
+def build_atlas(root: Path, features: pa.Table, examples: pa.Table | None = None, dictionary: SAE | None = None) -> None:
+    """Publish ``features`` (and ``examples``) as an atlas, with ``dictionary`` or else ``tied_dictionary``
+    of the features' decoder rows."""
     examples = examples if examples is not None else EXAMPLES.arrow().empty_table()
     n = features.num_rows
     manifest = {"format": 1, "dictionary": {"d_sae": n, "d_in": D_MODEL, "k": 32, "architecture": "topk"},
@@ -96,10 +109,9 @@ def build_atlas(root: Path, features: pa.Table, examples: pa.Table | None = None
                 "model": {"name": "synthetic"}, "hook": {"layer": 15}, "synthetic": True}
 
     def build(staging: Path) -> dict[str, int]:
-        if dictionary is not None:
-            dictionary.save(staging / "dictionary")
-        else:
-            (staging / "dictionary").mkdir()
+        sae = dictionary if dictionary is not None else tied_dictionary(vector_matrix(features["decoder"]))
+        sae.save(staging / "dictionary")
+        del sae
         versions = write_lance(staging / "lance", features, examples, WINDOWS.arrow().empty_table(), D_MODEL)
         write_duckdb(staging / "analytics.duckdb", {
             **{t.name: t.arrow().empty_table() for t in (DOCUMENTS, TOKENS, WINDOWS, ACTIVATIONS, LABEL_CANDIDATES)},

@@ -141,11 +141,13 @@ def main() -> None:
     p.add_argument("--page-features", type=int, default=16_384, help="0: the map alone")
     p.add_argument("--map-features", type=int, default=100_000)
     p.add_argument("--pages", type=int, default=20, help="feature pages loaded (the first is reported apart)")
-    p.add_argument("--maps", type=int, default=5, help="map loads")
+    p.add_argument("--maps", type=int, default=5, help="map loads (the first is reported apart)")
     p.add_argument("--workdir", help="keep the synthetic atlases here and reuse them (default: a temp folder)")
     p.add_argument("--screenshots", help="save a screenshot of each view here")
     p.add_argument("--out")
     args = p.parse_args()
+    if args.maps < 2 or (args.page_features and args.pages < 2):
+        p.error("--maps and --pages need at least 2: the first load is reported apart from the rest")
     shots = Path(args.screenshots) if args.screenshots else None
     if shots:
         shots.mkdir(parents=True, exist_ok=True)
