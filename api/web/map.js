@@ -12,6 +12,8 @@ const NONE = "#8a8f96"; // dead or unlabelled
 // Density on a log scale in ten steps (cividis-like: tells apart without relying on red/green).
 const RAMP = ["#00224e", "#123570", "#3b496c", "#575d6d", "#707173", "#8a8779", "#a59c74", "#c3b369", "#e1cc55", "#fee838"];
 const GRID = 128; // hover lookup: the map's square is cut into GRID x GRID cells
+const MOVING_POINTS = 131_072; // drawn in a frame while the view moves (see renderer)
+const SETTLE_MS = 150; // rest before the whole map is drawn again
 const LABEL_DELAY_MS = 120; // how long the pointer rests on a point before its label is asked for
 // What placed the points (the document's layout field, from ingest/feature_map.py).
 const LAYOUTS = {
@@ -162,11 +164,12 @@ function recolour({ colourBy, legend }, data, density, frames) {
 
 // Points are written straight into the pixel buffer: fillRect per point cost ~80 ms a frame
 // at 100k points here, this costs a few. Highlighting dims the rest through the alpha byte.
-function writePoints(pixels, w, hgt, groups, { xs, ys }, { s, ox, oy, size, alpha }) {
+function writePoints(pixels, w, hgt, groups, { xs, ys }, { s, ox, oy, size, alpha, shown }) {
   const half = size >> 1;
   for (const g of groups) {
     const c = packed(g.colour, alpha);
-    for (const i of g.idx) {
+    for (const i of g.idx) { // ascending: the points before ``shown`` are the first levels of detail
+      if (i >= shown) break;
       const px = Math.round(xs[i] * s + ox) - half, py = Math.round(oy - ys[i] * s) - half;
       if (px < 0 || py < 0 || px + size > w || py + size > hgt) continue;
       for (let dy = 0; dy < size; dy++) pixels.fill(c, (py + dy) * w + px, (py + dy) * w + px + size);
@@ -225,17 +228,20 @@ function drawCross(ctx, { canvas, dpr }, ring) {
   ctx.stroke();
 }
 
-// Any number of changes within one animation frame cost one draw.
+// Any number of changes within one animation frame cost one draw. A frame asked for by a change
+// (pan, zoom, hover) draws at most MOVING_POINTS points, the first levels of detail, a uniform
+// sample: a million points cost ~100 ms a frame here, too slow to follow a drag. The whole map is
+// drawn once the view has rested SETTLE_MS.
 function renderer(vp, live) {
   const { canvas, state, dpr } = vp;
   const ctx = canvas.getContext("2d");
   const frames = { groups: [], names: true, schedule, draw };
-  let pending = false, image = null;
+  let pending = false, image = null, settle = 0;
   function schedule() {
-    if (!pending) { pending = true; requestAnimationFrame(() => { pending = false; draw(); }); }
+    if (!pending) { pending = true; requestAnimationFrame(() => { pending = false; draw(true); }); }
   }
 
-  function draw() {
+  function draw(moving = false) {
     const t0 = performance.now(); // each frame's cost is recorded for scripts/bench_ui.py
     if (!canvas.isConnected) { observer.disconnect(); return; } // the view was left
     const w = Math.round(canvas.clientWidth * dpr), hgt = Math.round(canvas.clientHeight * dpr);
@@ -246,8 +252,11 @@ function renderer(vp, live) {
     const pixels = new Uint32Array(image.data.buffer);
     pixels.fill(0);
     const { points, marked } = live;
+    const shown = moving ? Math.min(points.n, MOVING_POINTS) : points.n;
+    clearTimeout(settle);
+    if (shown < points.n) settle = setTimeout(draw, SETTLE_MS);
     writePoints(pixels, w, hgt, frames.groups, points,
-      { s, ox, oy, size: pointSize(points.n, state.zoom, dpr), alpha: marked.size ? 90 : 220 });
+      { s, ox, oy, size: pointSize(points.n, state.zoom, dpr), alpha: marked.size ? 90 : 220, shown });
     ctx.putImageData(image, 0, 0);
     const style = getComputedStyle(document.documentElement);
     const ring = style.getPropertyValue("--fg").trim() || "#000";
@@ -255,7 +264,7 @@ function renderer(vp, live) {
     ctx.lineWidth = 2 * dpr;
     drawRings(ctx, vp, points, [...marked, ...(state.hover >= 0 ? [state.hover] : [])], ring);
     if (state.focused) drawCross(ctx, vp, ring);
-    performance.measure("fa:draw", { start: t0 });
+    performance.measure("fa:draw", { start: t0, detail: { points: shown } });
   }
 
   const observer = new ResizeObserver(schedule);
