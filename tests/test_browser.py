@@ -180,6 +180,7 @@ def test_probe_shades_a_pasted_sentence(page, server):
 def test_map_draws_and_a_click_opens_the_feature(page, server):
     page.goto(f"{server}/map")
     ready(page, "map")
+    assert page.locator("h2:text('Highlighted')").count() == 0  # nothing asked for, nothing listed
     canvas = page.locator("#map-canvas")
     painted = canvas.evaluate("""c => { const d = c.getContext('2d').getImageData(0, 0, c.width, c.height).data;
                                        let n = 0; for (let i = 3; i < d.length; i += 4) if (d[i]) n++; return n; }""")
@@ -197,9 +198,12 @@ def test_map_draws_and_a_click_opens_the_feature(page, server):
 
 
 def test_map_highlights_a_feature_and_works_from_the_keyboard(page, server):
-    page.goto(f"{server}/map?feature=5")
+    page.goto(f"{server}/map?highlight=x,3,,-1")
     ready(page, "map")
     links = page.locator("section:has(h2:text('Highlighted')) a")
+    assert [a.split()[0] for a in links.all_inner_texts()] == ["#3"]  # what is not a feature id is dropped
+    page.goto(f"{server}/map?feature=5")
+    ready(page, "map")
     assert links.count() >= 2 and links.first.inner_text().startswith("#5")
     page.select_option("select", "cluster")  # recolour by label cluster
     assert page.locator(".legend span").count() >= 2

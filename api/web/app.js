@@ -299,7 +299,7 @@ async function addLevels(head, parts, update, canvas) {
 // shape), the rest are added level by level; ``map`` marks the first draw, ``map-full`` the last.
 async function map(params) {
   view.replaceChildren(h("h1", {}, "Map of the features"), h("p", { class: "muted" }, "Loading the map…"));
-  let highlight = (params.get("highlight") || "").split(",").map(Number).filter((id) => Number.isInteger(id) && id >= 0);
+  let highlight = (params.get("highlight") || "").split(",").filter(Boolean).map(Number).filter((id) => Number.isInteger(id) && id >= 0);
   const center = params.has("feature") ? Number(params.get("feature")) : null;
   const [head, near] = await Promise.all([
     api("/api/map/head"),
