@@ -151,10 +151,14 @@ class Atlas:
                 self._sql_workers = None
 
     def open_all(self) -> None:
-        """Open both databases and every table now (a server's first request would pay ~1-4 s)."""
-        self.features.count_rows()
-        self.examples.count_rows()
-        self.windows.count_rows()
+        """Open both databases and every table now (a server's first request would pay ~1-4 s), and
+        load every LanceDB index into LanceDB's cache: left to the queries, the first few hundred
+        at a million features each loaded the index partitions they touched (neighbours p99 76 ms
+        over the first 200 against 24 ms after, max 148 ms); loading them all took 2.6 s."""
+        for table in (self.features, self.examples, self.windows):
+            table.count_rows()
+            for index in table.list_indices():
+                table.prewarm_index(index.name)
         self.query("select count(*) from features")
 
     def query(self, sql: str, params: list[Any] | dict[str, Any] | None = None, *,
