@@ -260,8 +260,13 @@ class Atlas:
 
         if not ids:
             return np.zeros((0, 0), np.float32)
-        table = self.features.search().where(f"feature_id in ({', '.join(str(int(i)) for i in ids)})") \
-            .select(["feature_id", column]).limit(len(ids)).to_arrow()
+        wanted = [int(i) for i in ids]
+        table = None
+        if all(0 <= i < self.d_sae for i in wanted):  # ids are row offsets (see ``feature_row``): half the time of a filter
+            table = self.features.take_offsets(wanted).select(["feature_id", column]).to_arrow()
+        if table is None or table["feature_id"].to_pylist() != wanted:
+            table = self.features.search().where(f"feature_id in ({', '.join(map(str, wanted))})") \
+                .select(["feature_id", column]).limit(len(wanted)).to_arrow()
         matrix = vector_matrix(table[column])
         at = {int(f): i for i, f in enumerate(table["feature_id"].to_pylist())}
         return matrix[[at[int(i)] for i in ids]]

@@ -44,6 +44,14 @@ def test_decoder_neighbors_are_exact_cosine_ranks(client, tiny_atlas, live):
     assert got[0]["similarity"] == pytest.approx(float(sims[expected[0]]), abs=1e-4)
 
 
+def test_vectors_of_a_few_features_come_in_the_order_asked(tiny_atlas):
+    atlas = Atlas(tiny_atlas)
+    every = atlas.vectors("label_embedding")
+    ids = [7, 2, 7, 0]
+    assert atlas.vectors_of(ids, "label_embedding") == pytest.approx(every[ids])
+    assert atlas.vectors_of([], "label_embedding").shape == (0, 0)
+
+
 def test_coactivation_neighbors_are_jaccard(client, tiny_atlas, live):
     con = SQL(Atlas(tiny_atlas))
     got = client.get(f"/api/features/{live}/neighbors", params={"k": 3, "by": "coactivation"}).json()["neighbors"]
