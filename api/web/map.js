@@ -228,15 +228,15 @@ function drawCross(ctx, { canvas, dpr }, ring) {
   ctx.stroke();
 }
 
-// Any number of changes within one animation frame cost one draw. A frame asked for by a change
-// (pan, zoom, hover) draws at most MOVING_POINTS points, the first levels of detail, a uniform
-// sample: a million points cost ~100 ms a frame here, too slow to follow a drag. The whole map is
-// drawn once the view has rested SETTLE_MS.
+// Any number of changes within one animation frame cost one draw. A frame that pans or zooms draws
+// at most MOVING_POINTS points, the first levels of detail, a uniform sample: a million points
+// cost ~100 ms a frame here, too slow to follow a drag. The whole map is drawn once the view has
+// rested SETTLE_MS; a frame that only moves the hover ring draws it whole.
 function renderer(vp, live) {
   const { canvas, state, dpr } = vp;
   const ctx = canvas.getContext("2d");
   const frames = { groups: [], names: true, schedule, draw };
-  let pending = false, image = null, settle = 0;
+  let pending = false, image = null, settle = 0, lastView = "";
   function schedule() {
     if (!pending) { pending = true; requestAnimationFrame(() => { pending = false; draw(true); }); }
   }
@@ -252,7 +252,9 @@ function renderer(vp, live) {
     const pixels = new Uint32Array(image.data.buffer);
     pixels.fill(0);
     const { points, marked } = live;
-    const shown = moving ? Math.min(points.n, MOVING_POINTS) : points.n;
+    const view = `${state.cx} ${state.cy} ${state.zoom} ${w} ${hgt}`;
+    const shown = moving && view !== lastView ? Math.min(points.n, MOVING_POINTS) : points.n;
+    lastView = view;
     clearTimeout(settle);
     if (shown < points.n) settle = setTimeout(draw, SETTLE_MS);
     writePoints(pixels, w, hgt, frames.groups, points,
