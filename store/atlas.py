@@ -210,16 +210,22 @@ class Atlas:
                           {"ids": [int(i) for i in ids]}).dicts()
         return {r.pop("feature_id"): r for r in rows}
 
+    def _rows_by_id(self, ids: list[int], columns: list[str]):
+        """``feature_id`` and ``columns`` of the LanceDB rows of ``ids``. Features are published in
+        id order, so an id is its row offset: a direct take, in the order asked, is about twice as
+        fast as an indexed filter. The id check keeps a table written in another order correct: it
+        is then filtered, and its rows come once each in table order."""
+        cols = ["feature_id", *columns]
+        if all(0 <= i < self.d_sae for i in ids):
+            table = self.features.take_offsets(ids).select(cols).to_arrow()
+            if table["feature_id"].to_pylist() == ids:
+                return table
+        return self.features.search().where(f"feature_id in ({', '.join(map(str, ids))})").select(cols) \
+            .limit(len(ids)).to_arrow()
+
     def feature_row(self, feature_id: int, columns: list[str]) -> dict | None:
-        """``columns`` of one feature's LanceDB row. Features are published in id order, so the id
-        is the row offset: a direct take is about twice as fast as an indexed filter at 100k rows;
-        the id check keeps a table written in another order correct."""
-        fid = int(feature_id)
-        if 0 <= fid < self.d_sae:
-            rows = self.features.take_offsets([fid]).select(["feature_id", *columns]).to_list()
-            if rows and rows[0]["feature_id"] == fid:
-                return rows[0]
-        rows = self.features.search().where(f"feature_id = {fid}").select(["feature_id", *columns]).limit(1).to_list()
+        """``columns`` of one feature's LanceDB row (``_rows_by_id``)."""
+        rows = self._rows_by_id([int(feature_id)], columns).to_pylist()
         return rows[0] if rows else None
 
     @cached_property
@@ -260,13 +266,7 @@ class Atlas:
 
         if not ids:
             return np.zeros((0, 0), np.float32)
-        wanted = [int(i) for i in ids]
-        table = None
-        if all(0 <= i < self.d_sae for i in wanted):  # ids are row offsets (see ``feature_row``): half the time of a filter
-            table = self.features.take_offsets(wanted).select(["feature_id", column]).to_arrow()
-        if table is None or table["feature_id"].to_pylist() != wanted:
-            table = self.features.search().where(f"feature_id in ({', '.join(map(str, wanted))})") \
-                .select(["feature_id", column]).limit(len(wanted)).to_arrow()
+        table = self._rows_by_id([int(i) for i in ids], [column])
         matrix = vector_matrix(table[column])
         at = {int(f): i for i, f in enumerate(table["feature_id"].to_pylist())}
         return matrix[[at[int(i)] for i in ids]]

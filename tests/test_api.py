@@ -44,12 +44,18 @@ def test_decoder_neighbors_are_exact_cosine_ranks(client, tiny_atlas, live):
     assert got[0]["similarity"] == pytest.approx(float(sims[expected[0]]), abs=1e-4)
 
 
-def test_vectors_of_a_few_features_come_in_the_order_asked(tiny_atlas):
+def test_vectors_of_a_few_features_come_in_the_order_asked(tiny_atlas, monkeypatch):
     atlas = Atlas(tiny_atlas)
     every = atlas.vectors("label_embedding")
     ids = [7, 2, 7, 0]
     assert atlas.vectors_of(ids, "label_embedding") == pytest.approx(every[ids])
     assert atlas.vectors_of([], "label_embedding").shape == (0, 0)
+    assert atlas.feature_row(atlas.d_sae, ["label"]) is None
+    # Where ids are not row offsets the rows are found by filter, and come back in the same order.
+    label = atlas.feature_row(7, ["label"])["label"]
+    monkeypatch.setattr(Atlas, "d_sae", property(lambda self: 0))
+    assert atlas.vectors_of(ids, "label_embedding") == pytest.approx(every[ids])
+    assert atlas.feature_row(7, ["label"])["label"] == label
 
 
 def test_coactivation_neighbors_are_jaccard(client, tiny_atlas, live):
