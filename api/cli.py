@@ -50,7 +50,9 @@ def _add_ingest(sub: argparse._SubParsersAction) -> None:
         for f in dataclasses.fields(cls):
             kind = base_type(SETTINGS[f.name][1])
             item = typing.get_args(kind)[0] if typing.get_origin(kind) is list else None
-            options.add_argument(flag(f.name), dest=f.name, type=item or kind, nargs="+" if item else None,
+            bare = f.metadata["bare"]
+            options.add_argument(flag(f.name), dest=f.name, type=item or kind,
+                                 nargs="+" if item else "?" if bare is not None else None, const=bare,
                                  help=f"{f.metadata['help']} (default: {_default(f)})")
 
 

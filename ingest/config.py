@@ -29,12 +29,14 @@ SCORERS = ("embedding", "token", "detection", "intervention")
 ARCHITECTURES = ("topk", "batchtopk", "relu", "jumprelu")  # ingest/sae.py
 
 
-def setting(default: Any, help: str, *, key: bool = True) -> Any:  # noqa: A002 (argparse's word)
+def setting(default: Any, help: str, *, key: bool = True, bare: Any = None) -> Any:  # noqa: A002 (argparse's word)
     """A config field. ``key=False``: changing it cannot change the stage's output (a batch size for
-    throughput, a path, a thread count), so it is left out of the cache key."""
+    throughput, a path, a thread count), so it is left out of the cache key. ``bare``: the value of
+    its flag given without one (``--ray`` alone means ``--ray auto``)."""
+    metadata = {"help": help, "key": key, "bare": bare}
     if isinstance(default, list):
-        return field(default_factory=lambda: list(default), metadata={"help": help, "key": key})
-    return field(default=default, metadata={"help": help, "key": key})
+        return field(default_factory=lambda: list(default), metadata=metadata)
+    return field(default=default, metadata=metadata)
 
 
 @dataclass
@@ -47,6 +49,10 @@ class RunConfig:
                                  "is 4-7x slower; bf16 on CUDA), float32, bfloat16, float16", key=False)
     threads: int = setting(0, "torch CPU threads (0: torch's default)", key=False)
     seed: int = setting(0, "random seed of training, labels and the map")
+    # key=False: the Ray path gives the same outputs as the local one (ingest/cluster.py).
+    ray: str = setting("", "run the sharded stages on a Ray cluster: auto (this machine's; one is started when none "
+                           "runs) or an address such as ray://head:10001", key=False, bare="auto")
+    ray_workers: int = setting(0, "Ray actors (0: one per CPU of the cluster, one per GPU with --device cuda)", key=False)
 
 
 @dataclass
@@ -302,6 +308,8 @@ def _validate_run(r: RunConfig, m: ModelConfig) -> None:
         raise BadConfig(flag("dtype"), f"must be auto, float32, bfloat16 or float16, got {r.dtype!r}")
     if r.threads < 0:
         raise BadConfig(flag("threads"), f"must be >= 0, got {r.threads}")
+    if r.ray_workers < 0:
+        raise BadConfig(flag("ray_workers"), f"must be >= 0, got {r.ray_workers}")
     if m.layer is not None and m.layer < 0:
         raise BadConfig(flag("layer"), f"must be >= 0, got {m.layer}")
 

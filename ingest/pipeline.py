@@ -4,6 +4,8 @@ resumed run only does what is left (``ingest/stages.py``)."""
 
 from __future__ import annotations
 
+import functools
+import importlib.util
 import logging
 from dataclasses import dataclass
 from functools import cached_property
@@ -32,7 +34,7 @@ from .labels.label import LABELS_VERSION
 from .loaders import load_dictionary
 from .model import SubjectModel, load_model, resolve_dtype
 from .sae import SAE
-from .stages import Stage, Stages, shard_records, stage_key
+from .stages import ShardRunner, Stage, Stages, local_shards, shard_records, stage_key
 from .tokens import TokenizedCorpus, tokenize_corpus
 from .train import train_sae
 
@@ -58,15 +60,16 @@ class Ingest:
     stages: Stages
 
     @classmethod
-    def open(cls, cfg: AtlasConfig) -> "Ingest":
-        """Loads the model and checks every input before anything is written."""
+    def open(cls, cfg: AtlasConfig, runner: ShardRunner = local_shards) -> "Ingest":
+        """Loads the model and checks every input before anything is written; ``runner`` runs the
+        sharded stages' shards."""
         corpus_hash = corpus_fingerprint(cfg.corpus.corpus)
         model = load_model(cfg.model.model, device=cfg.run.device, dtype=cfg.run.dtype,
                            cache_dir=cfg.model.model_cache, layer=cfg.model.layer)
         loaded = _loaded_dictionary(cfg, model)
         named = loaded.meta.get("hook_layer") if loaded is not None else None
         layer = cfg.model.layer if cfg.model.layer is not None else named if named is not None else model.n_layers // 2
-        return cls(cfg, model, layer, loaded, corpus_hash, Stages(Path(cfg.run.atlas) / M.CACHE, cfg))
+        return cls(cfg, model, layer, loaded, corpus_hash, Stages(Path(cfg.run.atlas) / M.CACHE, cfg, runner))
 
     def folder(self, stage: str) -> Path:
         return self.stages.folder(stage)
@@ -248,8 +251,13 @@ STAGES: list[Stage[Ingest]] = [
 
 def run_ingest(cfg: AtlasConfig) -> dict[str, Any]:
     """Builds (or refreshes) the atlas at ``cfg.run.atlas`` and returns its manifest."""
-    ctx = Ingest.open(cfg)
-    summaries = {stage.name: ctx.stages.ensure(stage, ctx) for stage in STAGES}
+    runner = ray_runner(cfg) if cfg.run.ray else local_shards
+    try:
+        ctx = Ingest.open(cfg, runner)
+        summaries = {stage.name: ctx.stages.ensure(stage, ctx) for stage in STAGES}
+    finally:
+        if runner is not local_shards:
+            runner.close()
     root = Path(cfg.run.atlas)
     published = ("evaluate", "windows", "encode", "labels", "intervention", "map")
     publish_key = stage_key(PUBLISH_FORMAT, [ctx.stages.keys[s] for s in published])
@@ -262,6 +270,18 @@ def run_ingest(cfg: AtlasConfig) -> dict[str, Any]:
     publish(root, lambda staging: _build(ctx, staging), manifest)
     log.info("atlas published at %s", root)
     return M.read(root) or manifest
+
+
+def ray_runner(cfg: AtlasConfig):
+    """The shards of every sharded stage on the Ray cluster ``--ray`` names (``ingest/cluster.py``);
+    each actor opens the same ingest with the local runner."""
+    if importlib.util.find_spec("ray") is None:
+        raise BadConfig("--ray", "needs Ray: pip install 'featureatlas[ray]'")
+    from .cluster import RayShards, connect
+
+    connect(cfg.run.ray)
+    return RayShards(functools.partial(Ingest.open, cfg.replace(ray="")), workers=cfg.run.ray_workers,
+                     gpus=1 if cfg.run.device.startswith("cuda") else 0, threads=cfg.run.threads)
 
 
 def _build(ctx: Ingest, staging: Path) -> dict[str, int]:

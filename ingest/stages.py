@@ -7,6 +7,10 @@ Each stage's output lives in ``cache/<stage>/`` with a ``done.json`` that record
 whose key matches is skipped; a changed key clears its folder first; a folder holding this key's
 partial output (a killed run) is kept, so a stage that writes in shards (the harvest, a shard of
 tokens at a time; the training checkpoint) resumes where it was.
+
+Who runs a sharded stage's shards is the runner's choice (``ShardRunner``): one after the other in
+this process (``local_shards``, the default) or on a Ray cluster's workers (``ingest/cluster.py``).
+Either way a shard's record is written here, in the driver, as each one finishes.
 """
 
 from __future__ import annotations
@@ -19,7 +23,7 @@ import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Generic, TypeVar
+from typing import Any, Callable, Generic, Iterable, Iterator, TypeVar
 
 from featureatlas.store.manifest import write_json_atomic
 
@@ -54,13 +58,23 @@ class Stage(Generic[Context]):
     run_shard: Callable[[Context, Path, int], dict[str, Any]] | None = None
 
 
+# Runs the listed shards of a stage (in any order) and yields (shard, record) as each finishes.
+ShardRunner = Callable[[Stage, Any, Path, list[int]], Iterable[tuple[int, dict[str, Any]]]]
+
+
+def local_shards(stage: Stage, ctx: Any, folder: Path, todo: list[int]) -> Iterator[tuple[int, dict[str, Any]]]:
+    for i in todo:
+        yield i, stage.run_shard(ctx, folder, i)
+
+
 class Stages:
     """Runs stages in order against one cache folder, skipping the finished ones; ``record`` is
     what the manifest reports (key, reused or done, summary)."""
 
-    def __init__(self, cache: Path, config: Any):
+    def __init__(self, cache: Path, config: Any, runner: ShardRunner = local_shards):
         self.cache = cache
         self.config = config
+        self.runner = runner
         self.keys: dict[str, str] = {}
         self.record: dict[str, dict[str, Any]] = {}
 
@@ -101,15 +115,14 @@ class Stages:
         log.info("%-9s done: %s", stage.name, _short(summary))
         return summary
 
-
-    @staticmethod
-    def _run_shards(stage: Stage, ctx: Any, folder: Path) -> None:
+    def _run_shards(self, stage: Stage, ctx: Any, folder: Path) -> None:
         n = stage.shards(ctx)
         todo = [i for i in range(n) if not _shard_record(folder, i).is_file()]
         if len(todo) < n:
             log.info("%-9s resuming: %d of %d shards already done", stage.name, n - len(todo), n)
-        for i in todo:
-            write_json_atomic(_shard_record(folder, i), stage.run_shard(ctx, folder, i))
+        if todo:
+            for i, record in self.runner(stage, ctx, folder, todo):
+                write_json_atomic(_shard_record(folder, i), record)
 
 
 def shard_records(folder: Path) -> list[dict[str, Any]]:

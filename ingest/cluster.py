@@ -1,0 +1,125 @@
+"""Sharded stages on a Ray cluster: the same shards as the local path, run by a pool of actors.
+
+Each actor opens the ingest's context once (``open_ctx``: the model, the corpus, the dictionary;
+the embedder on first use) and then runs whole shards, each writing its own files atomically into
+the stage's folder, exactly as ``local_shards`` would. The driver writes each shard's record as it
+comes back, so a killed driver resumes from the finished shards (``ingest/stages.py``), and a killed
+actor is restarted by Ray and its shard run again: a shard is a pure function of its inputs, and a
+half-written one was never renamed into place.
+
+Why actors over Ray Data: a shard here is a coarse, self-describing unit (a range of contexts or
+of features) whose output is a file, not a stream of rows; what the cluster must give is placement
+(a model per worker, on a GPU where there is one), retries and the order-free collection of
+results, which an actor pool does with nothing between the shard and its file.
+
+Workers read the stage's inputs from, and write its outputs to, the atlas's cache folder: on more
+than one machine it must be a shared filesystem (the same path on every node).
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import os
+from collections import Counter
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+from featureatlas.store.errors import BadConfig
+
+from .stages import Stage
+
+log = logging.getLogger(__name__)
+
+
+def connect(address: str) -> None:
+    """Joins the cluster at ``address`` (``auto``: the one ``ray start`` runs on this machine, or a
+    new single-machine cluster when there is none). The driver's environment goes to the workers,
+    so they find the same packages and stay offline."""
+    import ray
+
+    if ray.is_initialized():
+        return
+    env = {"env_vars": {k: v for k, v in os.environ.items() if k in _PASSED_ENV}}
+    if address == "auto":
+        try:
+            ray.init(address="auto", runtime_env=env, log_to_driver=False)
+            return
+        except ConnectionError:
+            log.info("ray: no cluster running on this machine; starting one")
+        ray.init(runtime_env=env, log_to_driver=False, include_dashboard=False)
+        return
+    try:
+        ray.init(address=address, runtime_env=env, log_to_driver=False)
+    except ConnectionError as e:
+        raise BadConfig("--ray", f"no Ray cluster answers at {address!r}: {e}") from None
+
+
+# What workers must see as the driver does: offline hubs, quiet Lance, the model cache.
+_PASSED_ENV = ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "LANCE_LOG", "HF_HOME", "XDG_CACHE_HOME")
+
+
+class RayShards:
+    """A ``ShardRunner`` over a pool of Ray actors, started on the first sharded stage and kept for
+    the rest of the ingest (each actor loads the model once). ``workers`` actors of ``cpus`` CPUs
+    and ``gpus`` GPUs each; ``workers=0``: as many as the cluster's CPUs (or GPUs) hold."""
+
+    def __init__(self, open_ctx: Callable[[], Any], *, workers: int = 0, cpus: float = 1, gpus: float = 0,
+                 threads: int = 0):
+        self.open_ctx = open_ctx
+        self.workers, self.cpus, self.gpus, self.threads = workers, cpus, gpus, threads
+        self.actors: list[Any] = []
+        self.nodes: Counter[str] = Counter()  # shards run per node id (what the two-node test reads)
+
+    def __call__(self, stage: Stage, ctx: Any, folder: Path, todo: list[int]) -> Iterator[tuple[int, dict[str, Any]]]:
+        from ray.util import ActorPool
+
+        if not self.actors:
+            self.actors = [_actor().options(num_cpus=self.cpus, num_gpus=self.gpus).remote(self.open_ctx, self.threads)
+                           for _ in range(self._pool_size())]
+        pool = ActorPool(self.actors)
+        log.info("%-9s %d shards on %d Ray actors", stage.name, len(todo), len(self.actors))
+        for i, node, record in pool.map_unordered(lambda actor, i: actor.run.remote(stage, str(folder), i), todo):
+            self.nodes[node] += 1
+            yield i, record
+
+    def close(self) -> None:
+        import ray
+
+        for actor in self.actors:
+            ray.kill(actor)
+        self.actors = []
+
+    def _pool_size(self) -> int:
+        import ray
+
+        if self.workers > 0:
+            return self.workers
+        have = ray.cluster_resources()
+        if self.gpus > 0:
+            return max(1, int(have.get("GPU", 0) // self.gpus))
+        return max(1, int(have.get("CPU", 1) // self.cpus))
+
+
+@functools.cache
+def _actor():
+    """The actor class, made on first use so that importing this module does not need Ray. A dead
+    actor is restarted (``max_restarts``) and the call it was running is sent again
+    (``max_task_retries``): that is what makes a killed worker cost only its shard."""
+    import ray
+
+    @ray.remote(max_restarts=-1, max_task_retries=-1)
+    class ShardWorker:
+        def __init__(self, open_ctx: Callable[[], Any], threads: int):
+            import torch
+
+            # Ray gives each worker OMP_NUM_THREADS = its CPUs; torch reads it only at import
+            # when it is set before, so say it again.
+            torch.set_num_threads(threads or max(1, int(ray.get_runtime_context().get_assigned_resources().get("CPU", 1))))
+            self.ctx = open_ctx()
+
+        def run(self, stage: Stage, folder: str, i: int) -> tuple[int, str, dict[str, Any]]:
+            record = stage.run_shard(self.ctx, Path(folder), i)
+            return i, ray.get_runtime_context().get_node_id(), record
+
+    return ShardWorker

@@ -1,0 +1,121 @@
+"""The ingest on a real Ray cluster on this machine (worker processes, not a mock): the same atlas as
+the local path, a worker killed mid-stage, a driver killed mid-stage, and two simulated nodes."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+ray = pytest.importorskip("ray")
+
+from featureatlas.ingest.cluster import RayShards  # noqa: E402
+from featureatlas.ingest.config import AtlasConfig  # noqa: E402
+from featureatlas.ingest.stages import Stage, Stages, local_shards, shard_records  # noqa: E402
+
+from .conftest import tiny_config  # noqa: E402
+
+
+@pytest.fixture
+def local_cluster():
+    """A single-machine Ray cluster with two worker CPUs, stopped after the test."""
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False,
+             runtime_env={"env_vars": {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "LANCE_LOG": "error"}})
+    yield
+    ray.shutdown()
+
+
+def test_the_ray_ingest_is_the_local_ingest(local_cluster, tiny_atlas, tiny_model_dir, corpus_dir, tmp_path):
+    from featureatlas.ingest.pipeline import run_ingest
+    from featureatlas.store.digest import atlas_digest
+
+    cfg = tiny_config(tmp_path / "atlas", tiny_model_dir, corpus_dir, ray="auto")
+    manifest = run_ingest(cfg)
+    assert atlas_digest(tmp_path / "atlas") == atlas_digest(tiny_atlas)
+    sharded = [name for name, rec in manifest["stages"].items() if (tmp_path / "atlas" / "cache" / name / "shard-00000.json").is_file()]
+    assert "harvest" in sharded
+
+
+@dataclass
+class Ctx:
+    """What a test stage's shards share: where a shard leaves the mark of a process it killed."""
+
+    marks: Path
+
+
+def _square(ctx: Ctx, folder: Path, i: int) -> dict:
+    # Shard 1 ends its worker process the first time it runs (as an OOM kill or a lost node would).
+    mark = ctx.marks / f"killed-{i}"
+    if i == 1 and not mark.exists():
+        mark.touch()
+        os._exit(1)
+    tmp = folder / f".part-{i}.tmp"
+    tmp.write_text(str(i * i))
+    tmp.rename(folder / f"part-{i}.txt")
+    return {"value": i * i}
+
+
+def _total(ctx: Ctx, folder: Path) -> dict:
+    total = sum(r["value"] for r in shard_records(folder))
+    (folder / "total.txt").write_text(str(total))
+    return {"total": total}
+
+
+SQUARES = Stage("squares", 1, ("train",), (), ("total.txt",), _total, shards=lambda ctx: 6, run_shard=_square)
+
+
+def test_a_killed_worker_is_retried_and_the_result_is_unchanged(local_cluster, tmp_path):
+    marks = tmp_path / "marks"
+    marks.mkdir()
+    runner = RayShards(lambda: Ctx(marks), workers=2)
+    try:
+        summary = Stages(tmp_path / "ray", AtlasConfig(), runner).ensure(SQUARES, Ctx(marks))
+    finally:
+        runner.close()
+    assert (marks / "killed-1").exists()  # a worker did die
+    assert summary["total"] == sum(i * i for i in range(6))
+    assert sorted(p.name for p in (tmp_path / "ray" / "squares").glob("part-*.txt")) == [f"part-{i}.txt" for i in range(6)]
+
+
+def test_a_killed_driver_resumes_from_the_finished_shards(local_cluster, tmp_path):
+    marks = tmp_path / "marks"
+    marks.mkdir()
+    (marks / "killed-1").touch()  # no worker deaths here
+
+    def dies_after_two(stage, ctx, folder, todo):
+        for n, done in enumerate(local_shards(stage, ctx, folder, todo)):
+            if n == 2:
+                raise KeyboardInterrupt("driver killed")
+            yield done
+
+    with pytest.raises(KeyboardInterrupt):
+        Stages(tmp_path, AtlasConfig(), dies_after_two).ensure(SQUARES, Ctx(marks))
+    assert len(list((tmp_path / "squares").glob("shard-*.json"))) == 2
+    runner = RayShards(lambda: Ctx(marks), workers=2)
+    try:
+        stages = Stages(tmp_path, AtlasConfig(), runner)
+        assert stages.ensure(SQUARES, Ctx(marks))["total"] == sum(i * i for i in range(6))
+    finally:
+        runner.close()
+    assert sum(runner.nodes.values()) == 4  # only the missing shards ran
+
+
+def test_shards_spread_over_two_nodes(tmp_path):
+    from ray.cluster_utils import Cluster
+
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "include_dashboard": False})
+    cluster.add_node(num_cpus=1)
+    ray.init(address=cluster.address, log_to_driver=False)
+    marks = tmp_path / "marks"
+    marks.mkdir()
+    (marks / "killed-1").touch()
+    runner = RayShards(lambda: Ctx(marks), workers=2)
+    try:
+        assert Stages(tmp_path, AtlasConfig(), runner).ensure(SQUARES, Ctx(marks))["total"] == 55
+        assert len(runner.nodes) == 2 and sum(runner.nodes.values()) == 6  # one actor on each node
+    finally:
+        runner.close()
+        ray.shutdown()
+        cluster.shutdown()
