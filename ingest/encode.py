@@ -26,7 +26,7 @@ from .sae import SAE
 from .tokens import TokenizedCorpus
 
 # Part of the encode stage's key: bump it when its outputs change.
-ENCODE_VERSION = 2
+ENCODE_VERSION = 3
 OUTPUTS = ("stats.parquet", "examples.parquet", "activations.parquet")
 
 
@@ -158,7 +158,7 @@ def example_picks(con: duckdb.DuckDBPyConnection, cfg: AnalysisConfig) -> pa.Tab
             select *, row_number() over (partition by feature_id order by v desc, ctx) as rnk from per_ctx
         ),
         rest as (
-            select *, ntile({cfg.quantile_bands}) over (partition by feature_id order by v) as band
+            select *, ntile({cfg.quantile_bands}) over (partition by feature_id order by v, ctx) as band
             from ranked where rnk > {cfg.top_examples}
         ),
         quant as (
@@ -167,7 +167,7 @@ def example_picks(con: duckdb.DuckDBPyConnection, cfg: AnalysisConfig) -> pa.Tab
         select feature_id, ctx, v, max_tok, 'top' as kind, rnk as ordinal from ranked where rnk <= {cfg.top_examples}
         union all
         select feature_id, ctx, v, max_tok, 'quantile' as kind, band as ordinal from quant where pick <= {cfg.quantile_examples}
-        order by feature_id, kind desc, v desc
+        order by feature_id, kind desc, v desc, ctx
         """
     ).to_arrow_table()
 

@@ -95,7 +95,7 @@ def _overrepresented(
             where ft.c >= {min_count} and ft.s / nf.mass >= {min_lift} * bg.p
         )
         select feature_id, token_id, share from (
-            select *, row_number() over (partition by feature_id order by w desc) as r from scored
+            select *, row_number() over (partition by feature_id order by w desc, token_id) as r from scored
         ) where r <= {top} order by feature_id, r
         """
     ).fetchall()

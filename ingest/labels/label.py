@@ -31,7 +31,7 @@ from .wording import Evidence
 
 log = logging.getLogger(__name__)
 # Part of the ingest's labels-stage key: bump it when labelling changes, so old labels are redone.
-LABELS_VERSION = 10
+LABELS_VERSION = 11
 # A feature whose top activations (explainer side) all sit on one token id: it scores high on
 # token matching trivially, so reports keep it apart.
 SINGLE_TOKEN_TOP = 10
@@ -289,7 +289,8 @@ def _single_token(con: duckdb.DuckDBPyConnection) -> dict[int, bool]:
     return dict(con.execute(
         f"""
         select feature_id, count(distinct token_id) = 1 from (
-            select feature_id, token_id, row_number() over (partition by feature_id order by value desc) as r from explain_hits
+            select feature_id, token_id, row_number() over (partition by feature_id order by value desc, doc_id, position) as r
+            from explain_hits
         ) where r <= {SINGLE_TOKEN_TOP} group by feature_id
         """
     ).fetchall())

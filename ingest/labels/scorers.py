@@ -58,7 +58,7 @@ def fired_in_pool(con: duckdb.DuckDBPyConnection, pool: WindowPool, features: li
         f"""
         select a.feature_id, a.doc_id, a.position, a.value
         from activations a join label_split s using (doc_id) join wanted_features using (feature_id)
-        where s.part = '{pool.part}' order by a.feature_id
+        where s.part = '{pool.part}' order by a.feature_id, a.doc_id, a.position
         """
     ).to_arrow_table()
     con.unregister("wanted_features")
