@@ -123,6 +123,9 @@ class LabelConfig:
     # chosen on a second and scored on a third, held out, by each scorer (the first gives label_score).
     embedder: str = setting("minilm", "sentence embedder of labels, windows and queries")
     context_embedding_examples: int = setting(4, "top examples embedded into a feature's context embedding")
+    # In the key: a shard embeds its own candidates, so another split batches them otherwise (the
+    # same labels but for float rounding).
+    label_shard_features: int = setting(2048, "features labelled per shard (a shard sets up its own windows, seconds)")
     label_explainer: str = setting("contrastive", "who writes labels: contrastive (offline) or llm")
     label_scorers: list[str] = setting(["embedding", "token"], "label scorers: embedding, token, detection (llm) on "
                                                                     "held-out windows; intervention (steering) on "
@@ -315,6 +318,8 @@ def _validate_run(r: RunConfig, m: ModelConfig) -> None:
 
 
 def _validate_labels(lab: LabelConfig) -> None:
+    if lab.label_shard_features < 1:
+        raise BadConfig(flag("label_shard_features"), f"must be at least 1, got {lab.label_shard_features}")
     if lab.label_explainer not in EXPLAINERS:
         raise BadConfig(flag("label_explainer"), f"must be one of {', '.join(EXPLAINERS)}, got {lab.label_explainer!r}")
     bad = [s for s in lab.label_scorers if s not in SCORERS]

@@ -90,9 +90,35 @@ def encode_tokens(sae: SAE, acts: np.ndarray, is_bos: np.ndarray, *, device: tor
         indices.append(code.indices.cpu().numpy().astype(np.int32)[keep])
         counts.append(np.bincount(rows[keep], minlength=len(x)))
     sae.cpu()
-    offsets = np.zeros(len(acts) + 1, dtype=np.int64)
-    np.cumsum(np.concatenate(counts), out=offsets[1:])
-    return Codes(np.concatenate(values).astype(np.float32), np.concatenate(indices), offsets)
+    return _codes(values, indices, counts)
+
+
+def _codes(values: list[np.ndarray], indices: list[np.ndarray], counts: list[np.ndarray]) -> Codes:
+    offsets = np.zeros(sum(len(c) for c in counts) + 1, dtype=np.int64)
+    np.cumsum(np.concatenate(counts) if counts else [], out=offsets[1:])
+    return Codes(np.concatenate(values).astype(np.float32) if values else np.zeros(0, np.float32),
+                 np.concatenate(indices) if indices else np.zeros(0, np.int32), offsets)
+
+
+def codes_path(folder: Path, i: int) -> Path:
+    return folder / f"codes-{i:05d}.npz"
+
+
+def encode_shard(sae: SAE, acts: np.ndarray, is_bos: np.ndarray, folder: Path, i: int, *, device: torch.device) -> dict:
+    """The code of one harvest shard's rows (``acts``, with their ``is_bos``), written atomically:
+    the dictionary pass is the encode's model-sized work, and shards of it run anywhere."""
+    t0 = time.perf_counter()
+    codes = encode_tokens(sae, acts, is_bos, device=device)
+    tmp = folder / f".codes-{i:05d}.tmp.npz"
+    np.savez(tmp, values=codes.values, indices=codes.indices, counts=np.diff(codes.offsets))
+    tmp.rename(codes_path(folder, i))
+    return {"tokens": len(acts), "seconds": time.perf_counter() - t0}
+
+
+def load_codes(folder: Path, shards: int) -> Codes:
+    """Every shard's code, joined in corpus token order."""
+    parts = [np.load(codes_path(folder, i)) for i in range(shards)]
+    return _codes([p["values"] for p in parts], [p["indices"] for p in parts], [p["counts"] for p in parts])
 
 
 def sparse_records(codes: Codes, corpus: TokenizedCorpus) -> pa.Table:
@@ -226,13 +252,12 @@ def logit_effects(sae: SAE, model: SubjectModel, vocab: list[str], n: int, *, ch
     return pos, neg
 
 
-def run(sae: SAE, model: SubjectModel, corpus: TokenizedCorpus, acts, is_bos: np.ndarray, vocab: list[str],
-        cfg: AnalysisConfig, folder: Path) -> dict:
-    """The encode stage: every token's code (``activations.parquet``, the SQL table), each
-    feature's statistics and logit effects (``stats.parquet``) and its examples."""
-    t0 = time.perf_counter()
-    codes = encode_tokens(sae, acts, is_bos, device=model.device)
-    encode_seconds = time.perf_counter() - t0
+def run(sae: SAE, model: SubjectModel, corpus: TokenizedCorpus, codes: Codes, is_bos: np.ndarray, vocab: list[str],
+        cfg: AnalysisConfig, folder: Path, shards: list[dict]) -> dict:
+    """The encode stage once its shards are done (``codes``, what ``encode_shard`` returned as
+    ``shards``): every token's code (``activations.parquet``, the SQL table), each feature's
+    statistics and logit effects (``stats.parquet``) and its examples."""
+    encode_seconds = sum(r["seconds"] for r in shards)
     records = sparse_records(codes, corpus)
     n_encoded = int((~is_bos).sum())
     con = duckdb.connect()
@@ -246,7 +271,7 @@ def run(sae: SAE, model: SubjectModel, corpus: TokenizedCorpus, acts, is_bos: np
     pq.write_table(examples, folder / "examples.parquet")
     pq.write_table(records.select(["doc_id", "position", "feature_id", "value"]), folder / "activations.parquet")
     # The dictionary pass alone (reading the harvest included), set against the matmul limit by scripts/bench_scale.py.
-    return {"encoded_tokens": n_encoded, "encode_tokens_per_s": round(len(acts) / encode_seconds, 1),
+    return {"encoded_tokens": n_encoded, "encode_tokens_per_s": round(sum(r["tokens"] for r in shards) / encode_seconds, 1),
             "activation_rows": records.num_rows, "examples": examples.num_rows,
             "features_fired": int(sum(1 for n in columns["n_active"] if n > 0)),
             "features_rare": int(sum(1 for n in columns["n_windows"] if 0 < n < RARE_WINDOWS))}

@@ -109,6 +109,11 @@ class Ingest:
     def tokens(self) -> pa.Table:
         return tables.tokens_table(self.corpus, self.is_bos, self.is_eval, self.vocab)
 
+    @cached_property
+    def corpus_windows(self) -> pa.Table:
+        """Every corpus window's text, not yet embedded (the windows stage's shards embed it)."""
+        return windows.cut_windows(self.documents, self.tokens)
+
     @property
     def train_dtype(self) -> torch.dtype:
         return resolve_dtype(self.cfg.run.dtype, self.model.device)
@@ -121,9 +126,13 @@ def _run_corpus(ctx: Ingest, folder: Path) -> dict[str, Any]:
             "eval_contexts": int(corpus.ctx_eval.sum())}
 
 
-def _run_windows(ctx: Ingest, folder: Path) -> dict[str, Any]:
+def _windows_shard(ctx: Ingest, folder: Path, i: int) -> dict[str, Any]:
     embed_fn = lambda texts: embed(texts, name=ctx.cfg.labels.embedder, progress=True)  # noqa: E731
-    return windows.run(ctx.documents, ctx.tokens, embed_fn, folder)
+    return windows.embed_shard(ctx.corpus_windows, embed_fn, folder, i)
+
+
+def _run_windows(ctx: Ingest, folder: Path) -> dict[str, Any]:
+    return windows.run(ctx.corpus_windows, folder)
 
 
 def _harvest_shard(ctx: Ingest, folder: Path, i: int) -> dict[str, Any]:
@@ -172,17 +181,29 @@ def _run_evaluate(ctx: Ingest, folder: Path) -> dict[str, Any]:
     return metrics
 
 
+def _encode_shard(ctx: Ingest, folder: Path, i: int) -> dict[str, Any]:
+    a, b = ctx.acts.starts[i], ctx.acts.starts[i + 1]
+    return encode.encode_shard(ctx.sae, ctx.acts.shards[i], ctx.is_bos[a:b], folder, i, device=ctx.model.device)
+
+
 def _run_encode(ctx: Ingest, folder: Path) -> dict[str, Any]:
-    return encode.run(ctx.sae, ctx.model, ctx.corpus, ctx.acts, ctx.is_bos, ctx.vocab, ctx.cfg.analysis, folder)
+    records = shard_records(folder)
+    codes = encode.load_codes(folder, len(records))
+    return encode.run(ctx.sae, ctx.model, ctx.corpus, codes, ctx.is_bos, ctx.vocab, ctx.cfg.analysis, folder, records)
+
+
+def _labels_shard(ctx: Ingest, folder: Path, i: int) -> dict[str, Any]:
+    con = tables.analytics_connection(ctx.documents, ctx.tokens, ctx.folder("encode"))
+    try:
+        return label_stage.run_shard(con, ctx.sae.d_sae, ctx.cfg.labels, ctx.folder("encode"), ctx.folder("windows"),
+                                     folder, i, seed=ctx.cfg.run.seed, device=ctx.cfg.run.device)
+    finally:
+        con.close()
 
 
 def _run_labels(ctx: Ingest, folder: Path) -> dict[str, Any]:
-    con = tables.analytics_connection(ctx.documents, ctx.tokens, ctx.folder("encode"))
-    try:
-        return label_stage.run(con, ctx.sae.d_sae, ctx.cfg.labels, ctx.folder("encode"), ctx.folder("windows"), folder,
-                               seed=ctx.cfg.run.seed, device=ctx.cfg.run.device)
-    finally:
-        con.close()
+    return label_stage.run(ctx.sae.d_sae, ctx.cfg.labels, ctx.folder("encode"), ctx.folder("windows"), folder,
+                           shard_records(folder))
 
 
 def _run_intervention(ctx: Ingest, folder: Path) -> dict[str, Any]:
@@ -228,8 +249,10 @@ STAGES: list[Stage[Ingest]] = [
     Stage("corpus", 1, ("corpus",), (), ("contexts.npz", "documents.jsonl"), _run_corpus,
           inputs=lambda ctx: [ctx.cfg.model.model, ctx.corpus_hash]),
     # Only the embedder of the labels group matters here: another scorer or explainer keeps the windows.
+    # Sharded by windows: each shard embeds SHARD_WINDOWS of them.
     Stage("windows", windows.WINDOWS_VERSION, (), ("corpus",), windows.OUTPUTS, _run_windows,
-          inputs=lambda ctx: [ctx.cfg.labels.embedder]),
+          inputs=lambda ctx: [ctx.cfg.labels.embedder],
+          shards=lambda ctx: windows.shards(ctx.corpus_windows), run_shard=_windows_shard),
     # Sharded by tokens: each shard a range of contexts through the model.
     # The layer is the one in use (a loaded dictionary's own when --layer is not given).
     Stage("harvest", 1, ("harvest", "model"), ("corpus",), (), _finish_harvest,
@@ -237,8 +260,13 @@ STAGES: list[Stage[Ingest]] = [
           shards=lambda ctx: len(shard_plan(ctx.corpus, ctx.cfg.harvest.shard_tokens)), run_shard=_harvest_shard),
     Stage("train", 1, ("train", "run"), ("harvest",), (M.DICTIONARY,), _run_train, inputs=_train_inputs),
     Stage("evaluate", METRICS_VERSION, ("evaluate",), ("train",), (), _run_evaluate),
-    Stage("encode", encode.ENCODE_VERSION, ("analysis",), ("train",), encode.OUTPUTS, _run_encode),
-    Stage("labels", LABELS_VERSION, ("labels", "run"), ("encode", "windows"), label_stage.OUTPUTS, _run_labels),
+    # Sharded as the harvest is: the dictionary pass over each harvest shard, then the statistics
+    # and examples over all of them.
+    Stage("encode", encode.ENCODE_VERSION, ("analysis",), ("train",), encode.OUTPUTS, _run_encode,
+          shards=lambda ctx: len(ctx.acts.shards), run_shard=_encode_shard),
+    # Sharded by features (label_shard_features a shard), then joined with every feature's context embedding.
+    Stage("labels", LABELS_VERSION, ("labels", "run"), ("encode", "windows"), label_stage.OUTPUTS, _run_labels,
+          shards=lambda ctx: label_stage.shards(ctx.sae.d_sae, ctx.cfg.labels), run_shard=_labels_shard),
     # Generation with features clamped: its own stage, so a change of its settings leaves the labels be.
     # (Whether intervention is a label scorer, which decides sample or all, is in the labels key.)
     Stage("intervention", 1, ("intervention", "run"), ("train", "encode", "labels"), ("intervention.parquet",),

@@ -17,8 +17,9 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from featureatlas.store.schema import WINDOW, WINDOWS
 
-WINDOWS_VERSION = 1
+WINDOWS_VERSION = 2
 OUTPUTS = ("windows.parquet",)
+SHARD_WINDOWS = 4096  # windows embedded per shard: about half a minute of MiniLM on two cores
 
 
 def cut_windows(documents: pa.Table, tokens: pa.Table) -> pa.Table:
@@ -38,10 +39,29 @@ def cut_windows(documents: pa.Table, tokens: pa.Table) -> pa.Table:
         con.close()
 
 
-def run(documents: pa.Table, tokens: pa.Table, embed_fn: Callable[[list[str]], np.ndarray], folder: Path) -> dict:
-    table = cut_windows(documents, tokens)
-    vectors = np.asarray(embed_fn(table["text"].to_pylist()), dtype=np.float32).reshape(table.num_rows, -1)
+def shards(table: pa.Table) -> int:
+    """Shards of ``SHARD_WINDOWS`` windows of ``cut_windows``'s table."""
+    return max(1, -(-table.num_rows // SHARD_WINDOWS))
+
+
+def embed_shard(table: pa.Table, embed_fn: Callable[[list[str]], np.ndarray], folder: Path, i: int) -> dict:
+    """The embeddings of shard ``i`` of ``table`` (``cut_windows``'s), written atomically."""
+    texts = table["text"].slice(i * SHARD_WINDOWS, SHARD_WINDOWS).to_pylist()
+    vectors = np.asarray(embed_fn(texts), dtype=np.float32).reshape(len(texts), -1)
+    tmp = folder / f".embedding-{i:05d}.tmp.npy"
+    np.save(tmp, vectors)
+    tmp.rename(_embedding_path(folder, i))
+    return {"windows": len(texts)}
+
+
+def run(table: pa.Table, folder: Path) -> dict:
+    """The windows table: ``cut_windows``'s rows with the embeddings its shards wrote."""
+    vectors = np.concatenate([np.load(_embedding_path(folder, i)) for i in range(shards(table))])
     columns = {name: table[name] for name in table.column_names}
     columns["embedding"] = pa.FixedSizeListArray.from_arrays(vectors.ravel(), vectors.shape[1])
     pq.write_table(WINDOWS.build(columns), folder / OUTPUTS[0])
     return {"windows": table.num_rows}
+
+
+def _embedding_path(folder: Path, i: int) -> Path:
+    return folder / f"embedding-{i:05d}.npy"

@@ -15,7 +15,7 @@ from __future__ import annotations
 import logging
 import math
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import Any, Callable
 
 import duckdb
 import numpy as np
@@ -126,15 +126,21 @@ def label_features(
     out.candidates = _candidate_table(features, proposed, chosen, judged)
     out.top_token = {f: vocab[t] for f, t in top_token.items()}
     out.judge = scorers.HeldOutJudge(pools["holdout"], trials["holdout"], fired["holdout"], vocab, embed_fn)
-    scored = [s for s in out.score if s is not None]
-    out.summary = {
-        "explainer": cfg.label_explainer, "scorers": list(cfg.label_scorers), "labelled": len(features),
-        "scored": len(scored), "label_score_mean": float(np.mean(scored)) if scored else None,
-        "token_score_mean": _mean([_score_of(per, "token") for per in out.scores]),
-        "windows": {part: len(pool) for part, pool in pools.items()},
-        "failed": int(sum(1 for c in out.candidates["status"].to_pylist() if c != "ok")),
-    }
+    out.summary = summarize(cfg, out.score, out.scores, {part: len(pool) for part, pool in pools.items()},
+                            out.candidates["status"].to_pylist())
     return out
+
+
+def summarize(cfg: LabelConfig, score: list[float | None], scores: list[list[dict]], windows: dict[str, int],
+              status: list[str]) -> dict[str, Any]:
+    """The labels stage's summary from its columns (of one call, or of the shards it ran in)."""
+    scored = [s for s in score if s is not None]
+    return {
+        "explainer": cfg.label_explainer, "scorers": list(cfg.label_scorers), "labelled": len(score),
+        "scored": len(scored), "label_score_mean": float(np.mean(scored)) if scored else None,
+        "token_score_mean": _mean([_score_of(per, "token") for per in scores]),
+        "windows": windows, "failed": int(sum(1 for c in status if c != "ok")),
+    }
 
 
 def _evidence(con: duckdb.DuckDBPyConnection, features: list[int], pool: WindowPool, fired: dict, vocab: dict[int, str],

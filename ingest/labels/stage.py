@@ -16,7 +16,7 @@ from featureatlas.store.schema import WINDOW, vector_matrix
 from .. import windows as corpus_windows
 from ..config import LabelConfig
 from ..embed import embed
-from .label import label_features
+from .label import label_features, summarize
 from .llm import make_chat
 from .windows import KeyIndex
 
@@ -26,22 +26,49 @@ CONTEXT_CHUNK = 1 << 16  # (example, window) rows gathered at once: 100 MB of 38
 LLM_CACHE = "llm-cache.jsonl"  # beside the stage folders: answers survive a change of labels settings
 
 
-def run(con: duckdb.DuckDBPyConnection, d_sae: int, cfg: LabelConfig, encode: Path, windows: Path, folder: Path, *,
-        seed: int, device: str) -> dict[str, Any]:
-    """``con`` holds ``documents``, ``tokens`` and ``activations``; ``encode`` and ``windows`` are
-    those stages' folders."""
+def shards(d_sae: int, cfg: LabelConfig) -> int:
+    return -(-d_sae // cfg.label_shard_features)
+
+
+def run_shard(con: duckdb.DuckDBPyConnection, d_sae: int, cfg: LabelConfig, encode: Path, windows: Path, folder: Path,
+              i: int, *, seed: int, device: str) -> dict[str, Any]:
+    """Labels of the features of shard ``i`` (``label_shard_features`` of them), written atomically.
+    ``con`` holds ``documents``, ``tokens`` and ``activations``; ``encode`` and ``windows`` are those
+    stages' folders. A feature's trials are drawn with its own seed, so its label does not depend
+    on which shard it is in."""
+    size = cfg.label_shard_features
+    features = list(range(i * size, min(d_sae, (i + 1) * size)))
     chat = make_chat(cfg, device, folder.parent / LLM_CACHE) if cfg.needs_llm else None
     stats = pq.read_table(encode / "stats.parquet", columns=["feature_id", "logit_positive"]).to_pydict()
     promoted = {f: [x["token"] for x in row] for f, row in zip(stats["feature_id"], stats["logit_positive"])}
     embed_fn = lambda texts: embed(texts, name=cfg.embedder, progress=True)  # noqa: E731
     stored = pq.read_table(windows / corpus_windows.OUTPUTS[0], columns=["doc_id", "window_index", "embedding"])
-    labels = label_features(con, list(range(d_sae)), cfg, embed_fn, seed=seed, chat=chat, logits=promoted, windows=stored)
+    labels = label_features(con, features, cfg, embed_fn, seed=seed, chat=chat, logits=promoted, windows=stored)
+    _write_atomic(pa.table({"feature_id": pa.array(labels.features, pa.int32()), **labels.columns()}),
+                  folder / f"labels-{i:05d}.parquet")
+    _write_atomic(labels.candidates, folder / f"candidates-{i:05d}.parquet")
+    return {"features": len(features), "windows": labels.summary["windows"]}
+
+
+def run(d_sae: int, cfg: LabelConfig, encode: Path, windows: Path, folder: Path, shard: list[dict]) -> dict[str, Any]:
+    """The shards' labels and candidates as one table each, with every feature's context
+    embedding (``shard``: what each shard returned)."""
+    labels = pa.concat_tables([pq.read_table(folder / f"labels-{i:05d}.parquet") for i in range(len(shard))])
+    candidates = pa.concat_tables([pq.read_table(folder / f"candidates-{i:05d}.parquet") for i in range(len(shard))])
+    stored = pq.read_table(windows / corpus_windows.OUTPUTS[0], columns=["doc_id", "window_index", "embedding"])
     context = context_embeddings(pq.read_table(encode / "examples.parquet", columns=list(EXAMPLE_COLUMNS)), stored, cfg, d_sae)
-    table = pa.table({"feature_id": pa.array(labels.features, pa.int32()), **labels.columns(),
-                      "context_embedding": pa.FixedSizeListArray.from_arrays(context.ravel(), context.shape[1])})
+    table = labels.append_column("context_embedding", pa.FixedSizeListArray.from_arrays(context.ravel(), context.shape[1]))
     pq.write_table(table, folder / "labels.parquet")
-    pq.write_table(labels.candidates, folder / "label_candidates.parquet")
-    return {"labels": labels.summary}
+    pq.write_table(candidates, folder / "label_candidates.parquet")
+    summary = summarize(cfg, labels["label_score"].to_pylist(), labels["label_scores"].to_pylist(), shard[0]["windows"],
+                        candidates["status"].to_pylist())
+    return {"labels": summary}
+
+
+def _write_atomic(table: pa.Table, path: Path) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    pq.write_table(table, tmp)
+    tmp.rename(path)
 
 
 def context_embeddings(examples: pa.Table, windows: pa.Table, cfg: LabelConfig, d_sae: int) -> np.ndarray:
