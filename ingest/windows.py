@@ -8,6 +8,7 @@ table by ``(doc_id, position // WINDOW)``.
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 from typing import Callable
 
@@ -46,12 +47,13 @@ def shards(table: pa.Table) -> int:
 
 def embed_shard(table: pa.Table, embed_fn: Callable[[list[str]], np.ndarray], folder: Path, i: int) -> dict:
     """The embeddings of shard ``i`` of ``table`` (``cut_windows``'s), written atomically."""
+    t0 = time.perf_counter()
     texts = table["text"].slice(i * SHARD_WINDOWS, SHARD_WINDOWS).to_pylist()
     vectors = np.asarray(embed_fn(texts), dtype=np.float32).reshape(len(texts), -1)
     tmp = folder / f".embedding-{i:05d}.tmp.npy"
     np.save(tmp, vectors)
     tmp.rename(_embedding_path(folder, i))
-    return {"windows": len(texts)}
+    return {"windows": len(texts), "seconds": time.perf_counter() - t0}
 
 
 def run(table: pa.Table, folder: Path) -> dict:

@@ -16,7 +16,7 @@ FEATURES = 300
 
 
 def run(script: str, *args: str, out: Path) -> dict:
-    done = subprocess.run([sys.executable, str(ROOT / "scripts" / script), *args, "--out", str(out)],
+    done = subprocess.run([sys.executable, str(ROOT / "scripts" / script), "--out", str(out), *args],
                           capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
     return json.loads(out.read_text())
@@ -39,3 +39,19 @@ def test_bench_ui_draws_a_synthetic_map(tmp_path):
                  "--workdir", str(tmp_path), out=tmp_path / "ui.json")["map"][str(FEATURES)]
     assert result["levels"] == 1 and result["runs"] == 2
     assert result["first_ms"] > 0 and result["frame_p50_ms"] > 0
+
+
+def test_bench_ray_builds_both_ways_and_finds_them_identical(tmp_path, tiny_model_dir, corpus_dir):
+    pytest.importorskip("ray")
+    from .conftest import tiny_config
+
+    cfg = tiny_config(tmp_path / "unused", tiny_model_dir, corpus_dir)
+    settings = {k: v for group in cfg.to_dict().values() for k, v in group.items()
+                if v is not None and k not in ("atlas", "model_cache", "ray")}
+    toml = tmp_path / "tiny.toml"
+    toml.write_text("".join(f"{k} = {json.dumps(v)}\n" for k, v in settings.items()))  # JSON scalars and lists are TOML
+    result = run("bench_ray.py", "--workdir", str(tmp_path / "work"), "--model-cache", cfg.model.model_cache,
+                 "--", "--config", str(toml), out=tmp_path / "ray.json")
+    assert result["identical"] is True and result["overhead"] > 0
+    assert result["ray"]["shards"]["labels"] == {"shards": 2, "mean_shard_s": result["ray"]["shards"]["labels"]["mean_shard_s"],
+                                                 "features": 64}

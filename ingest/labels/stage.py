@@ -3,6 +3,7 @@ the encode stage's tables (``featureatlas label`` re-runs the same labelling on 
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 from typing import Any
 
@@ -36,6 +37,7 @@ def run_shard(con: duckdb.DuckDBPyConnection, d_sae: int, cfg: LabelConfig, enco
     ``con`` holds ``documents``, ``tokens`` and ``activations``; ``encode`` and ``windows`` are those
     stages' folders. A feature's trials are drawn with its own seed, so its label does not depend
     on which shard it is in."""
+    t0 = time.perf_counter()
     size = cfg.label_shard_features
     features = list(range(i * size, min(d_sae, (i + 1) * size)))
     chat = make_chat(cfg, device, folder.parent / LLM_CACHE) if cfg.needs_llm else None
@@ -47,7 +49,7 @@ def run_shard(con: duckdb.DuckDBPyConnection, d_sae: int, cfg: LabelConfig, enco
     _write_atomic(pa.table({"feature_id": pa.array(labels.features, pa.int32()), **labels.columns()}),
                   folder / f"labels-{i:05d}.parquet")
     _write_atomic(labels.candidates, folder / f"candidates-{i:05d}.parquet")
-    return {"features": len(features), "windows": labels.summary["windows"]}
+    return {"features": len(features), "windows": labels.summary["windows"], "seconds": time.perf_counter() - t0}
 
 
 def run(d_sae: int, cfg: LabelConfig, encode: Path, windows: Path, folder: Path, shard: list[dict]) -> dict[str, Any]:
