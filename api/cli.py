@@ -186,7 +186,11 @@ def _ingest(args: argparse.Namespace) -> int:
 
 def _label(args: argparse.Namespace) -> int:
     from featureatlas.ingest.labels.relabel import relabel
+    from featureatlas.store.location import is_remote
 
+    if is_remote(args.atlas):
+        raise BadParameter("--atlas", "re-labelling works on a local atlas; re-run `featureatlas ingest` with other label "
+                                      "settings to change a remote one's labels (finished stages are reused)")
     _open(args.atlas)  # a clear error for a folder that is no atlas
     overrides = {"label_explainer": args.explainer, "label_scorers": args.scorer, "llm_url": args.llm_url,
                  "llm_model": args.llm_model, "llm_api_key_env": args.llm_api_key_env, "llm_max_calls": args.llm_max_calls}
@@ -234,10 +238,11 @@ def _sweep(args: argparse.Namespace) -> int:
     return 0
 
 
-def _open(path: str):
+def _open(location: str):
     from featureatlas.store.atlas import Atlas
+    from featureatlas.store.location import readable
 
-    return Atlas(path)
+    return Atlas(readable(location))
 
 
 def _info(args: argparse.Namespace) -> int:

@@ -15,13 +15,12 @@ import weakref
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
-from urllib.parse import urlparse
-from urllib.request import url2pathname
 
 import pyarrow as pa
 from featureatlas.ingest.steer import Edit
 from featureatlas.store.atlas import Atlas
 from featureatlas.store.errors import BadParameter
+from featureatlas.store.location import readable
 from featureatlas.store.schema import EXAMPLES, FEATURES
 from featureatlas.store.sql import execute_sql
 
@@ -209,23 +208,11 @@ class OpenAtlas:
 
 
 def open(path: str | os.PathLike[str], *, device: str | None = None) -> OpenAtlas:  # noqa: A001 (fa.open reads best)
-    """Open the atlas at ``path`` (a folder, or a ``file://`` URI) for reading. ``device`` runs the
+    """Open the atlas at ``path`` (a folder, a ``file://`` URI, or an ``s3://`` URI, read through a
+    local mirror: ``store/location.py``) for reading. ``device`` runs the
     model there for activations, contrast, steering and search by inference (default: the one the
     atlas was built on)."""
-    return OpenAtlas(Atlas(_local_path(path)), device=device)
-
-
-def _local_path(path: str | os.PathLike[str]) -> Path:
-    """A folder from a path or a ``file://`` URI (percent-escapes decoded); other schemes are refused."""
-    text = os.fspath(path)
-    if "://" not in text:
-        return Path(text).expanduser()
-    parsed = urlparse(text)
-    if parsed.scheme != "file":
-        raise BadParameter("path", f"{parsed.scheme}:// atlases cannot be opened yet; give a local folder or a file:// URI")
-    if parsed.netloc not in ("", "localhost"):
-        raise BadParameter("path", f"file://{parsed.netloc}/ names another machine; give a local folder")
-    return Path(url2pathname(parsed.path))
+    return OpenAtlas(Atlas(readable(path, flag="path")), device=device)
 
 
 def _by_position(columns: list[str], rows: list[list[Any]]) -> pa.Table:

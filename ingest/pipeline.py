@@ -18,6 +18,7 @@ import pyarrow.parquet as pq
 import torch
 from featureatlas.store import manifest as M
 from featureatlas.store.errors import BadConfig
+from featureatlas.store.location import is_remote, remote_manifest, upload, work_folder
 from featureatlas.store.publish import publish, write_duckdb, write_lance
 from featureatlas.store.schema import vector_matrix
 
@@ -69,7 +70,7 @@ class Ingest:
         loaded = _loaded_dictionary(cfg, model)
         named = loaded.meta.get("hook_layer") if loaded is not None else None
         layer = cfg.model.layer if cfg.model.layer is not None else named if named is not None else model.n_layers // 2
-        return cls(cfg, model, layer, loaded, corpus_hash, Stages(Path(cfg.run.atlas) / M.CACHE, cfg, runner))
+        return cls(cfg, model, layer, loaded, corpus_hash, Stages(work_folder(cfg.run.atlas) / M.CACHE, cfg, runner))
 
     def folder(self, stage: str) -> Path:
         return self.stages.folder(stage)
@@ -278,7 +279,8 @@ STAGES: list[Stage[Ingest]] = [
 
 
 def run_ingest(cfg: AtlasConfig) -> dict[str, Any]:
-    """Builds (or refreshes) the atlas at ``cfg.run.atlas`` and returns its manifest."""
+    """Builds (or refreshes) the atlas at ``cfg.run.atlas`` and returns its manifest. An atlas on an
+    object store is built in a local work folder and uploaded (``store/location.py``)."""
     runner = ray_runner(cfg) if cfg.run.ray else local_shards
     try:
         ctx = Ingest.open(cfg, runner)
@@ -286,18 +288,20 @@ def run_ingest(cfg: AtlasConfig) -> dict[str, Any]:
     finally:
         if runner is not local_shards:
             runner.close()
-    root = Path(cfg.run.atlas)
+    root = work_folder(cfg.run.atlas)
     published = ("evaluate", "windows", "encode", "labels", "intervention", "map")
     publish_key = stage_key(PUBLISH_FORMAT, [ctx.stages.keys[s] for s in published])
-    existing = M.read(root) or {}
-    if existing.get("publish_key") == publish_key:
+    if (M.read(root) or {}).get("publish_key") == publish_key:
         log.info("publish   skipped: %s already holds these results", root)
-        return existing
-    manifest = _manifest(ctx, summaries)
-    manifest["publish_key"] = publish_key
-    publish(root, lambda staging: _build(ctx, staging), manifest)
-    log.info("atlas published at %s", root)
-    return M.read(root) or manifest
+    else:
+        manifest = _manifest(ctx, summaries)
+        manifest["publish_key"] = publish_key
+        publish(root, lambda staging: _build(ctx, staging), manifest)
+        log.info("atlas published at %s", root)
+    if is_remote(cfg.run.atlas) and (remote_manifest(cfg.run.atlas) or {}).get("publish_key") != publish_key:
+        upload(root, cfg.run.atlas)
+        log.info("atlas uploaded to %s", cfg.run.atlas)
+    return M.read(root) or {}
 
 
 def ray_runner(cfg: AtlasConfig):

@@ -20,16 +20,21 @@ from .schema import DUCKDB_TABLES, EXAMPLES, FEATURES, WINDOWS
 def atlas_digest(root: Path) -> dict[str, str]:
     """``{table: sha256}`` over every DuckDB table (activations, features with their statistics
     and labels, ...) and every LanceDB table (decoder and label vectors, examples, window embeddings)."""
-    root = Path(root)
-    con = duckdb.connect(str(root / M.DUCKDB), read_only=True)
+    manifest = M.read(Path(root)) or {}
+    base = Path(root) / M.folder(manifest)  # the parts the manifest names (a mirror has no top-level links)
+    con = duckdb.connect(str(base / M.duckdb_file(manifest)), read_only=True)
     try:
         out = {spec.name: _hash(con.sql(f"select * from {spec.name} order by all").to_arrow_table())
                for spec in DUCKDB_TABLES}
     finally:
         con.close()
-    db = lancedb.connect(str(root / M.LANCE))
+    db = lancedb.connect(str(base / M.LANCE))
     for spec in (FEATURES, EXAMPLES, WINDOWS):
-        rows = db.open_table(spec.name).to_arrow()  # noqa: F841 (read by the query below)
+        table = db.open_table(spec.name)
+        version = M.lance_version(manifest, spec.name)
+        if version is not None:  # the version the manifest pins (a re-label writes a newer one)
+            table.checkout(version)
+        rows = table.to_arrow()  # noqa: F841 (read by the query below)
         out[f"lance.{spec.name}"] = _hash(duckdb.sql("select * from rows order by all").to_arrow_table())
     return out
 

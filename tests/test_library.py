@@ -102,8 +102,10 @@ def test_open_takes_a_path_or_a_file_uri_and_refuses_the_rest(tiny_atlas, tmp_pa
         assert by_host.path == tiny_atlas
     with fa.open(str(tiny_atlas)) as by_string:
         assert by_string.d_sae == 64
-    with pytest.raises(BadParameter, match="s3:// atlases cannot be opened yet"):
-        fa.open("s3://bucket/atlas")
+    with pytest.raises(BadParameter, match="gs:// is not an atlas location"):
+        fa.open("gs://bucket/atlas")
+    with pytest.raises(BadParameter, match="not in the URI"):
+        fa.open("s3://key:secret@bucket/atlas")
     with pytest.raises(BadParameter, match="another machine"):
         fa.open(f"file://server{tiny_atlas}")
     with pytest.raises(NotFound, match="not a finished atlas"):

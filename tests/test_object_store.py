@@ -1,0 +1,91 @@
+"""An atlas on an S3-compatible object store: moto's server (``moto[server]``, a pip package) on
+loopback stands in for S3. It speaks the S3 REST API that pyarrow's filesystem uses; it does not
+model S3's consistency, multipart limits or IAM policies (any credentials pass)."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import socket
+
+import pytest
+from pyarrow import fs
+
+moto_server = pytest.importorskip("moto.server")
+
+import featureatlas as fa  # noqa: E402
+from featureatlas.store.digest import atlas_digest  # noqa: E402
+from featureatlas.store.errors import DamagedAtlas  # noqa: E402
+from featureatlas.store.manifest import read  # noqa: E402
+
+from .conftest import tiny_config  # noqa: E402
+
+BUCKET = "atlases"
+
+
+@pytest.fixture
+def s3(monkeypatch, tmp_path):
+    """An empty bucket on a local S3 server, reached the way a user's would be: the environment."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    server = moto_server.ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
+    server.start()
+    for name, value in (("AWS_ENDPOINT_URL", f"http://127.0.0.1:{port}"), ("AWS_ACCESS_KEY_ID", "test"),
+                        ("AWS_SECRET_ACCESS_KEY", "test"), ("AWS_REGION", "us-east-1")):
+        monkeypatch.setenv(name, value)
+    fs.S3FileSystem(endpoint_override=f"http://127.0.0.1:{port}", allow_bucket_creation=True).create_dir(BUCKET)
+    yield fs.S3FileSystem(endpoint_override=f"http://127.0.0.1:{port}")
+    server.stop()
+
+
+def test_an_atlas_published_to_s3_opens_from_another_machine(s3, monkeypatch, tmp_path, tiny_atlas, tiny_model_dir,
+                                                             corpus_dir, capsys):
+    from featureatlas.api.cli import main
+    from featureatlas.ingest.pipeline import run_ingest
+    from featureatlas.store.location import work_folder
+
+    uri = f"s3://{BUCKET}/runs/tiny"
+    # The builder: its work folder holds the finished stages of the tiny atlas, so the ingest only
+    # publishes there and uploads.
+    monkeypatch.setenv("FEATUREATLAS_CACHE", str(tmp_path / "builder"))
+    shutil.copytree(tiny_atlas / "cache", work_folder(uri) / "cache", ignore=shutil.ignore_patterns(".staging"))
+    manifest = run_ingest(tiny_config(tmp_path / "unused", tiny_model_dir, corpus_dir).replace(atlas=uri))
+    folder = manifest["published"]["folder"]
+    assert json.loads(s3.open_input_stream(f"{BUCKET}/runs/tiny/manifest.json").read()) == manifest
+    assert s3.get_file_info(f"{BUCKET}/runs/tiny/{folder}/analytics.duckdb").size > 0
+    assert s3.get_file_info(f"{BUCKET}/runs/tiny/cache").type.name == "NotFound"  # the stages' cache stays local
+
+    # A reader elsewhere (another cache): a mirror of the current publish, the same atlas.
+    monkeypatch.setenv("FEATUREATLAS_CACHE", str(tmp_path / "reader"))
+    with fa.open(uri) as atlas:
+        assert atlas.d_sae == 64 and str(atlas.path).startswith(str(tmp_path / "reader"))
+        assert atlas_digest(atlas.path) == atlas_digest(tiny_atlas)
+        n = list(atlas.sql("select count(*) as n from activations"))[0]["n"]
+    assert n > 0 and main(["sql", "--atlas", uri, "--json", "select count(*) as n from activations"]) == 0
+    assert json.loads(capsys.readouterr().out)["rows"] == [[n]]
+
+    # Published again (another label setting): the reader's mirror follows the new manifest, and
+    # the publish before stays on the store for readers mid-download; older ones go.
+    monkeypatch.setenv("FEATUREATLAS_CACHE", str(tmp_path / "builder"))
+    second = run_ingest(tiny_config(tmp_path / "unused", tiny_model_dir, corpus_dir, context_embedding_examples=1)
+                        .replace(atlas=uri))
+    assert second["published"]["folder"] != folder
+    monkeypatch.setenv("FEATUREATLAS_CACHE", str(tmp_path / "reader"))
+    with fa.open(uri) as atlas:
+        assert read(atlas.path)["published"]["folder"] == second["published"]["folder"]
+        assert sorted(p.name for p in (atlas.path / "data").iterdir()) == [second["published"]["folder"].split("/")[1]]
+    kept = {info.base_name for info in s3.get_file_info(fs.FileSelector(f"{BUCKET}/runs/tiny/data"))}
+    assert kept == {folder.split("/")[1], second["published"]["folder"].split("/")[1]}
+
+
+def test_a_uri_with_no_atlas_or_with_secrets_in_it_is_refused(s3, monkeypatch, tmp_path):
+    from featureatlas.store.errors import BadParameter
+
+    monkeypatch.setenv("FEATUREATLAS_CACHE", str(tmp_path))
+    with pytest.raises(DamagedAtlas, match="no manifest.json"):
+        fa.open(f"s3://{BUCKET}/nothing-here")
+    with pytest.raises(BadParameter, match="not in the URI"):
+        fa.open(f"s3://AKIA:secret@{BUCKET}/atlas")
+    with pytest.raises(BadParameter, match="names no bucket"):
+        fa.open("s3:///atlas")
