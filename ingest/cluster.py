@@ -26,10 +26,14 @@ from pathlib import Path
 from typing import Any, Callable, Iterator
 
 from featureatlas.store.errors import BadConfig
+from tqdm import tqdm
 
 from .stages import Stage
 
 log = logging.getLogger(__name__)
+# How often one actor is restarted, and one shard re-sent, after its process died: a shard that
+# kills every worker it lands on (out of memory each time) stops the ingest instead of looping.
+RETRIES = 3
 
 
 def connect(address: str) -> None:
@@ -55,8 +59,8 @@ def connect(address: str) -> None:
         raise BadConfig("--ray", f"no Ray cluster answers at {address!r}: {e}") from None
 
 
-# What workers must see as the driver does: offline hubs, quiet Lance, the model cache.
-_PASSED_ENV = ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "LANCE_LOG", "HF_HOME", "XDG_CACHE_HOME")
+# What workers must see as the driver does: offline hubs, quiet Lance, the caches (models, work folders).
+_PASSED_ENV = ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "LANCE_LOG", "HF_HOME", "XDG_CACHE_HOME", "FEATUREATLAS_CACHE")
 
 
 class RayShards:
@@ -78,10 +82,12 @@ class RayShards:
             self.actors = [_actor().options(num_cpus=self.cpus, num_gpus=self.gpus).remote(self.open_ctx, self.threads)
                            for _ in range(self._pool_size())]
         pool = ActorPool(self.actors)
-        log.info("%-9s %d shards on %d Ray actors", stage.name, len(todo), len(self.actors))
-        for i, node, record in pool.map_unordered(lambda actor, i: actor.run.remote(stage, str(folder), i), todo):
-            self.nodes[node] += 1
-            yield i, record
+        # The workers' own progress bars stay in their logs; this one counts finished shards.
+        with tqdm(total=len(todo), desc=f"{stage.name} on {len(self.actors)} Ray actors", unit="shard") as bar:
+            for i, node, record in pool.map_unordered(lambda actor, i: actor.run.remote(stage, str(folder), i), todo):
+                self.nodes[node] += 1
+                bar.update()
+                yield i, record
 
     def close(self) -> None:
         import ray
@@ -105,10 +111,11 @@ class RayShards:
 def _actor():
     """The actor class, made on first use so that importing this module does not need Ray. A dead
     actor is restarted (``max_restarts``) and the call it was running is sent again
-    (``max_task_retries``): that is what makes a killed worker cost only its shard."""
+    (``max_task_retries``): that is what makes a killed worker cost only its shard. An exception
+    raised by a shard is not retried: it is the shard's answer, and stops the ingest."""
     import ray
 
-    @ray.remote(max_restarts=-1, max_task_retries=-1)
+    @ray.remote(max_restarts=RETRIES, max_task_retries=RETRIES)
     class ShardWorker:
         def __init__(self, open_ctx: Callable[[], Any], threads: int):
             import torch
