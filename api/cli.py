@@ -186,7 +186,7 @@ def _ingest(args: argparse.Namespace) -> int:
 
 def _label(args: argparse.Namespace) -> int:
     from featureatlas.ingest.labels.relabel import relabel
-    from featureatlas.store.location import is_remote
+    from featureatlas.store.location import is_remote, local_path
 
     if is_remote(args.atlas):
         raise BadParameter("--atlas", "re-labelling works on a local atlas; re-run `featureatlas ingest` with other label "
@@ -194,7 +194,7 @@ def _label(args: argparse.Namespace) -> int:
     _open(args.atlas)  # a clear error for a folder that is no atlas
     overrides = {"label_explainer": args.explainer, "label_scorers": args.scorer, "llm_url": args.llm_url,
                  "llm_model": args.llm_model, "llm_api_key_env": args.llm_api_key_env, "llm_max_calls": args.llm_max_calls}
-    summary = relabel(args.atlas, overrides, args.features)
+    summary = relabel(str(local_path(args.atlas)), overrides, args.features)
     print(json.dumps(summary, indent=2) if args.json else
           f"labelled {summary['labelled']} features with {summary['explainer']}; {summary['scored']} scored on held-out "
           f"windows, mean {summary['scorers'][0]} score {summary['label_score_mean'] or float('nan'):.3f}; "

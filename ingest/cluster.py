@@ -42,25 +42,25 @@ def connect(address: str) -> None:
     so they find the same packages and stay offline."""
     import ray
 
-    if ray.is_initialized():
+    if ray.is_initialized():  # a test's or a notebook's cluster: the caller chose it
         return
     env = {"env_vars": {k: v for k, v in os.environ.items() if k in _PASSED_ENV}}
-    if address == "auto":
-        try:
-            ray.init(address="auto", runtime_env=env, log_to_driver=False)
-            return
-        except ConnectionError:
-            log.info("ray: no cluster running on this machine; starting one")
-        ray.init(runtime_env=env, log_to_driver=False, include_dashboard=False)
-        return
     try:
-        ray.init(address=address, runtime_env=env, log_to_driver=False)
-    except ConnectionError as e:
-        raise BadConfig("--ray", f"no Ray cluster answers at {address!r}: {e}") from None
+        try:
+            ray.init(address=address, runtime_env=env, log_to_driver=False)
+        except ConnectionError as e:
+            if address != "auto" or "Could not find any running Ray instance" not in str(e):
+                raise
+            log.info("ray: no cluster running on this machine; starting one")
+            ray.init(runtime_env=env, log_to_driver=False, include_dashboard=False)
+    except (ConnectionError, ValueError, OSError) as e:
+        raise BadConfig("--ray", f"cannot join the Ray cluster at {address!r}: {str(e).splitlines()[0]}") from None
 
 
-# What workers must see as the driver does: offline hubs, quiet Lance, the caches (models, work folders).
-_PASSED_ENV = ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "LANCE_LOG", "HF_HOME", "XDG_CACHE_HOME", "FEATUREATLAS_CACHE")
+# What workers must see as the driver does: offline hubs, quiet Lance, reproducible MKL (ingest/runtime.py),
+# the caches (models, work folders).
+_PASSED_ENV = ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "LANCE_LOG", "MKL_CBWR", "HF_HOME", "XDG_CACHE_HOME",
+               "FEATUREATLAS_CACHE")
 
 
 class RayShards:
@@ -82,9 +82,10 @@ class RayShards:
             self.actors = [_actor().options(num_cpus=self.cpus, num_gpus=self.gpus).remote(self.open_ctx, self.threads)
                            for _ in range(self._pool_size())]
         pool = ActorPool(self.actors)
+        where = str(folder.resolve())  # the workers' working directory is not the driver's
         # The workers' own progress bars stay in their logs; this one counts finished shards.
         with tqdm(total=len(todo), desc=f"{stage.name} on {len(self.actors)} Ray actors", unit="shard") as bar:
-            for i, node, record in pool.map_unordered(lambda actor, i: actor.run.remote(stage, str(folder), i), todo):
+            for i, node, record in pool.map_unordered(lambda actor, i: actor.run.remote(stage, where, i), todo):
                 self.nodes[node] += 1
                 bar.update()
                 yield i, record
@@ -97,14 +98,19 @@ class RayShards:
         self.actors = []
 
     def _pool_size(self) -> int:
+        """The actors to start: ``workers``, or as many as the cluster holds. An actor the cluster
+        can never place would take shards and never start, so a pool that does not fit is refused."""
         import ray
 
-        if self.workers > 0:
-            return self.workers
         have = ray.cluster_resources()
-        if self.gpus > 0:
-            return max(1, int(have.get("GPU", 0) // self.gpus))
-        return max(1, int(have.get("CPU", 1) // self.cpus))
+        kind, each = ("GPU", self.gpus) if self.gpus > 0 else ("CPU", self.cpus)
+        fits = int(have.get(kind, 0) // each)
+        if fits < 1:
+            raise BadConfig("--device" if kind == "GPU" else "--ray", f"the Ray cluster has no {kind} for an actor")
+        if self.workers > fits:
+            raise BadConfig("--ray-workers", f"{self.workers} actors of {each:g} {kind} each do not fit the cluster's "
+                                             f"{have.get(kind, 0):g} {kind}s")
+        return self.workers or fits
 
 
 @functools.cache

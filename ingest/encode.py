@@ -23,6 +23,7 @@ from tqdm import tqdm
 from .config import AnalysisConfig
 from .model import SubjectModel
 from .sae import SAE
+from .stages import written_atomically
 from .tokens import TokenizedCorpus
 
 # Part of the encode stage's key: bump it when its outputs change.
@@ -109,9 +110,8 @@ def encode_shard(sae: SAE, acts: np.ndarray, is_bos: np.ndarray, folder: Path, i
     the dictionary pass is the encode's model-sized work, and shards of it run anywhere."""
     t0 = time.perf_counter()
     codes = encode_tokens(sae, acts, is_bos, device=device)
-    tmp = folder / f".codes-{i:05d}.tmp.npz"
-    np.savez(tmp, values=codes.values, indices=codes.indices, counts=np.diff(codes.offsets))
-    tmp.rename(codes_path(folder, i))
+    with written_atomically(codes_path(folder, i)) as tmp:
+        np.savez(tmp, values=codes.values, indices=codes.indices, counts=np.diff(codes.offsets))
     return {"tokens": len(acts), "seconds": time.perf_counter() - t0}
 
 

@@ -16,6 +16,7 @@ import torch
 from tqdm import tqdm
 
 from .model import SubjectModel
+from .stages import written_atomically
 from .tokens import TokenizedCorpus
 
 
@@ -62,9 +63,8 @@ def harvest_shard(model: SubjectModel, corpus: TokenizedCorpus, layer: int, fold
             out[o : o + len(s)] = acts[r, : len(s)]
         bar.update(sum(len(s) for s in seqs))
     bar.close()
-    tmp = folder / f".acts-{i:05d}.tmp.npy"
-    np.save(tmp, out)
-    tmp.rename(shard_path(folder, i))
+    with written_atomically(shard_path(folder, i)) as tmp:
+        np.save(tmp, out)
     return {"tokens": len(out), "seconds": time.perf_counter() - t0}
 
 

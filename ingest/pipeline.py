@@ -281,6 +281,8 @@ STAGES: list[Stage[Ingest]] = [
 def run_ingest(cfg: AtlasConfig) -> dict[str, Any]:
     """Builds (or refreshes) the atlas at ``cfg.run.atlas`` and returns its manifest. An atlas on an
     object store is built in a local work folder and uploaded (``store/location.py``)."""
+    if is_remote(cfg.run.atlas):
+        remote_manifest(cfg.run.atlas)  # an unreachable bucket or bad credentials fail now, not after the work
     runner = ray_runner(cfg) if cfg.run.ray else local_shards
     try:
         ctx = Ingest.open(cfg, runner)
@@ -312,8 +314,13 @@ def ray_runner(cfg: AtlasConfig):
     from .cluster import RayShards, connect
 
     connect(cfg.run.ray)
-    return RayShards(functools.partial(Ingest.open, cfg.replace(ray="")), workers=cfg.run.ray_workers,
-                     gpus=1 if cfg.run.device.startswith("cuda") else 0, threads=cfg.run.threads)
+    gpu = cfg.run.device.startswith("cuda")
+    # An actor sees only the GPU Ray gave it, as cuda:0; a relative atlas folder would resolve
+    # against the worker's working directory, not the driver's.
+    atlas = cfg.run.atlas if is_remote(cfg.run.atlas) else str(work_folder(cfg.run.atlas).resolve())
+    worker_cfg = cfg.replace(ray="", atlas=atlas, device="cuda" if gpu else cfg.run.device)
+    return RayShards(functools.partial(Ingest.open, worker_cfg), workers=cfg.run.ray_workers, gpus=1 if gpu else 0,
+                     threads=cfg.run.threads)
 
 
 def _build(ctx: Ingest, staging: Path) -> dict[str, int]:

@@ -19,8 +19,11 @@ import dataclasses
 import hashlib
 import json
 import logging
+import os
 import shutil
+import tempfile
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Generic, Iterable, Iterator, TypeVar
@@ -123,6 +126,22 @@ class Stages:
         if todo:
             for i, record in self.runner(stage, ctx, folder, todo):
                 write_json_atomic(_shard_record(folder, i), record)
+
+
+@contextmanager
+def written_atomically(path: Path) -> Iterator[Path]:
+    """A fresh temporary name beside ``path`` to write a shard's file to; renamed to ``path`` when
+    the block ends whole, removed when it does not. The name is unique, so a stale worker (on a
+    node thought lost) writing the same shard cannot write into this one's file; it keeps the
+    suffix, which numpy's savers insist on."""
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}.", suffix=path.suffix)
+    os.close(fd)
+    try:
+        yield Path(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
 
 
 def shard_records(folder: Path) -> list[dict[str, Any]]:

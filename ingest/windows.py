@@ -18,6 +18,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from featureatlas.store.schema import WINDOW, WINDOWS
 
+from .stages import written_atomically
+
 WINDOWS_VERSION = 2
 OUTPUTS = ("windows.parquet",)
 SHARD_WINDOWS = 4096  # windows embedded per shard: about half a minute of MiniLM on two cores
@@ -50,9 +52,8 @@ def embed_shard(table: pa.Table, embed_fn: Callable[[list[str]], np.ndarray], fo
     t0 = time.perf_counter()
     texts = table["text"].slice(i * SHARD_WINDOWS, SHARD_WINDOWS).to_pylist()
     vectors = np.asarray(embed_fn(texts), dtype=np.float32).reshape(len(texts), -1)
-    tmp = folder / f".embedding-{i:05d}.tmp.npy"
-    np.save(tmp, vectors)
-    tmp.rename(_embedding_path(folder, i))
+    with written_atomically(_embedding_path(folder, i)) as tmp:
+        np.save(tmp, vectors)
     return {"windows": len(texts), "seconds": time.perf_counter() - t0}
 
 

@@ -16,8 +16,10 @@ which other users see in the process list.
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import json
+import logging
 import os
 import shutil
 from pathlib import Path
@@ -28,6 +30,7 @@ from urllib.request import url2pathname
 from . import manifest as M
 from .errors import BadParameter, DamagedAtlas
 
+log = logging.getLogger(__name__)
 REMOTE_SCHEMES = ("s3",)
 
 
@@ -51,16 +54,21 @@ def local_path(location: str | os.PathLike[str], *, flag: str = "--atlas") -> Pa
 
 
 def work_folder(location: str, *, flag: str = "--atlas") -> Path:
-    """The local folder an atlas at ``location`` is built in (its stages' cache, its publish) or
-    mirrored to: the folder itself for a local atlas; for a remote one, a folder of the user's
-    cache named after the URI (``FEATUREATLAS_CACHE``, else ``~/.cache/featureatlas``)."""
+    """The local folder an atlas at ``location`` is built in (its stages' cache, its publish): the
+    folder itself for a local atlas; for a remote one, a folder of the user's cache named after
+    the URI (``FEATUREATLAS_CACHE``, else ``~/.cache/featureatlas``)."""
     if not is_remote(location):
         return local_path(location, flag=flag)
+    return _cache_folder("work", location, flag=flag)
+
+
+def _cache_folder(kind: str, location: str, *, flag: str) -> Path:
+    """``<cache>/<kind>/<bucket>-<hash of the URI>``: building and mirroring keep apart, so reading
+    an atlas on the machine that builds it never touches the build's folder."""
     _filesystem(location, flag=flag)  # a malformed URI fails here, before any work
+    uri = location.rstrip("/")
     base = Path(os.environ.get("FEATUREATLAS_CACHE", "~/.cache/featureatlas")).expanduser()
-    parsed = urlparse(location)
-    slug = f"{parsed.netloc}-{hashlib.sha256(location.encode()).hexdigest()[:12]}"
-    return base / "atlases" / slug
+    return base / kind / f"{urlparse(uri).netloc}-{hashlib.sha256(uri.encode()).hexdigest()[:12]}"
 
 
 def _filesystem(location: str, *, flag: str = "--atlas") -> tuple[Any, str]:
@@ -84,7 +92,8 @@ def _filesystem(location: str, *, flag: str = "--atlas") -> tuple[Any, str]:
 def upload(local: Path, location: str) -> None:
     """The current publish of the atlas built at ``local`` onto the object store at ``location``:
     its parts, then its manifest. The publish before stays (a reader that read the old manifest a
-    moment ago may still be mirroring it); older ones are removed."""
+    moment ago may still be mirroring it); older ones are removed. One writer at a time per URI,
+    as for a local atlas (two builds uploading together could remove each other's parts)."""
     from pyarrow import fs
 
     remote, base = _filesystem(location)
@@ -94,39 +103,59 @@ def upload(local: Path, location: str) -> None:
     folder = M.folder(manifest)
     if not folder:
         raise RuntimeError(f"{local} is an atlas of format 1 (parts at the top level): re-run the ingest to upload it")
-    previous = _remote_manifest(remote, base)
+    previous = _remote_manifest(remote, base, location)
     keep = {folder, M.folder(previous) if previous else None}
-    remote.create_dir(f"{base}/{folder}", recursive=True)
-    fs.copy_files(str(local / folder), f"{base}/{folder}", source_filesystem=fs.LocalFileSystem(),
-                  destination_filesystem=remote)
-    with remote.open_output_stream(f"{base}/{M.MANIFEST}") as out:
-        out.write(json.dumps(manifest, indent=2, default=str).encode())
-    for info in remote.get_file_info(fs.FileSelector(f"{base}/{M.DATA}", allow_not_found=True)):
-        if f"{M.DATA}/{Path(info.path).name}" not in keep:
-            remote.delete_dir(info.path)
+    try:
+        fs.copy_files(str(local / folder), f"{base}/{folder}", source_filesystem=fs.LocalFileSystem(),
+                      destination_filesystem=remote)
+        with remote.open_output_stream(f"{base}/{M.MANIFEST}") as out:
+            out.write(json.dumps(manifest, indent=2, default=str).encode())
+    except OSError as e:
+        raise BadParameter("--atlas", f"uploading to {location} failed ({_first_line(e)}); the atlas there is "
+                                      "unchanged, and a re-run uploads again (its stages are reused)") from None
+    try:  # committed: tidying, which must not turn a finished upload into a failed one
+        for info in remote.get_file_info(fs.FileSelector(f"{base}/{M.DATA}", allow_not_found=True)):
+            if f"{M.DATA}/{info.base_name}" not in keep:
+                remote.delete_dir(info.path)
+    except OSError:
+        log.warning("uploaded %s, but could not remove its older parts", location, exc_info=True)
 
 
 def mirror(location: str) -> Path:
     """A local copy of the current publish of the atlas at ``location``, downloaded when the remote
-    manifest differs from the mirrored one (the mirror's manifest is written last, so a download
-    that died is redone)."""
+    manifest differs from the mirrored one. As in a local atlas, a new publish goes to its own
+    folder and the manifest naming it is written last; the folder before stays for a reader that
+    still has it open (a server started earlier), older ones go. One mirroring at a time."""
     from pyarrow import fs
 
     remote, base = _filesystem(location)
-    manifest = _remote_manifest(remote, base)
+    manifest = _remote_manifest(remote, base, location)
     if manifest is None:
         raise DamagedAtlas(Path(location), "holds no atlas (no manifest.json there); publish one with "
                                            "`featureatlas ingest --atlas URI`")
-    local = work_folder(location)
-    if M.read(local) == manifest:
-        return local
-    folder = M.folder(manifest)
-    (local / M.MANIFEST).unlink(missing_ok=True)  # the mirror is not an atlas again until it is whole
-    shutil.rmtree(local / M.DATA, ignore_errors=True)
-    (local / folder).mkdir(parents=True)
-    fs.copy_files(f"{base}/{folder}", str(local / folder), source_filesystem=remote,
-                  destination_filesystem=fs.LocalFileSystem())
-    M.write(local, manifest)
+    local = _cache_folder("mirrors", location, flag="--atlas")
+    local.mkdir(parents=True, exist_ok=True)
+    with open(local / ".mirror.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # a second reader waits, then finds the mirror current
+        current = M.read(local)
+        if current == manifest:
+            return local
+        folder = M.folder(manifest)
+        partial = local / f"{folder}.partial"
+        shutil.rmtree(partial, ignore_errors=True)
+        partial.mkdir(parents=True)
+        try:
+            fs.copy_files(f"{base}/{folder}", str(partial), source_filesystem=remote,
+                          destination_filesystem=fs.LocalFileSystem())
+        except OSError as e:
+            raise BadParameter("--atlas", f"downloading {location} failed: {_first_line(e)}") from None
+        shutil.rmtree(local / folder, ignore_errors=True)  # a folder of the same name is a re-labelled copy
+        partial.rename(local / folder)
+        M.write(local, manifest)
+        keep = {Path(folder).name, Path(M.folder(current)).name if current else None}
+        for old in (local / M.DATA).iterdir():
+            if old.name not in keep:
+                shutil.rmtree(old, ignore_errors=True)
     return local
 
 
@@ -137,13 +166,30 @@ def readable(location: str | os.PathLike[str], *, flag: str = "--atlas") -> Path
 
 
 def remote_manifest(location: str) -> dict[str, Any] | None:
-    """The manifest on the object store at ``location`` (None where there is none yet)."""
-    return _remote_manifest(*_filesystem(location))
+    """The manifest on the object store at ``location`` (None where there is none yet); a bucket
+    that is not there, or cannot be reached with these credentials, is ``BadParameter``."""
+    from pyarrow import fs
+
+    remote, base = _filesystem(location)
+    bucket = base.split("/")[0]
+    try:
+        missing = remote.get_file_info(bucket).type == fs.FileType.NotFound
+    except OSError as e:
+        raise BadParameter("--atlas", f"cannot read {location}: {_first_line(e)}") from None
+    if missing:
+        raise BadParameter("--atlas", f"cannot read {location}: there is no bucket {bucket!r} (create it first)")
+    return _remote_manifest(remote, base, location)
 
 
-def _remote_manifest(remote: Any, base: str) -> dict[str, Any] | None:
+def _remote_manifest(remote: Any, base: str, location: str) -> dict[str, Any] | None:
     try:
         with remote.open_input_stream(f"{base}/{M.MANIFEST}") as f:
             return json.loads(f.read())
     except FileNotFoundError:
         return None
+    except OSError as e:  # no such bucket, no credentials, no server: said before any work is done
+        raise BadParameter("--atlas", f"cannot read {location}: {_first_line(e)}") from None
+
+
+def _first_line(e: Exception) -> str:
+    return str(e).splitlines()[0] if str(e) else type(e).__name__

@@ -12,6 +12,7 @@ import pytest
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("LANCE_LOG", "error")
+os.environ.setdefault("MKL_CBWR", "AUTO,STRICT")  # as featureatlas.ingest.runtime.configure sets it
 
 TOPICS = {
     "bridges": "The Golden Gate Bridge is a suspension bridge in San Francisco. Bridges span rivers and bays; "

@@ -74,17 +74,23 @@ def test_an_atlas_published_to_s3_opens_from_another_machine(s3, monkeypatch, tm
     monkeypatch.setenv("FEATUREATLAS_CACHE", str(tmp_path / "reader"))
     with fa.open(uri) as atlas:
         assert read(atlas.path)["published"]["folder"] == second["published"]["folder"]
-        assert sorted(p.name for p in (atlas.path / "data").iterdir()) == [second["published"]["folder"].split("/")[1]]
-    kept = {info.base_name for info in s3.get_file_info(fs.FileSelector(f"{BUCKET}/runs/tiny/data"))}
-    assert kept == {folder.split("/")[1], second["published"]["folder"].split("/")[1]}
+    both = {folder.split("/")[1], second["published"]["folder"].split("/")[1]}
+    # The folder before stays in the mirror (a server that opened it goes on answering) and on the store.
+    assert {p.name for p in (atlas.path / "data").iterdir()} == both
+    assert {info.base_name for info in s3.get_file_info(fs.FileSelector(f"{BUCKET}/runs/tiny/data"))} == both
 
 
-def test_a_uri_with_no_atlas_or_with_secrets_in_it_is_refused(s3, monkeypatch, tmp_path):
+def test_a_uri_with_no_atlas_or_with_secrets_in_it_is_refused(s3, monkeypatch, tmp_path, tiny_model_dir, corpus_dir):
+    from featureatlas.ingest.pipeline import run_ingest
     from featureatlas.store.errors import BadParameter
 
     monkeypatch.setenv("FEATUREATLAS_CACHE", str(tmp_path))
     with pytest.raises(DamagedAtlas, match="no manifest.json"):
         fa.open(f"s3://{BUCKET}/nothing-here")
+    # A bucket that is not there fails before the ingest does any work.
+    with pytest.raises(BadParameter, match="cannot read s3://no-such-bucket/atlas"):
+        run_ingest(tiny_config(tmp_path / "unused", tiny_model_dir, corpus_dir).replace(atlas="s3://no-such-bucket/atlas"))
+    assert not (tmp_path / "work").exists()
     with pytest.raises(BadParameter, match="not in the URI"):
         fa.open(f"s3://AKIA:secret@{BUCKET}/atlas")
     with pytest.raises(BadParameter, match="names no bucket"):

@@ -22,7 +22,8 @@ from .conftest import tiny_config  # noqa: E402
 def local_cluster():
     """A single-machine Ray cluster with two worker CPUs, stopped after the test."""
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False,
-             runtime_env={"env_vars": {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "LANCE_LOG": "error"}})
+             runtime_env={"env_vars": {k: os.environ[k] for k in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "LANCE_LOG",
+                                                                  "MKL_CBWR")}})
     yield
     ray.shutdown()
 

@@ -121,8 +121,11 @@ class Chat:
         self.lock = threading.Lock()
         if cache is not None and cache.is_file():
             for line in cache.read_text().splitlines():
-                entry = json.loads(line)
-                self.cache[entry["key"]] = entry["answer"]
+                try:  # a line cut short (a killed run, two workers appending over NFS) is an answer lost, no more
+                    entry = json.loads(line)
+                    self.cache[entry["key"]] = entry["answer"]
+                except (ValueError, KeyError, TypeError):
+                    continue
 
     def __call__(self, messages: list[dict], max_tokens: int = 64) -> str:
         # Another model's answer to the same prompt is another answer: the backend is in the key.

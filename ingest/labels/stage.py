@@ -3,6 +3,7 @@ the encode stage's tables (``featureatlas label`` re-runs the same labelling on 
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from pathlib import Path
 from typing import Any
@@ -17,6 +18,7 @@ from featureatlas.store.schema import WINDOW, vector_matrix
 from .. import windows as corpus_windows
 from ..config import LabelConfig
 from ..embed import embed
+from ..stages import written_atomically
 from .label import label_features, summarize
 from .llm import make_chat
 from .windows import KeyIndex
@@ -40,15 +42,18 @@ def run_shard(con: duckdb.DuckDBPyConnection, d_sae: int, cfg: LabelConfig, enco
     t0 = time.perf_counter()
     size = cfg.label_shard_features
     features = list(range(i * size, min(d_sae, (i + 1) * size)))
-    chat = make_chat(cfg, device, folder.parent / LLM_CACHE) if cfg.needs_llm else None
+    # The call budget is the whole stage's: each shard gets its share.
+    share = dataclasses.replace(cfg, llm_max_calls=-(-cfg.llm_max_calls // shards(d_sae, cfg)))
+    chat = make_chat(share, device, folder.parent / LLM_CACHE) if cfg.needs_llm else None
     stats = pq.read_table(encode / "stats.parquet", columns=["feature_id", "logit_positive"]).to_pydict()
     promoted = {f: [x["token"] for x in row] for f, row in zip(stats["feature_id"], stats["logit_positive"])}
     embed_fn = lambda texts: embed(texts, name=cfg.embedder, progress=True)  # noqa: E731
     stored = pq.read_table(windows / corpus_windows.OUTPUTS[0], columns=["doc_id", "window_index", "embedding"])
     labels = label_features(con, features, cfg, embed_fn, seed=seed, chat=chat, logits=promoted, windows=stored)
-    _write_atomic(pa.table({"feature_id": pa.array(labels.features, pa.int32()), **labels.columns()}),
-                  folder / f"labels-{i:05d}.parquet")
-    _write_atomic(labels.candidates, folder / f"candidates-{i:05d}.parquet")
+    with written_atomically(folder / f"labels-{i:05d}.parquet") as tmp:
+        pq.write_table(pa.table({"feature_id": pa.array(labels.features, pa.int32()), **labels.columns()}), tmp)
+    with written_atomically(folder / f"candidates-{i:05d}.parquet") as tmp:
+        pq.write_table(labels.candidates, tmp)
     return {"features": len(features), "windows": labels.summary["windows"], "seconds": time.perf_counter() - t0}
 
 
@@ -65,12 +70,6 @@ def run(d_sae: int, cfg: LabelConfig, encode: Path, windows: Path, folder: Path,
     summary = summarize(cfg, labels["label_score"].to_pylist(), labels["label_scores"].to_pylist(), shard[0]["windows"],
                         candidates["status"].to_pylist())
     return {"labels": summary}
-
-
-def _write_atomic(table: pa.Table, path: Path) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    pq.write_table(table, tmp)
-    tmp.rename(path)
 
 
 def context_embeddings(examples: pa.Table, windows: pa.Table, cfg: LabelConfig, d_sae: int) -> np.ndarray:
