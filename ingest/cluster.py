@@ -49,9 +49,10 @@ def connect(address: str) -> None:
         try:
             ray.init(address=address, runtime_env=env, log_to_driver=False)
         except ConnectionError as e:
-            if address != "auto" or "Could not find any running Ray instance" not in str(e):
+            if address != "auto":
                 raise
-            log.info("ray: no cluster running on this machine; starting one")
+            # None running, or the record of one that has since stopped (Ray leaves it in /tmp/ray).
+            log.info("ray: no cluster answers on this machine (%s); starting one", str(e).splitlines()[0])
             ray.init(runtime_env=env, log_to_driver=False, include_dashboard=False)
     except (ConnectionError, ValueError, OSError) as e:
         raise BadConfig("--ray", f"cannot join the Ray cluster at {address!r}: {str(e).splitlines()[0]}") from None
