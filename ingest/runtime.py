@@ -24,10 +24,10 @@ import functools
 import os
 
 _M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3  # mallopt parameters (malloc.h)
-# MKL (torch's CPU BLAS) picks kernels by the memory alignment of each call's buffers unless told
-# not to, so the same matmul can round differently in two processes: on the quick atlas two of
-# 4,096 descriptions (theme words on a near tie) differed between the local ingest and the Ray one.
-# STRICT asks for results that do not depend on alignment. Read at MKL's first call.
+# MKL (torch's CPU BLAS) may pick kernels by the memory alignment of each call's buffers, so the
+# same matmul can round differently in two processes; STRICT asks for results that do not depend on
+# it. It did not remove the one difference left between the local and the Ray ingest of the quick
+# atlas (two theme-word descriptions on a near tie, the same two every run): that cause is open.
 REPRODUCIBLE_MKL = "AUTO,STRICT"
 
 
