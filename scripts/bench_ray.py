@@ -24,6 +24,7 @@ import sys
 import time
 from pathlib import Path
 
+from featureatlas.ingest.stages import shard_records
 from featureatlas.store.digest import atlas_digest
 from featureatlas.store.manifest import CACHE, read
 
@@ -50,7 +51,7 @@ def build(atlas: Path, profile: str, extra: list[str], model_cache: Path) -> dic
 def shard_costs(cache: Path) -> dict:
     out = {}
     for stage in SHARDED:
-        records = [json.loads(p.read_text()) for p in sorted((cache / stage).glob("shard-*.json"))]
+        records = shard_records(cache / stage)
         seconds = [r["seconds"] for r in records if "seconds" in r]
         out[stage] = {"shards": len(records), "mean_shard_s": round(sum(seconds) / len(seconds), 2) if seconds else None,
                       **_work(stage, records)}
