@@ -194,7 +194,8 @@ def _run_encode(ctx: Ingest, folder: Path) -> dict[str, Any]:
 
 
 def _labels_shard(ctx: Ingest, folder: Path, i: int) -> dict[str, Any]:
-    con = tables.analytics_connection(ctx.documents, ctx.tokens, ctx.folder("encode"))
+    con = tables.analytics_connection(ctx.documents, ctx.tokens, ctx.folder("encode"),
+                                      label_stage.shard_features(ctx.sae.d_sae, ctx.cfg.labels, i))
     try:
         return label_stage.run_shard(con, ctx.sae.d_sae, ctx.cfg.labels, ctx.folder("encode"), ctx.folder("windows"),
                                      folder, i, seed=ctx.cfg.run.seed, device=ctx.cfg.run.device)

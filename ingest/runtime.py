@@ -26,8 +26,8 @@ import os
 _M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3  # mallopt parameters (malloc.h)
 # MKL (torch's CPU BLAS) may pick kernels by the memory alignment of each call's buffers, so the
 # same matmul can round differently in two processes; STRICT asks for results that do not depend on
-# it. It did not remove the one difference left between the local and the Ray ingest of the quick
-# atlas (two theme-word descriptions on a near tie, the same two every run): that cause is open.
+# it. The local and the Ray ingest, which run the same shards in different processes, must agree to
+# the bit (scripts/bench_ray.py compares every table).
 REPRODUCIBLE_MKL = "AUTO,STRICT"
 
 

@@ -416,3 +416,31 @@ def test_context_embeddings_average_the_stored_windows_each_example_spans(monkey
     assert stage.context_embeddings(examples, windows, cfg, 4) == pytest.approx(expected, abs=1e-6)
     with pytest.raises(RuntimeError, match="lacks 1 windows"):
         stage.context_embeddings(examples, windows.slice(0, 2), cfg, 4)
+
+
+def test_a_label_shard_reads_only_its_own_features_activations_and_labels_them_the_same(tiny_atlas, tiny_model_dir,
+                                                                                        corpus_dir, tmp_path):
+    """Why a label shard's connection may hold only its features' rows: every explain table is per
+    feature, so the labels are those written from the whole activations table."""
+    import pyarrow.parquet as pq
+    from featureatlas.ingest import tables
+    from featureatlas.ingest.labels import stage as label_stage
+    from featureatlas.ingest.pipeline import Ingest
+
+    from .conftest import tiny_config
+
+    ctx = Ingest.open(tiny_config(tiny_atlas, tiny_model_dir, corpus_dir))
+    d_sae, cfg = ctx.sae.d_sae, ctx.cfg.labels
+    own = label_stage.shard_features(d_sae, cfg, 1)
+    assert label_stage.shards(d_sae, cfg) >= 2 and own.start > 0
+    written, rows = {}, {}
+    for name, features in (("all", None), ("own", own)):
+        con = tables.analytics_connection(ctx.documents, ctx.tokens, ctx.folder("encode"), features)
+        rows[name] = con.execute("select min(feature_id), max(feature_id), count(*) from activations").fetchone()
+        (tmp_path / name).mkdir()
+        label_stage.run_shard(con, d_sae, cfg, ctx.folder("encode"), ctx.folder("windows"), tmp_path / name, 1,
+                              seed=ctx.cfg.run.seed, device="cpu")
+        written[name] = pq.read_table(tmp_path / name / "labels-00001.parquet")
+    assert rows["own"][0] >= own.start and rows["own"][1] < own.stop and 0 < rows["own"][2] < rows["all"][2]
+    assert written["own"].column("feature_id").to_pylist() == list(own)
+    assert written["own"].equals(written["all"])

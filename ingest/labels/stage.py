@@ -33,15 +33,20 @@ def shards(d_sae: int, cfg: LabelConfig) -> int:
     return -(-d_sae // cfg.label_shard_features)
 
 
+def shard_features(d_sae: int, cfg: LabelConfig, i: int) -> range:
+    """The feature ids shard ``i`` labels."""
+    size = cfg.label_shard_features
+    return range(i * size, min(d_sae, (i + 1) * size))
+
+
 def run_shard(con: duckdb.DuckDBPyConnection, d_sae: int, cfg: LabelConfig, encode: Path, windows: Path, folder: Path,
               i: int, *, seed: int, device: str) -> dict[str, Any]:
     """Labels of the features of shard ``i`` (``label_shard_features`` of them), written atomically.
-    ``con`` holds ``documents``, ``tokens`` and ``activations``; ``encode`` and ``windows`` are those
-    stages' folders. A feature's trials are drawn with its own seed, so its label does not depend
-    on which shard it is in."""
+    ``con`` holds ``documents``, ``tokens`` and ``activations`` (those of the shard's features
+    suffice); ``encode`` and ``windows`` are those stages' folders. A feature's trials are drawn
+    with its own seed, so its label does not depend on which shard it is in."""
     t0 = time.perf_counter()
-    size = cfg.label_shard_features
-    features = list(range(i * size, min(d_sae, (i + 1) * size)))
+    features = list(shard_features(d_sae, cfg, i))
     # The call budget is the whole stage's: each shard gets its share.
     share = dataclasses.replace(cfg, llm_max_calls=-(-cfg.llm_max_calls // shards(d_sae, cfg)))
     chat = make_chat(share, device, folder.parent / LLM_CACHE) if cfg.needs_llm else None
