@@ -42,15 +42,14 @@ def tokens_table(corpus: TokenizedCorpus, is_bos: np.ndarray, is_eval: np.ndarra
     })
 
 
-def analytics_connection(documents: pa.Table, tokens: pa.Table, encode: Path,
-                         features: range | None = None) -> duckdb.DuckDBPyConnection:
+def analytics_connection(documents: pa.Table, tokens: pa.Table, encode: Path, features: range) -> duckdb.DuckDBPyConnection:
     """An in-memory connection holding ``documents``, ``tokens`` and the encode stage's
-    ``activations`` (only those of ``features`` when given: a label shard reads its own features'
-    rows, so its tables grow with its share of the dictionary, not with the whole of it)."""
+    ``activations`` of ``features`` only: a label shard reads its own features' rows, so its tables
+    grow with its share of the dictionary, not with the whole of it."""
     con = duckdb.connect()
     con.register("documents", documents)
     con.register("tokens", tokens)
-    wanted = None if features is None else (pc.field("feature_id") >= features.start) & (pc.field("feature_id") < features.stop)
+    wanted = (pc.field("feature_id") >= features.start) & (pc.field("feature_id") < features.stop)
     con.register("activations", pq.read_table(encode / "activations.parquet", filters=wanted))
     return con
 

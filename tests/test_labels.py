@@ -434,7 +434,7 @@ def test_a_label_shard_reads_only_its_own_features_activations_and_labels_them_t
     own = label_stage.shard_features(d_sae, cfg, 1)
     assert label_stage.shards(d_sae, cfg) >= 2 and own.start > 0
     written, rows = {}, {}
-    for name, features in (("all", None), ("own", own)):
+    for name, features in (("all", range(d_sae)), ("own", own)):
         con = tables.analytics_connection(ctx.documents, ctx.tokens, ctx.folder("encode"), features)
         rows[name] = con.execute("select min(feature_id), max(feature_id), count(*) from activations").fetchone()
         (tmp_path / name).mkdir()
