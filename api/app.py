@@ -37,7 +37,7 @@ from litestar.static_files import create_static_files_router
 from litestar.types import Empty
 
 from .edge import AtlasApp
-from .live import LiveService
+from .live import LiveService, RemoteFollower
 from .service import MAX_K, MAX_OFFSET, MAX_PAGE, MAX_PROMPT_CHARS, MAX_PROMPTS, MAX_QUERY_CHARS, MAX_STEERED, AtlasService
 from .work_pool import PoolFull, WorkPool
 
@@ -373,9 +373,10 @@ API = [atlas_summary, list_features, feature_detail, neighbors, feature_map, map
 
 
 def create_app(atlas: Atlas, *, probe_device: str | None = None, pool: WorkPool | None = None,
-               token: str | None = None) -> Litestar:
+               token: str | None = None, follow: RemoteFollower | None = None) -> Litestar:
     """``pool``: where model work runs (default: one ``WorkPool`` for the model). ``token``: required by every
-    route under /api and by /schema (``edge.AtlasApp``); the schema then declares it."""
+    route under /api and by /schema (``edge.AtlasApp``); the schema then declares it. ``follow``: for
+    an atlas served from the mirror of an object store, what keeps that mirror current."""
     configure()
     live = LiveService(atlas, probe_device=probe_device)  # follows the atlas through a rebuild (api/live.py)
     # Heavy work (the model, search) gets all cores but one, whatever mix of it arrives: the cheap
@@ -390,9 +391,9 @@ def create_app(atlas: Atlas, *, probe_device: str | None = None, pool: WorkPool 
     return AtlasApp(
         token=token,
         # The first query otherwise pays for loading the embedder and the tables (~1-4 s).
-        on_startup=[live.warm_up],
+        on_startup=[live.warm_up] + ([follow.start] if follow else []),
         on_shutdown=[pool.shutdown, statements.shutdown, lambda: heavy.shutdown(wait=False, cancel_futures=True),
-                     live.close],
+                     live.close] + ([follow.close] if follow else []),
         route_handlers=[healthz, Router("/", route_handlers=API, security=[{"bearer": []}] if token else None),
                         page, feature_page,
                         create_static_files_router("/static", directories=[WEB], include_in_schema=False)],

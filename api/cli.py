@@ -30,6 +30,7 @@ from featureatlas.ingest.steer import MODES, Edit
 from featureatlas.store.atlas import SORTABLE, QueryInterrupted
 from featureatlas.store.errors import BadParameter, UserError
 from featureatlas.store.export import FORMATS
+from featureatlas.store.location import FOLLOW_EVERY_S, is_remote, local_path, readable
 from featureatlas.store.search import SEARCH_MODES
 
 if TYPE_CHECKING:  # the service imports torch: only the commands that query load it
@@ -103,6 +104,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--device", help="device for search by inference (default: the one the atlas was built on)")
     p.add_argument("--token", help="required by /api and /schema (default: $FEATUREATLAS_TOKEN, which keeps it out "
                                    "of process lists)")
+    p.add_argument("--follow-every", type=float, default=FOLLOW_EVERY_S, metavar="SECONDS",
+                   help="for an s3:// atlas, how often to look for a new publish there (a local one is followed "
+                        "at every request)")
     _add_queries(sub)
     p = sub.add_parser("export", help="write the atlas in a format other tools read")
     p.add_argument("--atlas", default=ATLAS_DEFAULT)
@@ -186,7 +190,6 @@ def _ingest(args: argparse.Namespace) -> int:
 
 def _label(args: argparse.Namespace) -> int:
     from featureatlas.ingest.labels.relabel import relabel
-    from featureatlas.store.location import is_remote, local_path
 
     if is_remote(args.atlas):
         raise BadParameter("--atlas", "re-labelling works on a local atlas; re-run `featureatlas ingest` with other label "
@@ -240,7 +243,6 @@ def _sweep(args: argparse.Namespace) -> int:
 
 def _open(location: str):
     from featureatlas.store.atlas import Atlas
-    from featureatlas.store.location import readable
 
     return Atlas(readable(location))
 
@@ -258,6 +260,7 @@ def _serve(args: argparse.Namespace) -> int:
     import uvicorn
     from featureatlas.api.app import HEAVY_THREADS, create_app
     from featureatlas.api.edge import TOKEN_ENV, check_token, is_loopback
+    from featureatlas.api.live import RemoteFollower
 
     token = args.token or os.environ.get(TOKEN_ENV) or None
     if token is None and not is_loopback(args.host):
@@ -265,8 +268,11 @@ def _serve(args: argparse.Namespace) -> int:
                                      "(or --token), or serve on 127.0.0.1")
     if token is not None:
         check_token(token)
+    if not args.follow_every > 0:
+        raise BadParameter("--follow-every", f"must be a number of seconds above 0, not {args.follow_every:g}")
     configure(threads=HEAVY_THREADS)  # the model and the embedder leave the cheap routes a core (api/app.py)
-    app = create_app(_open(args.atlas), probe_device=args.device, token=token)
+    follow = RemoteFollower(args.atlas, args.follow_every) if is_remote(args.atlas) else None
+    app = create_app(_open(args.atlas), probe_device=args.device, token=token, follow=follow)
     uvicorn.run(app, host=args.host, port=args.port, log_level="info")
     return 0
 

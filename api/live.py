@@ -6,6 +6,10 @@ for the service to answer from; when the manifest has changed, the new atlas is 
 up in the background while requests go on being answered from the old one, and then it replaces
 the old one between two requests. A request is answered from one atlas only, old or new: it holds
 its service for its whole life, and the old parts stay on disk until the next publish after that.
+
+An atlas on an object store is served from its local mirror (``store/location.py``), which
+``RemoteFollower`` refreshes on a timer: a new publish on the store becomes a new mirror manifest,
+and from there it is followed like a local one.
 """
 
 from __future__ import annotations
@@ -17,6 +21,7 @@ from pathlib import Path
 
 from featureatlas.store import manifest as M
 from featureatlas.store.atlas import Atlas
+from featureatlas.store.location import FOLLOW_EVERY_S, mirror
 
 from .service import AtlasService
 
@@ -87,3 +92,29 @@ class LiveService:
 
     def close(self) -> None:
         self._service.atlas.close()
+
+
+class RemoteFollower:
+    """Keeps the mirror of an atlas on an object store current while a server reads it: every
+    ``every_s`` seconds ``mirror`` compares the store's manifest with the mirrored one and, after a
+    publish there, downloads the new parts beside the ones being served and writes the mirror's
+    manifest last. A store that does not answer is logged and the mirrored publish goes on being
+    served: a reader must outlive a flaky network."""
+
+    def __init__(self, location: str, every_s: float = FOLLOW_EVERY_S):
+        self.location, self.every_s = location, every_s
+        self._stop = threading.Event()
+
+    def start(self) -> None:
+        threading.Thread(target=self._run, name="atlas-follow", daemon=True).start()
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.every_s):
+            try:
+                mirror(self.location)
+            except Exception as e:  # noqa: BLE001 (any failure of the store: logged, retried next time)
+                log.warning("could not refresh the mirror of %s; still serving the last publish: %s", self.location, e)
+
+    def close(self) -> None:
+        """Stops asking; a download in progress finishes in the background (or is redone next start)."""
+        self._stop.set()

@@ -32,6 +32,8 @@ from .errors import BadParameter, DamagedAtlas
 
 log = logging.getLogger(__name__)
 REMOTE_SCHEMES = ("s3",)
+# How often a server over a remote atlas asks the store for a new publish (one small GET each time).
+FOLLOW_EVERY_S = 60.0
 
 
 def is_remote(location: str | os.PathLike[str]) -> bool:
@@ -131,8 +133,8 @@ def mirror(location: str) -> Path:
     remote, base = _filesystem(location)
     manifest = _remote_manifest(remote, base, location)
     if manifest is None:
-        raise DamagedAtlas(Path(location), "holds no atlas (no manifest.json there); publish one with "
-                                           "`featureatlas ingest --atlas URI`")
+        raise DamagedAtlas(location, "holds no atlas (no manifest.json there); publish one with "
+                                    "`featureatlas ingest --atlas URI`")
     local = _cache_folder("mirrors", location, flag="--atlas")
     local.mkdir(parents=True, exist_ok=True)
     with open(local / ".mirror.lock", "w") as lock:

@@ -5,6 +5,7 @@ model S3's consistency, multipart limits or IAM policies (any credentials pass).
 from __future__ import annotations
 
 import json
+import logging
 import shutil
 import socket
 
@@ -95,3 +96,48 @@ def test_a_uri_with_no_atlas_or_with_secrets_in_it_is_refused(s3, monkeypatch, t
         fa.open(f"s3://AKIA:secret@{BUCKET}/atlas")
     with pytest.raises(BadParameter, match="names no bucket"):
         fa.open("s3:///atlas")
+
+
+def test_a_server_over_s3_follows_a_new_publish_there(s3, monkeypatch, tmp_path, tiny_atlas, tiny_model_dir,
+                                                      corpus_dir):
+    """The server reads a mirror; its follower brings each publish on the store into the mirror,
+    and the server then answers from it, as it would after a local publish."""
+    import time
+
+    from featureatlas.api.app import create_app
+    from featureatlas.api.live import RemoteFollower
+    from featureatlas.ingest.pipeline import run_ingest
+    from featureatlas.store.atlas import Atlas
+    from featureatlas.store.location import readable, work_folder
+    from litestar.testing import TestClient
+
+    uri = f"s3://{BUCKET}/runs/served"
+    monkeypatch.setenv("FEATUREATLAS_CACHE", str(tmp_path / "cache"))  # one machine builds and serves
+    shutil.copytree(tiny_atlas / "cache", work_folder(uri) / "cache", ignore=shutil.ignore_patterns(".staging"))
+    first = run_ingest(tiny_config(tmp_path / "unused", tiny_model_dir, corpus_dir).replace(atlas=uri))
+    with TestClient(create_app(Atlas(readable(uri)), follow=RemoteFollower(uri, every_s=0.2))) as client:
+        assert client.get("/healthz").json()["created_at"] == first["created_at"]
+        second = run_ingest(tiny_config(tmp_path / "unused", tiny_model_dir, corpus_dir, context_embedding_examples=1)
+                            .replace(atlas=uri))
+        deadline = time.monotonic() + 60
+        while client.get("/healthz").json()["created_at"] != second["created_at"]:
+            assert time.monotonic() < deadline, "the server never moved to the new publish"
+            time.sleep(0.2)
+        assert client.get("/api/features/3").status_code == 200
+
+
+def test_a_follower_that_cannot_refresh_the_mirror_says_so_and_goes_on(s3, caplog):
+    """A store with no atlas at the URI, or one that does not answer: logged, and tried again.
+    (Its own test: the app above replaces the root logger's handlers, caplog's among them.)"""
+    import time
+
+    from featureatlas.api.live import RemoteFollower
+
+    follower = RemoteFollower(f"s3://{BUCKET}/runs/none", every_s=0.05)
+    with caplog.at_level(logging.WARNING, logger="featureatlas.api.live"):
+        follower.start()
+        deadline = time.monotonic() + 30
+        while caplog.text.count("could not refresh the mirror of s3://atlases/runs/none") < 2:
+            assert time.monotonic() < deadline, caplog.text[-2000:]
+            time.sleep(0.05)
+        follower.close()
