@@ -392,8 +392,8 @@ def create_app(atlas: Atlas, *, probe_device: str | None = None, pool: WorkPool 
         token=token,
         # The first query otherwise pays for loading the embedder and the tables (~1-4 s).
         on_startup=[live.warm_up] + ([follow.start] if follow else []),
-        on_shutdown=[pool.shutdown, statements.shutdown, lambda: heavy.shutdown(wait=False, cancel_futures=True),
-                     live.close] + ([follow.close] if follow else []),
+        on_shutdown=([follow.close] if follow else []) + [pool.shutdown, statements.shutdown,
+                                                           lambda: heavy.shutdown(wait=False, cancel_futures=True), live.close],
         route_handlers=[healthz, Router("/", route_handlers=API, security=[{"bearer": []}] if token else None),
                         page, feature_page,
                         create_static_files_router("/static", directories=[WEB], include_in_schema=False)],

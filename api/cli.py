@@ -8,6 +8,7 @@ import json
 import logging
 import os
 import sys
+import threading
 import typing
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Sequence
@@ -104,9 +105,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--device", help="device for search by inference (default: the one the atlas was built on)")
     p.add_argument("--token", help="required by /api and /schema (default: $FEATUREATLAS_TOKEN, which keeps it out "
                                    "of process lists)")
-    p.add_argument("--follow-every", type=float, default=FOLLOW_EVERY_S, metavar="SECONDS",
-                   help="for an s3:// atlas, how often to look for a new publish there (a local one is followed "
-                        "at every request)")
+    p.add_argument("--follow-every", type=float, metavar="SECONDS",
+                   help=f"for an s3:// atlas, how often to look for a new publish there (default {FOLLOW_EVERY_S:g}; a "
+                        "local atlas is followed at every request)")
     _add_queries(sub)
     p = sub.add_parser("export", help="write the atlas in a format other tools read")
     p.add_argument("--atlas", default=ATLAS_DEFAULT)
@@ -268,10 +269,14 @@ def _serve(args: argparse.Namespace) -> int:
                                      "(or --token), or serve on 127.0.0.1")
     if token is not None:
         check_token(token)
-    if not args.follow_every > 0:
-        raise BadParameter("--follow-every", f"must be a number of seconds above 0, not {args.follow_every:g}")
+    every = FOLLOW_EVERY_S if args.follow_every is None else args.follow_every
+    if not 0 < every <= threading.TIMEOUT_MAX:  # NaN fails this too
+        raise BadParameter("--follow-every", f"must be a number of seconds above 0, not {every:g}")
+    if args.follow_every is not None and not is_remote(args.atlas):
+        print("featureatlas: --follow-every is for s3:// atlases; a local atlas is followed at every request",
+              file=sys.stderr)
     configure(threads=HEAVY_THREADS)  # the model and the embedder leave the cheap routes a core (api/app.py)
-    follow = RemoteFollower(args.atlas, args.follow_every) if is_remote(args.atlas) else None
+    follow = RemoteFollower(args.atlas, every) if is_remote(args.atlas) else None
     app = create_app(_open(args.atlas), probe_device=args.device, token=token, follow=follow)
     uvicorn.run(app, host=args.host, port=args.port, log_level="info")
     return 0

@@ -28,6 +28,8 @@ from .service import AtlasService
 log = logging.getLogger(__name__)
 # How long a replaced atlas keeps its SQL workers: longer than any request on it may still run.
 RETIRE_AFTER_S = 60.0
+# How long a stopping server waits for a mirror download in progress to end.
+CLOSE_WAIT_S = 10.0
 
 
 def _stamp(root: Path) -> tuple[int, int] | None:
@@ -104,9 +106,10 @@ class RemoteFollower:
     def __init__(self, location: str, every_s: float = FOLLOW_EVERY_S):
         self.location, self.every_s = location, every_s
         self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="atlas-follow", daemon=True)
 
     def start(self) -> None:
-        threading.Thread(target=self._run, name="atlas-follow", daemon=True).start()
+        self._thread.start()
 
     def _run(self) -> None:
         while not self._stop.wait(self.every_s):
@@ -116,5 +119,9 @@ class RemoteFollower:
                 log.warning("could not refresh the mirror of %s; still serving the last publish: %s", self.location, e)
 
     def close(self) -> None:
-        """Stops asking; a download in progress finishes in the background (or is redone next start)."""
+        """Stops asking, and waits a while for a download in progress: pyarrow's S3 client may hang
+        or crash when the interpreter exits under one. A longer one is left to finish or die with
+        the process (its ``.partial`` folder is removed by the next mirroring)."""
         self._stop.set()
+        if self._thread.is_alive():
+            self._thread.join(CLOSE_WAIT_S)

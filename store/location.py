@@ -150,6 +150,7 @@ def mirror(location: str) -> Path:
             fs.copy_files(f"{base}/{folder}", str(partial), source_filesystem=remote,
                           destination_filesystem=fs.LocalFileSystem())
         except OSError as e:
+            shutil.rmtree(partial, ignore_errors=True)  # a full disk is not left full until the next try
             raise BadParameter("--atlas", f"downloading {location} failed: {_first_line(e)}") from None
         shutil.rmtree(local / folder, ignore_errors=True)  # a folder of the same name is a re-labelled copy
         partial.rename(local / folder)

@@ -84,6 +84,9 @@ def test_query_commands_print_tables_and_json(tiny_atlas, capsys):
         (["steer", "x", "--feature", "3=big"], "--feature"),
         (["steer", "x", "--feature", "3=1", "--max-new-tokens", "999"], "max_new_tokens"),
         (["serve", "--follow-every", "0"], "--follow-every"),
+        (["serve", "--follow-every", "-1"], "--follow-every"),
+        (["serve", "--follow-every", "nan"], "--follow-every"),
+        (["serve", "--follow-every", "inf"], "--follow-every"),
     ],
 )
 def test_query_command_errors_exit_2(tiny_atlas, capsys, args, flag):

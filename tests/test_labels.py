@@ -440,7 +440,9 @@ def test_a_label_shard_reads_only_its_own_features_activations_and_labels_them_t
         (tmp_path / name).mkdir()
         label_stage.run_shard(con, d_sae, cfg, ctx.folder("encode"), ctx.folder("windows"), tmp_path / name, 1,
                               seed=ctx.cfg.run.seed, device="cpu")
-        written[name] = pq.read_table(tmp_path / name / "labels-00001.parquet")
+        written[name] = [pq.read_table(tmp_path / name / f"{kind}-00001.parquet") for kind in ("labels", "candidates")]
     assert rows["own"][0] >= own.start and rows["own"][1] < own.stop and 0 < rows["own"][2] < rows["all"][2]
-    assert written["own"].column("feature_id").to_pylist() == list(own)
-    assert written["own"].equals(written["all"])
+    labels, candidates = written["own"]
+    assert labels.column("feature_id").to_pylist() == list(own)
+    assert sum(score is not None for score in labels.column("label_score").to_pylist()) > 0  # judged, not all silent
+    assert labels.equals(written["all"][0]) and candidates.equals(written["all"][1])

@@ -136,8 +136,11 @@ def test_a_follower_that_cannot_refresh_the_mirror_says_so_and_goes_on(s3, caplo
     follower = RemoteFollower(f"s3://{BUCKET}/runs/none", every_s=0.05)
     with caplog.at_level(logging.WARNING, logger="featureatlas.api.live"):
         follower.start()
-        deadline = time.monotonic() + 30
-        while caplog.text.count("could not refresh the mirror of s3://atlases/runs/none") < 2:
-            assert time.monotonic() < deadline, caplog.text[-2000:]
-            time.sleep(0.05)
-        follower.close()
+        try:
+            deadline = time.monotonic() + 30
+            while caplog.text.count("could not refresh the mirror of s3://atlases/runs/none") < 2:
+                assert time.monotonic() < deadline, caplog.text[-2000:]
+                time.sleep(0.05)
+        finally:
+            follower.close()
+    assert not follower._thread.is_alive()
