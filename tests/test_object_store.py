@@ -40,18 +40,28 @@ def s3(monkeypatch, tmp_path):
     server.stop()
 
 
-def test_an_atlas_published_to_s3_opens_from_another_machine(s3, monkeypatch, tmp_path, tiny_atlas, tiny_model_dir,
-                                                             corpus_dir, capsys):
-    from featureatlas.api.cli import main
+@pytest.fixture
+def publish(tmp_path, tiny_atlas, tiny_model_dir, corpus_dir):
+    """``publish(uri, **changes)``: the tiny atlas built to ``uri`` from the cache folder in
+    ``FEATUREATLAS_CACHE``. The first time, the build's work folder gets the tiny atlas's finished
+    stages, so the ingest only (re-)labels, publishes and uploads."""
     from featureatlas.ingest.pipeline import run_ingest
     from featureatlas.store.location import work_folder
 
+    def build(uri: str, **changes) -> dict:
+        if not (work_folder(uri) / "cache").exists():
+            shutil.copytree(tiny_atlas / "cache", work_folder(uri) / "cache", ignore=shutil.ignore_patterns(".staging"))
+        return run_ingest(tiny_config(tmp_path / "unused", tiny_model_dir, corpus_dir, **changes).replace(atlas=uri))
+
+    return build
+
+
+def test_an_atlas_published_to_s3_opens_from_another_machine(s3, monkeypatch, tmp_path, tiny_atlas, publish, capsys):
+    from featureatlas.api.cli import main
+
     uri = f"s3://{BUCKET}/runs/tiny"
-    # The builder: its work folder holds the finished stages of the tiny atlas, so the ingest only
-    # publishes there and uploads.
     monkeypatch.setenv("FEATUREATLAS_CACHE", str(tmp_path / "builder"))
-    shutil.copytree(tiny_atlas / "cache", work_folder(uri) / "cache", ignore=shutil.ignore_patterns(".staging"))
-    manifest = run_ingest(tiny_config(tmp_path / "unused", tiny_model_dir, corpus_dir).replace(atlas=uri))
+    manifest = publish(uri)
     folder = manifest["published"]["folder"]
     assert json.loads(s3.open_input_stream(f"{BUCKET}/runs/tiny/manifest.json").read()) == manifest
     assert s3.get_file_info(f"{BUCKET}/runs/tiny/{folder}/analytics.duckdb").size > 0
@@ -69,8 +79,7 @@ def test_an_atlas_published_to_s3_opens_from_another_machine(s3, monkeypatch, tm
     # Published again (another label setting): the reader's mirror follows the new manifest, and
     # the publish before stays on the store for readers mid-download; older ones go.
     monkeypatch.setenv("FEATUREATLAS_CACHE", str(tmp_path / "builder"))
-    second = run_ingest(tiny_config(tmp_path / "unused", tiny_model_dir, corpus_dir, context_embedding_examples=1)
-                        .replace(atlas=uri))
+    second = publish(uri, context_embedding_examples=1)
     assert second["published"]["folder"] != folder
     monkeypatch.setenv("FEATUREATLAS_CACHE", str(tmp_path / "reader"))
     with fa.open(uri) as atlas:
@@ -98,27 +107,23 @@ def test_a_uri_with_no_atlas_or_with_secrets_in_it_is_refused(s3, monkeypatch, t
         fa.open("s3:///atlas")
 
 
-def test_a_server_over_s3_follows_a_new_publish_there(s3, monkeypatch, tmp_path, tiny_atlas, tiny_model_dir,
-                                                      corpus_dir):
+def test_a_server_over_s3_follows_a_new_publish_there(s3, monkeypatch, tmp_path, publish):
     """The server reads a mirror; its follower brings each publish on the store into the mirror,
     and the server then answers from it, as it would after a local publish."""
     import time
 
     from featureatlas.api.app import create_app
     from featureatlas.api.live import RemoteFollower
-    from featureatlas.ingest.pipeline import run_ingest
     from featureatlas.store.atlas import Atlas
-    from featureatlas.store.location import readable, work_folder
+    from featureatlas.store.location import readable
     from litestar.testing import TestClient
 
     uri = f"s3://{BUCKET}/runs/served"
     monkeypatch.setenv("FEATUREATLAS_CACHE", str(tmp_path / "cache"))  # one machine builds and serves
-    shutil.copytree(tiny_atlas / "cache", work_folder(uri) / "cache", ignore=shutil.ignore_patterns(".staging"))
-    first = run_ingest(tiny_config(tmp_path / "unused", tiny_model_dir, corpus_dir).replace(atlas=uri))
+    first = publish(uri)
     with TestClient(create_app(Atlas(readable(uri)), follow=RemoteFollower(uri, every_s=0.2))) as client:
         assert client.get("/healthz").json()["created_at"] == first["created_at"]
-        second = run_ingest(tiny_config(tmp_path / "unused", tiny_model_dir, corpus_dir, context_embedding_examples=1)
-                            .replace(atlas=uri))
+        second = publish(uri, context_embedding_examples=1)
         deadline = time.monotonic() + 60
         while client.get("/healthz").json()["created_at"] != second["created_at"]:
             assert time.monotonic() < deadline, "the server never moved to the new publish"
