@@ -21,6 +21,7 @@ WINDOW = 16
 ANN_MIN_ROWS = 50_000
 
 _LOGITS = pa.list_(pa.struct([("token", pa.string()), ("value", pa.float32())]))
+_KINDS = pa.list_(pa.struct([("kind", pa.string()), ("share", pa.float32()), ("recall", pa.float32())]))
 _SQL_TYPES = {pa.int32(): "integer", pa.int64(): "bigint", pa.float32(): "real", pa.float64(): "double",
               pa.string(): "varchar", pa.bool_(): "boolean"}
 
@@ -90,6 +91,10 @@ FEATURES = Table("features", (
     # top activations all on one token: token matching scores it high trivially
     Column("single_token", pa.bool_(), labels=True),
     Column("label_embedding", pa.list_(pa.float32(), EMBEDDING_DIM), sql=False, labels=True),
+    # the kind of token most of its activation mass lies in ("uppercase words and acronyms"), or null
+    Column("kind", pa.string(), labels=True),
+    # every kind worth searching it by (ingest/labels/kinds.py): share of its mass, share of the kind's tokens it fires on
+    Column("kinds", _KINDS, sql=False, labels=True),
     Column("context_embedding", pa.list_(pa.float32(), EMBEDDING_DIM), sql=False),
     Column("density", pa.float64()),  # fraction of encoded tokens where it fires
     Column("n_active", pa.int64()),

@@ -80,7 +80,7 @@ def tiny_config(atlas: Path, model: Path, corpus: Path, **changes):
         context_len=32, eval_fraction=0.2, d_sae=64, k=4, train_tokens=20_000, train_batch=256,
         dead_tokens=5_000, ce_eval_contexts=4, shard_tokens=2048, top_examples=5, quantile_examples=1,
         histogram_bins=8, context_embedding_examples=2, model_cache=str(atlas.parent / "model-cache"),
-        intervention_features=8, intervention_tokens=8, label_shard_features=32,
+        intervention_features=8, intervention_tokens=8, label_shard_features=32, label_topic_nouns=300,
     )
     values.update(changes)
     cfg = AtlasConfig.build(values)

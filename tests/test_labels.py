@@ -16,7 +16,7 @@ import pytest
 from featureatlas.api.cli import main
 from featureatlas.ingest.config import LabelConfig
 from featureatlas.ingest.embed import embed
-from featureatlas.ingest.labels import scorers, themes, wording
+from featureatlas.ingest.labels import kinds, scorers, topics, wording
 from featureatlas.ingest.labels.label import TOKEN_WEIGHT, label_features
 from featureatlas.ingest.labels.llm import Chat, ChatError, OpenAIBackend, make_chat
 from featureatlas.ingest.labels.windows import label_connection, split_parts, window_pool
@@ -111,18 +111,35 @@ def test_token_scorer_matches_quoted_tokens_and_what_comes_before(planted, held)
 
 def test_labels_quote_what_fires_and_say_where_in_few_words():
     ev = Evidence(at=[(" upon", 0.3), (" on", 0.25), (" under", 0.1), (" Upon", 0.05)], before=[(" it", 0.2)],
-                  sources=[("shakespeare", 0.8, 0.2), ("wiki-en", 0.15, 0.4)], themes=["battle", "sword"])
+                  sources=[("shakespeare", 0.8, 0.2), ("wiki-en", 0.15, 0.4)], topics=["warfare", "battle", "sword"])
     written = [text for text, _ in wording.candidates(ev)]
     assert '"upon", "on", "under" (prepositions) in Shakespeare\'s plays' in written
     assert '"upon" after "it" in Shakespeare\'s plays' in written
+    assert 'warfare in Shakespeare\'s plays ("upon")' in written and "warfare and battle" in written
     for text in written:
-        assert text.startswith('"upon"')  # every candidate leads with what fires
-        assert len(re.sub(r'"[^"]*"', "", text).split()) <= 12
+        assert wording.words(text) <= wording.MAX_WORDS and wording.listed_words(text) < 4
+        assert len(re.findall(r'"[^"]*"', text)) <= wording.QUOTED_MAX
     assert wording.describe(ev) == ('fires on "upon" 30%, "on" 25%, "under" 10%, "Upon" 5%; after "it" 20%; '
-                                    "mass from Shakespeare 80%, English wiki 15%; topic words battle, sword")
+                                    "mass from Shakespeare 80%, English wiki 15%; topics warfare, battle, sword")
     two = Evidence([(" un", 0.4), (" dos", 0.2)], [], [("wiki-es", 0.5, 0.2), ("wiki-fr", 0.45, 0.3)])
     assert wording.context(two)[1] == "in Spanish and French articles"
     assert wording.candidates(Evidence([], [], [])) == []
+
+
+def test_a_feature_of_one_kind_of_token_is_named_by_its_kind():
+    ev = Evidence([("KING", 0.5), ("QUEEN", 0.3)], [], [("shakespeare", 0.95, 0.2)], topics=["royalty"],
+                  kind="speaker names in Shakespeare", kind_share=0.9)
+    written = [text for text, _ in wording.candidates(ev)]
+    assert written == ['speaker names in Shakespeare ("KING")', 'speaker names in Shakespeare ("KING", "QUEEN")']
+    assert "90% on speaker names in Shakespeare" in wording.describe(ev)
+
+
+def test_word_lists_are_counted_and_quoted_tokens_are_not_words():
+    assert wording.words('"of", "in" (prepositions) in French articles') == 4
+    assert wording.listed_words('"of" about Nay, sans and tis') == 3
+    assert wording.listed_words('"cor" about coroutines, charge, complications, Proto and coroutine') == 5
+    assert wording.listed_words('"a", "b", "c", "d" in Python code') == 0
+    assert wording.listed_words("warfare and battle") == 2
 
 
 @pytest.mark.parametrize("token,source,kind", [
@@ -166,23 +183,86 @@ def test_rank_auroc_equals_the_pairwise_definition():
     rng = np.random.default_rng(0)
     scores = rng.normal(size=(6, 30))
     want = [scorers.auroc(row[:12], row[12:]) for row in scores]
-    assert themes.rank_auroc(scores, 12) == pytest.approx(want)
+    assert topics.rank_auroc(scores, 12) == pytest.approx(want)
 
 
-def test_theme_words_come_from_the_firing_windows_and_name_the_concept(planted):
+def test_topics_name_the_concept_from_the_bank_preferring_short_names(planted, tmp_path, monkeypatch):
+    monkeypatch.setenv("FEATUREATLAS_CACHE", str(tmp_path))
     pool = window_pool(planted, part="explain", embed_fn=embed)
     fired = scorers.fired_in_pool(planted, pool, [BRIDGE_FEATURE])
     trial = scorers.make_trials(pool, fired, {}, per_side=None)[BRIDGE_FEATURE]
     assert sorted(trial.positives) == sorted(fired[BRIDGE_FEATURE].rows)  # every firing window
-    bank = themes.WordBank.build(pool, embed)
-    words = themes.theme(bank, pool, trial)
-    assert 1 <= len(words) <= themes.THEME_WORDS and len(set(words)) == len(words)
-    assert set(words) <= set(TOPICS["bridge"].split())  # only words of the windows it fires in
-    # The theme ranks the firing windows above the silent ones, as its label will be judged.
-    vec = embed(["about " + ", ".join(words)])[0]
-    assert scorers.auroc(pool.embeddings[trial.positives] @ vec, pool.embeddings[trial.negatives] @ vec) > 0.95
+    bank = topics.ConceptBank.load(embed, ["Golden Gate Bridge", "suspension bridge over a bay", "Cooking", "Weather"],
+                                   embedder="minilm", nouns=300)
+    assert (tmp_path / "concepts").is_dir() and len(list((tmp_path / "concepts").glob("*.npy"))) == 2  # cached
+    names = topics.topic(bank, pool, trial)
+    assert 1 <= len(names) <= topics.TOPICS and len(set(names)) == len(names)
+    assert "bridge" in names[0].lower()
     silent = scorers.Trial(trial.positives, np.array([], dtype=np.int64))
-    assert themes.theme(bank, pool, silent) == []
+    assert topics.topic(bank, pool, silent) == []
+    again = topics.ConceptBank.load(embed, ["Cooking"], embedder="minilm", nouns=300)  # WordNet's part from the cache
+    assert len(again.names) < len(bank.names) and again.vectors.shape[1] == bank.vectors.shape[1]
+    # Two names that rank the windows alike: the shorter wins, then the more common.
+    vec = pool.embeddings[trial.positives].mean(0)
+    twins = topics.ConceptBank(["the war of the roses", "war", "warfare"], np.stack([vec, vec, vec]),
+                               np.array([4, 1, 1]), np.array([0, 5, 9]))
+    assert topics.topic(twins, pool, trial)[0] == "warfare"
+
+
+PYTHON = '''import os.path
+from collections import OrderedDict
+
+@functools.cache
+def load(name, *rest, key=None):
+    """Load it."""
+    # read the file
+    data = read(name, mode="rb")
+    if data.startswith(b"\\x03"):
+        raise ValueError("bad")
+    return MAX_SIZE
+'''
+
+
+def _tagged(text: str, source: str) -> dict[str, set[str]]:
+    tokens = re.findall(r"\s*\w+|\s*[^\w\s]+|\s+", text)
+    bits = kinds.tag_document(tokens, source)
+    return {name: {t.strip() for t, b in zip(tokens, bits) if b >> i & 1} for i, name in enumerate(kinds.KINDS)}
+
+
+def test_python_kinds_come_from_the_tokenizer():
+    got = _tagged(PYTHON, "python")
+    assert got["def_name"] == {"load"} and got["parameter"] == {"name", "rest", "key"}
+    assert got["keyword_argument"] == {"mode"} and {"name", "mode"} <= got["call_argument"]
+    assert got["import_name"] >= {"os", "collections", "OrderedDict"} and got["decorator"] >= {"@", "functools"}
+    assert "read" in got["comment"] and got["docstring"] >= {"Load"} and "bad" in got["string"]
+    assert got["exception"] == {"ValueError"} and got["uppercase"] >= {"MAX_SIZE"} and "x03" in got["escape"]
+    assert got["py_keyword"] >= {"def", "return", "import", "if", "raise"}
+    assert not got["speaker"] and not got["parameter"] & got["def_name"]
+    broken = _tagged("def f(a, b):\n    return (a +", "python")  # cut mid-expression: what was read is tagged
+    assert broken["parameter"] == {"a", "b"}
+
+
+def test_text_kinds_know_plays_numbers_and_case():
+    play = "_Enter KING HENRY_\n\n**KING HENRY**  \nWhat say you, 1415? Speak!\n"
+    got = _tagged(play, "shakespeare")
+    assert got["stage_direction"] >= {"_Enter", "KING", "HENRY_"} and "What" not in got["stage_direction"]
+    assert {"KING", "HENRY"} <= got["speaker"] and "What" in got["line_start"]
+    assert got["year"] == {"1415"} and got["question"] == {"?"} and {"KING", "HENRY"} <= got["uppercase"]
+    assert not _tagged(play, "wiki-en")["speaker"]  # the plays' markup means nothing elsewhere
+    pieces = kinds.tag_document(["Walk", "ing", " home"], "wiki-en")
+    piece = list(kinds.KINDS).index("word_piece")
+    assert [b >> piece & 1 for b in pieces] == [0, 1, 0]
+
+
+def test_kind_stats_find_the_kind_that_holds_a_features_mass(planted):
+    from featureatlas.ingest.labels import contrastive
+
+    contrastive.explain_tables(planted)
+    stats = kinds.kind_stats(planted, [BRIDGE_FEATURE, TOKEN_FEATURE])
+    assert stats.share.shape == (2, len(kinds.KINDS)) and (stats.share <= 1 + 1e-9).all()
+    # " the" is never a word piece, a number or uppercase: no kind holds the token feature
+    assert stats.dominant(1) is None
+    assert all(k["share"] >= kinds.KEEP_SHARE for k in stats.kept(0))
 
 
 class FakeOpenAI(BaseHTTPRequestHandler):

@@ -20,18 +20,18 @@ from typing import Any, Callable
 import duckdb
 import numpy as np
 import pyarrow as pa
-from featureatlas.store.schema import EMBEDDING_DIM, LABEL_CANDIDATES
+from featureatlas.store.schema import EMBEDDING_DIM, FEATURES, LABEL_CANDIDATES
 from tqdm import tqdm
 
 from ..config import LabelConfig
-from . import contrastive, llm, scorers, themes, wording
+from . import contrastive, kinds, llm, scorers, topics, wording
 from .contrastive import Candidate
 from .windows import WindowPool, label_connection, window_pool
 from .wording import Evidence
 
 log = logging.getLogger(__name__)
 # Part of the ingest's labels-stage key: bump it when labelling changes, so old labels are redone.
-LABELS_VERSION = 11
+LABELS_VERSION = 12
 # A feature whose top activations (explainer side) all sit on one token id: it scores high on
 # token matching trivially, so reports keep it apart.
 SINGLE_TOKEN_TOP = 10
@@ -54,6 +54,8 @@ class Labels:
     scores: list[list[dict]]  # [{"scorer", "score"}], every score of the kept label
     single_token: list[bool]
     embeddings: np.ndarray
+    kind: list[str | None]  # the kind of token that holds most of its mass (``kinds.KindStats.dominant``)
+    kinds: list[list[dict]]  # every kind worth searching it by: {kind, share, recall}
     candidates: pa.Table  # every candidate of every explainer, with its scores (DuckDB ``label_candidates``)
     summary: dict = field(default_factory=dict)
     top_token: dict[int, str] = field(default_factory=dict)  # the strongest token per feature (explain documents)
@@ -69,6 +71,8 @@ class Labels:
             "label_scores": self.scores,
             "single_token": self.single_token,
             "label_embedding": pa.FixedSizeListArray.from_arrays(self.embeddings.ravel(), self.embeddings.shape[1]),
+            "kind": pa.array(self.kind, pa.string()),
+            "kinds": pa.array(self.kinds, FEATURES.arrow().field("kinds").type),
         }
 
 
@@ -107,7 +111,8 @@ def label_features(
     pools = {part: window_pool(con, part=part, embed_fn=embed_fn, stored=windows, max_windows=cfg.label_pool_windows,
                                seed=seed) for part in ("explain", "choose", "holdout")}
     fired = {part: scorers.fired_in_pool(con, pool, features) for part, pool in pools.items()}
-    evidence, top_token = _evidence(con, features, pools["explain"], fired["explain"], vocab, embed_fn, seed=seed)
+    evidence, top_token, stats = _evidence(con, features, pools["explain"], fired["explain"], vocab, embed_fn, cfg,
+                                           seed=seed)
     proposed = _propose(features, evidence, pools["explain"], fired["explain"], cfg, seed=seed, chat=chat,
                         logits=logits or {})
     trials = {"choose": scorers.make_trials(pools["choose"], fired["choose"], top_token, seed=seed, per_side=None),
@@ -122,6 +127,8 @@ def label_features(
         kept = {f: flat[i][1].text for f, i in chosen.items()}
         detection = llm.detect(_need(chat), pools["holdout"], trials["holdout"], kept, workers=cfg.llm_workers, seed=seed)
     out = _kept(features, chosen, flat, vectors, judged["holdout"], cfg, detection, _single_token(con))
+    out.kind = [stats.dominant(row) for row in range(len(features))]
+    out.kinds = [stats.kept(row) for row in range(len(features))]
     out.description = [wording.describe(evidence[f]) for f in features]
     out.candidates = _candidate_table(features, proposed, chosen, judged)
     out.top_token = {f: vocab[t] for f, t in top_token.items()}
@@ -144,15 +151,22 @@ def summarize(cfg: LabelConfig, score: list[float | None], scores: list[list[dic
 
 
 def _evidence(con: duckdb.DuckDBPyConnection, features: list[int], pool: WindowPool, fired: dict, vocab: dict[int, str],
-              embed_fn: Callable[[list[str]], np.ndarray], *, seed: int) -> tuple[dict[int, Evidence], dict[int, int]]:
-    """Each feature's evidence from the explain part only, with its theme words; and its strongest
-    token id there (the hard negatives of its trials)."""
+              embed_fn: Callable[[list[str]], np.ndarray], cfg: LabelConfig, *,
+              seed: int) -> tuple[dict[int, Evidence], dict[int, int], kinds.KindStats]:
+    """Each feature's evidence from the explain part only, with its kind of token and its topics;
+    its strongest token id there (the hard negatives of its trials); and its share of every kind."""
     evidence, top_token = contrastive.gather_evidence(con, features, vocab)
-    bank = themes.WordBank.build(pool, embed_fn)
-    explain_trials = scorers.make_trials(pool, fired, top_token, seed=seed, per_side=themes.PER_SIDE)
-    for f, words in themes.themes(bank, pool, explain_trials).items():
-        evidence[f].themes = words
-    return evidence, top_token
+    stats = kinds.kind_stats(con, features)
+    for row, f in enumerate(features):
+        name = stats.dominant(row)
+        if name is not None:
+            evidence[f].kind = kinds.KINDS[name].phrase
+            evidence[f].kind_share = float(stats.share[row, list(kinds.KINDS).index(name)])
+    bank = topics.ConceptBank.load(embed_fn, topics.corpus_titles(con), embedder=cfg.embedder, nouns=cfg.label_topic_nouns)
+    explain_trials = scorers.make_trials(pool, fired, top_token, seed=seed, per_side=topics.PER_SIDE)
+    for f, names in topics.topics(bank, pool, explain_trials).items():
+        evidence[f].topics = names
+    return evidence, top_token, stats
 
 
 def _propose(features: list[int], evidence: dict[int, Evidence], pool: WindowPool, fired: dict, cfg: LabelConfig, *,
@@ -207,7 +221,7 @@ def _judge(flat: list[tuple[int, Candidate]], vectors: np.ndarray, pool: WindowP
 def _kept(features: list[int], chosen: dict[int, int], flat: list[tuple[int, Candidate]], vectors: np.ndarray,
           held: Judged, cfg: LabelConfig, detection: dict[int, float], single: dict[int, bool]) -> Labels:
     """The kept label of each feature with every held-out score (a placeholder where no candidate exists)."""
-    out = Labels([], [], [], [], [], [], [], np.zeros((len(features), EMBEDDING_DIM), np.float32), pa.table({}))
+    out = Labels([], [], [], [], [], [], [], np.zeros((len(features), EMBEDDING_DIM), np.float32), [], [], pa.table({}))
     for row, f in enumerate(features):
         out.features.append(f)
         i = chosen.get(f)

@@ -1,11 +1,16 @@
 """Writing labels and descriptions a person reads at a glance, from a feature's evidence.
 
-A label leads with what fires: the quoted tokens that carry most of the feature's activation mass,
-what kind of tokens they are when they share a kind ("prepositions", "digits"), the tokens that
-come just before them when those are telling, and the context: the source it lives in and, when
-the windows it fires in share a topic, a word or two of that topic. For example
-``"on", "upon", "under" (prepositions) in Shakespeare's plays``. Every candidate quotes tokens, so
-a bare list of topic words can never be a label; document titles are left out (they name where a
+A label says what fires and where, in at most ``MAX_WORDS`` words besides at most ``QUOTED_MAX``
+quoted tokens, naming one kind or one topic:
+
+- a feature whose activation mass lies mostly in one kind of token (``kinds.py``) is named by that
+  kind, with the tokens that carry it: ``speaker names in Shakespeare ("KING", "QUEEN")``;
+- otherwise candidates quote what fires, with what kind of words they are when they share one
+  ("prepositions") and the source it lives in (``"on", "upon", "under" (prepositions) in
+  Shakespeare's plays``), or name the topic of its windows from the concept bank (``topics.py``):
+  ``royalty in English articles ("king")``. The judge chooses among them.
+
+A list of corpus words is never a label, and document titles are left out (they name where a
 feature was seen, not what it fires on). The description beside the label holds the numbers.
 """
 
@@ -28,10 +33,7 @@ QUOTE_MIN_SHARE = 0.05  # a token below this share of the activation mass is not
 BEFORE_MIN_SHARE = 0.1
 MOSTLY = 0.6  # a source holding this share of the mass (and over-represented) is the context
 PAIR = 0.8  # ... or two sources holding this much together, each a quarter at least
-# Topic words a candidate may add: few read better, more rank windows better. The longer topics go
-# without the source phrase: on 156 random features of the quick atlas, adding those raised the kept
-# labels' held-out AUROC from 0.636 to 0.649 (naming the source there only dilutes the topic).
-THEME_SIZES = (3, 5, 7)
+MAX_WORDS = 8  # words a label may have besides its quoted tokens
 
 # Kinds of token, checked in order; a token of none is just quoted.
 _WORDS = {
@@ -96,7 +98,9 @@ class Evidence:
     at: list[tuple[str, float]]  # (token text, share of activation mass), best first
     before: list[tuple[str, float]]  # tokens one to three places before, with their share
     sources: list[tuple[str, float, float]]  # (source, share of the mass, share of the tokens), largest first
-    themes: list[str] = field(default_factory=list)  # topic words of its windows (``themes.py``)
+    topics: list[str] = field(default_factory=list)  # concept names for its windows, best first (``topics.py``)
+    kind: str | None = None  # the kind of token that holds most of its mass (``kinds.Kind.phrase``)
+    kind_share: float = 0.0  # ... and that share
 
 
 def quoted(ev: Evidence, n: int = QUOTED_MAX) -> list[str]:
@@ -130,31 +134,56 @@ def context(ev: Evidence) -> tuple[str | None, str | None]:
 
 
 def candidates(ev: Evidence) -> list[tuple[str, str]]:
-    """(label, kind of phrase) candidates, each quoting what fires; none for a feature that never
-    fired on the explain documents. They differ in how many tokens they quote and how much context
-    they add; the scorers choose."""
+    """(label, kind of phrase) candidates; none for a feature that never fired on the explain
+    documents. A feature of one kind of token gets only labels that name the kind; the others get
+    labels that quote what fires or name a topic, and the scorers choose."""
     if not ev.at:
         return []
     source, where = context(ev)
+    shown = [show_token(t) for t in quoted(ev)]
+    counts = sorted({1, len(shown)})
+    if ev.kind:
+        out = [(f"{ev.kind}{_where(ev.kind, where)} ({', '.join(shown[:n])})", "kind") for n in counts]
+        return [c for c in dict.fromkeys(out) if words(c[0]) <= MAX_WORDS]
     targets = {token_key(t) for t in quoted(ev)}
     before = list(dict.fromkeys(show_token(t) for t, share in sorted(ev.before, key=lambda b: -b[1])
                                 if share >= BEFORE_MIN_SHARE and token_key(t) not in targets))
-    heads = []
-    for n in sorted({1, min(QUOTED_MAX, len(quoted(ev)))}):
-        tokens = quoted(ev, n)
-        kind = kind_of(tokens, source) if n > 1 else None
-        heads.append(", ".join(show_token(t) for t in tokens) + (f" ({kind})" if kind else ""))
-    after = " after " + ", ".join(before[:2]) if before else ""
-    out: list[tuple[str, str]] = []
-    for head in heads:
+    out = []
+    for n in counts:
+        kind = kind_of(quoted(ev, n), source) if n > 1 else None
+        head = ", ".join(shown[:n]) + (f" ({kind})" if kind else "")
         out.append((head + (f" {where}" if where else ""), "token"))
-        if after:
+        if before and n < QUOTED_MAX:  # the tokens before count among the quoted ones
+            after = " after " + ", ".join(before[:min(2, QUOTED_MAX - n)])
             out.append((head + after + (f" {where}" if where else ""), "pattern"))
-        if ev.themes:
-            out.append((head + f" {where or 'in text'} about {_listed(ev.themes[:2])}", "topic"))
-        for n in sorted({min(n, len(ev.themes)) for n in THEME_SIZES} - {0}):
-            out.append((head + f" about {_listed(ev.themes[:n])}", "topic"))
-    return list(dict.fromkeys(out))
+    for name in [*ev.topics[:1], _listed(ev.topics[:2])] if ev.topics else []:
+        out.append((name, "topic"))
+        for n in counts:
+            out.append((f"{name} ({', '.join(shown[:n])})", "topic"))
+            if where:
+                out.append((f"{name} {where} ({', '.join(shown[:n])})", "topic"))
+    return [c for c in dict.fromkeys(out) if words(c[0]) <= MAX_WORDS]
+
+
+def _where(phrase: str, where: str | None) -> str:
+    """The source phrase after a kind, unless the kind already says where ("... in Python code")."""
+    return f" {where}" if where and " in " not in phrase and not phrase.startswith("Python") else ""
+
+
+def words(label: str) -> int:
+    """Words of a label besides its quoted tokens."""
+    return len(_QUOTE.sub(" ", label).replace("(", " ").replace(")", " ").replace(",", " ").split())
+
+
+def listed_words(label: str) -> int:
+    """The longest list of unquoted items in a label (items parted by commas or "and"): 4 or more
+    is a word list, not a name."""
+    bare = _QUOTE.sub("", label)
+    longest = 0
+    for part in re.split(r"[()]", bare):
+        items = [i for i in re.split(r",|\band\b", part) if i.strip()]
+        longest = max(longest, len(items) if len(items) > 1 else 0)
+    return longest
 
 
 def _listed(words: list[str]) -> str:
@@ -171,8 +200,10 @@ def describe(ev: Evidence) -> str:
         parts.append("after " + ", ".join(f"{show_token(t)} {share:.0%}" for t, share in ev.before[:3]))
     if ev.sources:
         parts.append("mass from " + ", ".join(f"{SHORT_SOURCE.get(s, s)} {m:.0%}" for s, m, _ in ev.sources[:3] if m >= 0.05))
-    if ev.themes:
-        parts.append("topic words " + ", ".join(ev.themes[:4]))
+    if ev.kind:
+        parts.append(f"{ev.kind_share:.0%} on {ev.kind}")
+    if ev.topics:
+        parts.append("topics " + ", ".join(ev.topics))
     return "; ".join(parts)
 
 

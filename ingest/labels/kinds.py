@@ -1,0 +1,310 @@
+"""Kinds of token: structural detectors that know the text, so a label can say *where* a feature fires.
+
+Many features are about where a token stands rather than what it says: the letters of an
+uppercase word, a speaker's name in a play, a parameter in a Python ``def``. No list of tokens or
+topic words names those, so every token of the corpus is tagged once with the kinds it belongs to,
+and a feature whose activation mass lies mostly in one kind is named by it
+(``uppercase words and acronyms ("KING", "ING")``).
+
+A detector reads one document's text (its tokens joined, so character offsets and token
+boundaries agree) and marks characters; a token is of a kind when its first non-blank character
+is marked. Python kinds come from the standard ``tokenize`` module over the source, so a string, a
+comment or a parameter is what Python itself says it is. Each kind is one ``Kind`` registered in
+``KINDS``: its label phrase, the ways a user asks for it (search matches those), the source it
+belongs to and its detector.
+"""
+
+from __future__ import annotations
+
+import io
+import keyword
+import re
+import tokenize
+from dataclasses import dataclass
+from functools import lru_cache
+from typing import Callable
+
+import duckdb
+import numpy as np
+import pyarrow as pa
+
+Detector = Callable[[str], np.ndarray]  # a document's text -> [len(text)] bool, the characters of this kind
+
+
+@dataclass(frozen=True)
+class Kind:
+    name: str  # stable key, stored in the atlas
+    phrase: str  # how a label names it
+    asks: tuple[str, ...]  # how a user asks for it: search embeds these
+    detect: Detector
+    source: str | None = None  # only documents of this source hold it (its phrase then says where)
+
+
+KINDS: dict[str, Kind] = {}
+
+
+def kind(name: str, phrase: str, *asks: str, source: str | None = None) -> Callable[[Detector], Detector]:
+    """Registers a detector as a kind (the one place a kind is declared)."""
+    def register(detect: Detector) -> Detector:
+        if len(KINDS) >= 63:  # token kinds travel as bits of one int64
+            raise RuntimeError("too many kinds for a 63-bit mask")
+        KINDS[name] = Kind(name, phrase, (phrase, *asks), detect, source)
+        return detect
+    return register
+
+
+def _spans(text: str, pattern: re.Pattern[str], group: int = 0) -> np.ndarray:
+    mask = np.zeros(len(text), dtype=bool)
+    for m in pattern.finditer(text):
+        mask[m.start(group):m.end(group)] = True
+    return mask
+
+
+def _regex(name: str, phrase: str, pattern: str, *asks: str, source: str | None = None, flags: int = 0,
+           group: int = 0) -> None:
+    rx = re.compile(pattern, flags)
+    kind(name, phrase, *asks, source=source)(lambda text: _spans(text, rx, group))
+
+
+_UPPER = "A-ZÀ-ÖØ-Þ"
+_LETTER = r"[^\W\d_]"
+_MONTHS = ("January February March April May June July August September October November December janvier février "
+           "mars avril mai juin juillet août septembre octobre novembre décembre enero febrero marzo abril mayo junio "
+           "julio agosto septiembre octubre noviembre diciembre").split()
+
+_regex("uppercase", "uppercase words and acronyms", rf"(?<!{_LETTER})[{_UPPER}]{{2,}}(?!{_LETTER})",
+       "capital letters", "all caps text", "acronyms and abbreviations")
+_regex("capitalised", "capitalised words", rf"(?<!{_LETTER})[{_UPPER}][a-zà-ÿ]+", "proper nouns and names",
+       "words with a capital letter")
+_regex("year", "years", r"(?<!\d)(1[0-9]{3}|20[0-9]{2})(?!\d)", "dates and years", "years in dates")
+_regex("month", "months and dates", r"\b(" + "|".join(_MONTHS) + r")\b", "calendar dates", "names of months",
+       flags=re.IGNORECASE)
+_regex("number", "numbers and digits", r"\d+", "numerals", "digits")
+_regex("quote", "quotation marks", r"[\"“”«»„‘’]|(?<!\w)'|'(?!\w)", "quotes", "quoted speech")
+_regex("bracket", "brackets and parentheses", r"[()\[\]{}]", "parentheses", "brackets")
+_regex("sentence_end", "sentence ends", r"[.!?;](?=\s|$)", "full stops", "end of a sentence", "periods")
+_regex("question", "question marks", r"\?", "questions")
+_regex("comma", "commas", r",", "comma punctuation")
+_regex("colon", "colons", r":", "colon punctuation")
+
+
+@kind("word_piece", "word pieces inside words", "subword tokens", "parts of words", "word fragments")
+def _word_piece(text: str) -> np.ndarray:
+    letters = np.array([c.isalpha() for c in text], dtype=bool)
+    mask = np.zeros(len(text), dtype=bool)
+    mask[1:] = letters[1:] & letters[:-1]
+    return mask
+
+
+@kind("line_start", "line starts", "the start of a line", "first word on a line")
+def _line_start(text: str) -> np.ndarray:
+    return _spans(text, re.compile(r"(?:^|\n)[ \t]*(\S)"), 1)
+
+
+@kind("indentation", "line breaks and indentation", "indentation", "whitespace and newlines", "new lines")
+def _indentation(text: str) -> np.ndarray:
+    return _spans(text, re.compile(r"\n[ \t]*"))
+
+
+_regex("speaker", "speaker names in Shakespeare", r"\*\*[^*\n]+\*\*", "speaker names in a play", "character names",
+       "who is speaking", source="shakespeare")
+_regex("stage_direction", "stage directions in Shakespeare", r"(?<!\w)_[^_\n]+_(?!\w)", "stage directions",
+       "enter and exit directions", source="shakespeare")
+
+
+# -- Python, through the standard tokenizer -----------------------------------------------------------
+
+_PY = {
+    "def_name": ("function names at definition in Python code", "function definitions", "names of functions"),
+    "class_name": ("class names at definition in Python code", "class definitions", "names of classes"),
+    "parameter": ("function parameters in Python code", "function arguments in Python code", "parameters of a function",
+                  "arguments of a function definition"),
+    "keyword_argument": ("keyword arguments in Python code", "named arguments in function calls", "kwargs"),
+    "call_argument": ("arguments in Python function calls", "function arguments in Python code", "arguments passed to a call"),
+    "string": ("string literals in Python code", "strings in code", "quoted strings in code"),
+    "escape": ("escape sequences in Python strings", "backslash escapes", "hex escapes in byte strings"),
+    "comment": ("comments in Python code", "code comments", "hash comments"),
+    "docstring": ("docstrings in Python code", "documentation strings", "docstrings"),
+    "decorator": ("decorators in Python code", "decorators", "at-sign decorators"),
+    "import_name": ("module names in Python imports", "import statements", "imported modules"),
+    "exception": ("exception names in Python code", "exceptions and errors", "exception handling"),
+    "py_keyword": ("Python keywords", "reserved words in code", "language keywords"),
+    "attribute": ("attribute names after a dot in Python code", "attribute access", "methods called on objects"),
+}
+_ESCAPE = re.compile(r"\\(x[0-9a-fA-F]{2}|u[0-9a-fA-F]{4}|N\{[^}]*\}|[0-7]{1,3}|[nrtabfv'\"\\])")
+_EXCEPTION = re.compile(r"\w*(Error|Exception|Warning|Exit|Interrupt)$")
+
+
+@lru_cache(maxsize=1)
+def _python_marks(text: str) -> dict[str, np.ndarray]:
+    """Every Python kind's character mask of one source text, from one pass of ``tokenize``. A
+    document cut short mid-statement tokenizes up to where it breaks; the rest stays unmarked."""
+    marks = {name: np.zeros(len(text), dtype=bool) for name in _PY}
+    lines = np.concatenate([[0], np.cumsum([len(line) for line in text.splitlines(keepends=True)])])
+    at = lambda row, col: int(lines[row - 1] + col)  # noqa: E731 - tokenize's (row, col) as an offset
+
+    def mark(name: str, tok: tokenize.TokenInfo) -> None:
+        marks[name][at(*tok.start):at(*tok.end)] = True
+
+    prev: list[tokenize.TokenInfo] = []  # the significant tokens so far
+    parens: list[str] = []  # per open bracket: "def" (a signature), "call", or "other"
+    statement_start = True
+    in_import = False
+    try:
+        for tok in tokenize.generate_tokens(io.StringIO(text).readline):
+            if tok.type in (tokenize.NL, tokenize.COMMENT, tokenize.INDENT, tokenize.DEDENT):
+                if tok.type == tokenize.COMMENT:
+                    mark("comment", tok)
+                continue
+            if tok.type == tokenize.NEWLINE:
+                statement_start, in_import = True, False
+                continue
+            last = prev[-1] if prev else None
+            s = tok.string
+            if tok.type == tokenize.STRING or tok.type == getattr(tokenize, "FSTRING_START", -1):
+                mark("docstring" if statement_start and (not last or last.string == ":" or last.type == tokenize.NEWLINE)
+                     else "string", tok)
+                for m in _ESCAPE.finditer(s):
+                    start = at(*tok.start) + m.start()
+                    marks["escape"][start:start + len(m.group(0))] = True
+            elif tok.type == tokenize.NAME:
+                if keyword.iskeyword(s):
+                    mark("py_keyword", tok)
+                    in_import = in_import or s in ("import", "from") and statement_start
+                elif last is not None and last.string == "def":
+                    mark("def_name", tok)
+                elif last is not None and last.string == "class":
+                    mark("class_name", tok)
+                elif parens and parens[-1] == "def" and last is not None and last.string in ("(", ",", "*", "**"):
+                    mark("parameter", tok)
+                elif last is not None and last.string == ".":
+                    mark("attribute", tok)
+                elif in_import and (last is None or last.string in ("import", "from", ",", ".")):
+                    mark("import_name", tok)
+                elif last is not None and last.string == "@":
+                    mark("decorator", tok)
+                if _EXCEPTION.match(s) or (last is not None and last.string in ("except", "raise")):
+                    mark("exception", tok)
+            elif tok.type == tokenize.OP:
+                if s == "@" and statement_start:
+                    mark("decorator", tok)
+                if s in "([{":
+                    opener = "def" if len(prev) >= 2 and prev[-2].string == "def" else (
+                        "call" if s == "(" and last is not None and (last.type == tokenize.NAME and not keyword.iskeyword(
+                            last.string) or last.string in (")", "]")) else "other")
+                    parens.append(opener)
+                elif s in ")]}" and parens:
+                    parens.pop()
+                elif s == "=" and parens and parens[-1] == "call" and last is not None and last.type == tokenize.NAME:
+                    marks["keyword_argument"][at(*last.start):at(*last.end)] = True
+            if parens and parens[-1] == "call" and not (tok.type == tokenize.OP and s in "()"):
+                mark("call_argument", tok)
+            statement_start = False
+            prev.append(tok)
+    except (tokenize.TokenError, IndentationError, SyntaxError):
+        pass  # a document cut mid-statement: what was read is marked
+    return marks
+
+
+def _python_kind(name: str) -> Detector:
+    return lambda text: _python_marks(text)[name]
+
+
+for _name, (_phrase, *_asks) in _PY.items():
+    kind(_name, _phrase, *_asks, source="python")(_python_kind(_name))
+
+
+# -- tagging the corpus ---------------------------------------------------------------------------------
+
+def tag_document(tokens: list[str], source: str) -> np.ndarray:
+    """[len(tokens)] int64: each token's kinds as bits (bit i is the i-th kind of ``KINDS``)."""
+    text = "".join(tokens)
+    lengths = np.array([len(t) for t in tokens], dtype=np.int64)
+    starts = np.concatenate([[0], np.cumsum(lengths)[:-1]]) if len(tokens) else np.zeros(0, np.int64)
+    # A token's first non-blank character (its first character when it is all blank) decides its kinds.
+    lead = np.array([len(t) - len(t.lstrip()) if t.strip() else 0 for t in tokens], dtype=np.int64)
+    first = np.minimum(starts + lead, max(len(text) - 1, 0))
+    bits = np.zeros(len(tokens), dtype=np.int64)
+    if not text:
+        return bits
+    for i, k in enumerate(KINDS.values()):
+        if k.source is not None and k.source != source:
+            continue
+        bits |= k.detect(text)[first].astype(np.int64) << i
+    return bits
+
+
+def token_kinds(con: duckdb.DuckDBPyConnection, *, part: str = "explain") -> pa.Table:
+    """(doc_id, position, kinds) for every token of the documents of one part of the label split
+    (``con`` has ``label_split``), each document's tokens joined in order so detectors see its text."""
+    table = con.sql(
+        """select t.doc_id, d.source, list(t.position order by t.position) as pos, list(t.token order by t.position) as toks
+           from tokens t join documents d using (doc_id) join label_split s using (doc_id) where s.part = $part
+           group by all order by t.doc_id""", params={"part": part}
+    ).to_arrow_table()
+    doc, pos, bits = [], [], []
+    for d, source, positions, tokens in zip(*(table[c].to_pylist() for c in ("doc_id", "source", "pos", "toks"))):
+        doc.append(np.full(len(positions), d, dtype=np.int32))
+        pos.append(np.asarray(positions, dtype=np.int32))
+        bits.append(tag_document(tokens, source))
+    cat = lambda parts, dtype: np.concatenate(parts) if parts else np.zeros(0, dtype)  # noqa: E731
+    return pa.table({"doc_id": cat(doc, np.int32), "position": cat(pos, np.int32), "kinds": cat(bits, np.int64)})
+
+
+# -- which kinds a feature fires on ----------------------------------------------------------------------
+
+MOSTLY = 0.6  # a kind holding this share of a feature's activation mass ...
+MIN_LIFT = 2.0  # ... at this many times the kind's share of all tokens names the feature
+KEEP_SHARE = 0.25  # kinds kept per feature for search: at least this share of its mass ...
+KEEP_LIFT = 1.5  # ... and this lift
+
+
+@dataclass
+class KindStats:
+    """Per feature (rows, ``features`` order) and kind (columns, ``KINDS`` order), over the explain
+    documents: the share of its activation mass on tokens of the kind, that share over the kind's
+    share of all tokens, and the share of the kind's tokens it fires on."""
+
+    features: list[int]
+    share: np.ndarray
+    lift: np.ndarray
+    recall: np.ndarray
+
+    def dominant(self, row: int) -> str | None:
+        """The most specific kind (highest lift) that holds most of the feature's mass, if one does."""
+        ok = (self.share[row] >= MOSTLY) & (self.lift[row] >= MIN_LIFT)
+        return list(KINDS)[int(np.argmax(np.where(ok, self.lift[row], -1)))] if ok.any() else None
+
+    def kept(self, row: int) -> list[dict]:
+        """The kinds worth searching the feature by: {kind, share, recall}, largest share first."""
+        ok = np.flatnonzero((self.share[row] >= KEEP_SHARE) & (self.lift[row] >= KEEP_LIFT))
+        names = list(KINDS)
+        return [{"kind": names[i], "share": float(self.share[row, i]), "recall": float(self.recall[row, i])}
+                for i in ok[np.argsort(-self.share[row, ok], kind="stable")]]
+
+
+def kind_stats(con: duckdb.DuckDBPyConnection, features: list[int]) -> KindStats:
+    """``KindStats`` of ``features`` from the explain documents. ``con`` has ``label_split`` and the
+    explain tables (``contrastive.explain_tables``)."""
+    tags = token_kinds(con, part="explain")
+    con.register("explain_kinds", tags)
+    hits = con.sql("select h.feature_id, h.value, k.kinds from explain_hits h join explain_kinds k using (doc_id, position)"
+                   ).to_arrow_table()
+    con.unregister("explain_kinds")
+    row = {f: i for i, f in enumerate(features)}
+    at = np.array([row.get(f, -1) for f in hits["feature_id"].to_numpy()], dtype=np.int64)
+    keep = at >= 0
+    at, value, bits = at[keep], hits["value"].to_numpy()[keep].astype(np.float64), hits["kinds"].to_numpy()[keep]
+    all_bits = tags["kinds"].to_numpy()
+    n = len(features)
+    mass = np.bincount(at, weights=value, minlength=n)
+    share, lift, recall = (np.zeros((n, len(KINDS))) for _ in range(3))
+    for i in range(len(KINDS)):
+        on = (bits >> i) & 1
+        of_kind = int(((all_bits >> i) & 1).sum())
+        if not of_kind:
+            continue
+        share[:, i] = np.bincount(at, weights=value * on, minlength=n) / np.maximum(mass, 1e-12)
+        lift[:, i] = share[:, i] / (of_kind / len(all_bits))
+        recall[:, i] = np.bincount(at, weights=on, minlength=n) / of_kind
+    return KindStats(features, share, lift, recall)
