@@ -23,7 +23,7 @@ from featureatlas.ingest.runtime import configure
 from featureatlas.ingest.steer import MAX_VALUE, MODES, Edit
 from featureatlas.store.atlas import SORTABLE, Atlas, QueryInterrupted
 from featureatlas.store.errors import UserError
-from featureatlas.store.search import SEARCH_MODES
+from featureatlas.store.search import FUSED, SEARCH_MODES
 from featureatlas.store.sql import MAX_SQL_CHARS, execute_sql
 from featureatlas.store.sql_worker import WORKERS as SQL_WORKERS
 from litestar import Litestar, MediaType, Request, Response, Router, get, post
@@ -259,7 +259,7 @@ def feature_page(feature_id: FromPath[int]) -> Response:
 
 # Enumerations declared once, where they are checked, and stated in the schema as enums.
 Sortable = Literal[SORTABLE]  # type: ignore[valid-type]
-SearchMode = Literal[SEARCH_MODES]  # type: ignore[valid-type]
+SearchMode = Literal[(*SEARCH_MODES, FUSED)]  # type: ignore[valid-type]
 SteerMode = Literal[MODES]  # type: ignore[valid-type]
 
 
@@ -296,7 +296,7 @@ async def search(
     q: str = Parameter(min_length=1, max_length=MAX_QUERY_CHARS, pattern=NOT_BLANK,
                        examples=[Example(value="suspension bridges")]),
     k: int = Parameter(default=10, ge=1, le=MAX_K),
-    mode: SearchMode | None = Parameter(default=None, description="restrict to one signal"),
+    mode: SearchMode | None = Parameter(default=None, description="one signal, or all (fused, the default)"),
 ) -> dict[str, Any]:
     return await searches.run(service.search, q, k, mode)
 

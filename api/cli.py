@@ -32,7 +32,7 @@ from featureatlas.store.atlas import SORTABLE, QueryInterrupted
 from featureatlas.store.errors import BadParameter, UserError
 from featureatlas.store.export import FORMATS
 from featureatlas.store.location import FOLLOW_EVERY_S, is_remote, local_path, readable
-from featureatlas.store.search import SEARCH_MODES
+from featureatlas.store.search import FUSED, SEARCH_MODES
 
 if TYPE_CHECKING:  # the service imports torch: only the commands that query load it
     from featureatlas.api.service import AtlasService
@@ -122,7 +122,7 @@ def _add_queries(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("search", help="natural-language search over features")
     p.add_argument("query")
     p.add_argument("-k", type=int, default=10)
-    p.add_argument("--mode", choices=SEARCH_MODES, help="restrict to one signal")
+    p.add_argument("--mode", choices=(*SEARCH_MODES, FUSED), help="restrict to one signal (default: all, fused)")
     p = sub.add_parser("neighbors", help="nearest features to a feature")
     p.add_argument("feature_id", type=int)
     p.add_argument("-k", type=int, default=10)

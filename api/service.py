@@ -135,6 +135,8 @@ class AtlasService:
         self.embedder = config_of(atlas.manifest).labels.embedder
         self._map_parts: dict[str, Any] = {}
         self._map_lock = threading.RLock()
+        self._kinds: tuple[S.KindIndex | None, np.ndarray | None] | None = None  # (None, None): an atlas without kinds
+        self._kinds_lock = threading.Lock()
 
     def warm_up(self) -> None:
         """Load the embedder and open the tables now; the model behind search by inference stays
@@ -239,8 +241,9 @@ class AtlasService:
         if not q:
             raise BadParameter("q", "the query is empty")
         k = _check_k(k)
-        if mode is not None and mode not in SEARCH_MODES:
-            raise BadParameter("mode", f"must be one of {', '.join(SEARCH_MODES)}")
+        if mode is not None and mode not in (*SEARCH_MODES, S.FUSED):
+            raise BadParameter("mode", f"must be one of {', '.join(SEARCH_MODES)} or {S.FUSED} (every signal, the default)")
+        mode = None if mode == S.FUSED else mode
         modes = [mode] if mode else list(SEARCH_MODES)
         concept = concept_of(q)
         vec = embed([concept], name=self.embedder)[0]
@@ -263,6 +266,11 @@ class AtlasService:
             evidence["corpus"] = {f: C.corpus_evidence(log_p, self.atlas.d_sae) for f, _, _, log_p, _ in found}
         if "text" in modes:
             lists["text"] = S.text_search(self.atlas, concept, n)
+        if "kind" in modes and self._kind_index() is not None:
+            index, asks = self._kind_index()
+            lists["kind"], asked = S.kind_search(self.atlas, index, asks @ vec, n)
+            best = lists["kind"][0].score if lists["kind"] else 0.0
+            evidence["kind"] = {h.feature_id: C.kind_evidence(h.score, best, asked, S.KIND_MATCH) for h in lists["kind"]}
         if "inference" in modes:
             try:
                 lists["inference"] = self._inference_ranking(q, n)
@@ -273,7 +281,7 @@ class AtlasService:
         cover = coverage(self.atlas, matched)
         hits = self._fused(lists, evidence, k, vec, cover["best_similarity"])
         confident = any(h["strong"] for h in hits[: C.CONFIDENT_WITHIN])
-        return {"query": q, "concept": concept, "mode": mode or "all", "confident": confident, "coverage": cover,
+        return {"query": q, "concept": concept, "mode": mode or S.FUSED, "confident": confident, "coverage": cover,
                 "message": None if confident else not_found(q, cover), "hits": hits}
 
     def _fused(self, lists: dict[str, S.Ranked], evidence: dict[str, dict[int, float]], k: int, vec: np.ndarray,
@@ -299,6 +307,14 @@ class AtlasService:
                 "density": info[f]["density"], "matched_by": rrf[f][1], "snippet": snippets.get(f),
                 "down_weighted": f in weights})
         return hits
+
+    def _kind_index(self) -> tuple[S.KindIndex, np.ndarray] | None:
+        """The atlas's kinds with the embeddings of the ways to ask for them, built on first use."""
+        with self._kinds_lock:
+            if self._kinds is None:
+                index = S.kind_index(self.atlas)
+                self._kinds = (index, embed(index.asks, name=self.embedder)) if index else (None, None)
+            return None if self._kinds[0] is None else self._kinds
 
     def _hits(self, scored: list[tuple[int, float]]) -> S.Ranked:
         info = self.atlas.summaries([f for f, _ in scored])

@@ -1,7 +1,11 @@
 """How good are the labels? Held-out embedding AUROC and token correlation of each explainer's labels
 over a random sample of live features, against two baselines judged on the same windows in the same
 run: the feature's single top token, quoted, as its label, and the label of a *different* random
-feature (which should sit at chance: 0.5 AUROC, 0 correlation).
+feature (which should sit at chance: 0.5 AUROC, 0 correlation). And whether a person can read them:
+the median number of words besides quoted tokens, the share of labels holding a list of 4 or more
+unquoted words, and the share of features whose mass lies mostly in one kind of token
+(``ingest/labels/kinds.py``) whose label names that kind; for the sample, and for every label the
+atlas stores.
 
     .venv/bin/python scripts/label_report.py --atlas atlas --features 500 --out labels.json
     .venv/bin/python scripts/label_report.py --atlas atlas --show 30     # 30 labels beside their top example
@@ -19,11 +23,12 @@ import time
 import duckdb
 import numpy as np
 from featureatlas.ingest.embed import embed
+from featureatlas.ingest.labels.kinds import KINDS
 from featureatlas.ingest.labels.label import Labels, label_features
 from featureatlas.ingest.labels.llm import make_chat
 from featureatlas.ingest.labels.relabel import atlas_config, stored_windows
 from featureatlas.ingest.labels.stage import LLM_CACHE
-from featureatlas.ingest.labels.wording import show_token
+from featureatlas.ingest.labels.wording import listed_words, show_token, words
 from featureatlas.store.atlas import Atlas
 from featureatlas.store.manifest import CACHE
 
@@ -56,6 +61,28 @@ def score_table(labels: Labels) -> dict[int, tuple[float | None, float | None]]:
 
 def summarize_scores(scores: dict[int, tuple[float | None, float | None]]) -> dict[str, dict]:
     return {"embedding": describe([a for a, _ in scores.values()]), "token": describe([t for _, t in scores.values()])}
+
+
+def readability(text: list[str], source: list[str], kind: list[str | None]) -> dict[str, float | int | None]:
+    """Words besides quoted tokens (median), the share of labels with a list of 4+ unquoted words, and
+    the share of one-kind features named by their kind; over labelled features (``source`` not none)."""
+    rows = [(t, k) for t, s, k in zip(text, source, kind) if s != "none"]
+    if not rows:
+        return {"n": 0}
+    of_kind = [(t, k) for t, k in rows if k in KINDS]
+    return {"n": len(rows), "median_words": float(np.median([words(t) for t, _ in rows])),
+            "word_lists": round(float(np.mean([listed_words(t) >= 4 for t, _ in rows])), 4),
+            "n_one_kind": len(of_kind),
+            "one_kind_named": round(float(np.mean([KINDS[k].phrase in t for t, k in of_kind])), 4) if of_kind else None}
+
+
+def stored_readability(con: duckdb.DuckDBPyConnection) -> dict[str, float | int | None]:
+    """``readability`` of every label the atlas stores (its kinds too, where it has them)."""
+    columns = {c for (c,) in con.execute("select column_name from information_schema.columns "
+                                         "where table_name = 'features'").fetchall()}
+    kind = "kind" if "kind" in columns else "null"
+    rows = con.execute(f"select label, label_source, {kind} from features order by feature_id").fetchall()
+    return readability(*(list(c) for c in zip(*rows))) if rows else {"n": 0}
 
 
 def baselines(labels: Labels, rng: np.random.Generator) -> dict[str, dict[int, tuple[float, float]]]:
@@ -115,6 +142,8 @@ def main() -> None:
             for base, scores in baselines(labels, rng).items():
                 report["scores"][base] = summarize_scores(scores)
             report["shown"] = shown(atlas, labels, args.show, rng)
+        report.setdefault("readability", {})[name] = readability(labels.text, labels.source, labels.kind)
+    report.setdefault("readability", {})["stored (every feature)"] = stored_readability(con)
     con.close()
     print_report(report)
     if args.out:
@@ -130,6 +159,11 @@ def print_report(report: dict) -> None:
         e, t = d["embedding"], d["token"]
         if e["n"]:
             print(f"{name:<32}{e['n']:>5}{e['mean']:>8.3f}{e['median']:>8.3f}{t['mean'] or 0:>9.3f}{t.get('median', 0):>8.3f}")
+    print(f"\n{'readability':<32}{'n':>6}{'words':>7}{'lists':>8}{'one kind':>10}{'named':>8}")
+    for name, r in report.get("readability", {}).items():
+        if r["n"]:
+            named = "n/a" if r["one_kind_named"] is None else f"{r['one_kind_named']:.1%}"
+            print(f"{name:<32}{r['n']:>6}{r['median_words']:>7.1f}{r['word_lists']:>8.1%}{r['n_one_kind']:>10}{named:>8}")
     for e in report.get("shown", []):
         scores = "  ".join(f"{name} {'n/a' if e[key] is None else format(e[key], '.2f')}"
                            for name, key in (("AUROC", "embedding"), ("token r", "token")))

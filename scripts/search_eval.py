@@ -41,7 +41,7 @@ os.environ.setdefault("LANCEDB_LOG", "error")  # LanceDB's scanner deprecation w
 import numpy as np  # noqa: E402
 from featureatlas.api.service import AtlasService  # noqa: E402
 from featureatlas.store.atlas import Atlas  # noqa: E402
-from featureatlas.store.search import SEARCH_MODES  # noqa: E402
+from featureatlas.store.search import FUSED, SEARCH_MODES  # noqa: E402
 
 # Tokens either side of the strongest one that a detector sees. Narrow on purpose: a wide window
 # would credit a feature for whatever else its document is about (every window of a Python file
@@ -53,7 +53,6 @@ BASE_MULTIPLE = 2.0
 BASE_SAMPLE = 300
 # A passing mention in one of ~1,300 documents (an identifier, a biography's aside) is not coverage.
 ABSENT_MAX_DOCS = 1
-FUSED = "all"
 TUNING, HELDOUT = "tuning", "heldout"
 T, H = TUNING, HELDOUT
 
@@ -280,7 +279,7 @@ def run_query(service: AtlasService, concept: Concept, mode: str, k: int,
     concept was found, and the service's own ``confident`` / ``coverage`` where it returns them."""
     t0 = time.perf_counter()
     try:
-        response = service.search(concept.query, k, None if mode == FUSED else mode)
+        response = service.search(concept.query, k, mode)
     except Exception as e:  # noqa: BLE001 - one broken mode must not cost the whole run; counted and printed
         return {"found": None if fractions is None else False, "confident": None, "seconds": 0.0, "hits": [],
                 "error": f"{type(e).__name__}: {e}"}
@@ -361,7 +360,7 @@ def warm_up(service: AtlasService, modes: list[str]) -> None:
     """Load the embedder and the model before timing starts (each takes seconds, once)."""
     for mode in modes:
         try:
-            service.search("warm up", 1, None if mode == FUSED else mode)
+            service.search("warm up", 1, mode)
         except Exception as e:  # noqa: BLE001 - each query records its own failure; say so once here
             print(f"warning: mode {mode} fails ({type(e).__name__}: {e})")
 

@@ -33,7 +33,10 @@ from __future__ import annotations
 import numpy as np
 from scipy.stats import norm
 
-WEIGHTS = {"label": 1.0, "context": 0.5, "corpus": 0.1}
+WEIGHTS = {"label": 1.0, "context": 0.5, "corpus": 0.1, "kind": 1.0}
+# A kind has no null distribution: its features carry evidence in proportion to their kind score
+# (relative to the kind's best) and to how clearly the query asks for the kind, up to this many digits.
+KIND_DIGITS = 12.0
 CONFIDENT_MATCH = 0.93
 CONFIDENT_WITHIN = 3  # a search is confident when one of this many first hits is strong
 NULL_SAMPLE = 20_000  # features a vector signal's null is drawn from on big atlases
@@ -50,6 +53,13 @@ def vector_evidence(similarity: float, null: tuple[float, float], n_features: in
         return 0.0
     p = -np.expm1(n_features * norm.logcdf(z))  # 1 - Φ(z)^n, without cancelling to 0
     return float(max(0.0, -np.log10(max(p, 1e-300))))
+
+
+def kind_evidence(score: float, best: float, similarity: float, match_from: float) -> float:
+    """Evidence of a kind's feature: ``score`` against the kind's ``best``, times how far the query's
+    cosine with the kind (``similarity``) rises above ``match_from``, where a kind starts to answer."""
+    asked = min(1.0, max(0.0, (similarity - match_from) / (1.0 - match_from)))
+    return float(KIND_DIGITS * asked * score / max(best, 1e-9))
 
 
 def corpus_evidence(log10_p: float, n_features: int) -> float:

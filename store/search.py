@@ -27,8 +27,15 @@ RRF_K = 60
 # The signals a search can use, by name (``label`` and ``context`` are vector searches over the
 # embeddings of the same names, ``text`` is full text, ``inference`` runs the query through the
 # model, ``corpus`` finds the corpus windows that match the query and the features that fire there
-# far more often than in the corpus at large).
-SEARCH_MODES = ("label", "context", "text", "inference", "corpus")
+# far more often than in the corpus at large, ``kind`` finds the features of the kind of token or
+# the language the query asks for: ``ingest/labels/kinds.py``).
+SEARCH_MODES = ("label", "context", "text", "inference", "corpus", "kind")
+FUSED = "all"  # the mode of a search over every signal (the default)
+# A kind answers a query whose embedding is this close to one of the ways of asking for it
+# ("uppercase text" ~ "all caps text"). On the tuning half of scripts/search_eval.py, topic queries
+# ("war and battles") stayed under 0.5 against every kind, and kind queries over 0.7.
+KIND_MATCH = 0.6
+KIND_MIN_SHARE = 0.5  # a feature answers for a kind when at least this share of its mass lies in it
 _COLUMNS = ["feature_id", "label", "density"]
 
 
@@ -70,6 +77,47 @@ def text_search(atlas: Atlas, query: str, k: int) -> Ranked:
         .to_arrow()
     )
     return [Hit(*row) for row in _rows(rows, "_score")]
+
+
+class KindIndex(NamedTuple):
+    """Every kind of the atlas's labels with the ways to ask for it, and its features best first."""
+
+    asks: list[str]  # every way of asking for every kind
+    kind_of_ask: list[str]
+    ranked: dict[str, list[tuple[int, float]]]  # kind -> (feature, share x sqrt(recall)), best first
+
+
+def kind_index(atlas: Atlas) -> KindIndex | None:
+    """Read once per atlas from the features' ``kinds`` column and the labels' kind vocabulary
+    (None for an atlas labelled before kinds existed). A kind's features are ranked by the share of
+    their mass in it times the square root of the share of its tokens they fire on: a feature of
+    all French text before a feature of one French word."""
+    vocabulary = (atlas.manifest.get("labels") or {}).get("kinds")
+    if not vocabulary or "kinds" not in atlas.features.schema.names:
+        return None
+    table = atlas.features.search().select(["feature_id", "kinds"]).limit(atlas.d_sae).to_arrow().to_pydict()
+    ranked: dict[str, list[tuple[int, float]]] = {name: [] for name in vocabulary}
+    for f, kinds in zip(table["feature_id"], table["kinds"]):
+        for k in kinds or []:
+            if k["kind"] in ranked and k["share"] >= KIND_MIN_SHARE:
+                ranked[k["kind"]].append((int(f), float(k["share"]) * float(k["recall"]) ** 0.5))
+    for rows in ranked.values():
+        rows.sort(key=lambda t: (-t[1], t[0]))
+    asks = [(ask, name) for name, entry in vocabulary.items() for ask in entry["asks"]]
+    return KindIndex([a for a, _ in asks], [n for _, n in asks], ranked)
+
+
+def kind_search(atlas: Atlas, index: KindIndex, similarities: Sequence[float], k: int) -> tuple[Ranked, float]:
+    """The features of the kind the query asks for (``similarities``: the query's cosine with each of
+    ``index.asks``), with that cosine; nothing when no kind is asked for."""
+    if not len(similarities):
+        return [], 0.0
+    best = int(np.argmax(similarities))
+    if similarities[best] < KIND_MATCH:
+        return [], float(similarities[best])
+    rows = index.ranked[index.kind_of_ask[best]][:k]
+    info = atlas.summaries([f for f, _ in rows])
+    return [Hit(f, score, info[f]["label"], info[f]["density"]) for f, score in rows], float(similarities[best])
 
 
 def decoder_neighbors(atlas: Atlas, feature_id: int, k: int) -> Ranked:

@@ -38,19 +38,27 @@ class Kind:
     asks: tuple[str, ...]  # how a user asks for it: search embeds these
     detect: Detector
     source: str | None = None  # only documents of this source hold it (its phrase then says where)
+    names: bool = True  # a label may name it (a whole source is said by "in French articles" instead)
 
 
 KINDS: dict[str, Kind] = {}
 
 
-def kind(name: str, phrase: str, *asks: str, source: str | None = None) -> Callable[[Detector], Detector]:
+def kind(name: str, phrase: str, *asks: str, source: str | None = None,
+         names: bool = True) -> Callable[[Detector], Detector]:
     """Registers a detector as a kind (the one place a kind is declared)."""
     def register(detect: Detector) -> Detector:
         if len(KINDS) >= 63:  # token kinds travel as bits of one int64
             raise RuntimeError("too many kinds for a 63-bit mask")
-        KINDS[name] = Kind(name, phrase, (phrase, *asks), detect, source)
+        KINDS[name] = Kind(name, phrase, (phrase, *asks), detect, source, names)
         return detect
     return register
+
+
+def vocabulary() -> dict[str, dict]:
+    """What search needs of each kind, stored with the labels so a server knows the kinds its atlas was
+    labelled with: {name: {phrase, asks}}."""
+    return {k.name: {"phrase": k.phrase, "asks": list(k.asks)} for k in KINDS.values()}
 
 
 def _spans(text: str, pattern: re.Pattern[str], group: int = 0) -> np.ndarray:
@@ -110,6 +118,18 @@ _regex("speaker", "speaker names in Shakespeare", r"\*\*[^*\n]+\*\*", "speaker n
        "who is speaking", source="shakespeare")
 _regex("stage_direction", "stage directions in Shakespeare", r"(?<!\w)_[^_\n]+_(?!\w)", "stage directions",
        "enter and exit directions", source="shakespeare")
+
+
+# Whole sources as kinds, for search only: "French text" finds the features whose mass lies in French.
+_SOURCES = {
+    "wiki-fr": ("French text", "French language text", "text in French", "French words"),
+    "wiki-es": ("Spanish text", "Spanish language text", "text in Spanish", "Spanish words"),
+    "wiki-en": ("English encyclopedia text", "English language text", "text in English", "English prose"),
+    "shakespeare": ("Shakespeare's plays", "Shakespearean English", "Early Modern English verse", "lines of a play"),
+    "python": ("Python code", "source code", "programming code", "code in Python"),
+}
+for _source, (_phrase, *_asks) in _SOURCES.items():
+    kind(f"source:{_source}", _phrase, *_asks, source=_source, names=False)(lambda text: np.ones(len(text), dtype=bool))
 
 
 # -- Python, through the standard tokenizer -----------------------------------------------------------
@@ -272,7 +292,7 @@ class KindStats:
 
     def dominant(self, row: int) -> str | None:
         """The most specific kind (highest lift) that holds most of the feature's mass, if one does."""
-        ok = (self.share[row] >= MOSTLY) & (self.lift[row] >= MIN_LIFT)
+        ok = (self.share[row] >= MOSTLY) & (self.lift[row] >= MIN_LIFT) & _NAMEABLE
         return list(KINDS)[int(np.argmax(np.where(ok, self.lift[row], -1)))] if ok.any() else None
 
     def kept(self, row: int) -> list[dict]:
@@ -281,6 +301,9 @@ class KindStats:
         names = list(KINDS)
         return [{"kind": names[i], "share": float(self.share[row, i]), "recall": float(self.recall[row, i])}
                 for i in ok[np.argsort(-self.share[row, ok], kind="stable")]]
+
+
+_NAMEABLE = np.array([k.names for k in KINDS.values()])
 
 
 def kind_stats(con: duckdb.DuckDBPyConnection, features: list[int]) -> KindStats:

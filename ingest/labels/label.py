@@ -147,6 +147,7 @@ def summarize(cfg: LabelConfig, score: list[float | None], scores: list[list[dic
         "scored": len(scored), "label_score_mean": float(np.mean(scored)) if scored else None,
         "token_score_mean": _mean([_score_of(per, "token") for per in scores]),
         "windows": windows, "failed": int(sum(1 for c in status if c != "ok")),
+        "kinds": kinds.vocabulary(),
     }
 
 
