@@ -26,9 +26,12 @@ def test_table_is_large_balanced_and_unique(se):
     absent = [c for c in se.CONCEPTS if not c.present]
     assert len(present) >= 40 and len(absent) >= 10
     assert len({c.query for c in se.CONCEPTS}) == len(se.CONCEPTS)
-    assert {c.half for c in se.CONCEPTS} == {se.TUNING, se.HELDOUT}
-    # both halves cover every category, in near-equal numbers
-    for category, n in Counter(c.category for c in se.CONCEPTS).items():
+    assert {c.half for c in se.CONCEPTS} == set(se.HALVES)
+    # the first two halves cover every category, in near-equal numbers; the second held-out set has at
+    # least 30 concepts of its own categories, kinds of token and topics
+    second = [c for c in se.CONCEPTS if c.half == se.HELDOUT2]
+    assert len(second) >= 30 and {c.category for c in second} == {"kind", "topic2"}
+    for category, n in Counter(c.category for c in se.CONCEPTS if c.half != se.HELDOUT2).items():
         tuning = sum(c.category == category and c.half == se.TUNING for c in se.CONCEPTS)
         assert abs(2 * tuning - n) <= 1, category
 
