@@ -6,6 +6,7 @@ from featureatlas.api.app import create_app
 from featureatlas.api.service import concept_of
 from featureatlas.store.atlas import Atlas
 from featureatlas.store.calibrate import CONFIDENT_MATCH, WEIGHTS
+from featureatlas.store.search import KIND_MIN_SHARE, SEARCH_MODES, kind_index
 from litestar.testing import TestClient
 
 from .conftest import SQL
@@ -80,9 +81,9 @@ def test_search_fuses_signals_and_explains_hits(client):
     evidence = [h["evidence"] for h in body["hits"]]
     assert evidence == sorted(evidence, reverse=True)
     for h in body["hits"]:
-        assert set(h["matched_by"]) <= {"label", "context", "text", "inference", "corpus"} and h["matched_by"]
+        assert set(h["matched_by"]) <= set(SEARCH_MODES) and h["matched_by"]
         assert h["snippet"] and "[[" in h["snippet"] and h["description"]
-        assert set(h["signals"]) <= {"label", "context", "corpus"}
+        assert set(h["signals"]) <= {"label", "context", "corpus", "kind"}
         weighted = sum(WEIGHTS[m] * e for m, e in h["signals"].items()) * (0.5 if h["down_weighted"] else 1)
         assert h["evidence"] == pytest.approx(weighted, abs=0.05) and 0 <= h["score"] <= 1
         assert h["strong"] == (h["match"] >= CONFIDENT_MATCH)
@@ -122,10 +123,33 @@ def test_a_search_the_corpus_cannot_answer_says_so(client):
     assert "does not mention it" in body["message"]
 
 
-@pytest.mark.parametrize("mode", ["label", "context", "text", "inference", "corpus"])
+@pytest.mark.parametrize("mode", SEARCH_MODES)
 def test_search_modes_use_one_signal(client, mode):
     hits = client.get("/api/search", params={"q": "bridge", "k": 3, "mode": mode}).json()["hits"]
     assert all(set(h["matched_by"]) == {mode} for h in hits)
+
+
+def test_search_answers_the_mode_it_prints(client):
+    body = client.get("/api/search", params={"q": "bridge", "k": 3, "mode": "all"})
+    assert body.status_code == 200 and body.json()["mode"] == "all"
+    assert body.json()["hits"] == client.get("/api/search", params={"q": "bridge", "k": 3}).json()["hits"]
+
+
+@pytest.mark.parametrize("query", ["commas", "capital letters", "indentation", "digits"])
+def test_the_kind_signal_finds_features_of_the_kind_asked_for(client, tiny_atlas, query):
+    atlas = Atlas(tiny_atlas)
+    index = kind_index(atlas)
+    assert index is not None and "uppercase" in index.ranked and "parameter" in index.ranked
+    body = client.get("/api/search", params={"q": query, "k": 5, "mode": "kind"}).json()
+    stored = dict(zip(*atlas.features.search().select(["feature_id", "kinds"]).limit(atlas.d_sae).to_arrow().to_pydict()
+                      .values()))
+    asked = next(name for name, entry in atlas.manifest["labels"]["kinds"].items() if query in entry["asks"])
+    want = [f for f, _ in index.ranked[asked][:5]]
+    assert [h["feature_id"] for h in body["hits"]] == want  # the kind's own ranking, best first
+    for h in body["hits"]:
+        share = {k["kind"]: k["share"] for k in stored[h["feature_id"]]}
+        assert share[asked] >= KIND_MIN_SHARE and h["signals"]["kind"] > 0
+    assert client.get("/api/search", params={"q": "war and battles", "mode": "kind"}).json()["hits"] == []
 
 
 def test_activations_per_token(client):
