@@ -15,6 +15,7 @@ from featureatlas.store import manifest as M
 from featureatlas.store.atlas import Atlas
 from featureatlas.store.errors import BadParameter
 from featureatlas.store.publish import update_labels
+from featureatlas.store.schema import FEATURES
 
 from ..config import AtlasConfig, config_of
 from ..embed import embed
@@ -61,6 +62,10 @@ def relabel(root: str | Path, overrides: dict[str, Any], features: str | None = 
     if not atlas.has_table("windows"):
         raise BadParameter("--atlas", f"{atlas.root} was published by an older Feature Atlas without corpus windows; "
                                       "re-run `featureatlas ingest` on it (finished stages are reused)")
+    missing = [c for c in FEATURES.label_names if c not in atlas.features.schema.names]
+    if missing:
+        raise BadParameter("--atlas", f"{atlas.root} was published by an older Feature Atlas, without the label columns "
+                                      f"{', '.join(missing)}; re-run `featureatlas ingest` on it (finished stages are reused)")
     cfg = atlas_config(atlas, overrides)
     ids = parse_features(features, atlas.d_sae)
     chat = make_chat(cfg.labels, cfg.run.device, atlas.root / M.CACHE / LLM_CACHE) if cfg.labels.needs_llm else None
