@@ -39,11 +39,14 @@ from featureatlas.ingest.labels import intervention
 from featureatlas.ingest.probe import Probe
 from featureatlas.ingest.steer import Edit, left_padded, logits_of, steer
 from featureatlas.store.atlas import Atlas
+from featureatlas.store.search import kind_index
 
 PROMPTS = list(intervention.PROMPTS)  # the neutral prompts the intervention label score steers on
 QUERIES = ["French language text", "Python code", "Shakespeare plays", "numbers and digits"]
 MAX_DENSITY = 0.05  # denser features fire on everything: no concept to steer towards
 ENOUGH = 0.8  # share of steered continuations the language check asks for (8 of 10)
+FRENCH_KIND = "source:wiki-fr"  # ingest/labels/kinds.py: the features whose mass lies in French text
+FRENCH_CANDIDATE = "French text (kind)"
 SPEED_VALUE = 5.0  # the clamp timed in the speed test and sent by the load clients
 PLOT = Path(__file__).resolve().parents[1] / "docs/steer/steer_effect_fluency.png"
 
@@ -69,9 +72,17 @@ def is_code(text: str) -> bool:
     return sum(bool(p.search(text)) for p in CODE) >= 3
 
 
-def pick_features(atlas: Atlas, n: int, seed: int, queries: list[str]) -> dict[int, str]:
-    """feature -> why it is here (the query it answers, or "sample")."""
+def french_mass(atlas: Atlas, n: int) -> list[int]:
+    """The ``n`` features of the kind "French text" ranked first by the kind search signal (most of their
+    mass in French, over the most French tokens); none on an atlas labelled before kinds."""
+    index = kind_index(atlas)
+    return [f for f, _ in index.ranked.get(FRENCH_KIND, [])[:n]] if index else []
+
+
+def pick_features(atlas: Atlas, n: int, seed: int, queries: list[str], french: int = 0) -> dict[int, str]:
+    """feature -> why it is here (the query it answers, a French candidate, or "sample")."""
     out = {AtlasService(atlas).search(q, k=1)["hits"][0]["feature_id"]: q for q in queries}
+    out.update({f: FRENCH_CANDIDATE for f in french_mass(atlas, french) if f not in out})
     live = [r[0] for r in atlas.query("select feature_id from features where max_activation > 0 and density <= ? "
                                       "order by feature_id", [MAX_DENSITY]).rows if r[0] not in out]
     return {**out, **{int(f): "sample" for f in np.random.default_rng(seed).choice(live, n, replace=False)}}
@@ -302,6 +313,8 @@ def report(result: dict) -> None:
         print(f"{lang['query']}: " + (lang.get("skipped") or f"feature {lang['feature']} x{lang['value']:g}: "
               f"{lang['steered_passing']}/{lang['of']} steered, {lang['default_passing']}/{lang['of']} default pass "
               f"({'reached' if lang['reached'] else 'NOT reached'}; by value {lang['passing_by_value']})"))
+    for f, curve in result.get("french_curves", {}).items():
+        print(f"French curve of feature {f}: steered continuations passing by value {curve}")
     for kind, c in result["combined"].items():
         print(f"{c['query']}, top {len(c['features'])} hits {c['features']} together: {kind} passing by value "
               f"{c['passing_by_value']} of {len(c['continuations'][next(iter(c['continuations']))])}")
@@ -328,6 +341,8 @@ def main() -> None:
     p.add_argument("--plot", type=Path, default=PLOT)
     p.add_argument("--combine", type=int, default=2, help="also steer the top N hits of the language queries together")
     p.add_argument("--combine-values", type=float, nargs="+", default=[1, 1.5, 2])
+    p.add_argument("--french-candidates", type=int, default=0,
+                   help="also sweep this many features with the most mass in French text (their curves in the JSON)")
     p.add_argument("--threads", type=int, help="torch threads in this process (default: torch's; not the server's)")
     args = p.parse_args()
     if args.threads:
@@ -336,7 +351,7 @@ def main() -> None:
     probe = Probe(atlas)
     loaded = probe.load()
     ids = [probe.prompt_ids(x) for x in prompts]
-    features = pick_features(atlas, args.features, args.seed, args.queries)
+    features = pick_features(atlas, args.features, args.seed, args.queries, args.french_candidates)
     rows = sweep(atlas, loaded, features, args.values, ids, args.new_tokens)
     info = atlas.summaries(list(features))
     edit = Edit(next(iter(features)), SPEED_VALUE)
@@ -348,6 +363,9 @@ def main() -> None:
         "table": table(rows),
         "language": {"french": language(rows, prompts, "French language text", "french"),
                      "python": language(rows, prompts, "Python code", "code")},
+        # each French candidate's curve: steered continuations passing the French detector, by value
+        "french_curves": {r["feature"]: {x["value"]: x["french"][0] for x in rows if x["feature"] == r["feature"]}
+                          for r in rows if r["query"] in (FRENCH_CANDIDATE, "French language text")},
         "combined": {kind: combined(atlas, loaded, ids, q, kind, args.combine, args.combine_values, args.new_tokens)
                      for kind, q in (("french", "French language text"), ("code", "Python code"))} if args.combine > 1 else {},
         "speed": speed(loaded, ids, edit, info[edit.feature]["max_activation"], args.new_tokens, args.repeats),

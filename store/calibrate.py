@@ -15,17 +15,19 @@ high)``, in decimal digits:
 
 A hit's evidence is the weighted sum over signals (independent signals that agree add up); text
 and inference have no null, so they only break ties (reciprocal rank fusion). ``WEIGHTS`` were
-chosen on the tuning half of ``scripts/search_eval.py`` (label 1, context 0.5, corpus 0.1: 21 of
-30 concepts found there against 18 with equal weights; with the final labels 20/30, and 23 of 29 on
-the held-out half).
+chosen on the tuning half of ``scripts/search_eval.py``: label 1, context 0.5, corpus 0.1 with the
+word-list labels (20 of 30 found there); with labels that name kinds and topics (issue 28) the
+corpus weight went to 0.3, the middle of the 0.2 to 0.5 that found 23/30 (0.1: 22/30, 0.05: 21/30).
+``KIND_DIGITS`` from 4 to 30 found the same there (22/30 at corpus 0.1; none: 20/30).
 
 *Match* says whether to trust a hit: the cosine between the query and the hit's label plus the best
 cosine between the query and any corpus window. Both are on MiniLM's fixed scale, and both must be
 high: a label can read like the query by accident, and a feature cannot be clearly about something
 its corpus never shows. A hit is strong from ``CONFIDENT_MATCH``; a search is confident when one of
 its first three hits is strong. The threshold is the middle of the range that, on the tuning half,
-kept every concept the corpus lacks unconfident and at least 80% of present ones confident (0.90 to
-0.96).
+kept every concept the corpus lacks unconfident and at least 80% of present ones confident: 0.90 to
+0.96 with word-list labels; 0.95 to 1.04 with labels that name real concepts (they read closer to
+any query: "quantum" for "quantum computing"), hence 1.0.
 """
 
 from __future__ import annotations
@@ -33,11 +35,11 @@ from __future__ import annotations
 import numpy as np
 from scipy.stats import norm
 
-WEIGHTS = {"label": 1.0, "context": 0.5, "corpus": 0.1, "kind": 1.0}
+WEIGHTS = {"label": 1.0, "context": 0.5, "corpus": 0.3, "kind": 1.0}
 # A kind has no null distribution: its features carry evidence in proportion to their kind score
 # (relative to the kind's best) and to how clearly the query asks for the kind, up to this many digits.
 KIND_DIGITS = 12.0
-CONFIDENT_MATCH = 0.93
+CONFIDENT_MATCH = 1.0
 CONFIDENT_WITHIN = 3  # a search is confident when one of this many first hits is strong
 NULL_SAMPLE = 20_000  # features a vector signal's null is drawn from on big atlases
 
