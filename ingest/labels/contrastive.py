@@ -6,8 +6,9 @@ activation mass comes from, with the corpus background. With ``m(t)`` the share 
 activation mass on ``t`` and ``p(t)`` its background rate, a token's weight is ``m(t) * log(m(t) /
 p(t))``, its contribution to a KL divergence: it prefers tokens that carry much of the feature's
 strong activations and are rare elsewhere, and weighting by activation rather than count keeps the
-weak, diffuse tail from outvoting the top examples. The topic words of its windows come from
-``themes.py``; ``wording.py`` writes the candidate labels and the description from all of it.
+weak, diffuse tail from outvoting the top examples. The topic of its windows comes from
+``topics.py``, its kinds of token from ``kinds.py``; ``wording.py`` writes the candidate labels and
+the description from all of it.
 """
 
 from __future__ import annotations
@@ -47,7 +48,7 @@ def explain_tables(con: duckdb.DuckDBPyConnection) -> None:
 
 def gather_evidence(con: duckdb.DuckDBPyConnection, features: list[int],
                     vocab: dict[int, str]) -> tuple[dict[int, Evidence], dict[int, int]]:
-    """Each feature's evidence (themes are left for the caller to fill in) and the id of its
+    """Each feature's evidence (topics and kind are left for the caller to fill in) and the id of its
     strongest token. ``con`` has ``explain_tables``."""
     at = _overrepresented(con, "select feature_id, token_id, value from explain_hits", top=6, min_count=1, min_lift=2)
     # The three tokens before each activation, each counted once.

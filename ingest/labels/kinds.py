@@ -28,6 +28,8 @@ import duckdb
 import numpy as np
 import pyarrow as pa
 
+from .windows import KeyIndex
+
 Detector = Callable[[str], np.ndarray]  # a document's text -> [len(text)] bool, the characters of this kind
 
 
@@ -314,8 +316,7 @@ def kind_stats(con: duckdb.DuckDBPyConnection, features: list[int]) -> KindStats
     hits = con.sql("select h.feature_id, h.value, k.kinds from explain_hits h join explain_kinds k using (doc_id, position)"
                    ).to_arrow_table()
     con.unregister("explain_kinds")
-    row = {f: i for i, f in enumerate(features)}
-    at = np.array([row.get(f, -1) for f in hits["feature_id"].to_numpy()], dtype=np.int64)
+    at = KeyIndex(np.asarray(features, dtype=np.int64)).find(hits["feature_id"].to_numpy().astype(np.int64))
     keep = at >= 0
     at, value, bits = at[keep], hits["value"].to_numpy()[keep].astype(np.float64), hits["kinds"].to_numpy()[keep]
     all_bits = tags["kinds"].to_numpy()

@@ -7,9 +7,9 @@ corpus's own English articles (its vital articles), and a short hand-kept list o
 concepts. Their embeddings are cached per machine.
 
 A name is judged the way a label is: by how well its sentence embedding ranks the explain windows
-where the feature fires above windows where it stays silent (AUROC; ``themes`` of earlier versions
-judged corpus words the same way). Among the names within ``CLOSE`` of the best, the shortest and
-most common one wins: "war" over "war of the roses" when they rank the windows alike.
+where the feature fires above windows where it stays silent (AUROC). Among the names within
+``CLOSE`` of the best, the shortest and most common one wins: "war" over "war of the roses" when
+they rank the windows alike.
 """
 
 from __future__ import annotations
