@@ -116,7 +116,7 @@ def test_labels_quote_what_fires_and_say_where_in_few_words():
     assert '"upon", "on", "under" (prepositions) in Shakespeare\'s plays' in written
     assert '"upon" after "it" in Shakespeare\'s plays' in written
     assert 'warfare in Shakespeare\'s plays ("upon")' in written and "warfare" in written
-    assert not any("battle" in text for text in written)  # one topic: two read as a list
+    assert "battle" in written and not any("sword" in text or " and " in text for text in written)  # one topic a label
     for text in written:
         assert wording.words(text) <= wording.MAX_WORDS and wording.listed_words(text) < 4
         assert len(re.findall(r'"[^"]*"', text)) <= wording.QUOTED_MAX
@@ -125,6 +125,12 @@ def test_labels_quote_what_fires_and_say_where_in_few_words():
     two = Evidence([(" un", 0.4), (" dos", 0.2)], [], [("wiki-es", 0.5, 0.2), ("wiki-fr", 0.45, 0.3)])
     assert wording.context(two)[1] == "in Spanish and French articles"
     assert wording.candidates(Evidence([], [], [])) == []
+    assert wording.describe(Evidence([], [], [])) == "never fired on the explain documents"
+    # fired, but on no token that stands out: its kind or its topic still names it
+    spread = Evidence([], [], [("wiki-fr", 0.9, 0.2)], topics=["France"], kind="word pieces inside words")
+    assert [t for t, _ in wording.candidates(spread)] == ["word pieces inside words in French articles"]
+    assert [t for t, _ in wording.candidates(Evidence([], [], [("wiki-fr", 0.9, 0.2)], topics=["France"]))] == ["France"]
+    assert wording.describe(spread).startswith("fires on no token more than on others; mass from French wiki 90%")
 
 
 def test_a_feature_of_one_kind_of_token_is_named_by_its_kind():

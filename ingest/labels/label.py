@@ -231,7 +231,7 @@ def _kept(features: list[int], chosen: dict[int, int], flat: list[tuple[int, Can
         out.features.append(f)
         i = chosen.get(f)
         if i is None:  # no candidate at all: an LLM is only asked about features that have contrastive ones
-            out.text.append("unlabelled: never fired on the explain documents")
+            out.text.append("unlabelled: no token, kind or topic stands out where it fires in the explain documents")
             out.source.append("none")
             out.score.append(None)
             out.scores.append([])

@@ -138,9 +138,10 @@ def candidates(ev: Evidence) -> list[tuple[str, str]]:
     """(label, kind of phrase) candidates; none for a feature that never fired on the explain
     documents. A feature of one kind of token gets only labels that name the kind; the others get
     labels that quote what fires or name a topic, and the scorers choose."""
-    if not ev.at:
-        return []
     source, where = context(ev)
+    if not ev.at:  # it fired, but on no token that stands out: a kind or a topic can still name it
+        out = [(f"{ev.kind}{_where(ev.kind, where)}", "kind")] if ev.kind else [(t, "topic") for t in ev.topics[:1]]
+        return [c for c in out if words(c[0]) <= MAX_WORDS]
     shown = [show_token(t) for t in quoted(ev)]
     counts = sorted({1, len(shown)})
     if ev.kind:
@@ -191,9 +192,10 @@ def listed_words(label: str) -> int:
 def describe(ev: Evidence) -> str:
     """The evidence in one line: the top tokens with their share of the activation mass, the tokens
     before them, and the sources the mass comes from."""
-    if not ev.at:
+    if not ev.at and not ev.sources:
         return "never fired on the explain documents"
-    parts = ["fires on " + ", ".join(f"{show_token(t)} {share:.0%}" for t, share in ev.at[:5])]
+    parts = ["fires on " + ", ".join(f"{show_token(t)} {share:.0%}" for t, share in ev.at[:5]) if ev.at
+             else "fires on no token more than on others"]
     if ev.before:
         parts.append("after " + ", ".join(f"{show_token(t)} {share:.0%}" for t, share in ev.before[:3]))
     if ev.sources:
