@@ -33,7 +33,7 @@ import torch
 from featureatlas.ingest.embed import embed
 from featureatlas.ingest.sae import SAE
 from featureatlas.store.publish import publish, write_duckdb, write_lance
-from featureatlas.store.schema import ACTIVATIONS, DOCUMENTS, EXAMPLES, LABEL_CANDIDATES, TOKENS, WINDOWS, vector_matrix
+from featureatlas.store.schema import ACTIVATIONS, DOCUMENTS, EXAMPLES, FEATURES, LABEL_CANDIDATES, TOKENS, WINDOWS, vector_matrix
 
 D_MODEL = 576
 # Requests before timing starts (their latencies are reported apart, as cold_*).
@@ -73,6 +73,8 @@ def synthetic_features(n: int, seed: int = 0) -> tuple[pa.Table, np.ndarray]:
         "label_scores": pa.array([[]] * n, pa.list_(pa.struct([("scorer", pa.string()), ("score", pa.float32())]))),
         "single_token": np.zeros(n, bool),
         "label_embedding": fixed(label_emb, dim),
+        "kind": pa.nulls(n, pa.string()),
+        "kinds": pa.array([[]] * n, FEATURES.arrow().field("kinds").type),
         "context_embedding": fixed(label_emb, dim),
         "density": density,
         "n_active": (density * 1e6).astype(np.int64),
