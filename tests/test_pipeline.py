@@ -1,5 +1,6 @@
 import hashlib
 import json
+import re
 from pathlib import Path
 
 import numpy as np
@@ -8,6 +9,7 @@ import torch
 from featureatlas.ingest import pipeline
 from featureatlas.ingest.config import config_of
 from featureatlas.ingest.harvest import load_activations
+from featureatlas.ingest.labels import kinds, wording
 from featureatlas.ingest.sae import SAE
 from featureatlas.ingest.tokens import TokenizedCorpus
 from featureatlas.store.atlas import Atlas, AtlasNotFound
@@ -100,7 +102,11 @@ def test_labels_and_embeddings_are_present(tiny_atlas):
     assert len(labelled) >= len(live) // 2 and all(f["label_source"] in ("contrastive", "none") for f in feats)
     scored = [f for f in labelled if f["label_score"] is not None]
     assert scored and all(0 <= f["label_score"] <= 1 for f in scored)
-    assert all(f["label"].startswith('"') for f in labelled)  # every contrastive label quotes what fires
+    for f in labelled:  # short, no word lists, at most 3 quotes; a feature of one kind of token is named by it
+        assert wording.words(f["label"]) <= wording.MAX_WORDS and wording.listed_words(f["label"]) < 4
+        assert len(re.findall(r'"[^"]*"', f["label"])) <= wording.QUOTED_MAX
+        assert f["kind"] is None or kinds.KINDS[f["kind"]].phrase in f["label"]
+    assert any(f["kind"] for f in labelled) and all(k["kind"] in kinds.KINDS for f in feats for k in f["kinds"])
     assert all({s["scorer"] for s in f["label_scores"]} >= {"embedding", "token"} for f in scored)
     # A seeded sample of labelled live features is also scored by steering with them (the intervention stage).
     intervened = [f for f in feats if any(s["scorer"] == "intervention" for s in f["label_scores"])]
