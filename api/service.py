@@ -145,6 +145,7 @@ class AtlasService:
         self.atlas.open_all()
         self.atlas.sql_workers  # noqa: B018 (started now: a worker process takes ~0.3 s to start)
         S.decoder_neighbors(self.atlas, 0, 1)  # small atlases load their decoders for exact search here
+        self._kind_index()  # the kinds' ways of asking, embedded once: the first search would wait for it
         # The map document takes seconds at 100k features: built in the background, so the server
         # starts answering now and the first visitor of the map does not wait for all of it.
         threading.Thread(target=self._warm_map, name="warm-map", daemon=True).start()

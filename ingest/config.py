@@ -131,8 +131,8 @@ class LabelConfig:
                                                                     "held-out windows; intervention (steering) on "
                                                                     "generated text; the first gives label_score")
     label_pool_windows: int = setting(10_000, "windows cut from each part of the label split")
-    label_topic_nouns: int = setting(8_000, "WordNet nouns in the bank topics are named from, most common first "
-                                            "(embedded once per machine, ~30 s on 2 cores)")
+    label_topic_nouns: int = setting(8_000, "most WordNet nouns in the bank topics are named from, most often tagged "
+                                            "first (those tagged twice or more: ~6,700; embedded once per machine)")
     # The llm explainer and detection scorer: an OpenAI-compatible endpoint (llm_url + llm_model), or a
     # local instruct model folder (llm_model alone). The key is read from the named variable.
     llm_url: str = setting("", "OpenAI-compatible endpoint, e.g. http://127.0.0.1:8080/v1")

@@ -22,8 +22,9 @@ the response's top-level ``confident``.
 
 Queries are split into a tuning half and a held-out half, fixed in the table below (alternating
 within each category): tune search on the first, report the second. A second held-out set
-(``heldout2``, 35 concepts: kinds of token and everyday topics) was written before the labels
-learned kinds and topics (issue 28) and is never tuned on. Modes are
+(``heldout2``, 36 concepts: kinds of token and everyday topics) was written with the labels that
+name kinds and topics (issue 28), before any search ran on it, and is never tuned on; no way of
+asking for a kind copies a held-out query (tests/test_search_eval.py). Modes are
 ``store.search.SEARCH_MODES`` at run time plus the fused search ("all"). Nothing is written to the atlas.
 """
 

@@ -91,7 +91,7 @@ FEATURES = Table("features", (
     # top activations all on one token: token matching scores it high trivially
     Column("single_token", pa.bool_(), labels=True),
     Column("label_embedding", pa.list_(pa.float32(), EMBEDDING_DIM), sql=False, labels=True),
-    # the kind of token most of its activation mass lies in ("uppercase words and acronyms"), or null
+    # the kind of token most of its activation mass lies in, by its key ("uppercase", "parameter"), or null
     Column("kind", pa.string(), labels=True),
     # every kind worth searching it by (ingest/labels/kinds.py): share of its mass, share of the kind's tokens it fires on
     Column("kinds", _KINDS, sql=False, labels=True),

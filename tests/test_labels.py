@@ -139,6 +139,9 @@ def test_a_feature_of_one_kind_of_token_is_named_by_its_kind():
     written = [text for text, _ in wording.candidates(ev)]
     assert written == ['speaker names in Shakespeare ("KING")', 'speaker names in Shakespeare ("KING", "QUEEN")']
     assert "90% on speaker names in Shakespeare" in wording.describe(ev)
+    # Where the source would take a kind past the word limit, the kind alone names it (never no label).
+    wide = Evidence([("KING", 0.5)], [], [("wiki-fr", 0.5, 0.2), ("wiki-es", 0.45, 0.2)], kind="uppercase words and acronyms")
+    assert [t for t, _ in wording.candidates(wide)] == ['uppercase words and acronyms ("KING")']
 
 
 def test_word_lists_are_counted_and_quoted_tokens_are_not_words():
@@ -247,6 +250,12 @@ def test_python_kinds_come_from_the_tokenizer():
     assert not got["speaker"] and not got["parameter"] & got["def_name"]
     broken = _tagged("def f(a, b):\n    return (a +", "python")  # cut mid-expression: what was read is tagged
     assert broken["parameter"] == {"a", "b"}
+    # A form feed (the stdlib has them) is no line break to tokenize: the marks after it stay in place.
+    fed = _tagged("x = 1\n\x0c\ndef f(a, b):\n    return g(a, key=b)\n", "python")
+    assert fed["def_name"] == {"f"} and fed["parameter"] == {"a", "b"} and fed["keyword_argument"] == {"key"}
+    other = _tagged("y = a @ b\nclass A(Base):\n    pass\nimport os.path\n", "python")
+    assert not other["decorator"] and not other["call_argument"]  # matrix product; class bases
+    assert other["import_name"] == {"os", "path"} and other["class_name"] == {"A"}
 
 
 def test_text_kinds_know_plays_numbers_and_case():
@@ -255,6 +264,7 @@ def test_text_kinds_know_plays_numbers_and_case():
     assert got["stage_direction"] >= {"_Enter", "KING", "HENRY_"} and "What" not in got["stage_direction"]
     assert {"KING", "HENRY"} <= got["speaker"] and "What" in got["line_start"]
     assert got["year"] == {"1415"} and got["question"] == {"?"} and {"KING", "HENRY"} <= got["uppercase"]
+    assert _tagged("You may go in May or en mayo.", "wiki-en")["month"] == {"May", "mayo"}
     assert not _tagged(play, "wiki-en")["speaker"]  # the plays' markup means nothing elsewhere
     pieces = kinds.tag_document(["Walk", "ing", " home"], "wiki-en")
     piece = list(kinds.KINDS).index("word_piece")

@@ -117,3 +117,13 @@ def test_run_query_judges_hits_and_reads_optional_fields(se):
     assert summary[se.TUNING]["found"] == 1 and summary[se.TUNING]["confident_false_on_absent"] == 1.0
     assert summary[se.TUNING]["confident_true_on_present"] is None
     assert summary[se.HELDOUT]["n_present"] == 0
+
+
+def test_no_way_of_asking_for_a_kind_copies_a_held_out_query(se):
+    """The kind signal matches a query against the ways of asking for each kind: none of them may be a
+    held-out query word for word (the kind's own phrase, what its labels say, is exempt)."""
+    from featureatlas.ingest.labels.kinds import KINDS
+
+    held = {c.query.lower() for c in se.CONCEPTS if c.half != se.TUNING}
+    assert not {ask.lower() for k in KINDS.values() for ask in k.asks[1:]} & held
+

@@ -27,7 +27,7 @@ EXPLAINER = "contrastive"
 class Candidate:
     text: str
     explainer: str
-    kind: str  # what the phrase adds to the quoted tokens: token | pattern | topic | llm
+    kind: str  # what names the feature: token | pattern | topic | kind (of token) | llm
     status: str = "ok"  # ok | failed (an explainer call that did not return a label)
     detail: str = ""
 

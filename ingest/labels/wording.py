@@ -139,15 +139,14 @@ def candidates(ev: Evidence) -> list[tuple[str, str]]:
     documents. A feature of one kind of token gets only labels that name the kind; the others get
     labels that quote what fires or name a topic, and the scorers choose."""
     source, where = context(ev)
-    if not ev.at:  # it fired, but on no token that stands out: a kind or a topic can still name it
-        out = [(f"{ev.kind}{_where(ev.kind, where)}", "kind")] if ev.kind else [(t, "topic") for t in ev.topics[:1]]
-        return [c for c in out if words(c[0]) <= MAX_WORDS]
+    if ev.kind:  # a kind names the feature, with the source when that still fits the word limit
+        kind = f"{ev.kind}{_where(ev.kind, where)}"
+        kind = kind if words(kind) <= MAX_WORDS else ev.kind
+        return [(kind, "kind")] if not ev.at else [(f"{kind} ({shown})", "kind") for shown in _heads(ev)]
+    if not ev.at:  # it fired, but on no token that stands out: a topic can still name it
+        return [(t, "topic") for t in ev.topics[:1] if words(t) <= MAX_WORDS]
     shown = [show_token(t) for t in quoted(ev)]
     counts = sorted({1, len(shown)})
-    if ev.kind:
-        place = _where(ev.kind, where)
-        out = [(f"{ev.kind}{place} ({', '.join(shown[:n])})", "kind") for n in counts]
-        return [c for c in dict.fromkeys(out) if words(c[0]) <= MAX_WORDS]
     targets = {token_key(t) for t in quoted(ev)}
     before = list(dict.fromkeys(show_token(t) for t, share in sorted(ev.before, key=lambda b: -b[1])
                                 if share >= BEFORE_MIN_SHARE and token_key(t) not in targets))
@@ -166,6 +165,12 @@ def candidates(ev: Evidence) -> list[tuple[str, str]]:
             if where:
                 out.append((f"{name} {where} ({', '.join(shown[:n])})", "topic"))
     return [c for c in dict.fromkeys(out) if words(c[0]) <= MAX_WORDS]
+
+
+def _heads(ev: Evidence) -> list[str]:
+    """The quoted tokens a label may show: the strongest one, and up to ``QUOTED_MAX``."""
+    shown = [show_token(t) for t in quoted(ev)]
+    return list(dict.fromkeys([shown[0], ", ".join(shown)]))
 
 
 def _where(phrase: str, where: str | None) -> str:
