@@ -135,7 +135,7 @@ def context(ev: Evidence) -> tuple[str | None, str | None]:
 
 
 def candidates(ev: Evidence) -> list[tuple[str, str]]:
-    """(label, kind of phrase) candidates; none for a feature that never fired on the explain
+    """(label, what names it) candidates; none for a feature that never fired on the explain
     documents. A feature of one kind of token gets only labels that name the kind; the others get
     labels that quote what fires or name a topic, and the scorers choose."""
     source, where = context(ev)
@@ -152,8 +152,8 @@ def candidates(ev: Evidence) -> list[tuple[str, str]]:
                                 if share >= BEFORE_MIN_SHARE and token_key(t) not in targets))
     out = []
     for n in counts:
-        kind = kind_of(quoted(ev, n), source) if n > 1 else None
-        head = ", ".join(shown[:n]) + (f" ({kind})" if kind else "")
+        word_class = kind_of(quoted(ev, n), source) if n > 1 else None
+        head = ", ".join(shown[:n]) + (f" ({word_class})" if word_class else "")
         out.append((head + (f" {where}" if where else ""), "token"))
         if before and n < QUOTED_MAX:  # the tokens before count among the quoted ones
             after = " after " + ", ".join(before[:min(2, QUOTED_MAX - n)])
