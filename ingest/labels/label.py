@@ -55,7 +55,7 @@ class Labels:
     single_token: list[bool]
     embeddings: np.ndarray
     kind: list[str | None]  # the kind of token that holds most of its mass (``kinds.KindStats.dominant``)
-    kinds: list[list[dict]]  # every kind worth searching it by: {kind, share, recall}
+    kinds: list[list[dict]]  # the kinds holding a fair share of its mass: {kind, share, recall}
     candidates: pa.Table  # every candidate of every explainer, with its scores (DuckDB ``label_candidates``)
     summary: dict = field(default_factory=dict)
     top_token: dict[int, str] = field(default_factory=dict)  # the strongest token per feature (explain documents)
