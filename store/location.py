@@ -69,8 +69,12 @@ def _cache_folder(kind: str, location: str, *, flag: str) -> Path:
     an atlas on the machine that builds it never touches the build's folder."""
     _filesystem(location, flag=flag)  # a malformed URI fails here, before any work
     uri = location.rstrip("/")
-    base = Path(os.environ.get("FEATUREATLAS_CACHE", "~/.cache/featureatlas")).expanduser()
-    return base / kind / f"{urlparse(uri).netloc}-{hashlib.sha256(uri.encode()).hexdigest()[:12]}"
+    return user_cache() / kind / f"{urlparse(uri).netloc}-{hashlib.sha256(uri.encode()).hexdigest()[:12]}"
+
+
+def user_cache() -> Path:
+    """The user's Feature Atlas cache: ``FEATUREATLAS_CACHE``, else ``~/.cache/featureatlas``."""
+    return Path(os.environ.get("FEATUREATLAS_CACHE", "~/.cache/featureatlas")).expanduser()
 
 
 def _filesystem(location: str, *, flag: str = "--atlas") -> tuple[Any, str]:

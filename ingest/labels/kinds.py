@@ -308,7 +308,6 @@ class KindStats:
     documents: the share of its activation mass on tokens of the kind, that share over the kind's
     share of all tokens, and the share of the kind's tokens it fires on."""
 
-    features: list[int]
     share: np.ndarray
     lift: np.ndarray
     recall: np.ndarray
@@ -353,4 +352,4 @@ def kind_stats(con: duckdb.DuckDBPyConnection, features: list[int]) -> KindStats
         share[:, i] = np.bincount(at, weights=value * on, minlength=n) / np.maximum(mass, 1e-12)
         lift[:, i] = share[:, i] / (of_kind / len(all_bits))
         recall[:, i] = np.bincount(at, weights=on, minlength=n) / of_kind
-    return KindStats(features, share, lift, recall)
+    return KindStats(share, lift, recall)

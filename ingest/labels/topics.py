@@ -24,6 +24,7 @@ from typing import Callable
 
 import duckdb
 import numpy as np
+from featureatlas.store.location import user_cache
 from tqdm import tqdm
 
 from .scorers import Trial
@@ -95,7 +96,7 @@ def cached_embeddings(names: list[str], embed_fn: Callable[[list[str]], np.ndarr
     """[len(names), dim] embeddings, cached under the user's cache (``FEATUREATLAS_CACHE``) by the
     names' and the embedder's hash: WordNet's nouns take 30-60 s to embed on two cores, once."""
     key = hashlib.sha256("\n".join([embedder, *names]).encode()).hexdigest()[:16]
-    cache = Path(os.environ.get("FEATUREATLAS_CACHE", "~/.cache/featureatlas")).expanduser() / "concepts"
+    cache = user_cache() / "concepts"
     path = cache / f"{key}.npy"
     if path.is_file():
         return np.load(path)
@@ -149,13 +150,18 @@ def rank_auroc(scores: np.ndarray, n_pos: int) -> np.ndarray:
     return below / (n_pos * (scores.shape[1] - n_pos))
 
 
-def topic(bank: ConceptBank, pool: WindowPool, trial: Trial, n: int = TOPICS, *, floor: float = MIN_AUROC) -> list[str]:
+def topic(bank: ConceptBank, pool: WindowPool, trial: Trial, n: int = TOPICS, *,
+          place: np.ndarray | None = None) -> list[str]:
     """Up to ``n`` names, best first (the first preferring short, common names among close ones);
-    none when no name ranks the windows better than ``floor``. ``pool`` must carry embeddings."""
+    none when no name reaches ``MIN_AUROC``, or ranks the windows less than ``MARGIN`` better than
+    the embedding of the ``place`` the feature lives in ("French articles") already does: such a
+    name only restates the language or the source ("laissez faire" for a French word piece,
+    "payment" for indentation in Python code). ``pool`` must carry embeddings."""
     if not bank.names or not len(trial.positives) or not len(trial.negatives):
         return []
     pos, neg = pool.embeddings[trial.positives], pool.embeddings[trial.negatives]
     windows = np.concatenate([pos, neg])
+    floor = MIN_AUROC if place is None else max(MIN_AUROC, float(rank_auroc((windows @ place)[None], len(pos))[0]) + MARGIN)
     pre = bank.vectors @ (pos.mean(0) - neg.mean(0))
     shortlist = np.argsort(-pre, kind="stable")[:SHORTLIST]
     auroc = rank_auroc(bank.vectors[shortlist] @ windows.T, len(pos))
@@ -171,15 +177,6 @@ def topic(bank: ConceptBank, pool: WindowPool, trial: Trial, n: int = TOPICS, *,
 
 def topics(bank: ConceptBank, pool: WindowPool, trials: dict[int, Trial], places: dict[int, np.ndarray | None],
            n: int = TOPICS) -> dict[int, list[str]]:
-    """``topic`` for every feature that has a trial. A name must rank its windows ``MARGIN`` better
-    than the embedding of the place the feature lives in (``places``: "French articles", None for
-    a feature of no one source) already does: otherwise it only restates the language or the source
-    ("laissez faire" for a French word piece, "payment" for indentation in Python code)."""
-    out = {}
-    for f, t in tqdm(trials.items(), desc="topics", unit="feature"):
-        floor = MIN_AUROC
-        if places.get(f) is not None and len(t.positives) and len(t.negatives):
-            windows = pool.embeddings[np.concatenate([t.positives, t.negatives])]
-            floor = max(floor, float(rank_auroc((windows @ places[f])[None], len(t.positives))[0]) + MARGIN)
-        out[f] = topic(bank, pool, t, n, floor=floor)
-    return out
+    """``topic`` for every feature that has a trial (``places``: the embedding of the source phrase
+    each feature lives in, None for a feature of no one source)."""
+    return {f: topic(bank, pool, t, n, place=places.get(f)) for f, t in tqdm(trials.items(), desc="topics", unit="feature")}
