@@ -4,11 +4,21 @@ from __future__ import annotations
 
 import importlib.util
 import os
+from collections import defaultdict
 from functools import lru_cache
 
 import numpy as np
 from featureatlas.store.errors import BadConfig
 from featureatlas.store.schema import EMBEDDING_DIM
+
+BATCH = 64
+# Every text is padded to the next multiple of PAD_STEP tokens. A text's vector is then a function of
+# the text alone: with padding to the longest text of a batch (sentence-transformers' own encode), the
+# same text came out a few float32 ulps apart depending on which texts shared its batch, and a topic
+# or candidate choice near a tie flipped between a local and a Ray build of one atlas (issue 32).
+# Measured: the same bits alone, in any batch, in any order, with 1 or 2 torch threads; and as fast
+# as that encode on the quick atlas's label candidates and windows (a step of 16 cost 8-22% more).
+PAD_STEP = 8
 
 
 @lru_cache(maxsize=2)
@@ -30,13 +40,33 @@ def load_embedder(name: str = "minilm", device: str = "cpu"):
 def embed(texts: list[str], *, name: str = "minilm", device: str = "cpu", progress: bool = False) -> np.ndarray:
     """Unit-norm float32 embeddings [len(texts), dim]; cosine similarity is then a dot product.
     Each distinct text is embedded once (candidate labels repeat across features: a quoted token
-    is often the label of many)."""
+    is often the label of many), and its vector does not depend on the other texts (``PAD_STEP``)."""
     if not texts:
         return np.zeros((0, EMBEDDING_DIM), dtype=np.float32)
     unique = list(dict.fromkeys(texts))
-    model = load_embedder(name, device)
-    out = model.encode(unique, batch_size=64, normalize_embeddings=True, show_progress_bar=progress, convert_to_numpy=True)
+    out = _encode(load_embedder(name, device), unique, progress)
     if len(unique) < len(texts):
         row = {t: i for i, t in enumerate(unique)}
         out = out[[row[t] for t in texts]]
-    return out.astype(np.float32)
+    return out
+
+
+def _encode(model, texts: list[str], progress: bool) -> np.ndarray:
+    """Batches of texts of one padded length, so that every text meets the same matrix shapes."""
+    import torch
+    from tqdm.auto import tqdm
+
+    tokenizer, longest = model.tokenizer, model.max_seq_length
+    lengths = [len(ids) for ids in tokenizer(texts, truncation=True, max_length=longest)["input_ids"]]
+    by_length: dict[int, list[int]] = defaultdict(list)
+    for i, n in enumerate(lengths):
+        by_length[min(longest, -(-n // PAD_STEP) * PAD_STEP)].append(i)
+    batches = [(pad, rows[at:at + BATCH]) for pad, rows in sorted(by_length.items()) for at in range(0, len(rows), BATCH)]
+    out = np.zeros((len(texts), model.get_embedding_dimension()), np.float32)
+    with torch.inference_mode():
+        for pad, rows in tqdm(batches, desc="embed", unit="batch", disable=not progress):
+            inputs = tokenizer([texts[i] for i in rows], padding="max_length", truncation=True, max_length=pad,
+                               return_tensors="pt").to(model.device)
+            vectors = model.forward(dict(inputs))["sentence_embedding"]
+            out[rows] = torch.nn.functional.normalize(vectors.float(), dim=1).cpu().numpy()
+    return out

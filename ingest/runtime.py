@@ -27,8 +27,8 @@ _M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3  # mallopt parameters (malloc.h)
 # MKL (torch's CPU BLAS) may pick kernels by the memory alignment of each call's buffers, so the
 # same matmul can round differently in two processes; STRICT asks for results that do not depend on
 # it. The local and the Ray ingest run the same shards in different processes and should agree to
-# the bit: scripts/bench_ray.py compares every table (they agreed in the last runs; one earlier run
-# differed in two theme-word descriptions, for a reason not found; README, "On a Ray cluster").
+# the bit: scripts/bench_ray.py compares every table. (Their other source of difference was the
+# embedder's batches, not MKL: see ingest/embed.py, PAD_STEP.)
 REPRODUCIBLE_MKL = "AUTO,STRICT"
 
 

@@ -121,3 +121,47 @@ def test_shards_spread_over_two_nodes(tmp_path):
         runner.close()
         ray.shutdown()
         cluster.shutdown()
+
+
+def test_a_label_shard_is_the_same_bits_with_any_threads_any_shard_size_and_in_a_ray_actor(
+        local_cluster, tiny_atlas, tiny_model_dir, corpus_dir, tmp_path):
+    """Issue 32: the labels of a feature depend on nothing but the atlas and the settings; not on
+    torch's threads, the features it shares a shard with, or the process that labels it."""
+    import hashlib
+
+    import pyarrow.compute as pc
+    import pyarrow.parquet as pq
+    import torch
+    from featureatlas.ingest.pipeline import STAGES, Ingest
+
+    labels = next(s for s in STAGES if s.name == "labels")
+    cfg = tiny_config(tiny_atlas, tiny_model_dir, corpus_dir)
+    ctx = Ingest.open(cfg)
+    before = torch.get_num_threads()
+    try:
+        for threads in (1, 2):
+            torch.set_num_threads(threads)
+            labels.run_shard(ctx, _folder(tmp_path / f"threads-{threads}"), 0)
+    finally:
+        torch.set_num_threads(before)
+    runner = RayShards(lambda: Ingest.open(cfg), workers=1)
+    try:
+        list(runner(labels, None, _folder(tmp_path / "ray"), [0]))
+    finally:
+        runner.close()
+    files = ("labels-00000.parquet", "candidates-00000.parquet")
+    digests = {run: [hashlib.sha256((tmp_path / run / f).read_bytes()).hexdigest() for f in files]
+               for run in ("threads-1", "threads-2", "ray")}
+    assert digests["threads-1"] == digests["threads-2"] == digests["ray"]
+
+    # Half the shard: its features' rows are those of the whole shard, every column.
+    half = Ingest.open(tiny_config(tiny_atlas, tiny_model_dir, corpus_dir, label_shard_features=16))
+    labels.run_shard(half, _folder(tmp_path / "half"), 0)
+    for f in files:
+        whole = pq.read_table(tmp_path / "threads-1" / f)
+        assert pq.read_table(tmp_path / "half" / f).equals(whole.filter(pc.less(whole["feature_id"], 16)))
+
+
+def _folder(path: Path) -> Path:
+    path.mkdir()
+    return path
