@@ -12,6 +12,8 @@ from featureatlas.store.errors import BadConfig
 from featureatlas.store.schema import EMBEDDING_DIM
 
 BATCH = 64
+# Bump when the vector of a text changes: the windows stage and the cached concept bank are keyed by it.
+VERSION = 2
 # Every text is padded to the next multiple of PAD_STEP tokens. A text's vector is then a function of
 # the text alone: with padding to the longest text of a batch (sentence-transformers' own encode), the
 # same text came out a few float32 ulps apart depending on which texts shared its batch, and a topic

@@ -25,6 +25,7 @@ from featureatlas.store.schema import vector_matrix
 from . import encode, tables, windows
 from .config import AtlasConfig
 from .corpus import corpus_fingerprint
+from .embed import VERSION as EMBED_VERSION
 from .embed import embed
 from .evaluate import METRICS_VERSION, loss_recovered, reconstruction_metrics
 from .feature_map import MAP_VERSION, coactivation, feature_map, function_vectors
@@ -253,7 +254,7 @@ STAGES: list[Stage[Ingest]] = [
     # Only the embedder of the labels group matters here: another scorer or explainer keeps the windows.
     # Sharded by windows: each shard embeds SHARD_WINDOWS of them.
     Stage("windows", windows.WINDOWS_VERSION, (), ("corpus",), windows.OUTPUTS, _run_windows,
-          inputs=lambda ctx: [ctx.cfg.labels.embedder],
+          inputs=lambda ctx: [ctx.cfg.labels.embedder, EMBED_VERSION],
           shards=lambda ctx: windows.shards(ctx.corpus_windows), run_shard=_windows_shard),
     # Sharded by tokens: each shard a range of contexts through the model.
     # The layer is the one in use (a loaded dictionary's own when --layer is not given).

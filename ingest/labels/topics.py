@@ -27,6 +27,7 @@ import numpy as np
 from featureatlas.store.location import user_cache
 from tqdm import tqdm
 
+from ..embed import VERSION as EMBED_VERSION
 from .scorers import Trial
 from .windows import WindowPool
 
@@ -94,8 +95,8 @@ def corpus_titles(con: duckdb.DuckDBPyConnection) -> list[str]:
 
 def cached_embeddings(names: list[str], embed_fn: Callable[[list[str]], np.ndarray], embedder: str) -> np.ndarray:
     """[len(names), dim] embeddings, cached under the user's cache (``FEATUREATLAS_CACHE``) by the
-    names' and the embedder's hash: WordNet's nouns take 30-60 s to embed on two cores, once."""
-    key = hashlib.sha256("\n".join([embedder, *names]).encode()).hexdigest()[:16]
+    names', the embedder's and its version's hash: WordNet's nouns take 30-60 s to embed on two cores, once."""
+    key = hashlib.sha256("\n".join([embedder, str(EMBED_VERSION), *names]).encode()).hexdigest()[:16]
     cache = user_cache() / "concepts"
     path = cache / f"{key}.npy"
     if path.is_file():
