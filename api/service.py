@@ -13,6 +13,8 @@ import logging
 import numbers
 import re
 import threading
+from collections import OrderedDict
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import numpy as np
@@ -23,9 +25,10 @@ from featureatlas.ingest.steer import Continuation, Edit
 from featureatlas.store import calibrate as C
 from featureatlas.store import search as S
 from featureatlas.store.atlas import Atlas, QueryInterrupted
-from featureatlas.store.corpus_search import coverage, enriched, match_windows
+from featureatlas.store.corpus_search import WindowIndex, coverage, enriched, match_windows
 from featureatlas.store.errors import BadParameter, NotFound
 from featureatlas.store.map_view import NoMap, map_data, map_json, map_levels
+from featureatlas.store.schema import ANN_MIN_ROWS
 from featureatlas.store.search import SEARCH_MODES
 
 log = logging.getLogger(__name__)
@@ -58,6 +61,12 @@ MAX_PROMPT_CHARS = 4000  # refused before tokenizing (the token limit is checked
 MAX_QUERY_CHARS = 1000  # a search query
 # A search's inference signal waits at most this long for a model busy steering, then is left out.
 INFERENCE_WAIT_S = 0.5
+# The inference signal runs the query through the model (~150 ms here), which says something only
+# when the query is text the model reads (a sentence, a line of code): a query of at most this many
+# words, letters and digits only, is a topic and skips it (``reads_as_text``), unless asked for alone.
+TOPIC_WORDS = 6
+_NOT_TOPIC = re.compile(r"[^\w\s'’-]")  # punctuation, brackets, operators: text or code
+ANSWERS = 512  # searches remembered per atlas (the service is made anew for each publish)
 
 
 # "features about X", "a feature that fires on X": the concept is X (the rest would pull every
@@ -70,6 +79,12 @@ _ASKING = re.compile(r"^\s*(show me |find |search for )?(an? |the |all )?(featur
 def concept_of(query: str) -> str:
     """The concept a query asks about, without "features about" and the like."""
     return _ASKING.sub("", query).strip() or query.strip()
+
+
+def reads_as_text(concept: str) -> bool:
+    """Whether a query is text to run through the model rather than a topic ("football", "French
+    language text" are topics; "To be, or not to be" and "def add(a, b):" are text)."""
+    return len(concept.split()) > TOPIC_WORDS or bool(_NOT_TOPIC.search(concept))
 
 
 def not_found(query: str, cover: dict[str, Any]) -> str:
@@ -137,6 +152,11 @@ class AtlasService:
         self._map_lock = threading.RLock()
         self._kinds: tuple[S.KindIndex | None, np.ndarray | None] | None = None  # (None, None): an atlas without kinds
         self._kinds_lock = threading.Lock()
+        self._answers: OrderedDict[tuple[str, int, str | None], dict[str, Any]] = OrderedDict()
+        self._answers_lock = threading.Lock()
+        self._windows: WindowIndex | None = None  # corpus search's data in memory, once warmed up
+        # The inference signal's own thread: the model runs while the other signals are computed.
+        self._inference = ThreadPoolExecutor(1, thread_name_prefix="search-inference")
 
     def warm_up(self) -> None:
         """Load the embedder and open the tables now; the model behind search by inference stays
@@ -146,6 +166,10 @@ class AtlasService:
         self.atlas.sql_workers  # noqa: B018 (started now: a worker process takes ~0.3 s to start)
         S.decoder_neighbors(self.atlas, 0, 1)  # small atlases load their decoders for exact search here
         self._kind_index()  # the kinds' ways of asking, embedded once: the first search would wait for it
+        self._windows = WindowIndex.load(self.atlas)
+        if self.atlas.d_sae < ANN_MIN_ROWS:  # exact search's matrices (an indexed atlas has its index warm)
+            for column in ("label_embedding", "context_embedding"):
+                self.atlas.vectors(column)
         # The map document takes seconds at 100k features: built in the background, so the server
         # starts answering now and the first visitor of the map does not wait for all of it.
         threading.Thread(target=self._warm_map, name="warm-map", daemon=True).start()
@@ -237,7 +261,8 @@ class AtlasService:
     def search(self, q: str, k: int = 10, mode: str | None = None) -> dict[str, Any]:
         """Features about ``q`` from every signal (or one, ``mode``), ordered by their calibrated
         evidence (``store.calibrate``); ``confident`` says whether one of the first hits clearly
-        is about the query, ``coverage`` how much of the corpus is."""
+        is about the query, ``coverage`` how much of the corpus is. Answers are remembered
+        (``ANSWERS``), except those that had to leave a signal out."""
         q = _check_text("q", q, MAX_QUERY_CHARS).strip()
         if not q:
             raise BadParameter("q", "the query is empty")
@@ -245,24 +270,44 @@ class AtlasService:
         if mode is not None and mode not in (*SEARCH_MODES, S.FUSED):
             raise BadParameter("mode", f"must be one of {', '.join(SEARCH_MODES)} or {S.FUSED} (every signal, the default)")
         mode = None if mode == S.FUSED else mode
+        key = (q, k, mode)
+        with self._answers_lock:
+            if key in self._answers:
+                self._answers.move_to_end(key)
+                return copy.deepcopy(self._answers[key])  # the caller's to change
+        answer, complete = self._search(q, k, mode)
+        if complete:
+            with self._answers_lock:
+                self._answers[key] = copy.deepcopy(answer)
+                while len(self._answers) > ANSWERS:
+                    self._answers.popitem(last=False)
+        return answer
+
+    def _search(self, q: str, k: int, mode: str | None) -> tuple[dict[str, Any], bool]:
+        """The answer, and whether every signal asked for is in it."""
         modes = [mode] if mode else list(SEARCH_MODES)
         concept = concept_of(q)
-        vec = embed([concept], name=self.embedder)[0]
+        complete = True
+        inference = None
         n = max(k, MIN_CANDIDATES) * CANDIDATES_PER_HIT
+        if "inference" in modes and (mode == "inference" or reads_as_text(concept)):
+            inference = self._inference.submit(self._inference_ranking, q, n)
+        vec = embed([concept], name=self.embedder)[0]
         lists: dict[str, S.Ranked] = {}
         evidence: dict[str, dict[int, float]] = {}
         for m in ("label", "context"):
             if m in modes:
                 lists[m] = S.vector_search(self.atlas, f"{m}_embedding", vec, n)
                 null = C.vector_null(self.atlas.vectors(f"{m}_embedding", sample=C.NULL_SAMPLE) @ vec)
-                evidence[m] = {h.feature_id: C.vector_evidence(h.score, null, self.atlas.d_sae) for h in lists[m]}
-        matched = match_windows(self.atlas, vec)
+                digits = C.vector_evidence(np.array([h.score for h in lists[m]]), null, self.atlas.d_sae)
+                evidence[m] = {h.feature_id: float(e) for h, e in zip(lists[m], digits)}
+        matched = match_windows(self.atlas, vec, held=self._windows)
         if "corpus" in modes:
             try:
-                found = enriched(self.atlas, matched, n)
+                found = enriched(self.atlas, matched, n, held=self._windows)
             except QueryInterrupted:  # a scan of every activation: on a big atlas, search goes on without it
                 log.warning("search: the corpus signal ran past its time limit for %r and was left out", q)
-                found = []
+                found, complete = [], False
             lists["corpus"] = self._hits([(f, log_p) for f, _, _, log_p, _ in found])
             evidence["corpus"] = {f: C.corpus_evidence(log_p, self.atlas.d_sae) for f, _, _, log_p, _ in found}
         if "text" in modes:
@@ -272,18 +317,19 @@ class AtlasService:
             lists["kind"], asked = S.kind_search(self.atlas, index, asks @ vec, n)
             best = lists["kind"][0].score if lists["kind"] else 0.0
             evidence["kind"] = {h.feature_id: C.kind_evidence(h.score, best, asked, S.KIND_MATCH) for h in lists["kind"]}
-        if "inference" in modes:
+        if inference is not None:
             try:
-                lists["inference"] = self._inference_ranking(q, n)
+                lists["inference"] = inference.result()
             except ModelBusy:  # steering holds the model: search goes on without this signal
                 log.info("search: the model was busy; the inference signal was left out for %r", q)
+                complete = False
             except BadParameter as e:  # over the model's token limit (CJK text can be): the other signals answer
                 log.info("search: the inference signal was left out for %r: %s", q, e)
         cover = coverage(self.atlas, matched)
         hits = self._fused(lists, evidence, k, vec, cover["best_similarity"])
         confident = any(h["strong"] for h in hits[: C.CONFIDENT_WITHIN])
         return {"query": q, "concept": concept, "mode": mode or S.FUSED, "confident": confident, "coverage": cover,
-                "message": None if confident else not_found(q, cover), "hits": hits}
+                "message": None if confident else not_found(q, cover), "hits": hits}, complete
 
     def _fused(self, lists: dict[str, S.Ranked], evidence: dict[str, dict[int, float]], k: int, vec: np.ndarray,
                corpus_similarity: float | None) -> list[dict[str, Any]]:

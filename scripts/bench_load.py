@@ -8,7 +8,8 @@ keep-alive connections, each pausing ``--think-ms`` on average between an answer
 request (a person reading; 0 sends back to back, which measures saturation: every latency is then
 queueing), for ``--warmup-seconds`` (not counted), then for ``--seconds``, at most
 ``--max-requests`` requests in all, and stops the server however the run ends. The mix: feature
-pages, neighbours, feature lists, search, cheap SQL (and one SQL query past the time limit every
+pages, neighbours, feature lists, search (half of it one of 20 popular queries, which the server's
+answer cache holds after their first time, half new two-word queries), cheap SQL (and one SQL query past the time limit every
 ``--heavy-every`` seconds, expected to be a 400), and ~12% model routes (activations, steer,
 contrast), enough to fill the model pool (one worker, eight waiting) so that it must shed load
 with 503s. Clients ignore ``Retry-After``: what is measured is whether the server sheds. Between
@@ -40,7 +41,7 @@ from collections.abc import Callable
 from pathlib import Path
 from urllib.parse import quote
 
-from bench_search import serving
+from bench_search import WORDS, serving
 
 MAX_CLIENTS = 256
 MAX_SECONDS = 1800
@@ -52,6 +53,7 @@ MODEL_SLOWDOWN_LIMIT = 1.5
 MODEL_ROUTES = ("activations", "steer", "contrast")
 # Weights of the mix, in percent; the model routes make 12. People browse more than they search.
 MIX = {"feature": 40, "neighbors": 16, "list": 10, "search": 10, "sql": 12, "activations": 5, "steer": 4, "contrast": 3}
+POPULAR = 0.5  # of searches, one of QUERIES
 QUERIES = ["cooking recipes", "football", "the weather", "music", "money and banks", "medicine", "cars", "love",
            "war", "computers", "children", "religion", "the ocean", "dates and years", "French language text",
            "Python code", "numbers", "animals", "politics", "Shakespeare plays"]
@@ -127,6 +129,12 @@ class Mix:
             self._heavy_at = time.monotonic() + self.heavy_every
             return True
 
+    @staticmethod
+    def query(rng: random.Random) -> str:
+        """Half the searches repeat a popular query (the server's answer cache holds it after its
+        first time), half are new: two of the 80 words of ``bench_search.WORDS`` (6,320 ordered pairs)."""
+        return rng.choice(QUERIES) if rng.random() < POPULAR else " ".join(rng.sample(WORDS, 2))
+
     def draw(self, rng: random.Random) -> tuple[str, str, str, object]:
         fid = rng.choice(self.live)
         route = rng.choices(self.routes, self.weights)[0]
@@ -136,7 +144,7 @@ class Mix:
             "feature": lambda: ("GET", f"/api/features/{fid}", None),
             "neighbors": lambda: ("GET", f"/api/features/{fid}/neighbors?k=10", None),
             "list": lambda: ("GET", f"/api/features?limit=50&offset={rng.randrange(len(self.live))}", None),
-            "search": lambda: ("GET", f"/api/search?q={quote(rng.choice(QUERIES))}", None),
+            "search": lambda: ("GET", f"/api/search?q={quote(self.query(rng))}", None),
             "sql": lambda: ("POST", "/api/sql", {"sql": rng.choice(SQL)}),
             "activations": lambda: ("POST", "/api/activations", {"text": rng.choice(TEXTS), "k": 5}),
             "steer": lambda: ("POST", "/api/steer", {"prompt": rng.choice(TEXTS), "max_new_tokens": 8,
@@ -279,7 +287,8 @@ def report(result: dict) -> None:
         print(f"{'PASS' if c['ok'] else 'FAIL'} {name}: " + ", ".join(f"{k}={v}" for k, v in c.items() if k != "ok"))
 
 
-def main() -> None:
+def parse(argv: list[str] | None = None) -> argparse.Namespace:
+    """The settings, checked (``bench_serve.py`` runs the load test with them too)."""
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--atlas", required=True)
     p.add_argument("--out", required=True)
@@ -292,7 +301,7 @@ def main() -> None:
                                                               "(exponential; 0: back to back)")
     p.add_argument("--heavy-every", type=float, default=10, help="seconds between SQL queries past the time limit (0: none)")
     p.add_argument("--host", default="127.0.0.1", help="a loopback address; any other is refused")
-    args = p.parse_args()
+    args = p.parse_args(argv)
     try:
         loopback = ipaddress.ip_address(args.host).is_loopback
     except ValueError:
@@ -304,6 +313,11 @@ def main() -> None:
     phases = (args.warmup_seconds, args.baseline_seconds)
     if not 0 < args.seconds <= MAX_SECONDS or not all(0 <= s <= MAX_SECONDS for s in phases):
         p.error(f"--seconds, --warmup-seconds and --baseline-seconds must be at most {MAX_SECONDS}")
+    return args
+
+
+def main() -> None:
+    args = parse()
     # SIGTERM as an exit, not a silent death, so that the server is stopped too (Ctrl-C already is).
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     result = run(args)

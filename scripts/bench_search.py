@@ -144,7 +144,8 @@ def timed(client: httpx.Client, url: str, params: dict | None = None) -> tuple[f
 
 
 @contextmanager
-def serving(root: Path, *, host: str = "127.0.0.1", log: Path | None = None) -> Iterator[tuple[str, subprocess.Popen]]:
+def serving(root: Path, *, host: str = "127.0.0.1", log: Path | None = None,
+            extra_env: dict[str, str] | None = None) -> Iterator[tuple[str, subprocess.Popen]]:
     """``featureatlas serve`` on a free port of ``host``, as a subprocess (its output to ``log``, or
     nowhere); yields its base URL and process once /healthz answers, and stops it on exit. The
     benchmarks' one way to run a server. ``OMP_WAIT_POLICY=PASSIVE``: spinning torch threads would
@@ -153,7 +154,7 @@ def serving(root: Path, *, host: str = "127.0.0.1", log: Path | None = None) -> 
         s.bind((host, 0))
         port = s.getsockname()[1]
     base = f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_WAIT_POLICY": "PASSIVE"}
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_WAIT_POLICY": "PASSIVE", **(extra_env or {})}
     with open(log or os.devnull, "w") as out:  # a session of its own: Ctrl-C reaches the script, which stops it
         server = subprocess.Popen(
             [sys.executable, "-m", "featureatlas.api.cli", "serve", "--atlas", str(root), "--host", host, "--port", str(port)],

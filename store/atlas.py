@@ -261,23 +261,51 @@ class Atlas:
             return self._vectors[key]
 
     def vectors_of(self, ids: list[int], column: str):
-        """[len(ids), dim] float32 rows of one vector column for a few features."""
+        """[len(ids), dim] float32 rows of one vector column for a few features (from memory when
+        exact search holds the whole column there already)."""
         import numpy as np
 
         if not ids:
             return np.zeros((0, 0), np.float32)
+        held = self._vectors.get((column, None))
+        if held is not None:
+            return held[[int(i) for i in ids]]
         table = self._rows_by_id([int(i) for i in ids], [column])
         matrix = vector_matrix(table[column])
         at = {int(f): i for i, f in enumerate(table["feature_id"].to_pylist())}
         return matrix[[at[int(i)] for i in ids]]
 
+    @cached_property
+    def _readable_columns(self) -> list[str]:
+        """A feature row without its decoder and embeddings (they are for search, not reading)."""
+        return [c for c in self.features.schema.names if c not in ("feature_id", "decoder") and not c.endswith("_embedding")]
+
     def feature(self, feature_id: int) -> dict | None:
-        """One feature row without its decoder and embeddings (they are for search, not reading)."""
-        columns = [c for c in self.features.schema.names if c not in ("feature_id", "decoder") and not c.endswith("_embedding")]
-        return self.feature_row(feature_id, columns)
+        """One feature row without its decoder and embeddings."""
+        return self.feature_row(feature_id, self._readable_columns)
+
+    @cached_property
+    def _example_starts(self):
+        """Row offset of each feature's first example ([d_sae + 1]), read once: the encode stage
+        writes examples by feature, its top examples first and strongest first, so a feature's
+        examples are one run of rows and a direct take (~3 ms) instead of an indexed filter (~9 ms).
+        None for a table written in another order (then filtered)."""
+        import numpy as np
+
+        ids = self.examples.search().select(["feature_id"]).limit(self.examples.count_rows()).to_arrow()
+        ids = ids["feature_id"].to_numpy()
+        if len(ids) > 1 and (np.diff(ids) < 0).any():
+            return None
+        return np.searchsorted(ids, np.arange(self.d_sae + 1))
 
     def feature_examples(self, feature_id: int) -> list[dict]:
-        rows = self.examples.search().where(f"feature_id = {int(feature_id)}").limit(10_000).to_list()
+        """Every example of one feature: top examples strongest first, then the quantile ones."""
+        starts = self._example_starts
+        if starts is not None:
+            lo, hi = int(starts[feature_id]), int(starts[feature_id + 1])
+            rows = self.examples.take_offsets(list(range(lo, hi))).to_list() if hi > lo else []
+        else:
+            rows = self.examples.search().where(f"feature_id = {int(feature_id)}").limit(10_000).to_list()
         rows.sort(key=lambda r: (r["kind"] != "top", -r["max_activation"]))
         return rows
 
@@ -285,9 +313,14 @@ class Atlas:
         """The strongest top example of each of ``ids`` (tokens and activations)."""
         if not ids:
             return {}
+        columns = ["feature_id", "kind", "tokens", "activations", "max_activation"]
+        starts = self._example_starts
+        if starts is not None:  # a feature's first example is its strongest top one, if it has any
+            first = sorted({int(starts[f]) for f in ids if starts[f + 1] > starts[f]})
+            rows = self.examples.take_offsets(first).select(columns).to_list() if first else []
+            return {r["feature_id"]: r for r in rows if r["kind"] == "top"}
         where = f"kind = 'top' and feature_id in ({', '.join(str(int(i)) for i in ids)})"
-        rows = self.examples.search().where(where).select(["feature_id", "tokens", "activations", "max_activation"]) \
-            .limit(len(ids) * 100).to_list()
+        rows = self.examples.search().where(where).select(columns).limit(len(ids) * 100).to_list()
         best: dict[int, dict] = {}
         for r in rows:
             if r["feature_id"] not in best or r["max_activation"] > best[r["feature_id"]]["max_activation"]:

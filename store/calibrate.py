@@ -33,7 +33,7 @@ any query: "quantum" for "quantum computing"), hence 1.0.
 from __future__ import annotations
 
 import numpy as np
-from scipy.stats import norm
+from scipy.special import log_ndtr
 
 WEIGHTS = {"label": 1.0, "context": 0.5, "corpus": 0.3, "kind": 1.0}
 # A kind has no null distribution: its features carry evidence in proportion to their kind score
@@ -49,12 +49,14 @@ def vector_null(similarities: np.ndarray) -> tuple[float, float]:
     return float(similarities.mean()), float(similarities.std()) or 1.0
 
 
-def vector_evidence(similarity: float, null: tuple[float, float], n_features: int) -> float:
-    z = (similarity - null[0]) / null[1]
-    if not np.isfinite(z):  # an all-zero embedding (an unlabelled feature) has no cosine
-        return 0.0
-    p = -np.expm1(n_features * norm.logcdf(z))  # 1 - Φ(z)^n, without cancelling to 0
-    return float(max(0.0, -np.log10(max(p, 1e-300))))
+def vector_evidence(similarities: np.ndarray, null: tuple[float, float], n_features: int) -> np.ndarray:
+    """Evidence of each of ``similarities`` (one call for a whole list: scipy's distribution
+    objects cost ~0.1 ms a call, a tenth of a search's budget for 30 hits)."""
+    z = (np.asarray(similarities, dtype=np.float64) - null[0]) / null[1]
+    p = -np.expm1(n_features * log_ndtr(z))  # 1 - Φ(z)^n, without cancelling to 0
+    digits = np.maximum(0.0, -np.log10(np.maximum(p, 1e-300)))
+    # An all-zero embedding (an unlabelled feature) has no cosine; + 0.0 turns -0.0 into 0.
+    return np.where(np.isfinite(z), digits, 0.0) + 0.0
 
 
 def kind_evidence(score: float, best: float, similarity: float, match_from: float) -> float:

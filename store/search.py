@@ -51,9 +51,20 @@ Ranked = list[Hit]
 
 
 def vector_search(atlas: Atlas, column: str, vector: Sequence[float], k: int, *, exclude: int | None = None) -> Ranked:
-    """Cosine similarity between ``vector`` and ``column`` (decoder, label_embedding, context_embedding)."""
+    """Cosine similarity between ``vector`` and ``column`` (decoder, label_embedding,
+    context_embedding; each stored unit-norm or zero).
+
+    Indexed atlases ask LanceDB's ANN index. Below ``ANN_MIN_ROWS`` there is no index and LanceDB
+    would scan the whole table per query (~30 ms at 4k features, ~80 ms at 16k), so the column is
+    held in memory instead (at most 50k rows) and ranked exactly with one matrix-vector product."""
+    vector = np.asarray(vector, dtype=np.float32)
+    if atlas.d_sae < ANN_MIN_ROWS:
+        sims = atlas.vectors(column) @ vector
+        top = top_k(sims, k, exclude)
+        info = atlas.summaries(top.tolist())
+        return [Hit(int(f), float(sims[f]), info[int(f)]["label"], info[int(f)]["density"]) for f in top]
     q = (
-        atlas.features.search(np.asarray(vector, dtype=np.float32), vector_column_name=column)
+        atlas.features.search(vector, vector_column_name=column)
         .distance_type("cosine")
         .nprobes(NPROBES)
         .ef(EF)
@@ -63,6 +74,18 @@ def vector_search(atlas: Atlas, column: str, vector: Sequence[float], k: int, *,
     )
     hits = [Hit(f, 1.0 - d, lab, den) for f, d, lab, den in _rows(q.to_arrow(), "_distance")]
     return [h for h in hits if h.feature_id != exclude][:k]
+
+
+def top_k(scores: np.ndarray, k: int, exclude: int | None = None) -> np.ndarray:
+    """Indices of the ``k`` highest ``scores`` (never ``exclude``), best first, ties by index."""
+    if exclude is not None:
+        scores = scores.copy()
+        scores[exclude] = -np.inf
+    k = min(k, len(scores) - (exclude is not None))
+    if k <= 0:
+        return np.zeros(0, np.int64)
+    top = np.argpartition(-scores, k - 1)[:k]
+    return top[np.lexsort((top, -scores[top]))]
 
 
 def _rows(table, score: str):
@@ -122,27 +145,15 @@ def kind_search(atlas: Atlas, index: KindIndex, similarities: Sequence[float], k
 
 
 def decoder_neighbors(atlas: Atlas, feature_id: int, k: int) -> Ranked:
-    """The ``k`` features whose decoder directions are most cosine-similar to ``feature_id``'s.
-
-    Indexed atlases ask LanceDB's ANN index. Below ``ANN_MIN_ROWS`` there is no index and LanceDB
-    would scan the whole table per query (~80 ms at 16k features here), so the unit decoders are
-    held in memory instead (at most 50k rows) and ranked exactly with one matrix-vector product (~1 ms).
-    """
-    if atlas.d_sae >= ANN_MIN_ROWS:
+    """The ``k`` features whose decoder directions are most cosine-similar to ``feature_id``'s."""
+    if atlas.d_sae < ANN_MIN_ROWS:
+        vector = atlas.vectors("decoder")[feature_id]
+    else:
         row = atlas.feature_row(feature_id, ["decoder"])
         if row is None:  # callers check the id first: the atlas itself is damaged
             raise RuntimeError(f"feature {feature_id} is missing from the features table")
-        return vector_search(atlas, "decoder", row["decoder"], k, exclude=feature_id)
-    decoders = atlas.vectors("decoder")
-    sims = decoders @ decoders[feature_id]
-    sims[feature_id] = -np.inf
-    k = min(k, len(sims) - 1)
-    top = np.argpartition(-sims, k - 1)[:k] if k > 0 else np.array([], dtype=np.int64)
-    top = top[np.lexsort((top, -sims[top]))]  # best first, ties by id
-    ids = ", ".join(str(int(f)) for f in top) or "-1"
-    rows = atlas.features.search().where(f"feature_id in ({ids})").select(_COLUMNS).limit(len(top) or 1).to_arrow()
-    info = {f: (lab, den) for f, lab, den in zip(*(rows[c].to_pylist() for c in _COLUMNS))}
-    return [Hit(int(f), float(sims[f]), *info[int(f)]) for f in top]
+        vector = row["decoder"]
+    return vector_search(atlas, "decoder", vector, k, exclude=feature_id)
 
 
 def coactivation_neighbors(atlas: Atlas, feature_id: int, k: int) -> Ranked:

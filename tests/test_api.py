@@ -3,7 +3,7 @@ from pathlib import Path
 
 import pytest
 from featureatlas.api.app import create_app
-from featureatlas.api.service import concept_of
+from featureatlas.api.service import AtlasService, concept_of, reads_as_text
 from featureatlas.store.atlas import Atlas
 from featureatlas.store.calibrate import CONFIDENT_MATCH, WEIGHTS
 from featureatlas.store.search import KIND_MIN_SHARE, SEARCH_MODES, kind_index
@@ -89,10 +89,28 @@ def test_search_fuses_signals_and_explains_hits(client):
         assert h["strong"] == (h["match"] >= CONFIDENT_MATCH)
     assert body["confident"] == any(h["strong"] for h in body["hits"][:3])
     signals = {s for h in body["hits"] for s in h["matched_by"]}
-    assert "inference" in signals and "label" in signals
+    assert "label" in signals and "inference" not in signals  # a topic: the model is not run on it
     cover = body["coverage"]
     assert cover["windows_total"] > 0 and cover["documents_total"] > 0 and len(cover["snippets"]) == 3
     assert 0 <= cover["documents"] <= cover["documents_total"] and cover["tokens"] == 16 * cover["windows"]
+
+
+@pytest.mark.parametrize("query, text", [("football", False), ("the suspension bridge in San Francisco", False),
+                                         ("French language text", False), ("def add(a, b):", True),
+                                         ("To be, or not to be", True), ("the cat sat on the mat by the door", True)])
+def test_only_text_is_run_through_the_model(query, text):
+    assert reads_as_text(query) is text
+
+
+def test_search_runs_text_through_the_model_and_remembers_answers(tiny_atlas):
+    service = AtlasService(Atlas(tiny_atlas))
+    first = service.search("def add(a, b): return a + b", k=10)
+    assert "inference" in {s for h in first["hits"] for s in h["matched_by"]}
+    first["hits"].clear()  # the caller's copy: the remembered answer is untouched
+    again = service.search("def add(a, b): return a + b", k=10)
+    assert again["hits"] and again == service._search("def add(a, b): return a + b", 10, None)[0]
+    alone = service.search("football", mode="inference")  # asked for alone, a topic is run too
+    assert alone["hits"] and all(set(h["matched_by"]) == {"inference"} for h in alone["hits"])
 
 
 def test_search_through_the_corpus_ranks_features_by_firing_on_matched_windows(client, tiny_atlas):
