@@ -85,36 +85,52 @@ def check_edits(edits: list[Edit], maxima: dict[int, float], d_sae: int) -> None
 
 
 class Intervention:
-    """The edits as one function of the residual: ``x`` [n, d_in] -> (edited x, [n, edits] the edited
-    features' activations before the edit)."""
+    """The edits as one function of the residual: ``x`` [rows x seq, d_in] -> (edited x,
+    [rows x seq, edits] the edited features' activations before the edit). ``edits`` apply to every
+    row; ``per_row`` instead gives each row of the batch its own edit (many features steered in one
+    generation: the intervention score)."""
 
-    def __init__(self, sae: SAE, edits: list[Edit], maxima: dict[int, float]):
+    def __init__(self, sae: SAE, edits: list[Edit], maxima: dict[int, float], per_row: list[Edit] | None = None):
         self.sae = sae
         dev, dtype = sae.W_dec.device, sae.W_dec.dtype
-        self.ids = torch.tensor([e.feature for e in edits], dtype=torch.long, device=dev)
-        self.targets = torch.tensor([e.value * maxima[e.feature] for e in edits], dtype=dtype, device=dev)
-        self.clamped = torch.tensor([e.mode == "clamp" for e in edits], dtype=torch.bool, device=dev)
-        self.directions = sae.W_dec.detach()[self.ids]  # [edits, d_in]
+        table = [[e] for e in per_row] if per_row is not None else [edits]  # [rows or 1][edits]
+        self.ids = torch.tensor([[e.feature for e in row] for row in table], dtype=torch.long, device=dev)
+        self.targets = torch.tensor([[e.value * maxima[e.feature] for e in row] for row in table], dtype=dtype, device=dev)
+        self.clamped = torch.tensor([[e.mode == "clamp" for e in row] for row in table], dtype=torch.bool, device=dev)
+        self.directions = sae.W_dec.detach()[self.ids]  # [rows or 1, edits, d_in]
 
-    def read(self, x: torch.Tensor) -> torch.Tensor:
-        """[n, edits] the edited features' activations on ``x``."""
-        if not len(self.ids):
+    def _row(self, positions: torch.Tensor, seq: int | None) -> torch.Tensor:
+        """The batch row of each flat position (row 0 of the table when the edits are shared)."""
+        if len(self.ids) == 1:
+            return torch.zeros_like(positions)
+        if seq is None:
+            raise ValueError("edits per row need the positions a row holds (seq)")
+        return positions // seq
+
+    def read(self, x: torch.Tensor, seq: int | None = None) -> torch.Tensor:
+        """[n, edits] the edited features' activations on ``x`` (``seq`` positions a row)."""
+        if not self.ids.shape[1]:
             return x.new_zeros(len(x), 0)
         code = self.sae.encode(x)
         rows, cols = code.row_ids(), code.indices
-        out = x.new_zeros(len(x), len(self.ids))
-        hit = cols[:, None] == self.ids[None, :]  # [nnz, edits]
+        out = x.new_zeros(len(x), self.ids.shape[1])
+        hit = cols[:, None] == self.ids[self._row(rows, seq)]  # [nnz, edits]
         entry, edit = hit.nonzero(as_tuple=True)
         out[rows[entry], edit] = code.values[entry].to(x.dtype)
         return out
 
     @torch.no_grad()
-    def __call__(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        acts = self.read(x)
-        if not len(self.ids):
+    def __call__(self, x: torch.Tensor, seq: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        acts = self.read(x, seq)
+        if not self.ids.shape[1]:
             return x, acts
-        coef = torch.where(self.clamped, self.targets - acts, self.targets.expand_as(acts))
-        delta = coef @ self.directions
+        if len(self.ids) == 1:
+            coef = torch.where(self.clamped[0], self.targets[0] - acts, self.targets[0].expand_as(acts))
+            delta = coef @ self.directions[0]
+        else:
+            row = self._row(torch.arange(len(x), device=x.device), seq)
+            coef = torch.where(self.clamped[row], self.targets[row] - acts, self.targets[row])
+            delta = torch.einsum("ne,ned->nd", coef, self.directions[row])
         if self.sae.layer_norm_input:
             delta = delta * (self.sae._layer_norm(x)[2] + LAYER_NORM_EPS)
         return x + delta, acts
@@ -133,7 +149,7 @@ class _Hook:
         hidden = output[0] if isinstance(output, tuple) else output
         b, s, d = hidden.shape
         flat = hidden.reshape(b * s, d).to(self.intervention.sae.W_dec.dtype)
-        edited, acts = self.intervention(flat)
+        edited, acts = self.intervention(flat, s)
         self.history.append(acts.view(b, s, -1).float().cpu())
         assert self.mask is not None
         keep = self.mask.reshape(b * s, 1).to(flat.device)
@@ -144,15 +160,19 @@ class _Hook:
 @torch.no_grad()
 def steer(model: SubjectModel, sae: SAE, layer: int, prompts: list[list[int]], edits: list[Edit],
           maxima: dict[int, float], *, max_new_tokens: int = 32, temperature: float = 0.0, seed: int = 0,
-          generated_only: bool = False, default: bool = True, steered: bool = True) -> Steered:
+          generated_only: bool = False, default: bool = True, steered: bool = True,
+          row_edits: list[Edit] | None = None) -> Steered:
     """Default and steered continuations of each prompt (token ids, position 0 included).
 
     ``temperature`` 0 is greedy. ``generated_only`` edits only the tokens the model writes, not the
     prompt's. ``default=False`` or ``steered=False`` leaves that side out (an empty list): plain
     generation with the same code is the steering bench's baseline, and the intervention score
-    needs only steered text."""
+    needs only steered text. ``row_edits`` (one per prompt, ``edits`` empty) steers each prompt with
+    its own edit: many features in one batch."""
     if not (default or steered):
         raise ValueError("nothing to generate: default and steered are both off")
+    if row_edits is not None and (edits or len(row_edits) != len(prompts)):
+        raise ValueError("row_edits takes one edit per prompt, and no shared edits")
     n = len(prompts)
     n_default = n if default else 0
     rows = (list(prompts) if default else []) + (list(prompts) if steered else [])
@@ -163,7 +183,8 @@ def steer(model: SubjectModel, sae: SAE, layer: int, prompts: list[list[int]], e
     # the prompt pass edits the steered rows past each row's position 0 (and past its padding)
     prompt_mask = edit_row[:, None] & (attention.cumsum(1) > 1) & (not generated_only)
 
-    hook = _Hook(Intervention(sae, edits, maxima))
+    per_row = None if row_edits is None else (list(row_edits) if default else []) + (list(row_edits) if steered else [])
+    hook = _Hook(Intervention(sae, edits, maxima, per_row))
     gen = torch.Generator().manual_seed(seed)
     eos = model.tokenizer.eos_token_id
     out_ids = torch.zeros((len(rows), 0), dtype=torch.long)

@@ -73,6 +73,30 @@ def test_clamp_changes_only_the_chosen_features_code(layer_norm):
     assert torch.allclose(edited, decode(new) + error, atol=1e-4)
 
 
+def test_edits_per_row_are_each_rows_own_edit():
+    sae = _sae("topk", layer_norm=True)
+    x = torch.randn(2 * 5, 64) * 3  # two rows of five positions
+    maxima = {5: 1.5, 17: 0.7}
+    edited, before = Intervention(sae, [], maxima, per_row=[Edit(5, 2.0), Edit(17, -1.0, "add")])(x, 5)
+    for row, edit in enumerate([Edit(5, 2.0), Edit(17, -1.0, "add")]):
+        alone, read = Intervention(sae, [edit], maxima)(x[row * 5:(row + 1) * 5])
+        assert torch.allclose(edited[row * 5:(row + 1) * 5], alone, atol=1e-5)
+        assert torch.equal(before[row * 5:(row + 1) * 5], read)
+
+
+def test_many_features_steered_in_one_batch_write_what_each_writes_alone(model):
+    sae = _sae("topk")
+    prompts = [_prompt(model), _prompt(model, "Steel cables")]
+    edits = [Edit(7, 20.0), Edit(11, 20.0)]
+    together = steer(model, sae, LAYER, prompts * 2, [], {7: 2.0, 11: 2.0}, max_new_tokens=6, default=False,
+                     row_edits=[e for e in edits for _ in prompts])
+    for i, e in enumerate(edits):
+        alone = steer(model, sae, LAYER, prompts, [e], {7: 2.0, 11: 2.0}, max_new_tokens=6, default=False)
+        assert [c.token_ids for c in together.steered[i * 2:(i + 1) * 2]] == [c.token_ids for c in alone.steered]
+    with pytest.raises(ValueError, match="one edit per prompt"):
+        steer(model, sae, LAYER, prompts, [], {7: 2.0}, row_edits=[edits[0]])
+
+
 def test_add_pushes_along_the_decoder_by_the_features_scale():
     sae = _sae("relu")
     x = torch.randn(4, 64)
@@ -182,10 +206,12 @@ def test_search_goes_on_without_inference_while_the_model_is_busy(tiny_atlas):
     from featureatlas.api import service as S
 
     svc = S.AtlasService(Atlas(tiny_atlas))
-    assert any("inference" in h["matched_by"] for h in svc.search("bridge", k=20)["hits"])
+    text = "The bridge deck hangs from steel cables."  # text, not a topic: the model reads it
     with svc.probe.busy:  # a steering request holds the model
-        hits = svc.search("bridge", k=20)["hits"]
+        hits = svc.search(text, k=20)["hits"]
     assert hits and not any("inference" in h["matched_by"] for h in hits)
+    # That answer lacked a signal, so it was not remembered: with the model free, inference is back.
+    assert any("inference" in h["matched_by"] for h in svc.search(text, k=20)["hits"])
 
 
 def test_a_full_model_pool_answers_503_with_retry_after(tiny_atlas, live):

@@ -33,6 +33,9 @@ PROMPTS = (
     "Our team decided to", "The most important thing in life is",
 )
 CONTROLS = 8
+# Features steered in one generation (each with its own rows): one batch of 80 rows reads the model's
+# weights once a step where one feature's 10 rows did, ~N x faster on a CPU (measured in the note).
+STEER_TOGETHER = 8
 
 
 def sample(live: list[int], n: int, seed: int) -> list[int]:
@@ -68,18 +71,24 @@ def intervention_scores(model: SubjectModel, sae: SAE, layer: int, label_vectors
         return {}
     prompts = [[model.bos_id, *model.tokenizer(p, add_special_tokens=False)["input_ids"]] for p in PROMPTS]
 
-    def continuations(f: int) -> list[str]:
-        out = steer(model, sae, layer, prompts, [Edit(f, value)], maxima, max_new_tokens=tokens, seed=seed, default=False)
-        return [c.text for c in out.steered]
+    def continuations(features: list[int]) -> dict[int, list[str]]:
+        out = {}
+        for at in tqdm(range(0, len(features), STEER_TOGETHER), desc="intervention", unit="batch"):
+            group = features[at:at + STEER_TOGETHER]
+            run = steer(model, sae, layer, [p for _ in group for p in prompts], [], maxima, max_new_tokens=tokens,
+                        seed=seed, default=False, row_edits=[Edit(f, value) for f in group for _ in prompts])
+            for i, f in enumerate(group):
+                out[f] = [c.text for c in run.steered[i * len(prompts):(i + 1) * len(prompts)]]
+        return out
 
     controls = sample(live, CONTROLS, seed + 1)
     log.info("intervention: steering %d control features and %d scored ones", len(controls), len(label_vectors))
-    control_texts = {g: embed_fn(continuations(g)) for g in tqdm(controls, desc="intervention controls", unit="feature")}
+    texts = continuations(sorted(set(controls) | set(label_vectors)))
+    embedded = dict(zip(texts, np.split(embed_fn([t for f in texts for t in texts[f]]), len(texts))))
     scores = {}
-    for f, vec in tqdm(label_vectors.items(), desc="intervention scores", unit="feature"):
-        own = embed_fn(continuations(f)) if f not in control_texts else control_texts[f]
-        others = np.concatenate([e for g, e in control_texts.items() if g != f])
-        scores[f] = auroc(own @ vec, others @ vec)
+    for f, vec in label_vectors.items():
+        others = np.concatenate([embedded[g] for g in controls if g != f])
+        scores[f] = auroc(embedded[f] @ vec, others @ vec)
     return scores
 
 
