@@ -133,15 +133,17 @@ def test_a_label_shard_is_the_same_bits_with_any_threads_any_shard_size_and_in_a
     import pyarrow.parquet as pq
     import torch
     from featureatlas.ingest.pipeline import STAGES, Ingest
+    from threadpoolctl import threadpool_limits
 
     labels = next(s for s in STAGES if s.name == "labels")
     cfg = tiny_config(tiny_atlas, tiny_model_dir, corpus_dir)
     ctx = Ingest.open(cfg)
     before = torch.get_num_threads()
     try:
-        for threads in (1, 2):
+        for threads in (1, 2):  # torch's (the embedder) and the BLAS's numpy calls (the scorers)
             torch.set_num_threads(threads)
-            labels.run_shard(ctx, _folder(tmp_path / f"threads-{threads}"), 0)
+            with threadpool_limits(threads, user_api="blas"):
+                labels.run_shard(ctx, _folder(tmp_path / f"threads-{threads}"), 0)
     finally:
         torch.set_num_threads(before)
     runner = RayShards(lambda: Ingest.open(cfg), workers=1)

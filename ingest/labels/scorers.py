@@ -144,10 +144,21 @@ def auroc_rows(scores: np.ndarray, n_pos: int) -> np.ndarray:
     return (ranks[:, :n_pos].sum(1) - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg)
 
 
+def cosines(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """``a @ b.T`` of unit float32 vectors, as float32 that do not depend on who computed them. A
+    float32 matmul's sums run in an order set by the BLAS kernel and its thread count: the same label
+    scored a window a few ulps apart in the local build (2 threads) and in a Ray actor (1), which
+    turned ties between identical windows into orders and moved AUROCs (issue 32). In float64 each
+    product is exact and a 384-term sum is off by ~1e-16, so rounded to float32 the result is the
+    same bits but where the exact value lies within ~1e-16 of a rounding boundary (about one in 10^8
+    values). Twice the cost of a float32 matmul, a small part of a label's."""
+    return (np.asarray(a, np.float64) @ np.asarray(b, np.float64).T).astype(np.float32)
+
+
 def embedding_auroc(pool: WindowPool, trial: Trial, vectors: np.ndarray) -> np.ndarray:
     """AUROC of cos(label, window) between the trial's positives and negatives, per row of ``vectors``."""
     windows = pool.embeddings[np.concatenate([trial.positives, trial.negatives])]
-    return auroc_rows(np.atleast_2d(vectors) @ windows.T, len(trial.positives))
+    return auroc_rows(cosines(np.atleast_2d(vectors), windows), len(trial.positives))
 
 
 def embedding_scores(pool: WindowPool, trials: dict[int, Trial], label_embeddings: dict[int, np.ndarray]) -> dict[int, float]:

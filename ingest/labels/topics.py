@@ -28,7 +28,7 @@ from featureatlas.store.location import user_cache
 from tqdm import tqdm
 
 from ..embed import VERSION as EMBED_VERSION
-from .scorers import Trial
+from .scorers import Trial, cosines
 from .windows import WindowPool
 
 log = logging.getLogger(__name__)
@@ -162,10 +162,10 @@ def topic(bank: ConceptBank, pool: WindowPool, trial: Trial, n: int = TOPICS, *,
         return []
     pos, neg = pool.embeddings[trial.positives], pool.embeddings[trial.negatives]
     windows = np.concatenate([pos, neg])
-    floor = MIN_AUROC if place is None else max(MIN_AUROC, float(rank_auroc((windows @ place)[None], len(pos))[0]) + MARGIN)
-    pre = bank.vectors @ (pos.mean(0) - neg.mean(0))
+    floor = MIN_AUROC if place is None else max(MIN_AUROC, float(rank_auroc(cosines(place[None], windows), len(pos))[0]) + MARGIN)
+    pre = cosines(bank.vectors, (pos.mean(0) - neg.mean(0))[None])[:, 0]
     shortlist = np.argsort(-pre, kind="stable")[:SHORTLIST]
-    auroc = rank_auroc(bank.vectors[shortlist] @ windows.T, len(pos))
+    auroc = rank_auroc(cosines(bank.vectors[shortlist], windows), len(pos))
     if auroc.max() < floor:
         return []
     order = shortlist[np.lexsort((shortlist, -auroc))]
