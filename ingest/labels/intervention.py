@@ -33,9 +33,11 @@ PROMPTS = (
     "Our team decided to", "The most important thing in life is",
 )
 CONTROLS = 8
-# Features steered in one generation (each with its own rows): one batch of 80 rows reads the model's
-# weights once a step where one feature's 10 rows did, ~N x faster on a CPU (measured in the note).
-STEER_TOGETHER = 8
+# Rows of one generation: many features steered together, each on its own rows of the prompts. A
+# step then reads the model's weights once for all of them: the quick profile's 40 features (32
+# scored, 8 controls) took 36 s in batches of 8 features, 31 s of 20 and 29 s of 40 (one batch),
+# against ~100 s one feature at a time. 400 rows of SmolLM2-135M hold ~0.6 GB of KV cache.
+STEER_ROWS = 400
 
 
 def sample(live: list[int], n: int, seed: int) -> list[int]:
@@ -73,8 +75,9 @@ def intervention_scores(model: SubjectModel, sae: SAE, layer: int, label_vectors
 
     def continuations(features: list[int]) -> dict[int, list[str]]:
         out = {}
-        for at in tqdm(range(0, len(features), STEER_TOGETHER), desc="intervention", unit="batch"):
-            group = features[at:at + STEER_TOGETHER]
+        together = max(1, STEER_ROWS // len(prompts))
+        for at in tqdm(range(0, len(features), together), desc="intervention", unit="batch"):
+            group = features[at:at + together]
             run = steer(model, sae, layer, [p for _ in group for p in prompts], [], maxima, max_new_tokens=tokens,
                         seed=seed, default=False, row_edits=[Edit(f, value) for f in group for _ in prompts])
             for i, f in enumerate(group):
