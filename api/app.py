@@ -210,12 +210,14 @@ def _integral(value: Any, kind: msgspec.inspect.Type) -> Any:
 
 @get("/healthz", sync_to_thread=False, responses=_errors(guarded=False))
 def healthz(service: Service) -> dict[str, Any]:
+    """Liveness: status, feature count and when the atlas was published. Open even when a token guards the rest."""
     # No path: /healthz stays open when a token guards the rest, and the file system is not its business.
     return {"status": "ok", "features": service.atlas.d_sae, "created_at": service.atlas.manifest.get("created_at")}
 
 
 @get("/api/atlas", sync_to_thread=False, responses=_errors())
 def atlas_summary(service: Service) -> dict[str, Any]:
+    """The manifest's summary: model, hook, dictionary, held-out metrics, corpus, tokens, labels."""
     return service.info()
 
 
@@ -271,11 +273,14 @@ def list_features(
     limit: int = Parameter(default=50, ge=1, le=MAX_PAGE),
     offset: int = Parameter(default=0, ge=0, le=MAX_OFFSET),
 ) -> dict[str, Any]:
+    """A page of features, sorted by a statistic."""
     return service.features(sort, order == "desc", limit, offset)
 
 
 @get("/api/features/{feature_id:int}", sync_to_thread=True, responses=_errors(400, 404, 503))
 def feature_detail(service: Service, feature_id: FromPath[int]) -> dict[str, Any]:
+    """One feature: label and scores, statistics, histogram, logit effects, top and quantile examples with
+    per-token activations."""
     return service.feature(feature_id)
 
 
@@ -286,6 +291,7 @@ def neighbors(
     k: int = Parameter(default=10, ge=1, le=MAX_K),
     by: Literal["decoder", "coactivation"] = Parameter(default="decoder"),
 ) -> dict[str, Any]:
+    """The nearest features to one: by decoder cosine, or those that fire on the same tokens."""
     return service.neighbors(feature_id, k, by)
 
 
@@ -298,6 +304,8 @@ async def search(
     k: int = Parameter(default=10, ge=1, le=MAX_K),
     mode: SearchMode | None = Parameter(default=None, description="one signal, or all (fused, the default)"),
 ) -> dict[str, Any]:
+    """Features about a concept in plain words, best first: hits with their evidence, score and the
+    signals that matched, and whether the answer is ``confident``."""
     return await searches.run(service.search, q, k, mode)
 
 
@@ -318,6 +326,7 @@ class ContrastRequest(msgspec.Struct):
 @post("/api/search/contrast", status_code=200, responses=MODEL_ERRORS,
       request_max_body_size=_body_limit(2 * MAX_PROMPTS * MAX_PROMPT_CHARS))
 async def contrast(service: Service, pool: Pool, data: JSONBody[ContrastRequest]) -> dict[str, Any]:
+    """Features that fire on every positive prompt and on no negative one."""
     return await pool.run(service.contrast, data.positive, data.negative, data.k)
 
 
@@ -328,6 +337,7 @@ class ActivationsRequest(msgspec.Struct):
 
 @post("/api/activations", status_code=200, responses=MODEL_ERRORS, request_max_body_size=_body_limit(MAX_PROMPT_CHARS))
 async def activations(service: Service, pool: Pool, data: JSONBody[ActivationsRequest]) -> dict[str, Any]:
+    """Each token of a text with its top features: ``value``, and ``relative`` to the feature's corpus maximum."""
     return await pool.run(service.activations, data.text, data.k)
 
 
@@ -387,16 +397,13 @@ def create_app(atlas: Atlas, *, probe_device: str | None = None, pool: WorkPool 
     searches = WorkPool("search", waiting=SEARCH_WAITING, executor=heavy)
     # SQL threads only wait on the worker processes, which bound the work themselves.
     statements = WorkPool("SQL", workers=SQL_WORKERS, waiting=SQL_WAITING)
-    bearer = {"bearer": SecurityScheme(type="http", scheme="bearer", description="the token the server was started with")}
     return AtlasApp(
         token=token,
         # The first query otherwise pays for loading the embedder and the tables (~1-4 s).
         on_startup=[live.warm_up] + ([follow.start] if follow else []),
         on_shutdown=([follow.close] if follow else []) + [pool.shutdown, statements.shutdown,
                                                            lambda: heavy.shutdown(wait=False, cancel_futures=True), live.close],
-        route_handlers=[healthz, Router("/", route_handlers=API, security=[{"bearer": []}] if token else None),
-                        page, feature_page,
-                        create_static_files_router("/static", directories=[WEB], include_in_schema=False)],
+        route_handlers=_routes(token),
         dependencies={"service": Provide(live.current, use_cache=False, sync_to_thread=False),
                       "pool": Provide(lambda: pool, use_cache=True, sync_to_thread=False),
                       "searches": Provide(lambda: searches, use_cache=True, sync_to_thread=False),
@@ -405,9 +412,28 @@ def create_app(atlas: Atlas, *, probe_device: str | None = None, pool: WorkPool 
                             PoolFull: _busy, Exception: _internal},
         request_max_body_size=MAX_BODY,
         request_class=StrictBodyRequest,
-        # /schema is the JSON document itself: the HTML viewers load scripts from CDNs, which neither
-        # an offline machine nor the CSP allows.
-        openapi_config=OpenAPIConfig(title="Feature Atlas", version="0.1.0", path="/schema",
-                                     render_plugins=[JsonRenderPlugin(path=["/", "/openapi.json"])],
-                                     components=Components(security_schemes=bearer if token else None)),
+        openapi_config=_openapi(token),
     )
+
+
+def _routes(token: str | None) -> list[Any]:
+    return [healthz, Router("/", route_handlers=API, security=[{"bearer": []}] if token else None), page, feature_page,
+            create_static_files_router("/static", directories=[WEB], include_in_schema=False)]
+
+
+def _openapi(token: str | None) -> OpenAPIConfig:
+    bearer = {"bearer": SecurityScheme(type="http", scheme="bearer", description="the token the server was started with")}
+    # /schema is the JSON document itself: the HTML viewers load scripts from CDNs, which neither
+    # an offline machine nor the CSP allows.
+    return OpenAPIConfig(title="Feature Atlas", version="0.1.0", path="/schema",
+                         render_plugins=[JsonRenderPlugin(path=["/", "/openapi.json"])],
+                         components=Components(security_schemes=bearer if token else None))
+
+
+def openapi_document() -> dict[str, Any]:
+    """The OpenAPI document a server without a token serves at /schema, built without an atlas: the
+    docs' HTTP reference is rendered from it, so the reference is the schema (a test holds the two equal)."""
+    unused = {name: Provide(lambda: None, sync_to_thread=False) for name in ("service", "pool", "searches", "statements")}
+    app = Litestar(route_handlers=_routes(None), openapi_config=_openapi(None), request_class=StrictBodyRequest,
+                   dependencies=unused)
+    return app.openapi_schema.to_schema()

@@ -64,12 +64,10 @@ def _default(f: dataclasses.Field) -> Any:
 
 def _config_from(args: argparse.Namespace) -> AtlasConfig:
     overrides: dict[str, Any] = {name: getattr(args, name) for name in SETTINGS}
-    if args.corpus and not args.corpus_weights:
-        overrides["corpus_weights"] = [1.0] * len(args.corpus)
     return load_config(args.profile, args.config, overrides)
 
 
-def _parser() -> argparse.ArgumentParser:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="featureatlas", description=__doc__)
     parser.add_argument("-v", "--verbose", action="store_true")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -161,7 +159,7 @@ def _add_queries(sub: argparse._SubParsersAction) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
+    args = build_parser().parse_args(argv)
     configure()
     logging.basicConfig(
         level=logging.DEBUG if args.verbose else logging.INFO, format="%(asctime)s %(levelname)s %(message)s", datefmt="%H:%M:%S"

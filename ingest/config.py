@@ -383,6 +383,9 @@ def load_config(
         except tomllib.TOMLDecodeError as e:
             raise BadConfig("--config", f"{path} is not valid TOML: {e}") from None
     values.update({k: v for k, v in (overrides or {}).items() if v is not None})
+    values = flatten(values)
+    if "corpus" in values and "corpus_weights" not in values:  # sources named without weights: equal shares
+        values["corpus_weights"] = [1.0] * len(values["corpus"])
     cfg = AtlasConfig.build(values)
     cfg.validate()
     return cfg

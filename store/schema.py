@@ -30,6 +30,7 @@ _SQL_TYPES = {pa.int32(): "integer", pa.int64(): "bigint", pa.float32(): "real",
 class Column:
     name: str
     type: pa.DataType | Callable[[int], pa.DataType]  # a callable takes d_model (the decoder's width)
+    doc: str  # what it holds: the schema reference (docs/) and anyone reading SQL results are told this
     sql: bool = True  # also in DuckDB (scalars only)
     labels: bool = False  # rewritten by a re-label (``featureatlas label``)
     key: bool = False  # DuckDB primary key
@@ -38,6 +39,7 @@ class Column:
 @dataclass(frozen=True)
 class Table:
     name: str
+    doc: str
     columns: tuple[Column, ...]
 
     @property
@@ -76,101 +78,100 @@ def _vector(d_model: int) -> pa.DataType:
     return pa.list_(pa.float32(), d_model)
 
 
-FEATURES = Table("features", (
-    Column("feature_id", pa.int32(), key=True),
-    Column("decoder", _vector, sql=False),  # unit norm
-    Column("label", pa.string(), labels=True),
-    # the evidence behind the label in one line: top tokens with their share of the activation
-    # mass, the tokens before them, the sources it fires in
-    Column("description", pa.string(), labels=True),
-    # label + top tokens, the column the full-text index covers
-    Column("search_text", pa.string(), sql=False),
-    Column("label_source", pa.string(), labels=True),  # the explainer that wrote the kept label, or "none"
-    Column("label_score", pa.float32(), labels=True),  # the first scorer's score on held-out windows; null if unscored
-    Column("label_scores", pa.list_(pa.struct([("scorer", pa.string()), ("score", pa.float32())])), sql=False, labels=True),
-    # top activations all on one token: token matching scores it high trivially
-    Column("single_token", pa.bool_(), labels=True),
-    Column("label_embedding", pa.list_(pa.float32(), EMBEDDING_DIM), sql=False, labels=True),
-    # the kind of token most of its activation mass lies in, by its key ("uppercase", "parameter"), or null
-    Column("kind", pa.string(), labels=True),
-    # every kind worth searching it by (ingest/labels/kinds.py): share of its mass, share of the kind's tokens it fires on
-    Column("kinds", _KINDS, sql=False, labels=True),
-    Column("context_embedding", pa.list_(pa.float32(), EMBEDDING_DIM), sql=False),
-    Column("density", pa.float64()),  # fraction of encoded tokens where it fires
-    Column("n_active", pa.int64()),
-    Column("n_windows", pa.int64()),  # corpus windows (``WINDOW``) it fires in: corpus search's background
-    Column("mean_activation", pa.float32()),  # mean over the tokens where it fires
-    Column("max_activation", pa.float32()),
-    Column("top_tokens", pa.list_(pa.string()), sql=False),
-    Column("logit_positive", _LOGITS, sql=False),
-    Column("logit_negative", _LOGITS, sql=False),
-    # counts in equal-width bins over [0, max_activation]
-    Column("histogram", pa.list_(pa.int64()), sql=False),
-    # the feature map (ingest/feature_map.py): UMAP of the decoder directions, in [-1, 1]
-    Column("map_x", pa.float32()),
-    Column("map_y", pa.float32()),
+FEATURES = Table("features", "one row per feature: its decoder direction, label, statistics and map position", (
+    Column("feature_id", pa.int32(), "the feature's index in the dictionary", key=True),
+    Column("decoder", _vector, "the decoder direction, unit norm, in the model's residual space", sql=False),
+    Column("label", pa.string(), "the chosen label", labels=True),
+    Column("description", pa.string(), "the evidence behind the label in one line: top tokens with their share of "
+                                       "the activation mass, the tokens before them, the sources it fires in", labels=True),
+    Column("search_text", pa.string(), "label and top tokens: what the full-text index covers", sql=False),
+    Column("label_source", pa.string(), "the explainer that wrote the kept label, or none", labels=True),
+    Column("label_score", pa.float32(), "the first scorer's score on held-out windows; null if unscored", labels=True),
+    Column("label_scores", pa.list_(pa.struct([("scorer", pa.string()), ("score", pa.float32())])),
+           "every scorer's score on held-out windows", sql=False, labels=True),
+    Column("single_token", pa.bool_(), "its top activations are all on one token (token matching scores it high "
+                                       "trivially)", labels=True),
+    Column("label_embedding", pa.list_(pa.float32(), EMBEDDING_DIM), "the label's sentence embedding (label search)",
+           sql=False, labels=True),
+    Column("kind", pa.string(), "the kind of token most of its activation mass lies in, by key (uppercase, parameter), "
+                                "or null", labels=True),
+    Column("kinds", _KINDS, "every kind worth searching it by: share of its mass, share of the kind's tokens it fires on",
+           sql=False, labels=True),
+    Column("context_embedding", pa.list_(pa.float32(), EMBEDDING_DIM), "mean embedding of the windows it fires "
+                                                                       "strongest in (context search)", sql=False),
+    Column("density", pa.float64(), "fraction of encoded tokens where it fires"),
+    Column("n_active", pa.int64(), "encoded tokens where it fires"),
+    Column("n_windows", pa.int64(), "corpus windows it fires in: corpus search's background"),
+    Column("mean_activation", pa.float32(), "mean over the tokens where it fires"),
+    Column("max_activation", pa.float32(), "its largest activation on the corpus"),
+    Column("top_tokens", pa.list_(pa.string()), "the tokens holding most of its activation mass", sql=False),
+    Column("logit_positive", _LOGITS, "tokens whose logits its decoder direction raises most", sql=False),
+    Column("logit_negative", _LOGITS, "tokens whose logits its decoder direction lowers most", sql=False),
+    Column("histogram", pa.list_(pa.int64()), "counts of its activations in equal-width bins over [0, max_activation]",
+           sql=False),
+    Column("map_x", pa.float32(), "position on the feature map, in [-1, 1]"),
+    Column("map_y", pa.float32(), "position on the feature map, in [-1, 1]"),
 ))
 
-EXAMPLES = Table("examples", (
-    Column("feature_id", pa.int32()),
-    Column("kind", pa.string()),  # top | quantile
-    Column("doc_id", pa.int32()),
-    Column("start", pa.int32()),  # document position of tokens[0]
-    Column("tokens", pa.list_(pa.string())),
-    Column("activations", pa.list_(pa.float32())),
-    Column("max_activation", pa.float32()),
-    Column("max_position", pa.int32()),  # document position of the strongest token
+EXAMPLES = Table("examples", "each feature's top activating examples and examples across its activation quantiles", (
+    Column("feature_id", pa.int32(), "the feature"),
+    Column("kind", pa.string(), "top or quantile"),
+    Column("doc_id", pa.int32(), "the document"),
+    Column("start", pa.int32(), "document position of tokens[0]"),
+    Column("tokens", pa.list_(pa.string()), "the example's tokens"),
+    Column("activations", pa.list_(pa.float32()), "the feature's activation on each token"),
+    Column("max_activation", pa.float32(), "the largest of them"),
+    Column("max_position", pa.int32(), "document position of the strongest token"),
 ))
 
-# Every candidate label every explainer proposed, with its embedding AUROC and token correlation on
-# the choose windows (their sum chooses) and on held-out windows (reported); failed LLM calls are
-# rows with status "failed".
-LABEL_CANDIDATES = Table("label_candidates", (
-    Column("feature_id", pa.int32()),
-    Column("explainer", pa.string()),
-    Column("kind", pa.string()),
-    Column("label", pa.string()),
-    Column("status", pa.string()),
-    Column("detail", pa.string()),
-    Column("choice_auroc", pa.float32()),
-    Column("choice_token", pa.float32()),
-    Column("holdout_auroc", pa.float32()),
-    Column("holdout_token", pa.float32()),
-    Column("chosen", pa.bool_()),
+LABEL_CANDIDATES = Table(
+    "label_candidates", "every candidate label every explainer proposed, with its embedding AUROC and token correlation "
+                        "on the choose windows (their sum chooses) and on held-out windows (reported); failed LLM calls "
+                        "are rows with status failed", (
+        Column("feature_id", pa.int32(), "the feature"),
+        Column("explainer", pa.string(), "contrastive or llm"),
+        Column("kind", pa.string(), "what names the feature: token, pattern, topic, kind (of token) or llm"),
+        Column("label", pa.string(), "the candidate's text"),
+        Column("status", pa.string(), "ok, or failed for an LLM call that gave no label"),
+        Column("detail", pa.string(), "why an LLM call failed"),
+        Column("choice_auroc", pa.float32(), "embedding AUROC on the choose windows"),
+        Column("choice_token", pa.float32(), "token correlation on the choose windows"),
+        Column("holdout_auroc", pa.float32(), "embedding AUROC on held-out windows"),
+        Column("holdout_token", pa.float32(), "token correlation on held-out windows"),
+        Column("chosen", pa.bool_(), "the candidate that became the feature's label"),
+    ))
+
+DOCUMENTS = Table("documents", "the corpus, one row per document", (
+    Column("doc_id", pa.int32(), "the document's number in the atlas", key=True),
+    Column("doc_key", pa.string(), "its id in its source"),
+    Column("source", pa.string(), "the corpus source (wiki-en, shakespeare, python, a file)"),
+    Column("title", pa.string(), "its title, where the source has one"),
+    Column("text", pa.string(), "its text"),
 ))
 
-DOCUMENTS = Table("documents", (
-    Column("doc_id", pa.int32(), key=True),
-    Column("doc_key", pa.string()),
-    Column("source", pa.string()),
-    Column("title", pa.string()),
-    Column("text", pa.string()),
+TOKENS = Table("tokens", "every harvested token", (
+    Column("doc_id", pa.int32(), "the document"),
+    Column("position", pa.int32(), "the token's position in it"),
+    Column("token_id", pa.int32(), "the model's token id"),
+    Column("token", pa.string(), "the token's text"),
+    Column("split", pa.string(), "train or eval (held out from training)"),
 ))
 
-TOKENS = Table("tokens", (
-    Column("doc_id", pa.int32()),
-    Column("position", pa.int32()),
-    Column("token_id", pa.int32()),
-    Column("token", pa.string()),
-    Column("split", pa.string()),  # train | eval
+ACTIVATIONS = Table("activations", "the sparse code of every encoded token: every active latent, however many (no cap "
+                                   "at k)", (
+    Column("doc_id", pa.int32(), "the document"),
+    Column("position", pa.int32(), "the token's position in it"),
+    Column("feature_id", pa.int32(), "an active feature"),
+    Column("value", pa.float32(), "its activation"),
 ))
 
-# The sparse code of every encoded token: every active latent, however many (no cap at k).
-ACTIVATIONS = Table("activations", (
-    Column("doc_id", pa.int32()),
-    Column("position", pa.int32()),
-    Column("feature_id", pa.int32()),
-    Column("value", pa.float32()),
-))
-
-# Every window of the corpus with its sentence embedding: corpus search finds the windows that match
-# a query here (by vector, in LanceDB); SQL sees their text.
-WINDOWS = Table("windows", (
-    Column("doc_id", pa.int32()),
-    Column("window_index", pa.int32()),  # position // WINDOW
-    Column("source", pa.string()),
-    Column("text", pa.string()),
-    Column("embedding", pa.list_(pa.float32(), EMBEDDING_DIM), sql=False),  # unit norm
+WINDOWS = Table("windows", "every window of the corpus with its sentence embedding: corpus search finds the windows that "
+                           "match a query here (by vector, in LanceDB); SQL sees their text", (
+    Column("doc_id", pa.int32(), "the document"),
+    Column("window_index", pa.int32(), "position // WINDOW"),
+    Column("source", pa.string(), "the corpus source"),
+    Column("text", pa.string(), "the window's text"),
+    Column("embedding", pa.list_(pa.float32(), EMBEDDING_DIM), "its sentence embedding, unit norm", sql=False),
 ))
 
 # DuckDB holds every table's SQL columns (for features, a scalar copy to join against); LanceDB

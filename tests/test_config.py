@@ -18,6 +18,14 @@ def test_toml_then_flags_override_the_profile(tmp_path):
     assert cfg.corpus.tokens == load_config("standard").corpus.tokens  # untouched profile value survives
 
 
+@pytest.mark.parametrize("where", ["toml", "flags"])
+def test_sources_named_without_weights_get_equal_shares(tmp_path, where):
+    toml = tmp_path / "atlas.toml"
+    toml.write_text('corpus = ["python", "shakespeare"]\n' if where == "toml" else "")
+    cfg = load_config("quick", toml, {"corpus": ["python", "shakespeare"]} if where == "flags" else {})
+    assert (cfg.corpus.corpus, cfg.corpus.corpus_weights) == (["python", "shakespeare"], [1.0, 1.0])
+
+
 @pytest.mark.parametrize(
     "changes, flag",
     [

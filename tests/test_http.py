@@ -7,6 +7,7 @@ for CI; run it with 100 or more before a release), FEATUREATLAS_SCHEMATHESIS_SEE
 
 from __future__ import annotations
 
+import json
 import os
 import time
 import tomllib
@@ -15,7 +16,7 @@ from pathlib import Path
 import pytest
 import schemathesis
 from featureatlas.api import cli
-from featureatlas.api.app import MAX_BODY, create_app
+from featureatlas.api.app import MAX_BODY, create_app, openapi_document
 from featureatlas.api.edge import COOKIE, SECURITY_HEADERS, TOKEN_ENV, is_loopback
 from featureatlas.api.service import MAX_PROMPT_CHARS, MAX_PROMPTS
 from featureatlas.ingest.probe import Probe
@@ -247,6 +248,7 @@ def test_over_long_or_blank_text_is_a_400_before_the_model_reads_it(client, prob
 def test_the_schema_states_the_limits_and_the_error_shape(client):
     schema = client.get("/schema").json()
     assert schema == client.get("/schema/openapi.json").json()  # /schema is the document itself (no CDN viewer)
+    assert schema == json.loads(json.dumps(openapi_document()))  # the docs' HTTP reference renders this one
     parts = schema["components"]["schemas"]
     text = parts["ActivationsRequest"]["properties"]["text"]
     assert (text["minLength"], text["maxLength"], text["pattern"]) == (1, MAX_PROMPT_CHARS, r"\S")
