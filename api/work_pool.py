@@ -2,9 +2,8 @@
 
 Two kinds of request cost far more than a feature page: model work (a generation or a probe: a
 forward pass per token, seconds on a CPU) and search (an embedding, several index probes and a scan
-of the activations: a few hundred milliseconds of CPU). Each kind runs in its own pool's thread,
-never in the thread pool that serves the cheap read-only routes, so however many arrive, the cheap
-routes keep a core. At most ``workers + waiting`` requests are in a pool at once; one more is refused
+of the activations: tens of milliseconds of CPU). Each kind runs in its own pool's threads, never in
+the thread pool that serves the cheap read-only routes nor behind the other kind. At most ``workers + waiting`` requests are in a pool at once; one more is refused
 at once (``PoolFull``: a 503 with ``Retry-After``) rather than queued without bound: a queue that
 grows is a server that answers nobody in time.
 """
@@ -28,16 +27,12 @@ class PoolFull(Exception):
 
 
 class WorkPool:
-    def __init__(self, what: str, *, workers: int = 1, waiting: int = 8, executor: ThreadPoolExecutor | None = None):
+    def __init__(self, what: str, *, workers: int = 1, waiting: int = 8):
         """``what``: the name a refusal uses ("the model"). One worker by default: the model runs one
-        forward pass at a time anyway (``Probe.busy``), and on a small machine a second worker would
-        only take cores from the cheap routes. ``executor``: threads shared with other pools (each
-        pool still bounds its own requests), so that several kinds of heavy work together take no
-        more cores than it has threads."""
+        forward pass at a time anyway (``Probe.busy``)."""
         self.what = what
         self.capacity = workers + waiting
-        self._owned = executor is None
-        self._executor = executor or ThreadPoolExecutor(workers, thread_name_prefix=what.split()[-1])
+        self._executor = ThreadPoolExecutor(workers, thread_name_prefix=what.split()[-1])
         self._slots = threading.BoundedSemaphore(self.capacity)
 
     async def run(self, fn: Callable[..., T], *args: object, **kwargs: object) -> T:
@@ -54,5 +49,4 @@ class WorkPool:
         return await asyncio.wrap_future(future)
 
     def shutdown(self) -> None:
-        if self._owned:
-            self._executor.shutdown(wait=False, cancel_futures=True)
+        self._executor.shutdown(wait=False, cancel_futures=True)

@@ -233,3 +233,30 @@ def test_a_full_model_pool_answers_503_with_retry_after(tiny_atlas, live):
     finally:
         release.set()
         occupant.join(5)
+
+
+def test_a_search_never_waits_behind_model_work(tiny_atlas, live, monkeypatch):
+    from featureatlas.api.service import AtlasService
+
+    release, started = threading.Event(), threading.Event()
+
+    def held(*_args, **_kwargs):
+        started.set()
+        release.wait(60)
+        return {"tokens": []}
+
+    monkeypatch.setattr(AtlasService, "activations", held)
+    answers: list[int] = []
+    with TestClient(create_app(Atlas(tiny_atlas))) as c:
+        model = threading.Thread(target=lambda: c.post("/api/activations", json={"text": "x"}), daemon=True)
+        model.start()
+        try:
+            assert started.wait(30)  # the model's worker is taken
+            search = threading.Thread(target=lambda: answers.append(
+                c.get("/api/search", params={"q": "bridges", "mode": "label"}).status_code), daemon=True)
+            search.start()
+            search.join(30)
+            assert answers == [200]  # answered while the model worked
+        finally:
+            release.set()
+            model.join(30)
