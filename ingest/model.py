@@ -140,7 +140,14 @@ def load_model(
     if layer is not None and not 0 <= layer < n_layers:
         raise BadConfig("--layer", f"must be in [0, {n_layers - 1}] for this model, got {layer}")
     model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch_dtype, local_files_only=True)
-    tokenizer = AutoTokenizer.from_pretrained(folder, local_files_only=True)
+    if not isinstance(getattr(getattr(model, "model", None), "layers", None), nn.ModuleList):
+        raise BadConfig("--model", f"{type(model).__name__} keeps its blocks elsewhere than model.model.layers; the "
+                                   "Llama family is supported (Llama, Mistral, Qwen2, Gemma, SmolLM)")
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(folder, local_files_only=True)
+    except (OSError, ValueError) as e:  # transformers' words for missing tokenizer files mislead ("install sentencepiece")
+        raise BadConfig("--model", f"no tokenizer could be read from {folder}: save the model's tokenizer files "
+                                   f"(tokenizer.json, tokenizer_config.json) beside it ({e.__class__.__name__})") from None
     model.to(dev).eval()
     return SubjectModel(model=model, tokenizer=tokenizer, name=name, device=dev, dtype=torch_dtype)
 

@@ -125,5 +125,7 @@ def tokenize_corpus(cfg: CorpusConfig, tokenizer, bos_id: int) -> TokenizedCorpu
         ids=np.concatenate(pieces),
     )
     if corpus.ctx_eval.all() or not corpus.ctx_eval.any():
-        raise BadConfig("--eval-fraction", "the split left no training or no evaluation contexts; use more tokens")
+        left = "training" if corpus.ctx_eval.all() else "evaluation"
+        raise BadConfig("--eval-fraction", f"documents are held out whole, and the split of {len(documents)} documents "
+                                           f"left no {left} contexts: change --eval-fraction or give more documents")
     return corpus

@@ -50,3 +50,20 @@ def test_layer_range_is_checked_before_loading(tiny_model_dir, tmp_path):
 def test_unknown_model_path_is_a_config_error(tmp_path):
     with pytest.raises(BadConfig, match="--model"):
         load_model(str(tmp_path / "nope"), cache_dir=tmp_path)
+
+
+def test_a_model_without_its_tokenizer_is_a_config_error(tiny_model_dir, tmp_path):
+    bare = tmp_path / "bare"
+    bare.mkdir()
+    for name in ("config.json", "model.safetensors"):
+        (bare / name).write_bytes((tiny_model_dir / name).read_bytes())
+    with pytest.raises(BadConfig, match="--model.*tokenizer"):
+        load_model(str(bare), cache_dir=tmp_path)
+
+
+def test_a_model_outside_the_llama_family_is_a_config_error(tmp_path):
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    GPT2LMHeadModel(GPT2Config(n_layer=2, n_embd=32, n_head=2, vocab_size=64, n_positions=64)).save_pretrained(tmp_path / "gpt2")
+    with pytest.raises(BadConfig, match="Llama family"):
+        load_model(str(tmp_path / "gpt2"), cache_dir=tmp_path)
