@@ -3,9 +3,10 @@
 Two kinds of request cost far more than a feature page: model work (a generation or a probe: a
 forward pass per token, seconds on a CPU) and search (an embedding, several index probes and a scan
 of the activations: tens of milliseconds of CPU). Each kind runs in its own pool's threads, never in
-the thread pool that serves the cheap read-only routes nor behind the other kind. At most ``workers + waiting`` requests are in a pool at once; one more is refused
-at once (``PoolFull``: a 503 with ``Retry-After``) rather than queued without bound: a queue that
-grows is a server that answers nobody in time.
+the thread pool that serves the cheap read-only routes nor behind the other kind. At most
+``workers + waiting`` requests are in a pool at once; one more is refused at once (``PoolFull``: a
+503 with ``Retry-After``) rather than queued without bound: a queue that grows is a server that
+answers nobody in time.
 """
 
 from __future__ import annotations
