@@ -425,7 +425,7 @@ def _openapi(token: str | None) -> OpenAPIConfig:
     bearer = {"bearer": SecurityScheme(type="http", scheme="bearer", description="the token the server was started with")}
     # /schema is the JSON document itself: the HTML viewers load scripts from CDNs, which neither
     # an offline machine nor the CSP allows.
-    return OpenAPIConfig(title="Feature Atlas", version="0.1.0", path="/schema",
+    return OpenAPIConfig(title="Feature Atlas", version="0.1.0", path="/schema", use_handler_docstrings=True,
                          render_plugins=[JsonRenderPlugin(path=["/", "/openapi.json"])],
                          components=Components(security_schemes=bearer if token else None))
 

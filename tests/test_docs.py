@@ -38,7 +38,7 @@ def test_the_site_builds_strict_with_its_generated_references(tmp_path):
     assert all(f"featureatlas {name}" in cli for name in sub.choices)  # every command has its section
     assert "--d-sae" in cli and "--llm-url" in cli
     http = (site / "reference" / "http.html").read_text()
-    assert "/api/search" in http and "/api/sql" in http and "ErrorBody" in http
+    assert "/api/search" in http and "/api/sql" in http and "ErrorBody" in http and "Liveness" in http  # handler docs
     assert "label_candidates" in (site / "reference" / "tables.html").read_text()
     assert "label_scorers" in (site / "reference" / "config.html").read_text()
     assert "OpenAtlas" in (site / "reference" / "python.html").read_text()
