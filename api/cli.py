@@ -23,6 +23,7 @@ from featureatlas.ingest.config import (
     RunConfig,
     base_type,
     config_of,
+    default_of,
     flag,
     load_config,
 )
@@ -55,11 +56,7 @@ def _add_ingest(sub: argparse._SubParsersAction) -> None:
             bare = f.metadata["bare"]
             options.add_argument(flag(f.name), dest=f.name, type=item or kind,
                                  nargs="+" if item else "?" if bare is not None else None, const=bare,
-                                 help=f"{f.metadata['help']} (default: {_default(f)})")
-
-
-def _default(f: dataclasses.Field) -> Any:
-    return f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+                                 help=f"{f.metadata['help']} (default: {default_of(f)})")
 
 
 def _config_from(args: argparse.Namespace) -> AtlasConfig:

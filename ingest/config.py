@@ -216,6 +216,11 @@ SETTINGS: dict[str, tuple[str, Any]] = {
 }
 
 
+def default_of(f: dataclasses.Field) -> Any:
+    """A setting's default, list defaults included (they are factories)."""
+    return f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+
+
 def flag(name: str) -> str:
     """How an error names a setting: its flag, which is also its TOML key with dashes."""
     return "--" + name.replace("_", "-")

@@ -139,15 +139,15 @@ def load_model(
     n_layers = int(AutoConfig.from_pretrained(folder, local_files_only=True).num_hidden_layers)
     if layer is not None and not 0 <= layer < n_layers:
         raise BadConfig("--layer", f"must be in [0, {n_layers - 1}] for this model, got {layer}")
-    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch_dtype, local_files_only=True)
-    if not isinstance(getattr(getattr(model, "model", None), "layers", None), nn.ModuleList):
-        raise BadConfig("--model", f"{type(model).__name__} keeps its blocks elsewhere than model.model.layers; the "
-                                   "Llama family is supported (Llama, Mistral, Qwen2, Gemma, SmolLM)")
-    try:
+    try:  # before the weights: a folder without a tokenizer fails at once
         tokenizer = AutoTokenizer.from_pretrained(folder, local_files_only=True)
     except (OSError, ValueError) as e:  # transformers' words for missing tokenizer files mislead ("install sentencepiece")
         raise BadConfig("--model", f"no tokenizer could be read from {folder}: save the model's tokenizer files "
                                    f"(tokenizer.json, tokenizer_config.json) beside it ({e.__class__.__name__})") from None
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch_dtype, local_files_only=True)
+    if not isinstance(getattr(getattr(model, "model", None), "layers", None), nn.ModuleList):
+        raise BadConfig("--model", f"{type(model).__name__} keeps its blocks elsewhere than model.model.layers; the "
+                                   "Llama family is supported (Llama, Mistral, Qwen2, Gemma, SmolLM)")
     model.to(dev).eval()
     return SubjectModel(model=model, tokenizer=tokenizer, name=name, device=dev, dtype=torch_dtype)
 

@@ -20,7 +20,7 @@ import mkdocs_gen_files
 from featureatlas.api import library
 from featureatlas.api.app import openapi_document
 from featureatlas.api.cli import build_parser
-from featureatlas.ingest.config import GROUPS, PROFILES, SETTINGS, base_type, flag
+from featureatlas.ingest.config import GROUPS, PROFILES, SETTINGS, base_type, default_of, flag
 from featureatlas.store import schema
 
 HELP_COLUMNS = "100"  # argparse wraps help to $COLUMNS: a fixed width gives the same page on every machine
@@ -146,10 +146,6 @@ def schema_page() -> str:
     return "\n".join(parts)
 
 
-def _default(f: dataclasses.Field) -> Any:
-    return f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
-
-
 def config_page() -> str:
     parts = ["# Configuration\n",
              "Every setting of `AtlasConfig` (`ingest/config.py`), by group. Each is the `featureatlas ingest` flag of "
@@ -165,7 +161,7 @@ def config_page() -> str:
             name = getattr(kind, "__name__", None) or str(kind)
             if typing.get_origin(kind) is list:
                 name = f"list of {typing.get_args(kind)[0].__name__}"
-            parts.append(f"| `{f.name}` | `{flag(f.name)}` | {name} | `{_cell(json.dumps(_default(f)))}` | "
+            parts.append(f"| `{f.name}` | `{flag(f.name)}` | {name} | `{_cell(json.dumps(default_of(f)))}` | "
                          f"{'yes' if f.metadata['key'] else ''} | {_cell(f.metadata['help'])} |")
         parts.append("")
     parts.append("## Profiles\n\n`--profile NAME` sets these before the file and the flags:\n")

@@ -61,9 +61,11 @@ def test_a_model_without_its_tokenizer_is_a_config_error(tiny_model_dir, tmp_pat
         load_model(str(bare), cache_dir=tmp_path)
 
 
-def test_a_model_outside_the_llama_family_is_a_config_error(tmp_path):
+def test_a_model_outside_the_llama_family_is_a_config_error(tiny_model_dir, tmp_path):
     from transformers import GPT2Config, GPT2LMHeadModel
 
     GPT2LMHeadModel(GPT2Config(n_layer=2, n_embd=32, n_head=2, vocab_size=64, n_positions=64)).save_pretrained(tmp_path / "gpt2")
+    for name in ("tokenizer.json", "tokenizer_config.json"):  # a tokenizer it can read, so the blocks are what fails
+        (tmp_path / "gpt2" / name).write_bytes((tiny_model_dir / name).read_bytes())
     with pytest.raises(BadConfig, match="Llama family"):
         load_model(str(tmp_path / "gpt2"), cache_dir=tmp_path)
