@@ -189,6 +189,22 @@ def test_explainers_never_see_choose_or_held_out_documents(planted):
     assert out.single_token[out.features.index(TOKEN_FEATURE)]
 
 
+def test_a_texts_embedding_does_not_depend_on_the_texts_beside_it():
+    # Ties between windows and label choices must come out the same in a local and a Ray build (issue 32).
+    texts = ["the Golden Gate Bridge", "a much longer sentence about the weather in San Francisco today",
+             "bridge", "the Golden Gate Bridge at night", "cooking"]
+    together = embed(texts)
+    for i, text in enumerate(texts):
+        assert np.array_equal(embed([text])[0], together[i])
+    assert np.array_equal(embed(texts[::-1])[::-1], together)
+    assert np.allclose(np.linalg.norm(together, axis=1), 1, atol=1e-6)
+
+
+def test_rank_auroc_counts_ties_as_nothing_in_any_order():
+    scores = np.array([[0.5, 0.2, 0.5, 0.1], [0.3, 0.3, 0.3, 0.3]], np.float32)
+    assert topics.rank_auroc(scores, 2).tolist() == [0.5, 0.0]  # 0.5 beats 0.1 only; 0.2 beats 0.1
+
+
 def test_rank_auroc_equals_the_pairwise_definition():
     rng = np.random.default_rng(0)
     scores = rng.normal(size=(6, 30))
@@ -205,18 +221,18 @@ def test_topics_name_the_concept_from_the_bank_preferring_short_names(planted, t
     bank = topics.ConceptBank.load(embed, ["Golden Gate Bridge", "suspension bridge over a bay", "Cooking", "Weather"],
                                    embedder="minilm", nouns=300)
     assert (tmp_path / "concepts").is_dir() and len(list((tmp_path / "concepts").glob("*.npy"))) == 2  # cached
-    names = topics.topic(bank, pool, trial)
+    names = topics.topics(bank, pool, {BRIDGE_FEATURE: trial}, {})[BRIDGE_FEATURE]
     assert 1 <= len(names) <= topics.TOPICS and len(set(names)) == len(names)
     assert "bridge" in names[0].lower()
     silent = scorers.Trial(trial.positives, np.array([], dtype=np.int64))
-    assert topics.topic(bank, pool, silent) == []
+    assert topics.topics(bank, pool, {BRIDGE_FEATURE: silent}, {}) == {BRIDGE_FEATURE: []}
     again = topics.ConceptBank.load(embed, ["Cooking"], embedder="minilm", nouns=300)  # WordNet's part from the cache
     assert len(again.names) < len(bank.names) and again.vectors.shape[1] == bank.vectors.shape[1]
     # Two names that rank the windows alike: the shorter wins, then the more common.
     vec = pool.embeddings[trial.positives].mean(0)
     twins = topics.ConceptBank(["the war of the roses", "war", "warfare"], np.stack([vec, vec, vec]),
                                np.array([4, 1, 1]), np.array([0, 5, 9]))
-    assert topics.topic(twins, pool, trial)[0] == "warfare"
+    assert topics.topics(twins, pool, {BRIDGE_FEATURE: trial}, {})[BRIDGE_FEATURE][0] == "warfare"
 
 
 PYTHON = '''import os.path

@@ -31,7 +31,7 @@ from .wording import Evidence
 
 log = logging.getLogger(__name__)
 # Part of the ingest's labels-stage key: bump it when labelling changes, so old labels are redone.
-LABELS_VERSION = 15
+LABELS_VERSION = 16
 # A feature whose top activations (explainer side) all sit on one token id: it scores high on
 # token matching trivially, so reports keep it apart.
 SINGLE_TOKEN_TOP = 10
@@ -111,14 +111,14 @@ def label_features(
     pools = {part: window_pool(con, part=part, embed_fn=embed_fn, stored=windows, max_windows=cfg.label_pool_windows,
                                seed=seed) for part in ("explain", "choose", "holdout")}
     fired = {part: scorers.fired_in_pool(con, pool, features) for part, pool in pools.items()}
-    evidence, top_token, stats = _evidence(con, features, pools["explain"], fired["explain"], vocab, embed_fn, cfg,
-                                           seed=seed)
+    evidence, top_token, stats, bank = _evidence(con, features, pools["explain"], fired["explain"], vocab, embed_fn,
+                                                 cfg, seed=seed)
     proposed = _propose(features, evidence, pools["explain"], fired["explain"], cfg, seed=seed, chat=chat,
                         logits=logits or {})
     trials = {"choose": scorers.make_trials(pools["choose"], fired["choose"], top_token, seed=seed, per_side=None),
               "holdout": scorers.make_trials(pools["holdout"], fired["holdout"], top_token, seed=seed)}
     flat = [(f, c) for f in features for c in proposed[f] if c.status == "ok"]
-    vectors = _embed_candidates(flat, trials, embed_fn)
+    vectors = _embed_candidates(flat, trials, embed_fn, bank)
     judged = {part: _judge(flat, vectors, pools[part], trials[part], fired[part], vocab, part)
               for part in ("choose", "holdout")}
     chosen = _choose(flat, judged["choose"].combined)
@@ -153,9 +153,10 @@ def summarize(cfg: LabelConfig, score: list[float | None], scores: list[list[dic
 
 def _evidence(con: duckdb.DuckDBPyConnection, features: list[int], pool: WindowPool, fired: dict, vocab: dict[int, str],
               embed_fn: Callable[[list[str]], np.ndarray], cfg: LabelConfig, *,
-              seed: int) -> tuple[dict[int, Evidence], dict[int, int], kinds.KindStats]:
+              seed: int) -> tuple[dict[int, Evidence], dict[int, int], kinds.KindStats, topics.ConceptBank]:
     """Each feature's evidence from the explain part only, with its kind of token and its topics;
-    its strongest token id there (the hard negatives of its trials); and its share of every kind."""
+    its strongest token id there (the hard negatives of its trials); its share of every kind; and
+    the bank its topics were named from."""
     evidence, top_token = contrastive.gather_evidence(con, features, vocab)
     stats = kinds.kind_stats(con, features)
     for row, f in enumerate(features):
@@ -171,7 +172,7 @@ def _evidence(con: duckdb.DuckDBPyConnection, features: list[int], pool: WindowP
     places = {f: vectors[w] if w else None for f, w in where.items()}
     for f, names in topics.topics(bank, pool, explain_trials, places).items():
         evidence[f].topics = names
-    return evidence, top_token, stats
+    return evidence, top_token, stats, bank
 
 
 def _propose(features: list[int], evidence: dict[int, Evidence], pool: WindowPool, fired: dict, cfg: LabelConfig, *,
@@ -194,16 +195,20 @@ def _starts(flat: list[tuple[int, Candidate]]) -> list[int]:
 
 
 def _embed_candidates(flat: list[tuple[int, Candidate]], trials: dict[str, dict[int, scorers.Trial]],
-                      embed_fn: Callable[[list[str]], np.ndarray]) -> np.ndarray:
+                      embed_fn: Callable[[list[str]], np.ndarray], bank: topics.ConceptBank) -> np.ndarray:
     """[len(flat), dim] the embedding of every candidate that is judged (its feature has a trial in
     choose or holdout) or kept unjudged (a feature's first candidate); zeros for the rest, which
     nothing reads. With a wide dictionary over a short corpus most features fire too rarely to be
-    judged, and embedding their every candidate was most of the stage."""
+    judged, and embedding their every candidate was most of the stage. A candidate that is a bare
+    topic name takes the bank's vector (the same embedder's, of the same text: the same bits)."""
     judged = set(trials["choose"]) | set(trials["holdout"])
     wanted = sorted({i for i, (f, _) in enumerate(flat) if f in judged} | set(_starts(flat)))
     vectors = np.zeros((len(flat), EMBEDDING_DIM), np.float32)
-    if wanted:
-        vectors[wanted] = embed_fn([flat[i][1].text for i in wanted])
+    known = bank.rows_of([flat[i][1].text for i in wanted])
+    new = [i for i, row in zip(wanted, known) if row < 0]
+    vectors[[i for i, row in zip(wanted, known) if row >= 0]] = bank.vectors[known[known >= 0]]
+    if new:
+        vectors[new] = embed_fn([flat[i][1].text for i in new])
     return vectors
 
 
@@ -219,7 +224,7 @@ def _judge(flat: list[tuple[int, Candidate]], vectors: np.ndarray, pool: WindowP
         trial = trials.get(f)
         if trial is not None:
             auroc[a:b] = scorers.embedding_auroc(pool, trial, vectors[a:b])
-            token[a:b] = [tokens.score(c.text, trial, fired[f]) for _, c in flat[a:b]]
+            token[a:b] = tokens.scores([c.text for _, c in flat[a:b]], trial, fired[f])
     return Judged(auroc, token)
 
 

@@ -195,9 +195,9 @@ LOOK_BACK = 3  # "after X": X is one of the three tokens before
 
 class TokenScorer:
     """Token matchers compiled from labels (``wording.parse_pattern``), run over the tokens of each
-    feature's trial windows in one pool. A trial's tokens and activations are gathered once and
-    reused while its feature's candidates are scored (one at a time: callers go feature by feature,
-    and every trial kept would hold all the pool's firing tokens at once)."""
+    feature's trial windows in one pool. A feature's candidates are scored together (``scores``):
+    its trial's tokens and activations are gathered once, and the statistics of every matcher come
+    from one matrix of predictions."""
 
     def __init__(self, pool: WindowPool, vocab: dict[int, str]):
         self.tokens, rows, positions = pool.flat
@@ -211,7 +211,6 @@ class TokenScorer:
             prev[d:] = np.where(rows[d:] == rows[:-d], self.tokens[:-d], -1)
             self.back.append(prev)
         self.by_key = {key: np.array(sorted(ids), dtype=np.int64) for key, ids in _group(vocab).items()}
-        self._last: tuple[Trial, np.ndarray, np.ndarray] | None = None
 
     def _ids(self, quoted: list[str]) -> np.ndarray:
         found = [self.by_key[q.lower()] for q in quoted if q.lower() in self.by_key]
@@ -219,14 +218,11 @@ class TokenScorer:
 
     def _trial_tokens(self, trial: Trial, fired: Fired) -> tuple[np.ndarray, np.ndarray]:
         """(flat indices of the trial windows' tokens, the feature's activation on each)."""
-        cached = self._last
-        if cached is None or cached[0] is not trial:
-            rows = np.concatenate([trial.positives, trial.negatives])
-            idx = np.concatenate([np.arange(self.starts[r], self.starts[r + 1]) for r in rows])
-            at = KeyIndex(fired.token_keys).find(self.keys[idx])
-            actual = np.where(at >= 0, fired.token_values[at], 0).astype(np.float32)
-            cached = self._last = (trial, idx, actual)
-        return cached[1], cached[2]
+        rows = np.concatenate([trial.positives, trial.negatives])
+        lengths = self.starts[rows + 1] - self.starts[rows]
+        idx = np.repeat(self.starts[rows] - np.cumsum(lengths) + lengths, lengths) + np.arange(lengths.sum())
+        at = KeyIndex(fired.token_keys).find(self.keys[idx])
+        return idx, np.where(at >= 0, fired.token_values[at], 0).astype(np.float32)
 
     def predict(self, label: str, idx: np.ndarray) -> np.ndarray:
         """The label's matcher (0/1) on the pool's flat tokens ``idx``."""
@@ -237,15 +233,22 @@ class TokenScorer:
             hit &= np.logical_or.reduce([np.isin(prev[idx], want) for prev in self.back])
         return hit.astype(np.float32)
 
-    def score(self, label: str, trial: Trial, fired: Fired) -> TokenScore:
+    def scores(self, labels: list[str], trial: Trial, fired: Fired) -> list[TokenScore]:
+        """Each label's ``TokenScore`` on one feature's trial."""
         idx, actual = self._trial_tokens(trial, fired)
-        predicted = self.predict(label, idx)
-        on = actual > 0
-        hits = float((predicted * on).sum())
-        precision = hits / predicted.sum() if predicted.sum() else 0.0
-        recall = hits / on.sum() if on.sum() else 0.0
-        corr = float(np.corrcoef(predicted, actual)[0, 1]) if predicted.std() > 0 and actual.std() > 0 else 0.0
-        return TokenScore(corr, float(precision), float(recall))
+        predicted = np.stack([self.predict(label, idx) for label in labels]).astype(np.float64)
+        on = (actual > 0).astype(np.float64)
+        hits, matched = predicted @ on, predicted.sum(1)
+        precision = np.divide(hits, matched, out=np.zeros_like(hits), where=matched > 0)
+        recall = hits / on.sum() if on.sum() else np.zeros_like(hits)
+        centred = actual - actual.mean(dtype=np.float64)
+        spread = predicted - predicted.mean(1, keepdims=True)
+        norms = np.sqrt((spread ** 2).sum(1) * (centred ** 2).sum())
+        corr = np.divide(spread @ centred, norms, out=np.zeros_like(hits), where=norms > 0)
+        return [TokenScore(float(c), float(p), float(r)) for c, p, r in zip(corr, precision, recall)]
+
+    def score(self, label: str, trial: Trial, fired: Fired) -> TokenScore:
+        return self.scores([label], trial, fired)[0]
 
 
 def _group(vocab: dict[int, str]) -> dict[str, list[int]]:
