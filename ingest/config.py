@@ -26,7 +26,6 @@ from featureatlas.store.errors import BadConfig
 
 EXPLAINERS = ("contrastive", "llm")  # ingest/labels/
 SCORERS = ("embedding", "token", "detection", "intervention")
-ARCHITECTURES = ("topk", "batchtopk", "relu", "jumprelu")  # ingest/sae.py
 
 
 def setting(default: Any, help: str, *, key: bool = True, bare: Any = None) -> Any:  # noqa: A002 (argparse's word)
@@ -85,7 +84,7 @@ class HarvestConfig:
 class TrainConfig:
     dictionary: str = setting("", "load this dictionary (SAELens, sparsify, dictionary_learning, Gemma Scope, OpenAI) "
                                   "instead of training one")
-    architecture: str = setting("topk", "topk, batchtopk, relu or jumprelu (ingest/sae.py)")
+    architecture: str = setting("topk", "topk, batchtopk, relu, jumprelu or matryoshka (ingest/sae.py's ARCHITECTURES)")
     d_sae: int = setting(4096, "dictionary size (features)")
     k: int = setting(32, "active features per token (top-k families)")
     sparsity_coef: float | None = setting(None, "relu: L1 weight (default 5); jumprelu: L0 weight (default 1)")
@@ -290,6 +289,8 @@ def _validate_dictionary(t: TrainConfig) -> None:
         raise BadConfig(flag("d_sae"), f"must be at least 1, got {t.d_sae}")
     if not 1 <= t.k <= t.d_sae:
         raise BadConfig(flag("k"), f"must be between 1 and d_sae ({t.d_sae}), got {t.k}")
+    from .sae import ARCHITECTURES  # the registry (torch): here, so reading a config stays light
+
     if t.architecture not in ARCHITECTURES:
         raise BadConfig(flag("architecture"), f"must be one of {', '.join(ARCHITECTURES)}, got {t.architecture!r}")
     if t.sparsity_coef is not None and t.sparsity_coef < 0:

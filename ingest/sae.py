@@ -1,19 +1,12 @@
-"""The sparse autoencoder in its four architectures, and its file format (SAELens layout).
-
-- ``topk`` (Gao et al. 2024): the k largest pre-activations per token.
-- ``batchtopk`` (Bussmann et al. 2024): top ``k * batch`` over a whole batch while training; at
-  inference one learned threshold, so L0 varies per token around k.
-- ``relu`` (Anthropic, Scaling Monosemanticity): ReLU, trained with an L1 penalty weighted by
-  decoder norms.
-- ``jumprelu`` (Rajamanoharan et al. 2024): a learned threshold per latent, trained with an L0
-  penalty through straight-through estimators.
+"""The sparse autoencoder, its architectures (``ARCHITECTURES``: one ``Architecture`` each, registered
+below) and its file format (SAELens layout).
 
 The class owns ``save``/``load`` so the model and its files cannot drift apart. Weights follow
 SAELens names and shapes: ``W_enc [d_in, d_sae]``, ``b_enc [d_sae]``, ``W_dec [d_sae, d_in]``,
 ``b_dec [d_in]`` and, for threshold architectures, ``threshold [d_sae]``; the encoder subtracts
 ``b_dec`` first (``apply_b_dec_to_input``).
 
-Every public method works for all four: ``encode`` gives each row's active latents as a
+Every public method works for every architecture: ``encode`` gives each row's active latents as a
 ``SparseCode`` in CSR layout (k per row for top-k, any number for the threshold architectures, whose
 L0 varies), so nothing is cut, and ``decode(encode(x))`` is the reconstruction.
 """
@@ -21,99 +14,109 @@ L0 varies), so nothing is cut, and ``decode(encode(x))`` is the reconstruction.
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import Any, Callable
 
 import torch
 from featureatlas.store import manifest as M
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from .config import ARCHITECTURES
+from . import objectives
+from .sparse_code import ForwardOutput, SparseCode
 
 WEIGHTS_FILE = M.DICTIONARY_WEIGHTS
 CFG_FILE = M.DICTIONARY_CFG
 
 
-class SparseCode(NamedTuple):
-    """Each row's active latents in CSR layout: row i's are ``[offsets[i], offsets[i + 1])`` of
-    ``values`` and ``indices``. Variable width, so a jumprelu row with 300 actives keeps all 300."""
-
-    values: torch.Tensor
-    """[nnz] activations (>= 0; training's fixed-width codes may hold zeros)."""
-    indices: torch.Tensor
-    """[nnz] latent ids."""
-    offsets: torch.Tensor
-    """[N + 1] int64 row starts."""
-
-    @classmethod
-    def fixed(cls, values: torch.Tensor, indices: torch.Tensor) -> "SparseCode":
-        """From [N, w] selections, zeros kept (training differentiates through every slot)."""
-        n, width = values.shape
-        offsets = torch.arange(0, n * width + 1, width, device=values.device)
-        return cls(values.reshape(-1), indices.reshape(-1), offsets)
-
-    @classmethod
-    def from_dense(cls, acts: torch.Tensor) -> "SparseCode":
-        """The nonzero entries of [N, d_sae] activations, row by row in latent order."""
-        rows, cols = acts.nonzero(as_tuple=True)
-        return cls(acts[rows, cols], cols, _offsets(rows, len(acts)))
-
-    @property
-    def n_rows(self) -> int:
-        return len(self.offsets) - 1
-
-    def row_ids(self) -> torch.Tensor:
-        """[nnz] the row of each entry."""
-        return torch.repeat_interleave(torch.arange(self.n_rows, device=self.offsets.device), self.offsets.diff())
-
-    def active(self) -> "SparseCode":
-        """Without the zero entries (a top-k row whose k-th pre-activation was negative)."""
-        keep = self.values > 0
-        return SparseCode(self.values[keep], self.indices[keep], _offsets(self.row_ids()[keep], self.n_rows))
-
-    def padded(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """([N, w] values, [N, w] indices), each row sorted strongest first and padded with zeros to
-        the widest row's width w."""
-        rows = self.row_ids()
-        width = int(self.offsets.diff().max()) if self.n_rows else 0
-        order = torch.argsort(self.values, descending=True, stable=True)
-        order = order[torch.argsort(rows[order], stable=True)]  # by row, strongest first within one
-        slot = torch.arange(len(order), device=rows.device) - self.offsets[rows[order]]
-        values = self.values.new_zeros(self.n_rows, width)
-        indices = self.indices.new_zeros(self.n_rows, width)
-        values[rows[order], slot] = self.values[order]
-        indices[rows[order], slot] = self.indices[order]
-        return values, indices
-
-
-def _offsets(rows: torch.Tensor, n: int) -> torch.Tensor:
-    """CSR row starts from the (sorted) row of each entry."""
-    out = torch.zeros(n + 1, dtype=torch.long, device=rows.device)
-    out[1:] = torch.bincount(rows, minlength=n).cumsum(0)
-    return out
-
-
-class ForwardOutput(NamedTuple):
-    x_hat: torch.Tensor
-    """[N, d_in] reconstruction."""
-    code: SparseCode
-    """The active latents of each row."""
-    pre_acts: torch.Tensor
-    """[N, d_sae] encoder pre-activations, kept for the AuxK loss."""
-
-
 LAYER_NORM_EPS = 1e-5
-# Our architecture names as SAELens spells them (its "standard" is a ReLU dictionary).
-SAELENS_NAMES = {"topk": "topk", "batchtopk": "jumprelu", "relu": "standard", "jumprelu": "jumprelu"}
+
+
+@dataclass(frozen=True)
+class Architecture:
+    """All that sets one dictionary architecture apart, in one object: adding an architecture is
+    registering one more (``register``); nothing else tests its name."""
+
+    name: str
+    summary: str
+    saelens: str
+    """Its name in a SAELens ``cfg.json`` ("standard" is SAELens's ReLU; threshold rules save as jumprelu)."""
+    code: Callable[["SAE", torch.Tensor], SparseCode]
+    """Inference: pre-activations [N, d_sae] to each row's active latents."""
+    objective: Callable[..., objectives.StepOutput]
+    """Training: the forward pass and loss (``objectives.py``)."""
+    threshold: str | None = None
+    """A threshold per latent: "learned" (a parameter with a gradient) or "running" (a buffer, an
+    estimate kept while training)."""
+    init_threshold: float = 0.0
+    sparsity_coef: float = 0.0
+    """Default weight of the objective's sparsity penalty (``--sparsity-coef``); 0 where it has none."""
+    aux: bool = False
+    """Trained with AuxK, which revives dead latents."""
+    unit_decoder: bool = True
+    """Decoder rows held at unit norm (relu's penalty weighs their norms instead)."""
+    nested: bool = False
+    """Its first ``prefixes`` latents are dictionaries of their own (matryoshka)."""
+
+
+ARCHITECTURES: dict[str, Architecture] = {}
+
+
+def register(arch: Architecture) -> Architecture:
+    ARCHITECTURES[arch.name] = arch
+    return arch
+
+
+def architecture_named(name: str) -> Architecture:
+    if name not in ARCHITECTURES:
+        raise ValueError(f"architecture must be one of {', '.join(ARCHITECTURES)}, got {name!r}")
+    return ARCHITECTURES[name]
+
+
+def _topk_code(sae: "SAE", pre: torch.Tensor) -> SparseCode:
+    values, indices = pre.topk(sae.k, dim=-1, sorted=False)
+    return SparseCode.fixed(values.relu(), indices).active()
+
+
+def _relu_code(sae: "SAE", pre: torch.Tensor) -> SparseCode:
+    return SparseCode.from_dense(pre.relu())
+
+
+def _threshold_code(sae: "SAE", pre: torch.Tensor) -> SparseCode:
+    """A threshold per latent (clamped at 0: below it negatives would pass)."""
+    return SparseCode.from_dense(pre * (pre > sae.threshold.clamp_min(0)))
+
+
+register(Architecture("topk", "the k largest pre-activations per token (Gao et al. 2024)", "topk", _topk_code,
+                      objectives.topk_objective, aux=True))
+register(Architecture("batchtopk", "the k * batch largest over a whole batch while training; at inference one "
+                                   "learned threshold, so L0 varies per token around k (Bussmann et al. 2024)",
+                      "jumprelu", _threshold_code, objectives.batchtopk_objective, threshold="running", aux=True))
+register(Architecture("relu", "ReLU, trained with an L1 penalty weighted by decoder norms (Anthropic, Scaling "
+                              "Monosemanticity)", "standard", _relu_code, objectives.relu_objective,
+                      sparsity_coef=5.0, unit_decoder=False))
+register(Architecture("jumprelu", "a learned threshold per latent, trained with an L0 penalty through "
+                                  "straight-through estimators (Rajamanoharan et al. 2024)", "jumprelu",
+                      _threshold_code, objectives.jumprelu_objective, threshold="learned",
+                      init_threshold=objectives.JUMP_INIT_THRESHOLD, sparsity_coef=1.0))
+register(Architecture("matryoshka", "BatchTopK whose nested prefixes (d_sae/16, d_sae/4, d_sae by default) each "
+                                    "learn to reconstruct alone: one training gives a family of widths "
+                                    "(Bussmann et al. 2025)", "jumprelu", _threshold_code,
+                      objectives.matryoshka_objective, threshold="running", aux=True, nested=True))
+PREFIXES_KEY = "matryoshka_widths"  # where a nested dictionary's prefixes are kept in its metadata
+
+
+def default_prefixes(d_sae: int) -> tuple[int, ...]:
+    """d_sae/16, d_sae/4 and d_sae (1,024 / 4,096 / 16,384 for 16,384), without repeats."""
+    return tuple(sorted({max(1, d_sae // 16), max(1, d_sae // 4), d_sae}))
 
 
 class SAE(nn.Module):
     def __init__(self, d_in: int, d_sae: int, k: int, *, architecture: str = "topk", layer_norm_input: bool = False,
                  meta: dict[str, Any] | None = None):
         super().__init__()
-        if architecture not in ARCHITECTURES:
-            raise ValueError(f"architecture must be one of {ARCHITECTURES}, got {architecture!r}")
+        self.arch = architecture_named(architecture)
         self.d_in, self.d_sae, self.k, self.architecture = d_in, d_sae, k, architecture
         # OpenAI's TopK dictionaries read each token layer-normed (x - mean) / (std + eps) and undo it
         # after decoding; ours never do.
@@ -128,9 +131,9 @@ class SAE(nn.Module):
         self.b_enc = nn.Parameter(torch.zeros(d_sae))
         self.W_dec = nn.Parameter(torch.empty(d_sae, d_in))
         self.b_dec = nn.Parameter(torch.zeros(d_in))
-        if architecture == "jumprelu":
+        if self.arch.threshold == "learned":
             self.threshold = nn.Parameter(torch.zeros(d_sae))
-        elif architecture == "batchtopk":
+        elif self.arch.threshold == "running":
             self.register_buffer("threshold", torch.zeros(d_sae))  # one value, learned as a running estimate
 
     @property
@@ -162,14 +165,25 @@ class SAE(nn.Module):
 
     def _code(self, pre: torch.Tensor) -> SparseCode:
         """Rows are every leading index flattened: a [batch, seq, d_sae] input gives batch * seq rows."""
-        pre = pre.reshape(-1, self.d_sae)
-        if self.architecture == "topk":
-            values, indices = pre.topk(self.k, dim=-1, sorted=False)
-            return SparseCode.fixed(values.relu(), indices).active()
-        if self.architecture == "relu":
-            return SparseCode.from_dense(pre.relu())
-        # jumprelu and batchtopk at inference: a threshold per latent (below 0 would let negatives through)
-        return SparseCode.from_dense(pre * (pre > self.threshold.clamp_min(0)))
+        return self.arch.code(self, pre.reshape(-1, self.d_sae))
+
+    @property
+    def prefixes(self) -> tuple[int, ...]:
+        """The widths of a nested dictionary's own sub-dictionaries, widest (d_sae) last; (d_sae,) otherwise."""
+        if not self.arch.nested:
+            return (self.d_sae,)
+        return tuple(self.meta.get(PREFIXES_KEY) or default_prefixes(self.d_sae))
+
+    def prefix(self, width: int) -> "SAE":
+        """The first ``width`` latents as a dictionary of their own (a matryoshka prefix)."""
+        if not 1 <= width <= self.d_sae:
+            raise ValueError(f"a prefix must have 1 to {self.d_sae} latents, got {width}")
+        meta = {**self.meta, PREFIXES_KEY: [w for w in self.prefixes if w <= width]} if self.arch.nested else self.meta
+        out = SAE(self.d_in, width, min(self.k, width), architecture=self.architecture,
+                  layer_norm_input=self.layer_norm_input, meta=meta)
+        state = {name: (t[:width] if name != "b_dec" else t) for name, t in self.state_dict().items()}
+        out.load_state_dict(state)
+        return out.to(self.b_dec.device)
 
     def encode(self, x: torch.Tensor) -> SparseCode:
         """Every active latent of every row: k per row for top-k, all above threshold otherwise."""
@@ -244,7 +258,7 @@ class SAE(nn.Module):
         tensors = {name: p.detach().float().cpu().contiguous() for name, p in state.items()}
         save_file(tensors, folder / WEIGHTS_FILE)
         cfg = {
-            "architecture": SAELENS_NAMES[self.architecture],
+            "architecture": self.arch.saelens,
             "d_in": self.d_in,
             "d_sae": self.d_sae,
             "k": self.k,

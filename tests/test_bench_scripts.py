@@ -55,3 +55,11 @@ def test_bench_ray_builds_both_ways_and_finds_them_identical(tmp_path, tiny_mode
     assert result["identical"] is True and result["overhead"] > 0
     assert result["ray"]["shards"]["labels"] == {"shards": 2, "mean_shard_s": result["ray"]["shards"]["labels"]["mean_shard_s"],
                                                  "features": 64}
+
+
+def test_bench_widths_trains_a_family_three_ways_on_a_built_atlas(tmp_path, tiny_atlas):
+    report = run("bench_widths.py", "--atlas", str(tiny_atlas), "--widths", "16", "64", "--k", "4", "--tokens", "2048",
+                 "--batch", "256", out=tmp_path / "widths.json")
+    assert set(report["runs"]) == {"widest", "together", "matryoshka"}
+    assert set(report["runs"]["together"]["fvu"]) == set(report["runs"]["matryoshka"]["fvu"]) == {"16", "64"}
+    assert report["runs"]["widest"]["over_widest_alone"] == 1.0

@@ -6,10 +6,10 @@ from __future__ import annotations
 import pytest
 import torch
 from featureatlas.ingest.loaders import load_dictionary
-from featureatlas.ingest.sae import SAE
+from featureatlas.ingest.sae import ARCHITECTURES, SAE
 
 
-@pytest.mark.parametrize("architecture", ["topk", "batchtopk", "relu", "jumprelu"])
+@pytest.mark.parametrize("architecture", list(ARCHITECTURES))
 def test_saelens_reads_ours_and_we_read_theirs(tmp_path, architecture):
     sae_lens = pytest.importorskip("sae_lens")
     ours = SAE.initialized(16, 48, 4, architecture=architecture, seed=0,

@@ -186,7 +186,7 @@ def test_crash_while_publishing_keeps_the_previous_atlas(tmp_path, tiny_model_di
     assert json.loads((Path(cfg.run.atlas) / "manifest.json").read_text())["dictionary"]["k"] == 4
 
 
-@pytest.mark.parametrize("architecture", ["relu", "jumprelu"])
+@pytest.mark.parametrize("architecture", ["relu", "jumprelu", "matryoshka"])
 def test_threshold_architectures_build_an_atlas(tmp_path, tiny_model_dir, corpus_dir, architecture):
     cfg = tiny_config(tmp_path / "atlas", tiny_model_dir, corpus_dir, architecture=architecture, sparsity_coef=0.5)
     manifest = pipeline.run_ingest(cfg)

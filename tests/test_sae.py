@@ -5,16 +5,9 @@ import pytest
 import torch
 from featureatlas.ingest.evaluate import reconstruction_metrics
 from featureatlas.ingest.harvest import ShardedActivations
-from featureatlas.ingest.sae import SAE
-from featureatlas.ingest.train import (
-    _batchtopk_forward,
-    _encoder_grad,
-    _topk_forward,
-    auxk_loss,
-    fvu,
-    geometric_median,
-    train_sae,
-)
+from featureatlas.ingest.objectives import _encoder_grad, auxk_loss, batchtopk_forward, fvu, topk_forward
+from featureatlas.ingest.sae import ARCHITECTURES, SAE
+from featureatlas.ingest.train import DictionarySpec, geometric_median, train_sae, train_saes
 from safetensors.torch import load_file
 
 
@@ -70,7 +63,7 @@ def test_sparse_training_gradients_equal_dense_autograd():
     def grads(fast: bool) -> list[torch.Tensor]:
         sae.zero_grad()
         if fast:
-            out, select = _topk_forward(sae, x)
+            out, select = topk_forward(sae, x)
         else:
             out, select = sae(x), None
         loss = fvu(x, out.x_hat) + 0.5 * auxk_loss(out.pre_acts, sae.W_dec, (x - out.x_hat).detach(), dead, 8, select)
@@ -98,7 +91,7 @@ def test_sparse_batchtopk_gradients_equal_dense_autograd():
     def grads(fast: bool) -> list[torch.Tensor]:
         sae.zero_grad()
         if fast:
-            x_hat = _batchtopk_forward(sae, x)[0]
+            x_hat = batchtopk_forward(sae, x)[0].x_hat
         else:
             post = sae.pre_activations(x).relu()
             keep = post.flatten().topk(sae.k * len(x)).indices
@@ -150,7 +143,8 @@ def test_geometric_median_resists_outliers():
 
 
 @pytest.mark.parametrize("compute_dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])  # bf16: CUDA default
-@pytest.mark.parametrize("architecture,coef", [("topk", None), ("batchtopk", None), ("relu", 2.0), ("jumprelu", None)])
+@pytest.mark.parametrize("architecture,coef", [("topk", None), ("batchtopk", None), ("relu", 2.0), ("jumprelu", None),
+                                               ("matryoshka", None)])
 def test_training_recovers_planted_sparse_features(architecture, coef, compute_dtype):
     gen = torch.Generator().manual_seed(0)
     d, n_true = 32, 48
@@ -174,7 +168,10 @@ def test_training_recovers_planted_sparse_features(architecture, coef, compute_d
 
 
 def test_each_architecture_round_trips_in_saelens_layout(tmp_path):
-    for architecture, saelens in (("batchtopk", "jumprelu"), ("relu", "standard"), ("jumprelu", "jumprelu")):
+    saelens_names = {"topk": "topk", "batchtopk": "jumprelu", "relu": "standard", "jumprelu": "jumprelu",
+                     "matryoshka": "jumprelu"}
+    assert set(saelens_names) == set(ARCHITECTURES)  # a new architecture is tested here too
+    for architecture, saelens in saelens_names.items():
         sae = SAE.initialized(16, 64, 4, architecture=architecture, seed=1)
         with torch.no_grad():
             if hasattr(sae, "threshold"):
@@ -183,7 +180,7 @@ def test_each_architecture_round_trips_in_saelens_layout(tmp_path):
         sae.save(tmp_path / architecture)
         cfg = json.loads((tmp_path / architecture / "cfg.json").read_text())
         tensors = load_file(tmp_path / architecture / "sae_weights.safetensors")
-        assert cfg["architecture"] == saelens and ("threshold" in tensors) == (architecture != "relu")
+        assert cfg["architecture"] == saelens and ("threshold" in tensors) == (architecture not in ("relu", "topk"))
         again = SAE.load(tmp_path / architecture)
         assert again.architecture == architecture
         x = torch.randn(64, 16)
@@ -210,7 +207,7 @@ def test_killed_training_resumes_to_the_same_dictionary(tmp_path, monkeypatch):
 
     def dying_fvu(*a):
         calls.append(1)
-        if len(calls) > 2 * 45:  # two calls per step: die during step 45, after the step-40 checkpoint
+        if len(calls) > 45:  # the loop's running FVU, once a step: die during step 45, after the step-40 checkpoint
             raise KeyboardInterrupt
         return real(*a)
 
@@ -224,7 +221,8 @@ def test_killed_training_resumes_to_the_same_dictionary(tmp_path, monkeypatch):
         torch.testing.assert_close(p, dict(resumed.named_parameters())[name], rtol=0, atol=0)
     # A checkpoint from a version whose parameters were laid out differently is not resumed from.
     state = torch.load(ckpt, weights_only=False)
-    state["sae"]["W_enc"] = state["sae"].pop("enc_weight").t()
+    saved = state["learners"][0]["sae"]
+    saved["W_enc"] = saved.pop("enc_weight").t()
     torch.save(state, ckpt)
     fresh = train_sae(x, **opts, checkpoint=ckpt, checkpoint_every=20).sae
     torch.testing.assert_close(fresh.enc_weight, whole.enc_weight, rtol=0, atol=0)
@@ -253,7 +251,7 @@ def test_training_streams_from_shards_exactly_as_from_memory(tmp_path):
         torch.testing.assert_close(streamed[name], in_memory[name], rtol=0, atol=0)
 
 
-@pytest.mark.parametrize("architecture", ["topk", "batchtopk", "relu", "jumprelu"])
+@pytest.mark.parametrize("architecture", list(ARCHITECTURES))
 def test_every_public_method_works_for_every_architecture(architecture):
     """encode -> decode is the reconstruction, dense agrees with the code, forward with both, and a
     row may hold more actives than k (a threshold architecture's L0 is not capped)."""
@@ -291,3 +289,53 @@ def test_every_public_method_works_for_every_architecture(architecture):
     assert values.shape == (40, int(widths.max()))
     assert bool((values[:, :-1] >= values[:, 1:]).all())
     torch.testing.assert_close(torch.zeros_like(pre).scatter_add(-1, indices, values), want)
+
+
+def test_dictionaries_trained_together_are_the_ones_trained_alone():
+    x = torch.randn(3000, 16).half().numpy()
+    opts = dict(tokens=30 * 100, batch=100, seed=4, device=torch.device("cpu"))
+    specs = [DictionarySpec(32, 4, 1e-3, "topk", aux_k=8, dead_tokens=500),
+             DictionarySpec(64, 4, 1e-3, "batchtopk", aux_k=8, dead_tokens=500)]
+    together = train_saes(x, specs, **opts)
+    for spec, result in zip(specs, together):
+        alone = train_saes(x, [spec], **opts)[0]
+        assert result.sae.d_sae == spec.d_sae and result.final_fvu == alone.final_fvu
+        for name, p in alone.sae.state_dict().items():
+            torch.testing.assert_close(result.sae.state_dict()[name], p, rtol=0, atol=0)
+
+
+def test_matryoshka_prefixes_are_dictionaries_of_their_own(tmp_path):
+    gen = torch.Generator().manual_seed(0)
+    true = torch.nn.functional.normalize(torch.randn(64, 32, generator=gen), dim=1)
+    # Frequent features first: the few latents of the first prefix should hold the common ones.
+    idx = torch.multinomial(torch.linspace(2, 0.1, 64), 20_000 * 3, replacement=True, generator=gen).view(-1, 3)
+    x = torch.nn.functional.embedding_bag(idx, true, per_sample_weights=torch.rand(20_000, 3, generator=gen) + 0.5,
+                                          mode="sum") * 5
+    opts = dict(d_sae=128, k=3, tokens=200_000, batch=256, lr=3e-3, aux_k=32, aux_coef=1 / 32, dead_tokens=5_000, seed=0,
+                device=torch.device("cpu"))
+    nested = train_sae(x.half().numpy(), architecture="matryoshka", meta={"matryoshka_widths": [8, 32, 128]}, **opts).sae
+    flat = train_sae(x.half().numpy(), architecture="batchtopk", **opts).sae
+    assert nested.prefixes == (8, 32, 128) and flat.prefixes == (128,)
+    sample = x[:4000].numpy()
+    whole = reconstruction_metrics(nested, sample)["variance_explained"]
+    for width in (8, 32):
+        part = nested.prefix(width)
+        assert part.d_sae == width and part.prefixes == tuple(w for w in (8, 32) if w <= width)
+        inner = reconstruction_metrics(part, sample)["variance_explained"]
+        plain = reconstruction_metrics(flat.prefix(width), sample)["variance_explained"]
+        # Measured 0.25 against 0.22 at 8 latents, 0.74 against 0.72 at 32 (small on planted features).
+        assert inner > plain + 0.01 and inner < whole, (width, inner, plain, whole)
+    nested.save(tmp_path)
+    assert SAE.load(tmp_path).prefixes == (8, 32, 128)
+    with pytest.raises(ValueError, match="prefix"):
+        nested.prefix(129)
+
+
+def test_the_matryoshka_loss_adds_each_inner_prefix_reconstructing_alone():
+    sae = SAE.initialized(16, 64, 4, architecture="matryoshka", seed=5, meta={"matryoshka_widths": [8, 24, 64]})
+    x = torch.randn(50, 16, generator=torch.Generator().manual_seed(6))
+    out = sae.arch.objective(sae, x, 0.0, 1.0)
+    code = batchtopk_forward(sae, x)[0].code
+    dense = sae.dense(code)
+    want = fvu(x, out.x_hat) + sum(fvu(x, dense[:, :w] @ sae.W_dec[:w] + sae.b_dec) for w in (8, 24))
+    torch.testing.assert_close(out.loss, want, rtol=1e-5, atol=1e-6)
