@@ -25,7 +25,7 @@ import torch
 from featureatlas.store.errors import BadConfig
 from safetensors.torch import load_file
 
-from .sae import CFG_FILE, SAE, WEIGHTS_FILE
+from .sae import ARCHITECTURES, CFG_FILE, SAE, WEIGHTS_FILE
 
 FORMATS = ("saelens", "sparsify", "dictionary_learning", "gemmascope", "openai")
 
@@ -93,9 +93,10 @@ def _saelens(path: Path, k: int) -> SAE:
     w = load_file(path / WEIGHTS_FILE)
     # SAELens >= 6 names the architecture; older configs only name the activation function.
     arch = cfg.get("architecture") or {"relu": "standard", "topk": "topk"}.get(cfg.get("activation_fn_str", "relu"))
-    ours = {"standard": "relu", "topk": "topk", "jumprelu": "jumprelu"}.get(arch)
+    readable = {a.saelens: a.name for a in ARCHITECTURES.values() if a.reads_saelens}
+    ours = readable.get(arch)
     if ours is None:
-        raise ValueError(f"architecture {arch!r} is not supported (standard, topk, jumprelu are)")
+        raise ValueError(f"architecture {arch!r} is not supported ({', '.join(readable)} are)")
     norm = cfg.get("normalize_activations") or "none"
     if norm not in ("none", "layer_norm"):
         raise ValueError(f"normalize_activations={norm!r} is not supported (none, layer_norm are)")

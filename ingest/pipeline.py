@@ -261,7 +261,8 @@ STAGES: list[Stage[Ingest]] = [
     Stage("harvest", 1, ("harvest", "model"), ("corpus",), (), _finish_harvest,
           inputs=lambda ctx: [ctx.layer, str(ctx.model.dtype)],
           shards=lambda ctx: len(shard_plan(ctx.corpus, ctx.cfg.harvest.shard_tokens)), run_shard=_harvest_shard),
-    Stage("train", 1, ("train", "run"), ("harvest",), (M.DICTIONARY,), _run_train, inputs=_train_inputs),
+    # 2: BatchTopK's running threshold starts at its first batch's value (was 0).
+    Stage("train", 2, ("train", "run"), ("harvest",), (M.DICTIONARY,), _run_train, inputs=_train_inputs),
     Stage("evaluate", METRICS_VERSION, ("evaluate",), ("train",), (), _run_evaluate),
     # Sharded as the harvest is: the dictionary pass over each harvest shard, then the statistics
     # and examples over all of them.

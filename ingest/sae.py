@@ -36,10 +36,9 @@ LAYER_NORM_EPS = 1e-5
 @dataclass(frozen=True)
 class Architecture:
     """All that sets one dictionary architecture apart, in one object: adding an architecture is
-    registering one more (``register``); nothing else tests its name."""
+    registering one more (``register``). Elsewhere names appear only in help texts."""
 
     name: str
-    summary: str
     saelens: str
     """Its name in a SAELens ``cfg.json`` ("standard" is SAELens's ReLU; threshold rules save as jumprelu)."""
     code: Callable[["SAE", torch.Tensor], SparseCode]
@@ -58,6 +57,8 @@ class Architecture:
     """Decoder rows held at unit norm (relu's penalty weighs their norms instead)."""
     nested: bool = False
     """Its first ``prefixes`` latents are dictionaries of their own (matryoshka)."""
+    reads_saelens: bool = False
+    """A SAELens file naming ``saelens`` loads as this architecture (several save under one name)."""
 
 
 ARCHITECTURES: dict[str, Architecture] = {}
@@ -88,28 +89,29 @@ def _threshold_code(sae: "SAE", pre: torch.Tensor) -> SparseCode:
     return SparseCode.from_dense(pre * (pre > sae.threshold.clamp_min(0)))
 
 
-register(Architecture("topk", "the k largest pre-activations per token (Gao et al. 2024)", "topk", _topk_code,
-                      objectives.topk_objective, aux=True))
-register(Architecture("batchtopk", "the k * batch largest over a whole batch while training; at inference one "
-                                   "learned threshold, so L0 varies per token around k (Bussmann et al. 2024)",
-                      "jumprelu", _threshold_code, objectives.batchtopk_objective, threshold="running", aux=True))
-register(Architecture("relu", "ReLU, trained with an L1 penalty weighted by decoder norms (Anthropic, Scaling "
-                              "Monosemanticity)", "standard", _relu_code, objectives.relu_objective,
-                      sparsity_coef=5.0, unit_decoder=False))
-register(Architecture("jumprelu", "a learned threshold per latent, trained with an L0 penalty through "
-                                  "straight-through estimators (Rajamanoharan et al. 2024)", "jumprelu",
-                      _threshold_code, objectives.jumprelu_objective, threshold="learned",
-                      init_threshold=objectives.JUMP_INIT_THRESHOLD, sparsity_coef=1.0))
-register(Architecture("matryoshka", "BatchTopK whose nested prefixes (d_sae/16, d_sae/4, d_sae by default) each "
-                                    "learn to reconstruct alone: one training gives a family of widths "
-                                    "(Bussmann et al. 2025)", "jumprelu", _threshold_code,
-                      objectives.matryoshka_objective, threshold="running", aux=True, nested=True))
+# The k largest pre-activations per token (Gao et al. 2024).
+register(Architecture("topk", "topk", _topk_code, objectives.topk_objective, aux=True, reads_saelens=True))
+# The k * batch largest over a whole batch while training; at inference one learned threshold, so
+# L0 varies per token around k (Bussmann et al. 2024).
+register(Architecture("batchtopk", "jumprelu", _threshold_code, objectives.batchtopk_objective, threshold="running",
+                      aux=True))
+# ReLU, trained with an L1 penalty weighted by decoder norms (Anthropic, Scaling Monosemanticity).
+register(Architecture("relu", "standard", _relu_code, objectives.relu_objective, sparsity_coef=5.0, unit_decoder=False,
+                      reads_saelens=True))
+# A learned threshold per latent, trained with an L0 penalty through straight-through estimators
+# (Rajamanoharan et al. 2024).
+register(Architecture("jumprelu", "jumprelu", _threshold_code, objectives.jumprelu_objective, threshold="learned",
+                      init_threshold=objectives.JUMP_INIT_THRESHOLD, sparsity_coef=1.0, reads_saelens=True))
+# BatchTopK whose nested prefixes each learn to reconstruct alone: one training gives a family of
+# widths (Bussmann et al. 2025).
+register(Architecture("matryoshka", "jumprelu", _threshold_code, objectives.matryoshka_objective, threshold="running",
+                      aux=True, nested=True))
 PREFIXES_KEY = "matryoshka_widths"  # where a nested dictionary's prefixes are kept in its metadata
 
 
-def default_prefixes(d_sae: int) -> tuple[int, ...]:
+def default_prefixes(d_sae: int) -> list[int]:
     """d_sae/16, d_sae/4 and d_sae (1,024 / 4,096 / 16,384 for 16,384), without repeats."""
-    return tuple(sorted({max(1, d_sae // 16), max(1, d_sae // 4), d_sae}))
+    return sorted({max(1, d_sae // 16), max(1, d_sae // 4), d_sae})
 
 
 class SAE(nn.Module):
@@ -122,6 +124,11 @@ class SAE(nn.Module):
         # after decoding; ours never do.
         self.layer_norm_input = layer_norm_input
         self.meta = dict(meta or {})
+        if self.arch.nested:  # kept with the weights, so a later change of the defaults cannot reinterpret a file
+            widths = list(self.meta.get(PREFIXES_KEY) or default_prefixes(d_sae))
+            if widths != sorted(set(widths)) or widths[0] < 1 or widths[-1] != d_sae:
+                raise ValueError(f"{PREFIXES_KEY} must rise strictly from 1 or more to d_sae ({d_sae}), got {widths}")
+            self.meta[PREFIXES_KEY] = widths
         # The encoder is held a latent per row, like nn.Linear's weight; ``W_enc`` (SAELens's shape,
         # what files hold) is its transpose as a view. Training's sparse gradient then writes
         # contiguous rows (3.6 ms instead of 9.9 into columns at d_sae=8192 here), a matmul reads
@@ -170,20 +177,19 @@ class SAE(nn.Module):
     @property
     def prefixes(self) -> tuple[int, ...]:
         """The widths of a nested dictionary's own sub-dictionaries, widest (d_sae) last; (d_sae,) otherwise."""
-        if not self.arch.nested:
-            return (self.d_sae,)
-        return tuple(self.meta.get(PREFIXES_KEY) or default_prefixes(self.d_sae))
+        return tuple(self.meta[PREFIXES_KEY]) if self.arch.nested else (self.d_sae,)
 
     def prefix(self, width: int) -> "SAE":
         """The first ``width`` latents as a dictionary of their own (a matryoshka prefix)."""
         if not 1 <= width <= self.d_sae:
             raise ValueError(f"a prefix must have 1 to {self.d_sae} latents, got {width}")
-        meta = {**self.meta, PREFIXES_KEY: [w for w in self.prefixes if w <= width]} if self.arch.nested else self.meta
+        meta = {**self.meta, PREFIXES_KEY: [w for w in self.prefixes if w < width] + [width]} if self.arch.nested \
+            else self.meta
         out = SAE(self.d_in, width, min(self.k, width), architecture=self.architecture,
                   layer_norm_input=self.layer_norm_input, meta=meta)
         state = {name: (t[:width] if name != "b_dec" else t) for name, t in self.state_dict().items()}
         out.load_state_dict(state)
-        return out.to(self.b_dec.device)
+        return out.to(self.b_dec)
 
     def encode(self, x: torch.Tensor) -> SparseCode:
         """Every active latent of every row: k per row for top-k, all above threshold otherwise."""

@@ -9,6 +9,7 @@ the same initialisation, batches and updates.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -176,20 +177,23 @@ def train_saes(acts, specs: list[DictionarySpec], *, rows: np.ndarray | None = N
     pass is most of a step; tensor cores run it several times faster on a GPU); the parameters,
     Adam, the selected latents' values and the loss stay fp32. On this kind of CPU bf16 is slower.
     """
+    if not specs:
+        raise ValueError("train_saes needs at least one DictionarySpec")
     for spec in specs:
         architecture_named(spec.architecture)  # an unknown name fails before the slow part
     gen = np.random.default_rng(seed)
     rows = np.arange(len(acts)) if rows is None else np.asarray(rows, dtype=np.int64)
     sample, scale = _sample(acts, rows, gen)
+    centre = geometric_median(sample * scale)
     steps = max(1, tokens // batch)
-    learners = [_Learner(spec, _initialized(acts.shape[1], spec, sample, scale, seed), steps, device) for spec in specs]
+    learners = [_Learner(spec, _initialized(acts.shape[1], spec, centre, seed), steps, device) for spec in specs]
     start, data, scale = _resume(checkpoint, learners, gen, acts, rows, batch, scale, steps)
     names = ", ".join(f"{s.architecture} d_sae={s.d_sae} k={s.k}" for s in specs)
     bar = tqdm(total=steps * batch, initial=start * batch, desc=f"train {names}", unit="tok", unit_scale=True)
     for step in range(start, steps):
         if checkpoint is not None and step > start and step % checkpoint_every == 0:
             _save_checkpoint(checkpoint, {"learners": [learner.state() for learner in learners], **data.state,
-                                          "step": step, "scale": scale})
+                                          "step": step, "scale": scale, "specs": _identity(learners)})
         x = torch.from_numpy(data.next()).to(device) * scale
         for learner in learners:
             learner.step(x, min(1.0, step / max(1, steps // 20)), compute_dtype)
@@ -222,11 +226,11 @@ def _sample(acts, rows: np.ndarray, gen: np.random.Generator) -> tuple[torch.Ten
     return sample, input_scale(sample)
 
 
-def _initialized(d_in: int, spec: DictionarySpec, sample: torch.Tensor, scale: float, seed: int) -> SAE:
-    """A fresh dictionary with ``b_dec`` at the geometric median of the (scaled) sample."""
+def _initialized(d_in: int, spec: DictionarySpec, centre: torch.Tensor, seed: int) -> SAE:
+    """A fresh dictionary with ``b_dec`` at ``centre`` (the geometric median of the scaled sample)."""
     sae = SAE.initialized(d_in, spec.d_sae, spec.k, architecture=spec.architecture, seed=seed, meta=spec.meta)
     with torch.no_grad():
-        sae.b_dec.copy_(geometric_median(sample * scale))
+        sae.b_dec.copy_(centre)
         if sae.arch.threshold == "learned":
             sae.threshold.fill_(sae.arch.init_threshold)
     return sae
@@ -238,8 +242,7 @@ def _resume(checkpoint: Path | None, learners: list[_Learner], gen: np.random.Ge
     this version and these dictionaries exists, else a fresh start."""
     state = torch.load(checkpoint, map_location=learners[0].since_fired.device, weights_only=False) \
         if checkpoint and checkpoint.is_file() else None
-    if state is not None and [s["sae"].keys() for s in state.get("learners", [])] != \
-            [learner.sae.state_dict().keys() for learner in learners]:
+    if state is not None and state.get("specs") != _identity(learners):
         log.warning("train: %s holds another version's or other dictionaries' parameters; training from the start",
                     checkpoint)
         state = None
@@ -251,6 +254,12 @@ def _resume(checkpoint: Path | None, learners: list[_Learner], gen: np.random.Ge
     log.info("train: resuming from step %d of %d", state["step"], steps)
     data = _Batches(acts, rows, batch, gen, order=state["order"], cursor=state["cursor"])
     return state["step"], data, state["scale"]
+
+
+def _identity(learners: list[_Learner]) -> list:
+    """What a checkpoint must match to be resumed: each dictionary's settings and parameter shapes."""
+    return [(dataclasses.asdict(learner.spec), {name: tuple(t.shape) for name, t in learner.sae.state_dict().items()})
+            for learner in learners]
 
 
 def _update(sae: SAE, opt: torch.optim.Optimizer, sched, loss: torch.Tensor, *, unit_decoder: bool) -> None:

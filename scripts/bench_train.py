@@ -22,6 +22,7 @@ from featureatlas.ingest.config import config_of
 from featureatlas.ingest.evaluate import reconstruction_metrics
 from featureatlas.ingest.harvest import cached_split
 from featureatlas.ingest.runtime import configure
+from featureatlas.ingest.sae import ARCHITECTURES
 from featureatlas.ingest.train import train_sae
 from featureatlas.store.atlas import Atlas
 from featureatlas.store.manifest import CACHE
@@ -90,7 +91,7 @@ def main() -> None:
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"],
                    help="our forward matmuls (autocast) and the matmul the limit is measured with")
     p.add_argument("--skip-saelens", action="store_true", help="ours only (when sae-lens is not installed)")
-    p.add_argument("--also", nargs="*", default=[], choices=["batchtopk", "relu", "jumprelu"],
+    p.add_argument("--also", nargs="*", default=[], choices=[a for a in ARCHITECTURES if a != "topk"],
                    help="train our other architectures too, same budget (reported as ours_<name>; their L0 is "
                         "set by their sparsity coefficient, not k)")
     p.add_argument("--out")

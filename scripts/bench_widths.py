@@ -23,7 +23,7 @@ import time
 from pathlib import Path
 
 import torch
-from featureatlas.ingest.config import config_of
+from featureatlas.ingest.config import TrainConfig, config_of
 from featureatlas.ingest.evaluate import reconstruction_metrics
 from featureatlas.ingest.harvest import cached_split
 from featureatlas.ingest.runtime import configure
@@ -31,10 +31,6 @@ from featureatlas.ingest.sae import PREFIXES_KEY
 from featureatlas.ingest.train import DictionarySpec, train_saes
 from featureatlas.store.atlas import Atlas
 from featureatlas.store.manifest import CACHE
-
-
-def default_lr(d_sae: int) -> float:
-    return 2e-4 / (d_sae / 16384) ** 0.5  # the ingest's rule (TrainConfig.lr_value)
 
 
 def main() -> None:
@@ -56,7 +52,7 @@ def main() -> None:
     common = dict(tokens=args.tokens, batch=args.batch, seed=args.seed, device=torch.device(args.device))
 
     def spec(width: int, architecture: str = "topk", **meta) -> DictionarySpec:
-        return DictionarySpec(width, min(args.k, width), default_lr(width), architecture, meta=meta)
+        return DictionarySpec(width, min(args.k, width), TrainConfig(d_sae=width).lr_value, architecture, meta=meta)
 
     runs = {"widest": [spec(widths[-1])], "together": [spec(w) for w in widths],
             "matryoshka": [spec(widths[-1], "matryoshka", **{PREFIXES_KEY: widths})]}

@@ -221,8 +221,9 @@ def test_killed_training_resumes_to_the_same_dictionary(tmp_path, monkeypatch):
         torch.testing.assert_close(p, dict(resumed.named_parameters())[name], rtol=0, atol=0)
     # A checkpoint from a version whose parameters were laid out differently is not resumed from.
     state = torch.load(ckpt, weights_only=False)
-    saved = state["learners"][0]["sae"]
+    saved, shapes = state["learners"][0]["sae"], state["specs"][0][1]
     saved["W_enc"] = saved.pop("enc_weight").t()
+    shapes["W_enc"] = shapes.pop("enc_weight")[::-1]
     torch.save(state, ckpt)
     fresh = train_sae(x, **opts, checkpoint=ckpt, checkpoint_every=20).sae
     torch.testing.assert_close(fresh.enc_weight, whole.enc_weight, rtol=0, atol=0)
@@ -294,14 +295,29 @@ def test_every_public_method_works_for_every_architecture(architecture):
 def test_dictionaries_trained_together_are_the_ones_trained_alone():
     x = torch.randn(3000, 16).half().numpy()
     opts = dict(tokens=30 * 100, batch=100, seed=4, device=torch.device("cpu"))
-    specs = [DictionarySpec(32, 4, 1e-3, "topk", aux_k=8, dead_tokens=500),
-             DictionarySpec(64, 4, 1e-3, "batchtopk", aux_k=8, dead_tokens=500)]
+    specs = [DictionarySpec(24 + 8 * i, 4, 1e-3, name, aux_k=8, dead_tokens=500) for i, name in enumerate(ARCHITECTURES)]
     together = train_saes(x, specs, **opts)
     for spec, result in zip(specs, together):
         alone = train_saes(x, [spec], **opts)[0]
         assert result.sae.d_sae == spec.d_sae and result.final_fvu == alone.final_fvu
         for name, p in alone.sae.state_dict().items():
             torch.testing.assert_close(result.sae.state_dict()[name], p, rtol=0, atol=0)
+
+
+def test_a_checkpoint_of_other_dictionaries_is_not_resumed(tmp_path):
+    x = torch.randn(2000, 16).half().numpy()
+    opts = dict(tokens=20 * 100, batch=100, seed=4, device=torch.device("cpu"), checkpoint=tmp_path / "ckpt.pt",
+                checkpoint_every=5)
+    pair = [DictionarySpec(32, 4, 1e-3, "topk"), DictionarySpec(48, 4, 1e-3, "relu")]
+    train_saes(x, pair, **opts)
+    wider = [DictionarySpec(32, 4, 1e-3, "topk"), DictionarySpec(64, 4, 1e-3, "relu")]
+    fresh = train_saes(x, wider, **{**opts, "checkpoint": None})
+    again = train_saes(x, wider, **opts)  # the pair's checkpoint: other shapes, so a fresh start
+    torch.testing.assert_close(again[1].sae.W_dec, fresh[1].sae.W_dec, rtol=0, atol=0)
+    with pytest.raises(ValueError, match="at least one"):
+        train_saes(x, [], **opts)
+    with pytest.raises(ValueError, match="architecture must be one of"):
+        train_saes(x, [DictionarySpec(32, 4, 1e-3, "gated")], **opts)
 
 
 def test_matryoshka_prefixes_are_dictionaries_of_their_own(tmp_path):
@@ -327,8 +343,13 @@ def test_matryoshka_prefixes_are_dictionaries_of_their_own(tmp_path):
         assert inner > plain + 0.01 and inner < whole, (width, inner, plain, whole)
     nested.save(tmp_path)
     assert SAE.load(tmp_path).prefixes == (8, 32, 128)
-    with pytest.raises(ValueError, match="prefix"):
-        nested.prefix(129)
+    assert nested.prefix(20).prefixes == (8, 20) and nested.prefix(8).prefixes == (8,)
+    for width in (0, 129):
+        with pytest.raises(ValueError, match="prefix"):
+            nested.prefix(width)
+    with pytest.raises(ValueError, match="must rise strictly"):
+        SAE(16, 64, 4, architecture="matryoshka", meta={"matryoshka_widths": [32, 8, 64]})
+    assert SAE(16, 64, 4, architecture="matryoshka").prefixes == (4, 16, 64)  # the default, kept in the metadata
 
 
 def test_the_matryoshka_loss_adds_each_inner_prefix_reconstructing_alone():

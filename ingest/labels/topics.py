@@ -186,20 +186,12 @@ def topics(bank: ConceptBank, pool: WindowPool, trials: dict[int, Trial], places
         block = live[at:at + BLOCK]
         direction = np.stack([pool.embeddings[trials[f].positives].mean(0, dtype=np.float64)
                               - pool.embeddings[trials[f].negatives].mean(0, dtype=np.float64) for f in block])
-        shortlists = _best(cosines(names, direction), SHORTLIST)
+        shortlists = np.argsort(-cosines(names, direction), axis=0, kind="stable")[:SHORTLIST].T  # ties: lower row first
         for f, shortlist in zip(block, shortlists):
             out[f] = _ranked(bank, names[shortlist], shortlist, windows, trials[f], places.get(f), n)
         progress.update(len(block))
     progress.close()
     return out
-
-
-def _best(scores: np.ndarray, k: int) -> np.ndarray:
-    """[columns, k] the rows of the ``k`` highest scores of each column, best first (ties: lower row first)."""
-    k = min(k, len(scores))
-    top = np.argpartition(-scores, k - 1, axis=0)[:k].T
-    ranked = np.take_along_axis(scores.T, top, 1)
-    return np.take_along_axis(top, np.lexsort((top, -ranked), axis=1), 1)
 
 
 def _ranked(bank: ConceptBank, vectors: np.ndarray, shortlist: np.ndarray, windows: np.ndarray, trial: Trial,
