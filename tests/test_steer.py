@@ -7,9 +7,8 @@ import pytest
 import torch
 from featureatlas.api.app import create_app
 from featureatlas.api.work_pool import PoolFull, WorkPool
-from featureatlas.ingest.config import ARCHITECTURES
 from featureatlas.ingest.model import load_model
-from featureatlas.ingest.sae import SAE
+from featureatlas.ingest.sae import ARCHITECTURES, SAE
 from featureatlas.ingest.steer import Edit, Intervention, check_edits, logits_of, steer, token_texts
 from featureatlas.store.atlas import Atlas
 from featureatlas.store.errors import BadParameter
@@ -104,7 +103,7 @@ def test_add_pushes_along_the_decoder_by_the_features_scale():
     assert torch.allclose(edited - x, sae.W_dec[3].expand(4, -1) * 1.0, atol=1e-5)
 
 
-@pytest.mark.parametrize("architecture", ARCHITECTURES)
+@pytest.mark.parametrize("architecture", list(ARCHITECTURES))
 def test_every_architecture_steers(model, architecture):
     sae = _sae(architecture)
     ids = _prompt(model)
