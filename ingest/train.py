@@ -242,8 +242,9 @@ def _initialized(d_in: int, spec: DictionarySpec, sample: torch.Tensor, centre: 
     with torch.no_grad():
         sae.b_dec.copy_(centre)
         x = sample[:INIT_ROWS]
-        made = sae.arch.objective(sae, x, 0.0, 1.0).x_hat - centre
-        scale = float((made * (x - centre)).sum() / (made * made).sum().clamp_min(1e-12))
+        # numpy's float64 sums: torch's split by thread count, and the local and Ray builds must agree to the bit
+        made = (sae.arch.objective(sae, x, 0.0, 1.0).x_hat - centre).double().cpu().numpy()
+        scale = float((made * (x - centre).double().cpu().numpy()).sum() / max(float((made * made).sum()), 1e-12))
         if scale > 0:
             sae.enc_weight.mul_(scale)
             sae.b_enc.mul_(scale)
