@@ -227,7 +227,7 @@ def _sample(acts, rows: np.ndarray, gen: np.random.Generator) -> tuple[torch.Ten
     return sample, input_scale(sample)
 
 
-# Rows of the sample the encoder's starting scale is fitted on.
+# About this many rows of the sample fit the encoder's starting scale.
 INIT_ROWS = 4096
 
 
@@ -241,7 +241,7 @@ def _initialized(d_in: int, spec: DictionarySpec, sample: torch.Tensor, centre: 
     sae = SAE.initialized(d_in, spec.d_sae, spec.k, architecture=spec.architecture, seed=seed, meta=spec.meta)
     with torch.no_grad():
         sae.b_dec.copy_(centre)
-        x = sample[:INIT_ROWS]
+        x = sample[::max(1, len(sample) // INIT_ROWS)]  # spread over the cache: the sample is in row order
         # numpy's float64 sums: torch's split by thread count, and the local and Ray builds must agree to the bit
         made = (sae.arch.objective(sae, x, 0.0, 1.0).x_hat - centre).double().cpu().numpy()
         scale = float((made * (x - centre).double().cpu().numpy()).sum() / max(float((made * made).sum()), 1e-12))
