@@ -119,7 +119,7 @@ class SAE(nn.Module):
                  meta: dict[str, Any] | None = None):
         super().__init__()
         self.arch = architecture_named(architecture)
-        self.d_in, self.d_sae, self.k, self.architecture = d_in, d_sae, k, architecture
+        self.d_in, self.d_sae, self.k = d_in, d_sae, k
         # OpenAI's TopK dictionaries read each token layer-normed (x - mean) / (std + eps) and undo it
         # after decoding; ours never do.
         self.layer_norm_input = layer_norm_input
@@ -142,6 +142,10 @@ class SAE(nn.Module):
             self.threshold = nn.Parameter(torch.zeros(d_sae))
         elif self.arch.threshold == "running":
             self.register_buffer("threshold", torch.zeros(d_sae))  # one value, learned as a running estimate
+
+    @property
+    def architecture(self) -> str:
+        return self.arch.name
 
     @property
     def W_enc(self) -> torch.Tensor:  # noqa: N802 (SAELens's name)

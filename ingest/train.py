@@ -184,10 +184,10 @@ def train_saes(acts, specs: list[DictionarySpec], *, rows: np.ndarray | None = N
     gen = np.random.default_rng(seed)
     rows = np.arange(len(acts)) if rows is None else np.asarray(rows, dtype=np.int64)
     sample, scale = _sample(acts, rows, gen)
-    centre = geometric_median(sample * scale)
+    scaled = sample * scale
+    centre = geometric_median(scaled)
     steps = max(1, tokens // batch)
-    learners = [_Learner(spec, _initialized(acts.shape[1], spec, sample * scale, centre, seed), steps, device)
-                for spec in specs]
+    learners = [_Learner(spec, _initialized(acts.shape[1], spec, scaled, centre, seed), steps, device) for spec in specs]
     start, data, scale = _resume(checkpoint, learners, gen, acts, rows, batch, scale, steps)
     names = ", ".join(f"{s.architecture} d_sae={s.d_sae} k={s.k}" for s in specs)
     bar = tqdm(total=steps * batch, initial=start * batch, desc=f"train {names}", unit="tok", unit_scale=True)
