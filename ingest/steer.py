@@ -176,8 +176,7 @@ def steer(model: SubjectModel, sae: SAE, layer: int, prompts: list[list[int]], e
     n = len(prompts)
     n_default = n if default else 0
     rows = (list(prompts) if default else []) + (list(prompts) if steered else [])
-    pad = model.pad_id
-    ids, attention = left_padded(rows, pad)
+    ids, attention = left_padded(rows, model.pad_id)
     edit_row = torch.zeros(len(rows), dtype=torch.bool)
     edit_row[n_default:] = True
     # the prompt pass edits the steered rows past each row's position 0 (and past its padding)
@@ -185,11 +184,25 @@ def steer(model: SubjectModel, sae: SAE, layer: int, prompts: list[list[int]], e
 
     per_row = None if row_edits is None else (list(row_edits) if default else []) + (list(row_edits) if steered else [])
     hook = _Hook(Intervention(sae, edits, maxima, per_row))
+    out_ids, logprobs = _generate(model, layer, hook, ids, attention, prompt_mask, edit_row, n,
+                                  max_new_tokens=max_new_tokens, temperature=temperature, seed=seed)
+    # history[0] is the prompt pass; history[t] (t >= 1) read generated token t - 1
+    read = torch.cat(hook.history[1:], 1) if len(hook.history) > 1 else torch.zeros((len(rows), 0, len(edits)))
+    runs = [_continuation(model, out_ids[i], logprobs[i], read[i], model.tokenizer.eos_token_id) for i in range(len(rows))]
+    return Steered(runs[:n_default], runs[n_default:])
+
+
+def _generate(model: SubjectModel, layer: int, hook: "_Hook", ids: torch.Tensor, attention: torch.Tensor,
+              prompt_mask: torch.Tensor, edit_row: torch.Tensor, n: int, *, max_new_tokens: int, temperature: float,
+              seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(generated token ids, their log-probabilities) of every row, with ``hook`` on ``layer``: the
+    prompt pass edits ``prompt_mask``'s positions, each later pass the rows of ``edit_row``. One
+    pass past the last token reads its activations; finished rows are padded."""
+    pad, eos = model.pad_id, model.tokenizer.eos_token_id
     gen = torch.Generator().manual_seed(seed)
-    eos = model.tokenizer.eos_token_id
-    out_ids = torch.zeros((len(rows), 0), dtype=torch.long)
-    logprobs = torch.zeros((len(rows), 0))
-    done = torch.zeros(len(rows), dtype=torch.bool)
+    out_ids = torch.zeros((len(ids), 0), dtype=torch.long)
+    logprobs = torch.zeros((len(ids), 0))
+    done = torch.zeros(len(ids), dtype=torch.bool)
     handle = model.blocks[layer].register_forward_hook(hook)
     try:  # a hook left behind would edit every later forward pass of this model
         hook.mask = prompt_mask
@@ -208,7 +221,7 @@ def steer(model: SubjectModel, sae: SAE, layer: int, prompts: list[list[int]], e
             out_ids = torch.cat([out_ids, choice[:, None]], 1)
             logprobs = torch.cat([logprobs, log_p.gather(1, choice[:, None])], 1)
             done |= choice == eos if eos is not None else torch.zeros_like(done)
-            attention = torch.cat([attention, torch.ones((len(rows), 1), dtype=torch.long)], 1)
+            attention = torch.cat([attention, torch.ones((len(ids), 1), dtype=torch.long)], 1)
             last = last + 1
             hook.mask = edit_row[:, None].clone()
             result = model.model(input_ids=choice[:, None].to(model.device), attention_mask=attention.to(model.device),
@@ -216,10 +229,7 @@ def steer(model: SubjectModel, sae: SAE, layer: int, prompts: list[list[int]], e
             cache = getattr(result, name)
     finally:
         handle.remove()
-    # history[0] is the prompt pass; history[t] (t >= 1) read generated token t - 1
-    read = torch.cat(hook.history[1:], 1) if len(hook.history) > 1 else torch.zeros((len(rows), 0, len(edits)))
-    runs = [_continuation(model, out_ids[i], logprobs[i], read[i], eos) for i in range(len(rows))]
-    return Steered(runs[:n_default], runs[n_default:])
+    return out_ids, logprobs
 
 
 def _sample(logits: torch.Tensor, n: int, temperature: float, gen: torch.Generator) -> torch.Tensor:
