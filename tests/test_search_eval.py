@@ -31,7 +31,9 @@ def test_table_is_large_balanced_and_unique(se):
     # least 30 concepts of its own categories, kinds of token and topics
     second = [c for c in se.CONCEPTS if c.half == se.HELDOUT2]
     assert len(second) >= 30 and {c.category for c in second} == {"kind", "topic2"}
-    for category, n in Counter(c.category for c in se.CONCEPTS if c.half != se.HELDOUT2).items():
+    third = [c for c in se.CONCEPTS if c.half == se.HELDOUT3]
+    assert len(third) >= 30 and {c.category for c in third} == {"kind", "topic3"}
+    for category, n in Counter(c.category for c in se.CONCEPTS if c.half in (se.TUNING, se.HELDOUT)).items():
         tuning = sum(c.category == category and c.half == se.TUNING for c in se.CONCEPTS)
         assert abs(2 * tuning - n) <= 1, category
 
