@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import time
 import weakref
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
@@ -22,7 +23,7 @@ from featureatlas.store.atlas import Atlas
 from featureatlas.store.errors import BadParameter
 from featureatlas.store.location import readable
 from featureatlas.store.schema import EXAMPLES, FEATURES
-from featureatlas.store.sql import execute_sql
+from featureatlas.store.sql import MAX_RETURNED_ROWS, execute_sql, fetch_all
 
 from . import notebook
 from .service import CONTRAST_KEYS, NEIGHBOR_KEYS, AtlasService
@@ -37,13 +38,19 @@ class Result:
     list of records (hits, neighbours, features, tokens, SQL rows), which ``len``, iteration and
     ``to_arrow`` see; ``result["key"]`` reads ``data``."""
 
-    def __init__(self, data: dict[str, Any], rows: list[dict[str, Any]], html: Callable[[], str], *,
-                 columns: Sequence[str] = (), arrow: Callable[[], pa.Table] | None = None):
+    def __init__(self, data: dict[str, Any], rows: list[dict[str, Any]] | Callable[[], list[dict[str, Any]]],
+                 html: Callable[[], str], *, columns: Sequence[str] = (), arrow: Callable[[], pa.Table] | None = None):
         self.data = data
-        self.rows = rows
+        self._rows = rows  # a whole SQL result builds its dicts only when asked: its Arrow table is the answer
         self._html = html
         self._columns = columns  # of an empty answer, which has no row to name them
         self._arrow = arrow
+
+    @property
+    def rows(self) -> list[dict[str, Any]]:
+        if callable(self._rows):
+            self._rows = self._rows()
+        return self._rows
 
     def __getitem__(self, key: str) -> Any:
         return self.data[key]
@@ -160,18 +167,28 @@ class OpenAtlas:
         rows = [{"run": run, **data[run]} for run in ("default", "steered")]
         return Result(data, rows, lambda: notebook.steer_html(data))
 
-    def sql(self, query: str, params: list[Any] | dict[str, Any] | None = None) -> Result:
-        """A read-only SQL statement over the analytics database (``store.schema`` lists its tables),
-        under the server's limits: one SELECT, 2 s, 1,000 rows (``truncated`` says so), 8 MiB.
-        ``params`` are JSON values, as over HTTP. Rows iterate as dicts by column name; ``to_arrow``
-        keeps every column, duplicate names included, with types read from the values."""
+    def sql(self, query: str, params: list[Any] | dict[str, Any] | None = None, *,
+            limit: int | None = MAX_RETURNED_ROWS) -> Result:
+        """A read-only SQL statement over the analytics database (``store.schema`` lists its tables).
+        ``params`` are JSON values, as over HTTP. Rows iterate as dicts by column name.
+
+        By default under the server's limits: one SELECT, 2 s, ``limit`` rows (1,000; ``truncated``
+        says so), 8 MiB; ``to_arrow`` keeps every column, duplicate names included, with types read
+        from the values. ``limit=None`` is the whole result, run in this process without the
+        server's limits (still one read-only statement): ``to_arrow`` is DuckDB's own Arrow table,
+        with its types, and ``data`` holds ``columns``, ``row_count`` and ``elapsed_ms`` (no ``rows``:
+        a notebook asking for millions of rows wants them as Arrow, not as JSON lists)."""
         if not self._closer.alive:
             raise ValueError("this atlas was closed; open it again with fa.open")
+        if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or limit < 1):
+            raise BadParameter("limit", f"must be a positive integer or None (the whole result), got {limit!r}")
         try:
             params = None if params is None else json.loads(json.dumps(params, allow_nan=False))
         except (TypeError, ValueError):
             raise BadParameter("params", "must be JSON values (numbers, strings, booleans, None, lists of them)") from None
-        data = execute_sql(self._atlas, query, params).to_dict()
+        if limit is None:
+            return _whole(self._atlas, query, params)
+        data = execute_sql(self._atlas, query, params, max_rows=limit).to_dict()
         columns, values = data["columns"], data["rows"]
         return Result(data, [dict(zip(columns, r)) for r in values],
                       lambda: notebook.table_html(columns, values, caption=_sql_caption(data)),
@@ -213,6 +230,26 @@ def open(path: str | os.PathLike[str], *, device: str | None = None) -> OpenAtla
     model there for activations, contrast, steering and search by inference (default: the one the
     atlas was built on)."""
     return OpenAtlas(Atlas(readable(path, flag="path")), device=device)
+
+
+def _whole(atlas: Atlas, query: str, params: list[Any] | dict[str, Any] | None) -> Result:
+    """``sql(limit=None)``: the whole result as DuckDB's Arrow table; rows and HTML read from it when asked."""
+    t0 = time.perf_counter()
+    table = fetch_all(atlas, query, params)
+    data = {"columns": table.column_names, "row_count": table.num_rows, "truncated": False,
+            "elapsed_ms": round((time.perf_counter() - t0) * 1000, 2)}
+
+    def rows() -> list[dict[str, Any]]:  # by position, so a duplicate name keeps its last column as HTTP does
+        return [dict(zip(table.column_names, r)) for r in zip(*(c.to_pylist() for c in table.columns))]
+
+    def html() -> str:
+        head = table.slice(0, notebook.MAX_ROWS)
+        shown = [list(r) for r in zip(*(c.to_pylist() for c in head.columns))]
+        first = f", the first {len(shown)} shown" if table.num_rows > len(shown) else ""
+        return notebook.table_html(table.column_names, shown,
+                                   caption=f"{table.num_rows:,} rows in {data['elapsed_ms']:.0f} ms{first}")
+
+    return Result(data, rows, html, columns=table.column_names, arrow=lambda: table)
 
 
 def _by_position(columns: list[str], rows: list[list[Any]]) -> pa.Table:

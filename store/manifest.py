@@ -34,7 +34,9 @@ PACKAGES = ("featureatlas", "torch", "transformers", "sentence-transformers", "d
 
 
 def write_json_atomic(path: Path, data: Any) -> None:
-    """Write to a temporary name in the same folder, then rename: readers see old or new, never half."""
+    """Write to a temporary name in the same folder, then rename: readers see old or new, never half.
+    The file is synced before the rename and the folder after it, so once this returns a power cut
+    cannot undo the rename (on POSIX a rename lives in the folder's entry, not in the file)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
@@ -47,6 +49,18 @@ def write_json_atomic(path: Path, data: Any) -> None:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+    _sync_folder(path.parent)
+
+
+def _sync_folder(folder: Path) -> None:
+    """fsync a folder's entries. Windows cannot open a folder for that; its renames are journalled."""
+    if os.name != "posix":
+        return
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def read(root: Path) -> dict[str, Any] | None:

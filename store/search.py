@@ -36,7 +36,10 @@ FUSED = "all"  # the mode of a search over every signal (the default)
 # absent queries came to at most 0.48 of any kind, the queries a kind covers to at least 0.72, and
 # those between were queries no kind covers ("accented letters" 0.58, "hexadecimal numbers" 0.50).
 KIND_MATCH = 0.6
-KIND_MIN_SHARE = 0.5  # a feature answers for a kind when at least this share of its mass lies in it
+KIND_MIN_SHARE = 0.5  # a feature answers for a kind first when at least this share of its mass lies in it ...
+# ... and after those when it gives the kind a fair share (every kind the labeller keeps: ``KEEP_SHARE``,
+# a quarter). Some kinds hold no feature of their own: on the quick atlas no feature puts half its mass
+# on keyword arguments, months or decorators, but one each puts a quarter to a third there.
 _COLUMNS = ["feature_id", "label", "density"]
 
 
@@ -114,21 +117,33 @@ class KindIndex(NamedTuple):
 def kind_index(atlas: Atlas) -> KindIndex | None:
     """Read once per atlas from the features' ``kinds`` column and the labels' kind vocabulary
     (None for an atlas labelled before kinds existed). A kind's features are ranked by the share of
-    their mass in it times the square root of the share of its tokens they fire on: a feature of
-    all French text before a feature of one French word."""
+    their mass in it times the square root of the share of its tokens they fire on (a feature of
+    all French text before a feature of one French word), those with most of their mass in it first."""
     vocabulary = (atlas.manifest.get("labels") or {}).get("kinds")
     if not vocabulary or "kinds" not in atlas.features.schema.names:
         return None
     table = atlas.features.search().select(["feature_id", "kinds"]).limit(atlas.d_sae).to_arrow().to_pydict()
-    ranked: dict[str, list[tuple[int, float]]] = {name: [] for name in vocabulary}
+    tiered: dict[str, list[tuple[bool, int, float]]] = {name: [] for name in vocabulary}
     for f, kinds in zip(table["feature_id"], table["kinds"]):
         for k in kinds or []:
-            if k["kind"] in ranked and k["share"] >= KIND_MIN_SHARE:
-                ranked[k["kind"]].append((int(f), float(k["share"]) * float(k["recall"]) ** 0.5))
-    for rows in ranked.values():
-        rows.sort(key=lambda t: (-t[1], t[0]))
+            if k["kind"] in tiered:
+                score = float(k["share"]) * float(k["recall"]) ** 0.5
+                tiered[k["kind"]].append((k["share"] < KIND_MIN_SHARE, int(f), score))
+    ranked = {name: _behind_the_first_tier(sorted(rows, key=lambda t: (t[0], -t[2], t[1])))
+              for name, rows in tiered.items()}
     asks = [(ask, name) for name, entry in vocabulary.items() for ask in entry["asks"]]
     return KindIndex([a for a, _ in asks], [n for _, n in asks], ranked)
+
+
+def _behind_the_first_tier(rows: list[tuple[bool, int, float]]) -> list[tuple[int, float]]:
+    """(feature, score) in the order of ``rows`` (second-tier flag, feature, score), the second tier's
+    scores scaled to stay under the first's: search fuses and calibrates by score, and a feature with
+    a third of its mass in a kind must not outrank one with most of it because it fires on more of
+    the kind's tokens."""
+    first = [score for second, _, score in rows if not second]
+    rest = [score for second, _, score in rows if second]
+    scale = min(1.0, 0.99 * min(first) / max(rest)) if first and rest and max(rest) > 0 else 1.0
+    return [(f, score * scale if second else score) for second, f, score in rows]
 
 
 def kind_search(atlas: Atlas, index: KindIndex, similarities: Sequence[float], k: int) -> tuple[Ranked, float]:

@@ -4,6 +4,7 @@ from pathlib import Path
 import pytest
 from featureatlas.api.app import create_app
 from featureatlas.api.service import AtlasService, concept_of, reads_as_text
+from featureatlas.ingest.labels.kinds import KEEP_SHARE
 from featureatlas.store.atlas import Atlas
 from featureatlas.store.calibrate import CONFIDENT_MATCH, WEIGHTS
 from featureatlas.store.search import KIND_MIN_SHARE, SEARCH_MODES, kind_index
@@ -164,9 +165,14 @@ def test_the_kind_signal_finds_features_of_the_kind_asked_for(client, tiny_atlas
     asked = next(name for name, entry in atlas.manifest["labels"]["kinds"].items() if query in entry["asks"])
     want = [f for f, _ in index.ranked[asked][:5]]
     assert [h["feature_id"] for h in body["hits"]] == want  # the kind's own ranking, best first
+    shares = []
     for h in body["hits"]:
         share = {k["kind"]: k["share"] for k in stored[h["feature_id"]]}
-        assert share[asked] >= KIND_MIN_SHARE and h["signals"]["kind"] > 0
+        assert share[asked] >= KEEP_SHARE and h["signals"]["kind"] > 0
+        shares.append(share[asked] >= KIND_MIN_SHARE)
+    assert shares == sorted(shares, reverse=True)  # features mostly of the kind come first ...
+    for rows in index.ranked.values():  # ... and score above the rest, which search fuses by
+        assert [s for _, s in rows] == sorted((s for _, s in rows), reverse=True)
     assert client.get("/api/search", params={"q": "war and battles", "mode": "kind"}).json()["hits"] == []
 
 

@@ -249,9 +249,13 @@ def load(name, *rest, key=None):
 '''
 
 
-def _tagged(text: str, source: str) -> dict[str, set[str]]:
+def _bits(text: str, source: str = "wiki-en") -> tuple[list[str], np.ndarray]:
     tokens = re.findall(r"\s*\w+|\s*[^\w\s]+|\s+", text)
-    bits = kinds.tag_document(tokens, source)
+    return tokens, kinds.tag_document(tokens, source)
+
+
+def _tagged(text: str, source: str) -> dict[str, set[str]]:
+    tokens, bits = _bits(text, source)
     return {name: {t.strip() for t, b in zip(tokens, bits) if b >> i & 1} for i, name in enumerate(kinds.KINDS)}
 
 
@@ -269,6 +273,8 @@ def test_python_kinds_come_from_the_tokenizer():
     # A form feed (the stdlib has them) is no line break to tokenize: the marks after it stay in place.
     fed = _tagged("x = 1\n\x0c\ndef f(a, b):\n    return g(a, key=b)\n", "python")
     assert fed["def_name"] == {"f"} and fed["parameter"] == {"a", "b"} and fed["keyword_argument"] == {"key"}
+    calls = _tagged("x = self.read(a.size, b.path)\n", "python")
+    assert calls["method_call"] == {"read"} and calls["attribute"] == {"read", "size", "path"}
     other = _tagged("y = a @ b\nclass A(Base):\n    pass\nimport os.path\n", "python")
     assert not other["decorator"] and not other["call_argument"]  # matrix product; class bases
     assert other["import_name"] == {"os", "path"} and other["class_name"] == {"A"}
@@ -281,6 +287,11 @@ def test_text_kinds_know_plays_numbers_and_case():
     assert {"KING", "HENRY"} <= got["speaker"] and "What" in got["line_start"]
     assert got["year"] == {"1415"} and got["question"] == {"?"} and {"KING", "HENRY"} <= got["uppercase"]
     assert _tagged("You may go in May or en mayo.", "wiki-en")["month"] == {"May", "mayo"}
+    marks = _tagged("Don't stop! The well-known 2nd and third men, l'homme 'here'.", "wiki-en")
+    assert marks["exclamation"] == {"!"} and marks["hyphen"] == {"-", "known"} and marks["ordinal"] == {"2nd", "third"}
+    tokens, bits = _bits("l'homme 'here'")  # an apostrophe inside a word; quotes around one
+    of = lambda name: [t for t, b in zip(tokens, bits) if b >> list(kinds.KINDS).index(name) & 1]  # noqa: E731
+    assert of("apostrophe") == ["'"] and of("quote") == [" '", "'"] and marks["apostrophe"] == {"'"}
     assert not _tagged(play, "wiki-en")["speaker"]  # the plays' markup means nothing elsewhere
     pieces = kinds.tag_document(["Walk", "ing", " home"], "wiki-en")
     piece = list(kinds.KINDS).index("word_piece")

@@ -174,6 +174,29 @@ def test_sql_has_the_servers_limits(atlas):
         atlas.sql("with recursive r(i) as (select 1 union all select i + 1 from r) select count(*) from r")
 
 
+def test_sql_whole_results_are_arrow_and_still_read_only(atlas):
+    whole = atlas.sql("select i, i * 2 as twice from range(5000) t(i)", limit=None)
+    table = whole.to_arrow()
+    assert table.num_rows == 5000 and str(table.schema.field("i").type) == "int64"  # DuckDB's types, not guessed
+    assert whole["row_count"] == 5000 and not whole["truncated"] and len(whole) == 5000
+    assert whole.rows[4999] == {"i": 4999, "twice": 9998} and "4,950 more" not in whole._repr_html_()
+    assert "5,000 rows" in whole._repr_html_()
+    assert atlas.sql("select ? + 1 as n", [41], limit=None).rows == [{"n": 42}]
+    assert len(atlas.sql("select * from range(5000) t(i)", limit=2500)) == 2500
+    pair = atlas.sql("select 1 as id, 'a' as id", limit=None).to_arrow()
+    assert pair.column_names == ["id", "id"] and pair.column(1).to_pylist() == ["a"]
+    same = atlas.sql("select feature_id, label from features order by feature_id", limit=None).to_arrow()
+    assert same.to_pylist() == atlas.sql("select feature_id, label from features order by feature_id").to_arrow().to_pylist()
+    for refused in ("drop table features", "select 1; select 2", "copy features to '/tmp/x.csv'",
+                    "select * from read_csv('/etc/passwd')", "select nope from features"):
+        with pytest.raises(QueryRefused):
+            atlas.sql(refused, limit=None)
+    for bad in (0, -1, 2.5, True, "10"):
+        with pytest.raises(BadParameter) as caught:
+            atlas.sql("select 1", limit=bad)
+        assert caught.value.where == "limit"
+
+
 def test_bad_input_names_the_parameter(atlas, live):
     for call, name in [(lambda: atlas.search("  "), "q"), (lambda: atlas.search("x", k=0), "k"),
                        (lambda: atlas.search("x", mode="psychic"), "mode"),

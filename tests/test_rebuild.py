@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import errno
 import json
+import os
 import shutil
+import stat
 import threading
 import time
 
@@ -152,3 +154,18 @@ def test_a_disk_that_fills_while_publishing_leaves_the_atlas_as_it_was(atlas_cop
     assert sorted(p.name for p in (atlas_copy / M.DATA).iterdir()) == before
     assert not (atlas_copy / M.CACHE / ".staging").exists()
     assert Atlas(atlas_copy).query("select count(*) from features").rows == [(64,)]
+
+
+def test_a_manifest_write_syncs_the_file_then_its_folder(tmp_path, monkeypatch):
+    """The rename of a manifest is durable only once the folder's entry is on disk: fsync the file
+    before the rename, then the folder."""
+    synced = []
+    real = os.fsync
+
+    def record(fd):
+        synced.append(stat.S_ISDIR(os.fstat(fd).st_mode))
+        real(fd)
+
+    monkeypatch.setattr(os, "fsync", record)
+    M.write(tmp_path, {"dictionary": {}})
+    assert synced == [False, True] and json.loads((tmp_path / M.MANIFEST).read_text()) == {"dictionary": {}}

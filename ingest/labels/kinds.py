@@ -90,10 +90,18 @@ _regex("year", "years", r"(?<!\d)(1[0-9]{3}|20[0-9]{2})(?!\d)", "dates and years
 # Case-sensitive: English months are capitalised, French and Spanish ones not, and the verb "may" is no month.
 _regex("month", "months and dates", r"\b(" + "|".join(_MONTHS) + r")\b", "calendar dates", "names of months")
 _regex("number", "numbers and digits", r"\d+", "numerals", "digits")
-_regex("quote", "quotation marks", r"[\"“”«»„‘’]|(?<!\w)'|'(?!\w)", "quotes", "quoted speech")
+_regex("ordinal", "ordinal numbers", r"\b(first|second|third|fourth|fifth|sixth|seventh|eighth|ninth|tenth|\d+(st|nd|rd|th"
+       r"|er|e|ère|ème|º|ª)|premi[eè]re?|deuxième|troisième|quatrième|cinquième|primer[oa]?|segund[oa]s?|tercer[oa]?"
+       r"|cuart[oa]s?|quint[oa]s?)\b", "1st, 2nd and 3rd", "numbers that give an order or rank")
+_regex("quote", "quotation marks", r"[\"“”«»„‘]|(?<!\w)['’]|['’](?!\w)", "quotes", "quoted speech")
 _regex("bracket", "brackets and parentheses", r"[()\[\]{}]", "round and square brackets", "braces")
 _regex("sentence_end", "sentence ends", r"[.!?;](?=\s|$)", "full stops", "end of a sentence", "periods")
 _regex("question", "question marks", r"\?", "questions")
+_regex("exclamation", "exclamation marks", r"[!¡]", "exclamations in text", "shouting punctuation")
+# Inside a word only: a quote mark around a word is ``quote``.
+_regex("apostrophe", "apostrophes inside words", r"(?<=\w)['’](?=\w)", "contracted words like don't",
+       "possessive 's", "elided l' and d' in French")
+_regex("hyphen", "hyphens in compound words", r"(?<=\w)-\w+", "words joined with a hyphen", "compound words")
 _regex("comma", "commas", r",", "comma punctuation")
 _regex("colon", "colons", r":", "colon punctuation")
 
@@ -151,7 +159,8 @@ _PY = {
     "import_name": ("module names in Python imports", "import statements", "imported modules"),
     "exception": ("exception names in Python code", "exceptions and errors", "errors raised in code"),
     "py_keyword": ("Python keywords", "reserved words in code", "language keywords"),
-    "attribute": ("attribute names after a dot in Python code", "attribute access", "methods called on objects"),
+    "attribute": ("attribute names after a dot in Python code", "attribute access", "fields of an object"),
+    "method_call": ("method calls in Python code", "methods called on objects", "calling a method with a dot"),
 }
 _ESCAPE = re.compile(r"\\(x[0-9a-fA-F]{2}|u[0-9a-fA-F]{4}|N\{[^}]*\}|[0-7]{1,3}|[nrtabfv'\"\\])")
 _EXCEPTION = re.compile(r"\w*(Error|Exception|Warning|Exit|Interrupt)$")
@@ -237,6 +246,8 @@ class _PythonReader:
             called = s == "(" and last is not None and two_back != "class" and (
                 (last.type == tokenize.NAME and not keyword.iskeyword(last.string)) or last.string in (")", "]"))
             self.parens.append("def" if two_back == "def" else "call" if called else "other")
+            if s == "(" and two_back == "." and last is not None and last.type == tokenize.NAME:
+                self.mark("method_call", last.start, last.end)  # obj.name( : the attribute is called
         elif s in (")", "]", "}") and self.parens:
             self.parens.pop()
         elif s == "=" and self.parens and self.parens[-1] == "call" and last is not None and last.type == tokenize.NAME:
