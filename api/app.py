@@ -220,6 +220,13 @@ def atlas_summary(service: Service) -> dict[str, Any]:
     return service.info()
 
 
+@get("/api/dictionaries", sync_to_thread=False, responses=_errors())
+def dictionaries(service: Service) -> dict[str, Any]:
+    """Every dictionary of the atlas (id such as L15-4k, hook point, architecture, width, k, held-out
+    metrics, training settings), the default one, which the feature routes answer for, first."""
+    return service.dictionaries()
+
+
 @get("/api/map", sync_to_thread=True, responses=_errors(404))
 def feature_map(service: Service) -> Response:
     """Every feature's map position, density, label and label cluster, as parallel arrays."""
@@ -377,8 +384,8 @@ async def sql(service: Service, statements: Statements, data: JSONBody[SQLReques
     return result.to_dict()
 
 
-API = [atlas_summary, list_features, feature_detail, neighbors, feature_map, map_head, map_points, search, contrast, activations,
-       steer, sql]
+API = [atlas_summary, dictionaries, list_features, feature_detail, neighbors, feature_map, map_head, map_points, search,
+       contrast, activations, steer, sql]
 
 
 def create_app(atlas: Atlas, *, probe_device: str | None = None, pool: WorkPool | None = None,

@@ -133,6 +133,7 @@ def _add_queries(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--positive", nargs="+", required=True, metavar="PROMPT")
     p.add_argument("--negative", nargs="+", metavar="PROMPT")
     p.add_argument("-k", type=int, default=10)
+    sub.add_parser("dictionaries", help="the atlas's dictionaries: id, hook point, architecture, width, held-out metrics")
     p = sub.add_parser("sql", help="read-only SQL over the analytics database")
     p.add_argument("sql")
     p = sub.add_parser("probe", help="top features of each token of a text")
@@ -149,7 +150,7 @@ def _add_queries(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--chat", action="store_true", help="wrap the prompt in the model's chat template")
     p.add_argument("--generated-only", action="store_true", help="steer only the generated tokens")
-    for name in ("search", "neighbors", "feature", "features", "contrast", "sql", "probe", "steer"):
+    for name in ("search", "neighbors", "feature", "features", "dictionaries", "contrast", "sql", "probe", "steer"):
         q = sub.choices[name]
         q.add_argument("--atlas", default=ATLAS_DEFAULT)
         q.add_argument("--json", action="store_true", help="JSON instead of a table")
@@ -307,6 +308,18 @@ def _search(service: AtlasService, args: argparse.Namespace) -> Rows:
     return result, ["feature", "evidence", "density", "matched by", "label", "top example"], rows
 
 
+def _dictionaries(service: AtlasService, args: argparse.Namespace) -> Rows:
+    result = service.dictionaries()
+    rows = [[d["dictionary"] + (" (default)" if d["is_default"] else ""), d["hook"], d["architecture"], d["d_sae"],
+             "" if d["k"] is None else d["k"], _metric(d["variance_explained"]), _metric(d["loss_recovered"]),
+             _metric(d["l0"], "{:.1f}")] for d in result["dictionaries"]]
+    return result, ["dictionary", "hook", "architecture", "width", "k", "var. explained", "loss recovered", "L0"], rows
+
+
+def _metric(value: float | None, fmt: str = "{:.4f}") -> str:
+    return "" if value is None else fmt.format(value)
+
+
 def _neighbors(service: AtlasService, args: argparse.Namespace) -> Rows:
     result = service.neighbors(args.feature_id, args.k, args.by)
     rows = [[n["feature_id"], f"{n['similarity']:.4f}", f"{n['density']:.4%}", n["label"]] for n in result["neighbors"]]
@@ -421,8 +434,8 @@ def _table(header: list[str], rows: list[list[Any]]) -> str:
     return "\n".join(lines)
 
 
-_QUERIES = {"search": _search, "neighbors": _neighbors, "feature": _feature, "features": _features, "contrast": _contrast,
-            "steer": _steer, "sql": _sql, "probe": _probe}
+_QUERIES = {"search": _search, "neighbors": _neighbors, "feature": _feature, "features": _features,
+            "dictionaries": _dictionaries, "contrast": _contrast, "steer": _steer, "sql": _sql, "probe": _probe}
 _COMMANDS = {"ingest": _ingest, "label": _label, "sweep": _sweep, "info": _info, "serve": _serve, "export": _export,
              **dict.fromkeys(_QUERIES, _query)}
 

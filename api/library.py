@@ -22,7 +22,7 @@ from featureatlas.ingest.steer import Edit
 from featureatlas.store.atlas import Atlas
 from featureatlas.store.errors import BadParameter
 from featureatlas.store.location import readable
-from featureatlas.store.schema import EXAMPLES, FEATURES
+from featureatlas.store.schema import DICTIONARIES, EXAMPLES, FEATURES
 from featureatlas.store.sql import MAX_RETURNED_ROWS, execute_sql, fetch_all
 
 from . import notebook
@@ -109,6 +109,14 @@ class OpenAtlas:
     def info(self) -> dict[str, Any]:
         """What was mapped and how well (the HTTP API's ``/api/atlas``)."""
         return self._service.info()
+
+    @property
+    def dictionaries(self) -> Result:
+        """Every dictionary of the atlas (the HTTP API's ``/api/dictionaries``): one row each with
+        its id (``L15-4k``), hook point, architecture, width, k and held-out metrics, the default first."""
+        data = self._service.dictionaries()
+        return Result(data, data["dictionaries"], lambda: _table(data["dictionaries"], "dictionaries"),
+                      columns=DICTIONARIES.names)
 
     @property
     def d_sae(self) -> int:

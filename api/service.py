@@ -26,6 +26,7 @@ from featureatlas.store import calibrate as C
 from featureatlas.store import search as S
 from featureatlas.store.atlas import Atlas, QueryInterrupted
 from featureatlas.store.corpus_search import WindowIndex, coverage, enriched, match_windows
+from featureatlas.store.dictionaries import read_dictionaries
 from featureatlas.store.errors import BadParameter, NotFound
 from featureatlas.store.map_view import NoMap, map_data, map_json, map_levels
 from featureatlas.store.schema import ANN_MIN_ROWS
@@ -184,6 +185,11 @@ class AtlasService:
         """What was mapped and how well: model, hook, dictionary, metrics, corpus, tokens, labels,
         and firing (features that never fired or fired rarely over the corpus)."""
         return copy.deepcopy({k: self.atlas.manifest.get(k) for k in INFO_KEYS})  # the caller's to change
+
+    def dictionaries(self) -> dict[str, Any]:
+        """Every dictionary of the atlas (``store.schema.DICTIONARIES``), the default first."""
+        rows = read_dictionaries(self.atlas)
+        return {"dictionaries": rows, "default": rows[0]["dictionary"]}
 
     # -- features -------------------------------------------------------------------------------
 

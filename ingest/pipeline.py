@@ -17,6 +17,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 from featureatlas.store import manifest as M
+from featureatlas.store.dictionaries import dictionaries_table
 from featureatlas.store.errors import BadConfig
 from featureatlas.store.location import is_remote, remote_manifest, upload, work_folder
 from featureatlas.store.publish import publish, write_duckdb, write_lance
@@ -42,7 +43,7 @@ from .train import train_sae
 
 log = logging.getLogger(__name__)
 # Part of the publish key: bump it when the published layout changes.
-PUBLISH_FORMAT = 4
+PUBLISH_FORMAT = 5
 
 
 def hook_name(layer: int) -> str:
@@ -301,7 +302,7 @@ def run_ingest(cfg: AtlasConfig) -> dict[str, Any]:
     else:
         manifest = _manifest(ctx, summaries)
         manifest["publish_key"] = publish_key
-        publish(root, lambda staging: _build(ctx, staging), manifest)
+        publish(root, lambda staging: _build(ctx, staging, manifest), manifest)
         log.info("atlas published at %s", root)
     if is_remote(cfg.run.atlas) and (remote_manifest(cfg.run.atlas) or {}).get("publish_key") != publish_key:
         upload(root, cfg.run.atlas)
@@ -326,8 +327,9 @@ def ray_runner(cfg: AtlasConfig):
                      threads=cfg.run.threads)
 
 
-def _build(ctx: Ingest, staging: Path) -> dict[str, int]:
-    """Every published part, from the stages' outputs; returns the LanceDB table versions."""
+def _build(ctx: Ingest, staging: Path, manifest: dict[str, Any]) -> dict[str, int]:
+    """Every published part, from the stages' outputs and the manifest that will name them;
+    returns the LanceDB table versions."""
     ctx.sae.save(staging / M.DICTIONARY)
     features = tables.features_table(ctx.sae, ctx.folder("encode"), ctx.folder("labels"), ctx.folder("map"),
                                      ctx.folder("intervention"), primary=ctx.cfg.labels.label_scorers[0])
@@ -342,6 +344,7 @@ def _build(ctx: Ingest, staging: Path) -> dict[str, int]:
         "activations": pq.read_table(encode / "activations.parquet"),
         "features": features,
         "label_candidates": pq.read_table(ctx.folder("labels") / "label_candidates.parquet"),
+        "dictionaries": dictionaries_table(manifest),
     })
     return versions
 

@@ -174,6 +174,26 @@ WINDOWS = Table("windows", "every window of the corpus with its sentence embeddi
     Column("embedding", pa.list_(pa.float32(), EMBEDDING_DIM), "its sentence embedding, unit norm", sql=False),
 ))
 
+DICTIONARIES = Table("dictionaries", "every dictionary of the atlas, one row each: where it reads the model, its size "
+                                     "and how well it reconstructs held-out tokens (an atlas holds one today; its "
+                                     "features are the features table's)", (
+    Column("dictionary", pa.string(), "its id: L<layer>-<width>, e.g. L15-4k", key=True),
+    Column("is_default", pa.bool_(), "the dictionary the feature routes answer for"),
+    Column("hook", pa.string(), "the model activation it reads, e.g. blocks.15.hook_resid_post"),
+    Column("layer", pa.int32(), "the block whose output it reads"),
+    Column("architecture", pa.string(), "topk, batchtopk, jumprelu, relu or matryoshka (ingest/sae.py's registry)"),
+    Column("source", pa.string(), "trained by the ingest, or loaded from a file"),
+    Column("d_in", pa.int32(), "the width of the activations it reads"),
+    Column("d_sae", pa.int32(), "its number of features"),
+    Column("k", pa.int32(), "active latents per token for TopK-style dictionaries, else null"),
+    Column("l0", pa.float64(), "mean active latents per held-out token"),
+    Column("variance_explained", pa.float64(), "1 - FVU on held-out tokens"),
+    Column("variance_explained_without_outliers", pa.float64(), "the same without the few tokens of huge norm"),
+    Column("loss_recovered", pa.float64(), "share of the next-token loss gap (zero-ablation to clean) it closes"),
+    Column("dead_fraction", pa.float64(), "share of its features that never fire on held-out tokens"),
+    Column("training", pa.string(), "its training settings as JSON (null for a loaded dictionary)"),
+))
+
 # DuckDB holds every table's SQL columns (for features, a scalar copy to join against); LanceDB
 # holds FEATURES whole (vectors, full text), EXAMPLES and WINDOWS (with their embeddings).
-DUCKDB_TABLES = (DOCUMENTS, TOKENS, WINDOWS, ACTIVATIONS, FEATURES, LABEL_CANDIDATES)
+DUCKDB_TABLES = (DOCUMENTS, TOKENS, WINDOWS, ACTIVATIONS, FEATURES, LABEL_CANDIDATES, DICTIONARIES)

@@ -19,6 +19,37 @@ def test_health_and_summary(client):
     assert summary["dictionary"]["d_sae"] == 64 and "variance_explained" in summary["metrics"]
 
 
+def test_dictionaries_list_the_atlas_dictionary_in_http_sql_and_from_an_old_manifest(client, tiny_atlas, tmp_path):
+    import shutil
+
+    import duckdb
+    from featureatlas.store import manifest as M
+    from featureatlas.store.dictionaries import dictionary_id, read_dictionaries, width_name
+
+    summary = client.get("/api/atlas").json()
+    body = client.get("/api/dictionaries").json()
+    (row,) = body["dictionaries"]
+    layer = summary["hook"]["layer"]
+    assert body["default"] == row["dictionary"] == dictionary_id(layer, 64) == f"L{layer}-64"
+    assert row["is_default"] and row["d_sae"] == 64 and row["hook"] == summary["hook"]["name"]
+    assert row["architecture"] == summary["dictionary"]["architecture"] and row["k"] == summary["dictionary"]["k"]
+    for metric in ("variance_explained", "loss_recovered", "l0"):
+        assert row[metric] == pytest.approx(summary["metrics"][metric])
+    assert row["training"]["d_sae"] == 64 and "seed" in row["training"]
+    sql = client.post("/api/sql", json={"sql": "select dictionary, d_sae, json_extract(training, '$.d_sae') as w "
+                                               "from dictionaries"}).json()
+    assert sql["rows"] == [[row["dictionary"], 64, "64"]]
+    assert [width_name(n) for n in (64, 1024, 4096, 16384, 2**20, 3000)] == ["64", "1k", "4k", "16k", "1M", "3000"]
+    # An atlas published before the table existed: the same rows, from its manifest.
+    old = tmp_path / "old"
+    shutil.copytree(tiny_atlas, old)
+    atlas = Atlas(old)
+    con = duckdb.connect(str(atlas.duckdb_path))
+    con.execute("drop table dictionaries")
+    con.close()
+    assert read_dictionaries(Atlas(old)) == body["dictionaries"] and M.read(old) == atlas.manifest
+
+
 def test_browse_sorted_and_paged(client):
     page = client.get("/api/features", params={"sort": "max_activation", "limit": 5, "offset": 2}).json()
     values = [f["max_activation"] for f in page["features"]]
@@ -284,8 +315,8 @@ def test_errors_are_json_4xx(client, method, url, body, status):
 
 def test_openapi_schema_lists_the_routes(client):
     paths = client.get("/schema/openapi.json").json()["paths"]
-    assert {"/healthz", "/api/atlas", "/api/features", "/api/features/{feature_id}", "/api/search", "/api/sql",
-            "/api/activations", "/api/search/contrast", "/api/features/{feature_id}/neighbors"} <= set(paths)
+    assert {"/healthz", "/api/atlas", "/api/dictionaries", "/api/features", "/api/features/{feature_id}", "/api/search",
+            "/api/sql", "/api/activations", "/api/search/contrast", "/api/features/{feature_id}/neighbors"} <= set(paths)
 
 
 @pytest.mark.parametrize("failure", [RuntimeError("disk on fire"), ValueError("a bug, not a bad request")])

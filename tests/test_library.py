@@ -55,6 +55,7 @@ QUERIES = {
     "steer": (("post", "/api/steer", {"prompt": "The bridge", "features": [{"id": "{live}", "value": 4}], "max_new_tokens": 5}),
               ["steer", "The bridge", "--feature", "{live}=4", "--max-new-tokens", "5"],
               lambda a, live: a.steer("The bridge", {live: 4}, max_new_tokens=5)),
+    "dictionaries": (("get", "/api/dictionaries", None), ["dictionaries"], lambda a, live: a.dictionaries),
     "sql": (("post", "/api/sql", {"sql": "select feature_id, label, density from features order by density desc limit 5"}),
             ["sql", "select feature_id, label, density from features order by density desc limit 5"],
             lambda a, live: a.sql("select feature_id, label, density from features order by density desc limit 5")),
