@@ -570,3 +570,14 @@ def test_a_label_shard_reads_only_its_own_features_activations_and_labels_them_t
     assert labels.column("feature_id").to_pylist() == list(own)
     assert sum(score is not None for score in labels.column("label_score").to_pylist()) > 0  # judged, not all silent
     assert labels.equals(written["all"][0]) and candidates.equals(written["all"][1])
+
+
+def test_a_topic_names_a_feature_only_when_it_earns_its_words():
+    from featureatlas.ingest.labels.contrastive import Candidate
+    from featureatlas.ingest.labels.label import TOPIC_MARGIN, _choose
+
+    flat = [(1, Candidate('"se"', "contrastive", "token")), (1, Candidate('latin ("se")', "contrastive", "topic")),
+            (2, Candidate('"war"', "contrastive", "token")), (2, Candidate('war ("war")', "contrastive", "topic")),
+            (3, Candidate("folklore", "contrastive", "topic")), (3, Candidate("myth", "contrastive", "topic"))]
+    score = np.array([0.70, 0.70 + TOPIC_MARGIN / 2, 0.70, 0.70 + 2 * TOPIC_MARGIN, 0.60, 0.65])
+    assert _choose(flat, score) == {1: 0, 2: 3, 3: 5}  # a near tie keeps the tokens; topics among themselves as scored
