@@ -258,6 +258,7 @@ def _serve(args: argparse.Namespace) -> int:
     from featureatlas.api.app import HEAVY_THREADS, create_app
     from featureatlas.api.edge import TOKEN_ENV, check_token, is_loopback
     from featureatlas.api.live import RemoteFollower
+    from threadpoolctl import threadpool_limits
 
     token = args.token or os.environ.get(TOKEN_ENV) or None
     if token is None and not is_loopback(args.host):
@@ -272,6 +273,10 @@ def _serve(args: argparse.Namespace) -> int:
         print("featureatlas: --follow-every is for s3:// atlases; a local atlas is followed at every request",
               file=sys.stderr)
     configure(threads=HEAVY_THREADS)  # the model and the embedder leave the cheap routes a core (api/app.py)
+    # A request's numpy products are small (a query against 4,096 vectors) and gain nothing from BLAS
+    # threads, whose workers then spin for a while and take the cores from the embedder: MiniLM's
+    # forward for one query took 33 ms after such a product instead of 16 (scripts/bench_serve.py).
+    threadpool_limits(1, user_api="blas")
     follow = RemoteFollower(args.atlas, every) if is_remote(args.atlas) else None
     app = create_app(_open(args.atlas), probe_device=args.device, token=token, follow=follow)
     uvicorn.run(app, host=args.host, port=args.port, log_level="info")
