@@ -15,6 +15,7 @@ import re
 import threading
 from collections import OrderedDict
 from concurrent.futures import ThreadPoolExecutor
+from functools import cached_property
 from typing import Any
 
 import numpy as np
@@ -26,7 +27,7 @@ from featureatlas.store import calibrate as C
 from featureatlas.store import search as S
 from featureatlas.store.atlas import Atlas, QueryInterrupted
 from featureatlas.store.corpus_search import WindowIndex, coverage, enriched, match_windows
-from featureatlas.store.dictionaries import read_dictionaries
+from featureatlas.store.dictionaries import family, read_dictionaries
 from featureatlas.store.errors import BadParameter, NotFound
 from featureatlas.store.map_view import NoMap, map_data, map_json, map_levels
 from featureatlas.store.schema import ANN_MIN_ROWS
@@ -45,7 +46,7 @@ MAX_OFFSET = 2**31 - 1  # DuckDB's OFFSET is a BIGINT; past any atlas's size any
 NEIGHBOR_KEYS = ("feature_id", "similarity", "label", "density")
 CONTRAST_KEYS = ("feature_id", "label", "score", "density")
 # What an atlas is, from its manifest (``info``): the rest (config, versions, parts) is for the CLI's ``info --json``.
-INFO_KEYS = ("model", "hook", "dictionary", "metrics", "corpus", "tokens", "labels", "firing", "created_at")
+INFO_KEYS = ("model", "hook", "dictionary", "metrics", "families", "corpus", "tokens", "labels", "firing", "created_at")
 # Each signal contributes this many candidates per requested hit (at least ``MIN_CANDIDATES``
 # hits' worth) before fusion: a short answer is the head of the same ranking as a long one.
 CANDIDATES_PER_HIT = 3
@@ -188,8 +189,12 @@ class AtlasService:
 
     def dictionaries(self) -> dict[str, Any]:
         """Every dictionary of the atlas (``store.schema.DICTIONARIES``), the default first."""
-        rows = read_dictionaries(self.atlas)
+        rows = copy.deepcopy(self._dictionaries)  # the caller's to change
         return {"dictionaries": rows, "default": rows[0]["dictionary"]}
+
+    @cached_property
+    def _dictionaries(self) -> list[dict[str, Any]]:
+        return read_dictionaries(self.atlas)
 
     # -- features -------------------------------------------------------------------------------
 
@@ -221,6 +226,8 @@ class AtlasService:
         row["quantile_examples"] = [e for e in examples if e["kind"] != "top"]
         bins = len(row["histogram"])
         row["histogram_edges"] = [row["max_activation"] * i / bins for i in range(bins + 1)] if bins else []
+        # Its parent and children across a nested dictionary's prefixes (null with one dictionary).
+        row["family"] = family(self.atlas, self._dictionaries, feature_id)
         return row
 
     def _snippets(self, ids: list[int]) -> dict[int, str]:

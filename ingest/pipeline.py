@@ -17,13 +17,13 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 from featureatlas.store import manifest as M
-from featureatlas.store.dictionaries import dictionaries_table
+from featureatlas.store.dictionaries import dictionaries_table, dictionary_id
 from featureatlas.store.errors import BadConfig
 from featureatlas.store.location import is_remote, remote_manifest, upload, work_folder
 from featureatlas.store.publish import publish, write_duckdb, write_lance
 from featureatlas.store.schema import vector_matrix
 
-from . import encode, tables, windows
+from . import encode, families, tables, windows
 from .config import AtlasConfig
 from .corpus import corpus_fingerprint
 from .embed import VERSION as EMBED_VERSION
@@ -178,9 +178,18 @@ def _train_inputs(ctx: Ingest) -> Any:
 
 
 def _run_evaluate(ctx: Ingest, folder: Path) -> dict[str, Any]:
-    metrics = reconstruction_metrics(ctx.sae, ctx.acts[~ctx.is_bos & ctx.is_eval])
-    metrics.update(loss_recovered(ctx.model, ctx.sae, ctx.corpus, ctx.layer, contexts=ctx.cfg.evaluate.ce_eval_contexts,
-                                  batch=ctx.cfg.harvest.harvest_batch))
+    """Held-out metrics of the dictionary, and of each inner prefix of a nested one (a dictionary of
+    its own in the atlas: ``store/dictionaries.py``), under ``prefixes`` by width."""
+    held = ctx.acts[~ctx.is_bos & ctx.is_eval]
+
+    def measured(sae: SAE) -> dict[str, Any]:
+        return reconstruction_metrics(sae, held) | loss_recovered(
+            ctx.model, sae, ctx.corpus, ctx.layer, contexts=ctx.cfg.evaluate.ce_eval_contexts,
+            batch=ctx.cfg.harvest.harvest_batch)
+
+    metrics = measured(ctx.sae)
+    if len(ctx.sae.prefixes) > 1:
+        metrics["prefixes"] = {str(w): measured(ctx.sae.prefix(w)) for w in ctx.sae.prefixes[:-1]}
     return metrics
 
 
@@ -193,6 +202,14 @@ def _run_encode(ctx: Ingest, folder: Path) -> dict[str, Any]:
     records = shard_records(folder)
     codes = encode.load_codes(folder, len(records))
     return encode.run(ctx.sae, ctx.model, ctx.corpus, codes, ctx.is_bos, ctx.vocab, ctx.cfg.analysis, folder, records)
+
+
+def _run_families(ctx: Ingest, folder: Path) -> dict[str, Any]:
+    """Parents and children across the prefixes of a nested dictionary (``ingest/families.py``); an
+    empty table for any other."""
+    widths = list(ctx.sae.prefixes)
+    return families.run(ctx.sae.unit_decoder().numpy(), widths, {w: dictionary_id(ctx.layer, w) for w in widths},
+                        ctx.folder("encode"), folder)
 
 
 def _labels_shard(ctx: Ingest, folder: Path, i: int) -> dict[str, Any]:
@@ -269,6 +286,7 @@ STAGES: list[Stage[Ingest]] = [
     # and examples over all of them.
     Stage("encode", encode.ENCODE_VERSION, ("analysis",), ("train",), encode.OUTPUTS, _run_encode,
           shards=lambda ctx: len(ctx.acts.shards), run_shard=_encode_shard),
+    Stage("families", families.FAMILIES_VERSION, (), ("train", "encode"), families.OUTPUTS, _run_families),
     # Sharded by features (label_shard_features a shard), then joined with every feature's context embedding.
     Stage("labels", LABELS_VERSION, ("labels", "run"), ("encode", "windows"), label_stage.OUTPUTS, _run_labels,
           shards=lambda ctx: label_stage.shards(ctx.sae.d_sae, ctx.cfg.labels), run_shard=_labels_shard),
@@ -295,7 +313,7 @@ def run_ingest(cfg: AtlasConfig) -> dict[str, Any]:
         if runner is not local_shards:
             runner.close()
     root = work_folder(cfg.run.atlas)
-    published = ("evaluate", "windows", "encode", "labels", "intervention", "map")
+    published = ("evaluate", "windows", "encode", "families", "labels", "intervention", "map")
     publish_key = stage_key(PUBLISH_FORMAT, [ctx.stages.keys[s] for s in published])
     if (M.read(root) or {}).get("publish_key") == publish_key:
         log.info("publish   skipped: %s already holds these results", root)
@@ -345,6 +363,7 @@ def _build(ctx: Ingest, staging: Path, manifest: dict[str, Any]) -> dict[str, in
         "features": features,
         "label_candidates": pq.read_table(ctx.folder("labels") / "label_candidates.parquet"),
         "dictionaries": dictionaries_table(manifest),
+        "families": pq.read_table(ctx.folder("families") / families.OUTPUTS[0]),
     })
     return versions
 
@@ -394,8 +413,10 @@ def _manifest(ctx: Ingest, summaries: dict[str, dict[str, Any]]) -> dict[str, An
                   "vocab_size": len(ctx.vocab)},
         "hook": {"layer": ctx.layer, "name": hook_name(ctx.layer), "point": "residual stream after block"},
         "dictionary": {"architecture": sae.architecture, "source": sae.meta.get("loaded_from", "trained"),
-                       "d_in": sae.d_in, "d_sae": sae.d_sae, "k": sae.k, "format": "saelens", "path": M.DICTIONARY},
+                       "d_in": sae.d_in, "d_sae": sae.d_sae, "k": sae.k, "format": "saelens", "path": M.DICTIONARY,
+                       "prefixes": list(sae.prefixes)},
         "metrics": {k: v for k, v in summaries["evaluate"].items() if k != "seconds"},
+        "families": {k: v for k, v in summaries["families"].items() if k != "seconds"},
         "corpus": {"sources": cfg.corpus.corpus, "weights": cfg.corpus.corpus_weights, "hash": ctx.corpus_hash,
                    "documents": len(corpus.documents), "contexts": corpus.n_contexts,
                    "contexts_by_source": sources, "context_len": cfg.corpus.context_len},

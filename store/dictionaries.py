@@ -37,26 +37,38 @@ def dictionary_id(layer: int | None, d_sae: int) -> str:
 
 
 def dictionary_rows(manifest: dict[str, Any]) -> list[dict[str, Any]]:
-    """The atlas's dictionaries as ``DICTIONARIES`` rows, from its manifest (the first is the default)."""
+    """The atlas's dictionaries as ``DICTIONARIES`` rows, from its manifest, the default first. A
+    nested (matryoshka) dictionary is one dictionary per prefix: the first ``w`` latents are a
+    dictionary of their own, trained to reconstruct alone, so feature ``i`` is the same latent in
+    every prefix wider than ``i``; the full width is the default."""
     d, hook, metrics = manifest["dictionary"], manifest.get("hook") or {}, manifest.get("metrics") or {}
     trained = d.get("source") == "trained"
     config = manifest.get("config") or {}
     train, run = config.get("train") or {}, config.get("run") or {}
     training = {key: train.get(key) for key in _TRAINING} | {"seed": run.get("seed")}
-    row = {
-        "dictionary": dictionary_id(hook.get("layer"), int(d["d_sae"])),
-        "is_default": True,
-        "hook": hook.get("name"),
-        "layer": hook.get("layer"),
-        "architecture": d.get("architecture"),
-        "source": d.get("source"),
-        "d_in": d.get("d_in"),
-        "d_sae": d["d_sae"],
-        "k": d.get("k"),
-        **{m: metrics.get(m) for m in _METRICS},
-        "training": json.dumps(training, sort_keys=True) if trained else None,
-    }
-    return [row]
+    widths = [int(w) for w in d.get("prefixes") or [d["d_sae"]]]
+    rows = []
+    for width in sorted(widths, key=lambda w: (w != d["d_sae"], w)):
+        measured = metrics if width == d["d_sae"] else (metrics.get("prefixes") or {}).get(str(width), {})
+        rows.append({
+            "dictionary": dictionary_id(hook.get("layer"), width),
+            "is_default": width == d["d_sae"],
+            "hook": hook.get("name"),
+            "layer": hook.get("layer"),
+            "architecture": d.get("architecture"),
+            "source": d.get("source"),
+            "d_in": d.get("d_in"),
+            "d_sae": width,
+            "k": None if d.get("k") is None else min(int(d["k"]), width),
+            **{m: measured.get(m) for m in _METRICS},
+            "training": json.dumps(training, sort_keys=True) if trained else None,
+        })
+    return rows
+
+
+def dictionary_of(rows: list[dict[str, Any]], feature_id: int) -> str:
+    """The narrowest dictionary of ``rows`` that holds ``feature_id`` (its prefix, in a nested one)."""
+    return min((r for r in rows if feature_id < r["d_sae"]), key=lambda r: r["d_sae"])["dictionary"]
 
 
 def dictionaries_table(manifest: dict[str, Any]) -> pa.Table:
@@ -69,7 +81,41 @@ def read_dictionaries(atlas: Atlas) -> list[dict[str, Any]]:
     """The atlas's dictionaries, the default first, their training settings as a dict: its
     ``dictionaries`` table, or for an atlas published before the table existed, the same rows from
     its manifest."""
-    present = atlas.query("select count(*) from information_schema.tables where table_name = 'dictionaries'").rows[0][0]
-    rows = atlas.query("select * from dictionaries order by is_default desc, dictionary").dicts() if present else \
-        dictionary_rows(atlas.manifest)
+    rows = atlas.query("select * from dictionaries order by is_default desc, d_sae").dicts() if _has(atlas, "dictionaries") \
+        else dictionary_rows(atlas.manifest)
     return [r | {"training": None if r["training"] is None else json.loads(r["training"])} for r in rows]
+
+
+def family(atlas: Atlas, dictionaries: list[dict[str, Any]], feature_id: int) -> dict[str, Any] | None:
+    """A feature's place across the prefixes of a nested dictionary: the narrowest dictionary that
+    holds it, its parent in the prefix before that one, and its children: the features that wider
+    prefixes add and link to it (a feature of the narrowest prefix can have children in each wider
+    one; each member names its dictionary), each with
+    label, density, the link's decoder cosine and co-activation, and its strongest top example
+    (tokens and activations, to shade). ``dictionaries``: ``read_dictionaries(atlas)``, which a server
+    reads once. None for an atlas without families (one dictionary)."""
+    rows = dictionaries
+    if len(rows) < 2 or not _has(atlas, "families"):
+        return None
+    links = atlas.query("select feature_id, parent_id, decoder_cosine, coactivation from families "
+                        "where feature_id = $f or parent_id = $f order by decoder_cosine desc, feature_id",
+                        {"f": int(feature_id)}).dicts()
+    parent = next((r for r in links if r["feature_id"] == feature_id), None)
+    children = [r for r in links if r["parent_id"] == feature_id]
+    ids = ([parent["parent_id"]] if parent else []) + [c["feature_id"] for c in children]
+    info, tops = atlas.summaries(ids), atlas.top_examples(ids)
+
+    def member(f: int, link: dict[str, Any]) -> dict[str, Any]:
+        top = tops.get(f)
+        return {"feature_id": f, "dictionary": dictionary_of(rows, f), "label": info[f]["label"],
+                "density": info[f]["density"], "decoder_cosine": link["decoder_cosine"],
+                "coactivation": link["coactivation"],
+                "example": None if top is None else {"tokens": top["tokens"], "activations": top["activations"]}}
+
+    return {"dictionary": dictionary_of(rows, feature_id),
+            "parent": member(parent["parent_id"], parent) if parent else None,
+            "children": [member(c["feature_id"], c) for c in children]}
+
+
+def _has(atlas: Atlas, table: str) -> bool:
+    return bool(atlas.query("select count(*) from information_schema.tables where table_name = $t", {"t": table}).rows[0][0])

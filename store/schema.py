@@ -194,6 +194,17 @@ DICTIONARIES = Table("dictionaries", "every dictionary of the atlas, one row eac
     Column("training", pa.string(), "its training settings as JSON (null for a loaded dictionary)"),
 ))
 
+FAMILIES = Table("families", "feature families across the widths of a nested (matryoshka) dictionary: every feature a "
+                             "wider prefix adds, linked to its parent in the next narrower one (empty for other "
+                             "dictionaries)", (
+    Column("dictionary", pa.string(), "the narrowest dictionary that holds the feature"),
+    Column("feature_id", pa.int32(), "the child: a feature that dictionary adds"),
+    Column("parent_dictionary", pa.string(), "the next narrower dictionary"),
+    Column("parent_id", pa.int32(), "the parent: the feature of that dictionary whose decoder direction is closest"),
+    Column("decoder_cosine", pa.float32(), "cosine of the two decoder directions"),
+    Column("coactivation", pa.float32(), "share of the child's tokens on which the parent fires too"),
+))
+
 # DuckDB holds every table's SQL columns (for features, a scalar copy to join against); LanceDB
 # holds FEATURES whole (vectors, full text), EXAMPLES and WINDOWS (with their embeddings).
-DUCKDB_TABLES = (DOCUMENTS, TOKENS, WINDOWS, ACTIVATIONS, FEATURES, LABEL_CANDIDATES, DICTIONARIES)
+DUCKDB_TABLES = (DOCUMENTS, TOKENS, WINDOWS, ACTIVATIONS, FEATURES, LABEL_CANDIDATES, DICTIONARIES, FAMILIES)

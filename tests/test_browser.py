@@ -405,3 +405,33 @@ def test_with_a_token_the_ui_without_it_says_what_to_do(page, guarded_server):
     ready(page, "error")  # ... and its data is not: the error says how to get in
     assert "token required" in page.inner_text("main") and "/?token=" in page.inner_text("main")
     page.console_errors[:] = [e for e in page.console_errors if "401" not in e]
+
+
+@pytest.fixture(scope="module")
+def nested_server(tmp_path_factory, tiny_model_dir, corpus_dir):
+    """A server over an atlas of one matryoshka dictionary: its prefixes are dictionaries with families."""
+    from featureatlas.ingest.pipeline import run_ingest
+
+    from .conftest import tiny_config
+
+    root = tmp_path_factory.mktemp("nested") / "atlas"
+    run_ingest(tiny_config(root, tiny_model_dir, corpus_dir, architecture="matryoshka", sparsity_coef=0.5))
+    yield from _serve(create_app(Atlas(root)))
+
+
+def test_feature_page_shows_the_family_across_a_nested_dictionarys_prefixes(page, nested_server):
+    widths = sorted(d["d_sae"] for d in api(page, nested_server, "/api/dictionaries")["dictionaries"])
+    child = widths[0]  # the first latent the second prefix adds
+    detail = api(page, nested_server, f"/api/features/{child}")["family"]
+    parent = detail["parent"]["feature_id"]
+    page.goto(f"{nested_server}/features/{child}")
+    ready(page, "feature")
+    family = page.locator("#family")
+    assert detail["dictionary"] in family.locator("h2").inner_text()
+    assert family.locator(f"a[href='/features/{parent}']").count() == 1
+    page.goto(f"{nested_server}/features/{parent}")
+    ready(page, "feature")
+    assert page.locator(f"#family a[href='/features/{child}']").count() == 1
+    children = api(page, nested_server, f"/api/features/{parent}")["family"]["children"]
+    assert page.locator("#family ul.family > li").count() == len(children)
+    page.screenshot(path=str(SHOTS / "feature_family.png"), full_page=True)

@@ -209,3 +209,36 @@ def test_threshold_architectures_build_an_atlas(tmp_path, tiny_model_dir, corpus
     dec = np.stack(atlas.features.to_arrow()["decoder"].to_numpy(zero_copy_only=False))
     np.testing.assert_allclose(np.linalg.norm(dec, axis=1), 1.0, atol=1e-4)
     assert manifest["metrics"]["l0"] > 0
+    if architecture == "matryoshka":
+        _check_families(atlas, sae, manifest, dec)
+
+
+def _check_families(atlas: Atlas, sae: SAE, manifest: dict, dec: np.ndarray) -> None:
+    """A nested dictionary is one dictionary per prefix, and its features form families across them."""
+    from featureatlas.api.service import AtlasService
+
+    service = AtlasService(atlas)
+    widths = list(sae.prefixes)
+    assert len(widths) == 3 and manifest["dictionary"]["prefixes"] == widths
+    listed = service.dictionaries()["dictionaries"]
+    assert [d["d_sae"] for d in listed] == [widths[-1], *widths[:-1]] and listed[0]["is_default"]
+    for d in listed[1:]:  # each prefix measured on its own, as the dictionary it is
+        assert d["variance_explained"] == manifest["metrics"]["prefixes"][str(d["d_sae"])]["variance_explained"]
+        assert d["loss_recovered"] is not None and d["k"] == min(sae.k, d["d_sae"])
+    links = SQL(atlas).execute("select feature_id, parent_id, decoder_cosine, coactivation, dictionary, parent_dictionary "
+                               "from families order by feature_id").fetchall()
+    assert [f for f, *_ in links] == list(range(widths[0], widths[-1]))  # every latent a prefix adds, once
+    ids = {d["d_sae"]: d["dictionary"] for d in listed}
+    for f, parent, cosine, coact, dictionary, parent_dictionary in links:
+        narrow = max(w for w in widths if w <= f)  # the prefix before the one that adds f
+        wide = min(w for w in widths if w > f)
+        assert parent < narrow and (dictionary, parent_dictionary) == (ids[wide], ids[narrow])
+        best = dec[f] @ dec[:narrow].T
+        assert parent == int(best.argmax()) and cosine == pytest.approx(float(best.max()), abs=1e-5)
+        assert 0.0 <= coact <= 1.0
+    child, parent = links[0][0], links[0][1]
+    page = service.feature(child)
+    assert page["family"]["parent"]["feature_id"] == parent and page["family"]["dictionary"] == ids[widths[1]]
+    up = service.feature(parent)["family"]
+    assert child in [c["feature_id"] for c in up["children"]] and up["dictionary"] == ids[widths[0]]
+    assert manifest["families"]["links"] == len(links) and len(manifest["families"]["pairs"]) == 2

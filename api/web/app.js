@@ -142,6 +142,22 @@ function neighbourList(request) {
   return { box, request };
 }
 
+function familySection(fam) {
+  // A nested dictionary's feature: its parent in the narrower dictionary and its children in the
+  // wider ones, each with its dictionary, label, density, the link's scores and its strongest example shaded.
+  if (!fam) return "";
+  const member = (m) => h("li", {},
+    featureLink(m.feature_id, m.label),
+    h("span", { class: "meta" }, ` ${m.dictionary} · density ${fmt.pct(m.density)} · decoder cosine ${m.decoder_cosine.toFixed(2)} · co-fires ${fmt.pct(m.coactivation)}`),
+    m.example ? shadedTokens(m.example.tokens, m.example.activations, Math.max(...m.example.activations)) : "");
+  return h("section", { "aria-label": "feature family", id: "family" },
+    h("h2", {}, `Family (in ${fam.dictionary})`),
+    h("h3", {}, "Parent"),
+    fam.parent ? h("ul", { class: "family" }, member(fam.parent)) : h("p", { class: "muted" }, "none: it is in the narrowest dictionary"),
+    h("h3", {}, `Children (${fam.children.length})`),
+    fam.children.length ? h("ul", { class: "family" }, fam.children.map(member)) : h("p", { class: "muted" }, "none in the wider dictionaries"));
+}
+
 async function feature(id) {
   // All three requests start together; the page is drawn when the feature arrives, and each
   // neighbour list when its own answer does.
@@ -168,6 +184,7 @@ async function feature(id) {
         .map(([k, v]) => h("div", {}, h("dt", {}, k), h("dd", {}, v)))),
     h("h2", {}, "Activation histogram"),
     f.histogram && f.histogram.length ? histogram(f.histogram, f.histogram_edges) : h("p", { class: "muted" }, "none"),
+    familySection(f.family),
     h("h2", {}, "Top examples"),
     h("section", { "aria-label": "top examples", id: "top-examples" }, examples(f.top_examples)),
     h("h2", {}, "Examples across activation quantiles"),
