@@ -358,6 +358,9 @@ def _validate_intervention(i: InterventionConfig) -> None:
 PROFILES: dict[str, dict[str, Any]] = {
     # The demo: 250k tokens (~3 min of harvest on 2 cores), 4,096 features, 10 epochs of training.
     "quick": {},
+    # Feature families: one matryoshka dictionary of 16,384 features whose prefixes of 1,024 and
+    # 4,096 are dictionaries of their own, on the quick profile's corpus (its cache is reused).
+    "family": {"architecture": "matryoshka", "d_sae": 16_384},
     # At least 2M tokens and 16,384 features: hours on 2 cores, minutes on a GPU.
     "standard": {
         "tokens": 2_100_000,

@@ -1,5 +1,5 @@
 """The ingest: a list of stages in data-flow order (corpus, windows, harvest, train, evaluate,
-encode, labels, intervention, map), then publish. Each stage is skipped when its inputs did not change, so a re-run or a
+encode, families, labels, intervention, map), then publish. Each stage is skipped when its inputs did not change, so a re-run or a
 resumed run only does what is left (``ingest/stages.py``)."""
 
 from __future__ import annotations

@@ -1,9 +1,11 @@
-"""The dictionaries of an atlas, as rows of ``schema.DICTIONARIES``.
+"""The dictionaries of an atlas, as rows of ``schema.DICTIONARIES``, and the families of its features.
 
-An atlas holds one dictionary today, described by its manifest (hook, dictionary, held-out metrics,
-training settings). Publishing writes that description as the ``dictionaries`` table, so SQL, the
-HTTP API and Python list dictionaries by id the way they will once an atlas holds several layers
-and widths; an atlas published before the table existed gets the same rows from its manifest.
+An atlas holds one trained or loaded dictionary, described by its manifest (hook, dictionary,
+held-out metrics, training settings); a nested (matryoshka) one is a dictionary per prefix, whose
+features form families across the prefixes (``ingest/families.py``). Publishing writes the
+description as the ``dictionaries`` table, so SQL, the HTTP API and Python list dictionaries by id;
+an atlas published before the table existed gets the same rows from its manifest. Separately
+trained widths and layers in one atlas are not built yet.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ from .schema import DICTIONARIES
 # Training settings that describe a dictionary (the rest of the train config says where files live).
 _TRAINING = ("architecture", "d_sae", "k", "sparsity_coef", "train_tokens", "train_batch", "lr", "aux_k", "aux_coef",
              "dead_tokens")
+MAX_CHILDREN = 20  # children a feature page shows, closest first (a parent of 1,024 can have dozens)
 _METRICS = ("l0", "variance_explained", "variance_explained_without_outliers", "loss_recovered", "dead_fraction")
 
 
@@ -90,10 +93,10 @@ def family(atlas: Atlas, dictionaries: list[dict[str, Any]], feature_id: int) ->
     """A feature's place across the prefixes of a nested dictionary: the narrowest dictionary that
     holds it, its parent in the prefix before that one, and its children: the features that wider
     prefixes add and link to it (a feature of the narrowest prefix can have children in each wider
-    one; each member names its dictionary), each with
+    one; each member names its dictionary), the ``MAX_CHILDREN`` closest that fired, each with
     label, density, the link's decoder cosine and co-activation, and its strongest top example
-    (tokens and activations, to shade). ``dictionaries``: ``read_dictionaries(atlas)``, which a server
-    reads once. None for an atlas without families (one dictionary)."""
+    (tokens and activations, to shade); ``n_children`` counts them all. ``dictionaries``:
+    ``read_dictionaries(atlas)``, which a server reads once. None for an atlas without families."""
     rows = dictionaries
     if len(rows) < 2 or not _has(atlas, "families"):
         return None
@@ -102,8 +105,11 @@ def family(atlas: Atlas, dictionaries: list[dict[str, Any]], feature_id: int) ->
                         {"f": int(feature_id)}).dicts()
     parent = next((r for r in links if r["feature_id"] == feature_id), None)
     children = [r for r in links if r["parent_id"] == feature_id]
-    ids = ([parent["parent_id"]] if parent else []) + [c["feature_id"] for c in children]
-    info, tops = atlas.summaries(ids), atlas.top_examples(ids)
+    info = atlas.summaries(([parent["parent_id"]] if parent else []) + [c["feature_id"] for c in children])
+    # A child that never fired on the corpus is a dead latent, not a finer feature.
+    children = [c for c in children if info[c["feature_id"]]["density"] > 0]
+    shown = children[:MAX_CHILDREN]
+    tops = atlas.top_examples(([parent["parent_id"]] if parent else []) + [c["feature_id"] for c in shown])
 
     def member(f: int, link: dict[str, Any]) -> dict[str, Any]:
         top = tops.get(f)
@@ -114,7 +120,7 @@ def family(atlas: Atlas, dictionaries: list[dict[str, Any]], feature_id: int) ->
 
     return {"dictionary": dictionary_of(rows, feature_id),
             "parent": member(parent["parent_id"], parent) if parent else None,
-            "children": [member(c["feature_id"], c) for c in children]}
+            "children": [member(c["feature_id"], c) for c in shown], "n_children": len(children)}
 
 
 def _has(atlas: Atlas, table: str) -> bool:

@@ -421,7 +421,8 @@ def nested_server(tmp_path_factory, tiny_model_dir, corpus_dir):
 
 def test_feature_page_shows_the_family_across_a_nested_dictionarys_prefixes(page, nested_server):
     widths = sorted(d["d_sae"] for d in api(page, nested_server, "/api/dictionaries")["dictionaries"])
-    child = widths[0]  # the first latent the second prefix adds
+    added = range(widths[0], widths[1])  # the latents the second prefix adds: one that fired
+    child = next(f for f in added if api(page, nested_server, f"/api/features/{f}")["n_active"] > 0)
     detail = api(page, nested_server, f"/api/features/{child}")["family"]
     parent = detail["parent"]["feature_id"]
     page.goto(f"{nested_server}/features/{child}")
@@ -433,5 +434,5 @@ def test_feature_page_shows_the_family_across_a_nested_dictionarys_prefixes(page
     ready(page, "feature")
     assert page.locator(f"#family a[href='/features/{child}']").count() == 1
     children = api(page, nested_server, f"/api/features/{parent}")["family"]["children"]
-    assert page.locator("#family ul.family > li").count() == len(children)
+    assert page.locator("#family ul.family > li").count() == len(children)  # the narrowest prefix: no parent
     page.screenshot(path=str(SHOTS / "feature_family.png"), full_page=True)

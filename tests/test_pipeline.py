@@ -216,6 +216,7 @@ def test_threshold_architectures_build_an_atlas(tmp_path, tiny_model_dir, corpus
 def _check_families(atlas: Atlas, sae: SAE, manifest: dict, dec: np.ndarray) -> None:
     """A nested dictionary is one dictionary per prefix, and its features form families across them."""
     from featureatlas.api.service import AtlasService
+    from featureatlas.store.dictionaries import MAX_CHILDREN
 
     service = AtlasService(atlas)
     widths = list(sae.prefixes)
@@ -236,9 +237,12 @@ def _check_families(atlas: Atlas, sae: SAE, manifest: dict, dec: np.ndarray) -> 
         best = dec[f] @ dec[:narrow].T
         assert parent == int(best.argmax()) and cosine == pytest.approx(float(best.max()), abs=1e-5)
         assert 0.0 <= coact <= 1.0
-    child, parent = links[0][0], links[0][1]
+    fired = {f for (f,) in SQL(atlas).execute("select feature_id from features where n_active > 0").fetchall()}
+    child, parent = next((f, p) for f, p, *_ in links if f in fired and f < widths[1])
     page = service.feature(child)
     assert page["family"]["parent"]["feature_id"] == parent and page["family"]["dictionary"] == ids[widths[1]]
     up = service.feature(parent)["family"]
     assert child in [c["feature_id"] for c in up["children"]] and up["dictionary"] == ids[widths[0]]
+    linked = [f for f, p, *_ in links if p == parent]
+    assert up["n_children"] == len(set(linked) & fired) and len(up["children"]) == min(up["n_children"], MAX_CHILDREN)
     assert manifest["families"]["links"] == len(links) and len(manifest["families"]["pairs"]) == 2

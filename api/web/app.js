@@ -154,7 +154,8 @@ function familySection(fam) {
     h("h2", {}, `Family (in ${fam.dictionary})`),
     h("h3", {}, "Parent"),
     fam.parent ? h("ul", { class: "family" }, member(fam.parent)) : h("p", { class: "muted" }, "none: it is in the narrowest dictionary"),
-    h("h3", {}, `Children (${fam.children.length})`),
+    h("h3", {}, fam.n_children > fam.children.length ? `Children (the ${fam.children.length} closest of ${fam.n_children})`
+      : `Children (${fam.n_children})`),
     fam.children.length ? h("ul", { class: "family" }, fam.children.map(member)) : h("p", { class: "muted" }, "none in the wider dictionaries"));
 }
 
