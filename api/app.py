@@ -220,7 +220,7 @@ def atlas_summary(service: Service) -> dict[str, Any]:
     return service.info()
 
 
-@get("/api/dictionaries", sync_to_thread=False, responses=_errors())
+@get("/api/dictionaries", sync_to_thread=True, responses=_errors())
 def dictionaries(service: Service) -> dict[str, Any]:
     """Every dictionary of the atlas (id such as L15-4k, hook point, architecture, width, k, held-out
     metrics, training settings), the default one, which the feature routes answer for, first."""

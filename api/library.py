@@ -56,6 +56,8 @@ class Result:
         return self.data[key]
 
     def __len__(self) -> int:
+        if callable(self._rows) and self._arrow is not None:  # a whole SQL result: counted without its dicts
+            return self._arrow().num_rows
         return len(self.rows)
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
@@ -83,7 +85,7 @@ class Result:
         return self._html()
 
     def __repr__(self) -> str:
-        return f"<{type(self).__name__}: {len(self.rows)} rows; keys {', '.join(self.data)}>"
+        return f"<{type(self).__name__}: {len(self)} rows; keys {', '.join(self.data)}>"
 
 
 class OpenAtlas:
@@ -248,16 +250,20 @@ def _whole(atlas: Atlas, query: str, params: list[Any] | dict[str, Any] | None) 
             "elapsed_ms": round((time.perf_counter() - t0) * 1000, 2)}
 
     def rows() -> list[dict[str, Any]]:  # by position, so a duplicate name keeps its last column as HTTP does
-        return [dict(zip(table.column_names, r)) for r in zip(*(c.to_pylist() for c in table.columns))]
+        return [dict(zip(table.column_names, r)) for r in _tuples(table)]
 
     def html() -> str:
-        head = table.slice(0, notebook.MAX_ROWS)
-        shown = [list(r) for r in zip(*(c.to_pylist() for c in head.columns))]
+        shown = [list(r) for r in _tuples(table.slice(0, notebook.MAX_ROWS))]
         first = f", the first {len(shown)} shown" if table.num_rows > len(shown) else ""
         return notebook.table_html(table.column_names, shown,
                                    caption=f"{table.num_rows:,} rows in {data['elapsed_ms']:.0f} ms{first}")
 
     return Result(data, rows, html, columns=table.column_names, arrow=lambda: table)
+
+
+def _tuples(table: pa.Table) -> Iterator[tuple]:
+    """A table's rows as tuples, column by position (``to_pylist`` would merge duplicate names)."""
+    return zip(*(c.to_pylist() for c in table.columns))
 
 
 def _by_position(columns: list[str], rows: list[list[Any]]) -> pa.Table:

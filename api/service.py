@@ -27,7 +27,7 @@ from featureatlas.store import calibrate as C
 from featureatlas.store import search as S
 from featureatlas.store.atlas import Atlas, QueryInterrupted
 from featureatlas.store.corpus_search import WindowIndex, coverage, enriched, match_windows
-from featureatlas.store.dictionaries import family, read_dictionaries
+from featureatlas.store.dictionaries import family, has_table, read_dictionaries
 from featureatlas.store.errors import BadParameter, NotFound
 from featureatlas.store.map_view import NoMap, map_data, map_json, map_levels
 from featureatlas.store.schema import ANN_MIN_ROWS
@@ -196,6 +196,11 @@ class AtlasService:
     def _dictionaries(self) -> list[dict[str, Any]]:
         return read_dictionaries(self.atlas)
 
+    @cached_property
+    def _has_families(self) -> bool:
+        """Several dictionaries (a nested one's prefixes) and the table linking their features."""
+        return len(self._dictionaries) > 1 and has_table(self.atlas, "families")
+
     # -- features -------------------------------------------------------------------------------
 
     def features(self, sort: str = "density", descending: bool = True, limit: int = 50, offset: int = 0) -> dict[str, Any]:
@@ -227,7 +232,7 @@ class AtlasService:
         bins = len(row["histogram"])
         row["histogram_edges"] = [row["max_activation"] * i / bins for i in range(bins + 1)] if bins else []
         # Its parent and children across a nested dictionary's prefixes (null with one dictionary).
-        row["family"] = family(self.atlas, self._dictionaries, feature_id)
+        row["family"] = family(self.atlas, self._dictionaries, feature_id) if self._has_families else None
         return row
 
     def _snippets(self, ids: list[int]) -> dict[int, str]:

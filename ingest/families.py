@@ -24,7 +24,7 @@ from featureatlas.store.schema import FAMILIES
 
 FAMILIES_VERSION = 1
 OUTPUTS = ("families.parquet",)
-BLOCK = 2048  # children compared with every parent at once ([BLOCK, narrow] float32)
+BLOCK_CELLS = 2**24  # child x parent cosines computed at once (64 MB of float32)
 # A parent "clearly above chance": the largest cosine of a random direction with n others in d
 # dimensions is about sqrt(2 ln n / d) (0.17 for 4,096 in 576); this is the multiple of it a link
 # needs to count as a split in the summary (every child is linked; the table keeps the cosine).
@@ -41,8 +41,9 @@ def link(decoder: np.ndarray, widths: Sequence[int]) -> dict[str, np.ndarray]:
     a prefix adds: its parent in the prefix before, the decoder cosine, and both prefixes' widths."""
     child, parent, cosine, child_width, parent_width = [], [], [], [], []
     for narrow, wide in zip(widths, widths[1:]):
-        for start in range(narrow, wide, BLOCK):
-            stop = min(wide, start + BLOCK)
+        block = max(1, BLOCK_CELLS // narrow)
+        for start in range(narrow, wide, block):
+            stop = min(wide, start + block)
             sims = decoder[start:stop] @ decoder[:narrow].T
             best = sims.argmax(1)
             child.append(np.arange(start, stop))
@@ -60,6 +61,9 @@ def run(decoder: np.ndarray, widths: Sequence[int], ids: dict[int, str], encode_
     ``ids``: each width's dictionary id; ``encode_folder`` holds the encode stage's activations and
     examples."""
     links = link(decoder, widths)
+    if not len(links["feature_id"]):  # one width: no families, and nothing to measure
+        pq.write_table(FAMILIES.arrow().empty_table(), folder / OUTPUTS[0])
+        return {"links": 0}
     con = duckdb.connect()
     try:
         con.register("links", pa.table(links))
@@ -89,9 +93,12 @@ def run(decoder: np.ndarray, widths: Sequence[int], ids: dict[int, str], encode_
     finally:
         con.close()
     coact = np.array([together.get(int(f), 0.0) for f in links["feature_id"]], np.float32)
+    # Each side named by the narrowest dictionary that holds it (a parent found among the 4,096 of
+    # the prefix before may be one of its first 1,024), as the API names them.
+    home = np.asarray(widths)[np.searchsorted(widths, links["parent_id"], side="right")]
     table = FAMILIES.build({
         "dictionary": [ids[int(w)] for w in links["width"]], "feature_id": links["feature_id"],
-        "parent_dictionary": [ids[int(w)] for w in links["parent_width"]], "parent_id": links["parent_id"],
+        "parent_dictionary": [ids[int(w)] for w in home], "parent_id": links["parent_id"],
         "decoder_cosine": links["decoder_cosine"], "coactivation": coact,
     })
     pq.write_table(table, folder / OUTPUTS[0])

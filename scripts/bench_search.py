@@ -32,8 +32,19 @@ import pyarrow as pa
 import torch
 from featureatlas.ingest.embed import embed
 from featureatlas.ingest.sae import SAE
+from featureatlas.store.dictionaries import dictionaries_table
 from featureatlas.store.publish import publish, write_duckdb, write_lance
-from featureatlas.store.schema import ACTIVATIONS, DOCUMENTS, EXAMPLES, FEATURES, LABEL_CANDIDATES, TOKENS, WINDOWS, vector_matrix
+from featureatlas.store.schema import (
+    ACTIVATIONS,
+    DOCUMENTS,
+    EXAMPLES,
+    FAMILIES,
+    FEATURES,
+    LABEL_CANDIDATES,
+    TOKENS,
+    WINDOWS,
+    vector_matrix,
+)
 
 D_MODEL = 576
 # Requests before timing starts (their latencies are reported apart, as cold_*).
@@ -116,8 +127,8 @@ def build_atlas(root: Path, features: pa.Table, examples: pa.Table | None = None
         del sae
         versions = write_lance(staging / "lance", features, examples, WINDOWS.arrow().empty_table(), D_MODEL)
         write_duckdb(staging / "analytics.duckdb", {
-            **{t.name: t.arrow().empty_table() for t in (DOCUMENTS, TOKENS, WINDOWS, ACTIVATIONS, LABEL_CANDIDATES)},
-            "features": features,
+            **{t.name: t.arrow().empty_table() for t in (DOCUMENTS, TOKENS, WINDOWS, ACTIVATIONS, LABEL_CANDIDATES, FAMILIES)},
+            "features": features, "dictionaries": dictionaries_table(manifest),
         })
         return versions
 

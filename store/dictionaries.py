@@ -84,22 +84,21 @@ def read_dictionaries(atlas: Atlas) -> list[dict[str, Any]]:
     """The atlas's dictionaries, the default first, their training settings as a dict: its
     ``dictionaries`` table, or for an atlas published before the table existed, the same rows from
     its manifest."""
-    rows = atlas.query("select * from dictionaries order by is_default desc, d_sae").dicts() if _has(atlas, "dictionaries") \
+    rows = atlas.query("select * from dictionaries order by is_default desc, d_sae").dicts() if has_table(atlas, "dictionaries") \
         else dictionary_rows(atlas.manifest)
     return [r | {"training": None if r["training"] is None else json.loads(r["training"])} for r in rows]
 
 
-def family(atlas: Atlas, dictionaries: list[dict[str, Any]], feature_id: int) -> dict[str, Any] | None:
+def family(atlas: Atlas, dictionaries: list[dict[str, Any]], feature_id: int) -> dict[str, Any]:
     """A feature's place across the prefixes of a nested dictionary: the narrowest dictionary that
     holds it, its parent in the prefix before that one, and its children: the features that wider
     prefixes add and link to it (a feature of the narrowest prefix can have children in each wider
     one; each member names its dictionary), the ``MAX_CHILDREN`` closest that fired, each with
     label, density, the link's decoder cosine and co-activation, and its strongest top example
     (tokens and activations, to shade); ``n_children`` counts them all. ``dictionaries``:
-    ``read_dictionaries(atlas)``, which a server reads once. None for an atlas without families."""
+    ``read_dictionaries(atlas)``, which a server reads once, as it checks once that the atlas has
+    a ``families`` table (``has_table``: atlases of older versions lack it)."""
     rows = dictionaries
-    if len(rows) < 2 or not _has(atlas, "families"):
-        return None
     links = atlas.query("select feature_id, parent_id, decoder_cosine, coactivation from families "
                         "where feature_id = $f or parent_id = $f order by decoder_cosine desc, feature_id",
                         {"f": int(feature_id)}).dicts()
@@ -123,5 +122,6 @@ def family(atlas: Atlas, dictionaries: list[dict[str, Any]], feature_id: int) ->
             "children": [member(c["feature_id"], c) for c in shown], "n_children": len(children)}
 
 
-def _has(atlas: Atlas, table: str) -> bool:
+def has_table(atlas: Atlas, table: str) -> bool:
+    """Whether the atlas's DuckDB holds ``table`` (atlases of older versions lack the newer ones)."""
     return bool(atlas.query("select count(*) from information_schema.tables where table_name = $t", {"t": table}).rows[0][0])

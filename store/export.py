@@ -2,8 +2,8 @@
 
 - ``parquet``: every table, one Parquet file each, plus the manifest. LanceDB's tables (features
   with their vectors, examples, windows with their embeddings) come whole from LanceDB; the tables
-  only DuckDB holds (documents, tokens, activations, label candidates) from DuckDB. Written in
-  bounded batches, so an atlas of any size exports in constant memory.
+  only DuckDB holds (documents, tokens, activations, label candidates, dictionaries, families) from
+  DuckDB. Written in bounded batches, so an atlas of any size exports in constant memory.
 - ``saelens``: the dictionary folder is already SAELens's layout (``cfg.json`` and
   ``sae_weights.safetensors``, which ``sae_lens.SAE.load_from_disk`` reads); exporting copies it.
 - ``neuronpedia``: Neuronpedia's feature batches and explanations (``store.neuronpedia``).

@@ -9,12 +9,15 @@ from __future__ import annotations
 import datetime as dt
 import importlib.metadata
 import json
+import logging
 import os
 import tempfile
 from pathlib import Path
 from typing import Any
 
 from .errors import DamagedAtlas
+
+log = logging.getLogger(__name__)
 
 MANIFEST = "manifest.json"
 DICTIONARY = "dictionary"
@@ -49,18 +52,23 @@ def write_json_atomic(path: Path, data: Any) -> None:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
-    _sync_folder(path.parent)
+    sync_folder(path.parent)
 
 
-def _sync_folder(folder: Path) -> None:
-    """fsync a folder's entries. Windows cannot open a folder for that; its renames are journalled."""
+def sync_folder(folder: Path) -> None:
+    """fsync a folder's entries, so a rename in it survives a power cut. Windows cannot open a
+    folder for that (its renames are journalled), and some network and FUSE file systems refuse it:
+    the rename has happened either way, so a refusal is logged, not raised."""
     if os.name != "posix":
         return
-    fd = os.open(folder, os.O_RDONLY)
     try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+        fd = os.open(folder, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+    except OSError as e:
+        log.warning("could not sync folder %s (%s): a power cut now could undo its last rename", folder, e)
 
 
 def read(root: Path) -> dict[str, Any] | None:

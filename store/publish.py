@@ -135,6 +135,7 @@ def _publish(root: Path, build: Callable[[Path], dict[str, int]], manifest: dict
             raise RuntimeError(f"publish: build did not write {missing}")
         (root / M.DATA).mkdir(exist_ok=True)
         staging.rename(root / folder)
+        M.sync_folder(root / M.DATA)  # the parts' rename on disk before the manifest that names them
         M.write(root, M.pin(manifest, folder=folder, duckdb=M.DUCKDB, lance=versions))
     except BaseException as e:
         # Whatever stopped it (DuckDB and LanceDB report a full disk as their own errors), the

@@ -175,8 +175,8 @@ WINDOWS = Table("windows", "every window of the corpus with its sentence embeddi
 ))
 
 DICTIONARIES = Table("dictionaries", "every dictionary of the atlas, one row each: where it reads the model, its size "
-                                     "and how well it reconstructs held-out tokens (an atlas holds one today; its "
-                                     "features are the features table's)", (
+                                     "and how well it reconstructs held-out tokens (one row, or one per prefix of a "
+                                     "matryoshka dictionary; their features are the features table's)", (
     Column("dictionary", pa.string(), "its id: L<layer>-<width>, e.g. L15-4k", key=True),
     Column("is_default", pa.bool_(), "the dictionary the feature routes answer for"),
     Column("hook", pa.string(), "the model activation it reads, e.g. blocks.15.hook_resid_post"),
@@ -199,8 +199,9 @@ FAMILIES = Table("families", "feature families across the widths of a nested (ma
                              "dictionaries)", (
     Column("dictionary", pa.string(), "the narrowest dictionary that holds the feature"),
     Column("feature_id", pa.int32(), "the child: a feature that dictionary adds"),
-    Column("parent_dictionary", pa.string(), "the next narrower dictionary"),
-    Column("parent_id", pa.int32(), "the parent: the feature of that dictionary whose decoder direction is closest"),
+    Column("parent_dictionary", pa.string(), "the narrowest dictionary that holds the parent"),
+    Column("parent_id", pa.int32(), "the parent: of the features of the prefix before the child's, the one whose "
+                                    "decoder direction is closest"),
     Column("decoder_cosine", pa.float32(), "cosine of the two decoder directions"),
     Column("coactivation", pa.float32(), "share of the child's tokens on which the parent fires too"),
 ))

@@ -25,7 +25,8 @@ def test_parquet_reads_back_equal_to_every_table(tiny_atlas, tmp_path, monkeypat
     con = atlas.batch_connection()
     for name in DUCKDB_ONLY:
         table = con.sql(f"select * from {name}").to_arrow_table()
-        assert table.num_rows > 0 and pq.read_table(tmp_path / f"{name}.parquet").equals(table), name
+        # a TopK dictionary has no families: that table comes back empty, with its columns
+        assert (table.num_rows > 0 or name == "families") and pq.read_table(tmp_path / f"{name}.parquet").equals(table), name
     assert (tmp_path / "manifest.json").read_text() == (tiny_atlas / "manifest.json").read_text()
     assert not list(tmp_path.glob("*.tmp"))
 

@@ -289,6 +289,9 @@ def test_text_kinds_know_plays_numbers_and_case():
     assert _tagged("You may go in May or en mayo.", "wiki-en")["month"] == {"May", "mayo"}
     marks = _tagged("Don't stop! The well-known 2nd and third men, l'homme 'here'.", "wiki-en")
     assert marks["exclamation"] == {"!"} and marks["hyphen"] == {"-", "known"} and marks["ordinal"] == {"2nd", "third"}
+    code = _tagged("if a != b and 1e-5 < x[n-1]: on 2020-01-15", "wiki-en")  # none of these
+    assert not code["exclamation"] and not code["ordinal"] and not code["hyphen"]
+    assert _tagged("First, the 3e étage", "wiki-fr")["ordinal"] == {"First", "3e"}
     tokens, bits = _bits("l'homme 'here'")  # an apostrophe inside a word; quotes around one
     of = lambda name: [t for t, b in zip(tokens, bits) if b >> list(kinds.KINDS).index(name) & 1]  # noqa: E731
     assert of("apostrophe") == ["'"] and of("quote") == [" '", "'"] and marks["apostrophe"] == {"'"}

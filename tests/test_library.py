@@ -180,6 +180,7 @@ def test_sql_whole_results_are_arrow_and_still_read_only(atlas):
     table = whole.to_arrow()
     assert table.num_rows == 5000 and str(table.schema.field("i").type) == "int64"  # DuckDB's types, not guessed
     assert whole["row_count"] == 5000 and not whole["truncated"] and len(whole) == 5000
+    assert "5000 rows" in repr(whole) and whole._rows is not None and callable(whole._rows)  # shown, not converted
     assert whole.rows[4999] == {"i": 4999, "twice": 9998} and "4,950 more" not in whole._repr_html_()
     assert "5,000 rows" in whole._repr_html_()
     assert atlas.sql("select ? + 1 as n", [41], limit=None).rows == [{"n": 42}]

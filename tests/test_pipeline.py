@@ -233,7 +233,8 @@ def _check_families(atlas: Atlas, sae: SAE, manifest: dict, dec: np.ndarray) -> 
     for f, parent, cosine, coact, dictionary, parent_dictionary in links:
         narrow = max(w for w in widths if w <= f)  # the prefix before the one that adds f
         wide = min(w for w in widths if w > f)
-        assert parent < narrow and (dictionary, parent_dictionary) == (ids[wide], ids[narrow])
+        home = min(w for w in widths if w > parent)  # the narrowest dictionary that holds the parent
+        assert parent < narrow and (dictionary, parent_dictionary) == (ids[wide], ids[home])
         best = dec[f] @ dec[:narrow].T
         assert parent == int(best.argmax()) and cosine == pytest.approx(float(best.max()), abs=1e-5)
         assert 0.0 <= coact <= 1.0

@@ -169,3 +169,18 @@ def test_a_manifest_write_syncs_the_file_then_its_folder(tmp_path, monkeypatch):
     monkeypatch.setattr(os, "fsync", record)
     M.write(tmp_path, {"dictionary": {}})
     assert synced == [False, True] and json.loads((tmp_path / M.MANIFEST).read_text()) == {"dictionary": {}}
+
+
+def test_a_folder_that_refuses_fsync_still_gets_its_manifest(tmp_path, monkeypatch, caplog):
+    """Some network file systems refuse fsync on a folder: the rename has happened, so it is logged."""
+    real = os.fsync
+
+    def refuse_folders(fd):
+        if stat.S_ISDIR(os.fstat(fd).st_mode):
+            raise OSError(errno.EINVAL, "Invalid argument")
+        real(fd)
+
+    monkeypatch.setattr(os, "fsync", refuse_folders)
+    M.write(tmp_path, {"dictionary": {}})
+    assert json.loads((tmp_path / M.MANIFEST).read_text()) == {"dictionary": {}}
+    assert "could not sync folder" in caplog.text

@@ -90,18 +90,22 @@ _regex("year", "years", r"(?<!\d)(1[0-9]{3}|20[0-9]{2})(?!\d)", "dates and years
 # Case-sensitive: English months are capitalised, French and Spanish ones not, and the verb "may" is no month.
 _regex("month", "months and dates", r"\b(" + "|".join(_MONTHS) + r")\b", "calendar dates", "names of months")
 _regex("number", "numbers and digits", r"\d+", "numerals", "digits")
-_regex("ordinal", "ordinal numbers", r"\b(first|second|third|fourth|fifth|sixth|seventh|eighth|ninth|tenth|\d+(st|nd|rd|th"
-       r"|er|e|ère|ème|º|ª)|premi[eè]re?|deuxième|troisième|quatrième|cinquième|primer[oa]?|segund[oa]s?|tercer[oa]?"
-       r"|cuart[oa]s?|quint[oa]s?)\b", "1st, 2nd and 3rd", "numbers that give an order or rank")
+# Ordinals by their words (any case) and by a number's suffix; "1e" only before a space, since
+# 1e-5 is a float. "second" is also a unit of time: kept, as the word is the same.
+_regex("ordinal", "ordinal numbers", r"\b(?i:first|second|third|fourth|fifth|sixth|seventh|eighth|ninth|tenth"
+       r"|premi[eè]re?|deuxième|troisième|quatrième|cinquième|primer[oa]?|segund[oa]s?|tercer[oa]?|cuart[oa]s?"
+       r"|quint[oa]s?)\b|\b\d+(st|nd|rd|th|er|ère|ème|º|ª)\b|\b\d+e(?=\s)", "1st, 2nd and 3rd",
+       "numbers that give an order or rank")
 _regex("quote", "quotation marks", r"[\"“”«»„‘]|(?<!\w)['’]|['’](?!\w)", "quotes", "quoted speech")
 _regex("bracket", "brackets and parentheses", r"[()\[\]{}]", "round and square brackets", "braces")
 _regex("sentence_end", "sentence ends", r"[.!?;](?=\s|$)", "full stops", "end of a sentence", "periods")
 _regex("question", "question marks", r"\?", "questions")
-_regex("exclamation", "exclamation marks", r"[!¡]", "exclamations in text", "shouting punctuation")
+_regex("exclamation", "exclamation marks", r"¡|!(?!=)", "exclamations in text", "shouting punctuation")  # not !=
 # Inside a word only: a quote mark around a word is ``quote``.
 _regex("apostrophe", "apostrophes inside words", r"(?<=\w)['’](?=\w)", "contracted words like don't",
        "possessive 's", "elided l' and d' in French")
-_regex("hyphen", "hyphens in compound words", r"(?<=\w)-\w+", "words joined with a hyphen", "compound words")
+_regex("hyphen", "hyphens in compound words", rf"(?<={_LETTER})-{_LETTER}+", "words joined with a hyphen",
+       "compound words")  # letters either side: not 2020-01-15 or n-1
 _regex("comma", "commas", r",", "comma punctuation")
 _regex("colon", "colons", r":", "colon punctuation")
 
