@@ -191,7 +191,8 @@ DICTIONARIES = Table("dictionaries", "every dictionary of the atlas, one row eac
     Column("variance_explained_without_outliers", pa.float64(), "the same without the few tokens of huge norm"),
     Column("loss_recovered", pa.float64(), "share of the next-token loss gap (zero-ablation to clean) it closes"),
     Column("dead_fraction", pa.float64(), "share of its features that never fire on held-out tokens"),
-    Column("training", pa.string(), "its training settings as JSON (null for a loaded dictionary)"),
+    Column("training", pa.string(), "its training settings as JSON (a prefix's are its whole dictionary's; null for a "
+                                     "loaded dictionary)"),
 ))
 
 FAMILIES = Table("families", "feature families across the widths of a nested (matryoshka) dictionary: every feature a "
