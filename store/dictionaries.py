@@ -45,7 +45,8 @@ def dictionary_rows(manifest: dict[str, Any]) -> list[dict[str, Any]]:
     dictionary of their own, trained to reconstruct alone, so feature ``i`` is the same latent in
     every prefix wider than ``i``; the full width is the default."""
     d, hook, metrics = manifest["dictionary"], manifest.get("hook") or {}, manifest.get("metrics") or {}
-    trained = d.get("source") == "trained"
+    source = d.get("source")  # "trained", or where a loaded dictionary came from: {format, path}
+    trained = source == "trained"
     config = manifest.get("config") or {}
     train, run = config.get("train") or {}, config.get("run") or {}
     training = {key: train.get(key) for key in _TRAINING} | {"seed": run.get("seed")}
@@ -59,7 +60,7 @@ def dictionary_rows(manifest: dict[str, Any]) -> list[dict[str, Any]]:
             "hook": hook.get("name"),
             "layer": hook.get("layer"),
             "architecture": d.get("architecture"),
-            "source": d.get("source"),
+            "source": source if isinstance(source, str) or source is None else f"loaded ({source.get('format')})",
             "d_in": d.get("d_in"),
             "d_sae": width,
             "k": None if d.get("k") is None else min(int(d["k"]), width),

@@ -182,7 +182,7 @@ DICTIONARIES = Table("dictionaries", "every dictionary of the atlas, one row eac
     Column("hook", pa.string(), "the model activation it reads, e.g. blocks.15.hook_resid_post"),
     Column("layer", pa.int32(), "the block whose output it reads"),
     Column("architecture", pa.string(), "topk, batchtopk, jumprelu, relu or matryoshka (ingest/sae.py's registry)"),
-    Column("source", pa.string(), "trained by the ingest, or loaded from a file"),
+    Column("source", pa.string(), "trained, or loaded (and from which format: loaded (saelens))"),
     Column("d_in", pa.int32(), "the width of the activations it reads"),
     Column("d_sae", pa.int32(), "its number of features"),
     Column("k", pa.int32(), "active latents per token for TopK-style dictionaries, else null"),

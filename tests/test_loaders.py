@@ -14,6 +14,8 @@ from featureatlas.store.atlas import Atlas
 from featureatlas.store.errors import BadConfig
 from safetensors.torch import save_file
 
+from .conftest import SQL
+
 D, F = 16, 48
 gen = torch.Generator().manual_seed(0)
 
@@ -160,3 +162,5 @@ def test_ingest_with_a_loaded_dictionary(tmp_path, tiny_model_dir, corpus_dir, c
     assert d["architecture"] == "jumprelu" and d["source"]["format"] == "gemmascope" and d["d_sae"] == 32
     assert "steps" not in atlas.manifest["stages"]["train"]["summary"]  # nothing was trained
     assert atlas.features.count_rows() == 32
+    (row,) = SQL(atlas).execute("select source, training, d_sae from dictionaries").fetchall()
+    assert row == ("loaded (gemmascope)", None, 32)  # a loaded dictionary was not trained here
