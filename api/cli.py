@@ -273,13 +273,14 @@ def _serve(args: argparse.Namespace) -> int:
         print("featureatlas: --follow-every is for s3:// atlases; a local atlas is followed at every request",
               file=sys.stderr)
     configure(threads=HEAVY_THREADS)  # the model and the embedder leave the cheap routes a core (api/app.py)
+    follow = RemoteFollower(args.atlas, every) if is_remote(args.atlas) else None
+    app = create_app(_open(args.atlas), probe_device=args.device, token=token, follow=follow)
     # A request's numpy products are small (a query against 4,096 vectors) and gain nothing from BLAS
     # threads, whose workers then spin for a while and take the cores from the embedder: MiniLM's
     # forward for one query took 33 ms after such a product instead of 16 (scripts/bench_serve.py).
-    threadpool_limits(1, user_api="blas")
-    follow = RemoteFollower(args.atlas, every) if is_remote(args.atlas) else None
-    app = create_app(_open(args.atlas), probe_device=args.device, token=token, follow=follow)
-    uvicorn.run(app, host=args.host, port=args.port, log_level="info")
+    # Only while serving: a process that goes on (a test, a notebook) gets its threads back.
+    with threadpool_limits(1, user_api="blas"):
+        uvicorn.run(app, host=args.host, port=args.port, log_level="info")
     return 0
 
 

@@ -108,8 +108,8 @@ def test_stage_keys_follow_their_own_settings_only(tmp_path):
     # the labels; so does the intervention score, which judges them.
     assert changed(label_pool_windows=500) == {"labels", "intervention", "map"}
     assert changed(llm_max_calls=5) == {"labels", "intervention", "map"}  # the budget changes which labels an LLM wrote
-    assert changed(d_sae=1024) == {"train", "evaluate", "encode", "labels", "intervention", "map"}
-    assert changed(top_examples=3) == {"encode", "labels", "intervention", "map"}
+    assert changed(d_sae=1024) == {"train", "evaluate", "encode", "families", "labels", "intervention", "map"}
+    assert changed(top_examples=3) == {"encode", "families", "labels", "intervention", "map"}
     assert changed(map_neighbors=30) == {"map"}
     assert changed(intervention_value=3.0) == {"intervention"}  # its own stage: the labels stay
     assert changed(embedder="/models/other") == {"windows", "labels", "intervention", "map"}

@@ -172,9 +172,13 @@ def test_what_counts_as_loopback(host, loopback):
 def served(monkeypatch):
     """What `featureatlas serve` would hand uvicorn, without starting it."""
     import uvicorn
+    from threadpoolctl import threadpool_info
+
+    def blas_threads() -> list[int]:
+        return [p["num_threads"] for p in threadpool_info() if p["user_api"] == "blas"]
 
     calls: list[dict] = []
-    monkeypatch.setattr(uvicorn, "run", lambda app, **kw: calls.append({"app": app, **kw}))
+    monkeypatch.setattr(uvicorn, "run", lambda app, **kw: calls.append({"app": app, "blas": blas_threads(), **kw}))
     monkeypatch.delenv(TOKEN_ENV, raising=False)
     return calls
 
@@ -193,6 +197,11 @@ def test_serve_takes_the_token_from_the_environment_or_the_flag(served, monkeypa
     assert cli.main(["serve", "--host", "::", "--token", TOKEN, "--atlas", str(tiny_atlas)]) == 0
     assert cli.main(["serve", "--atlas", str(tiny_atlas)]) == 0  # loopback: open, as before
     assert [(c["host"], c["app"].token) for c in served] == [("0.0.0.0", TOKEN), ("::", TOKEN), ("127.0.0.1", None)]
+    # BLAS keeps to one thread while serving, and the process gets its threads back after
+    from threadpoolctl import threadpool_info
+
+    assert all(set(c["blas"]) == {1} for c in served)
+    assert {p["num_threads"] for p in threadpool_info() if p["user_api"] == "blas"} != {1} or os.cpu_count() == 1
     assert cli.main(["serve", "--host", "0.0.0.0", "--token", "weak", "--atlas", str(tiny_atlas)]) == cli.EXIT_BAD_INPUT
 
 
