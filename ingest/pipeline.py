@@ -22,6 +22,7 @@ from featureatlas.store.errors import BadConfig
 from featureatlas.store.location import is_remote, remote_manifest, upload, work_folder
 from featureatlas.store.publish import publish, write_duckdb, write_lance
 from featureatlas.store.schema import vector_matrix
+from threadpoolctl import threadpool_limits
 
 from . import encode, families, tables, windows
 from .config import AtlasConfig
@@ -247,6 +248,14 @@ def _run_intervention(ctx: Ingest, folder: Path) -> dict[str, Any]:
 def _run_map(ctx: Ingest, folder: Path) -> dict[str, Any]:
     """The layout of ``map_layout``: by decoder direction, or by what features do, from the encode
     stage's activations and the labels stage's context embeddings (``ingest/feature_map.py``)."""
+    # Under one BLAS thread: the layout's SVD and UMAP's spectral start follow the thread count in
+    # their last bits, and UMAP turns those into another map (the same atlas built with 1 and 2 BLAS
+    # threads differed only in map_x/map_y). One thread gives the same map whatever the cores.
+    with threadpool_limits(1, user_api="blas"):
+        return _lay_out(ctx, folder)
+
+
+def _lay_out(ctx: Ingest, folder: Path) -> dict[str, Any]:
     decoder = ctx.sae.unit_decoder().numpy()
     seed = ctx.cfg.run.seed
     vectors = decoder

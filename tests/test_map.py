@@ -323,3 +323,15 @@ def test_the_decoder_layout_is_still_an_option(tiny_atlas, tiny_model_dir, corpu
                        .sort_values("feature_id")["decoder"].to_numpy())
     assert doc["layout"] == "decoder"
     assert np.stack([doc["x"], doc["y"]], 1) == pytest.approx(feature_map(decoder), abs=1e-3)
+
+
+def test_the_map_is_the_same_whatever_the_blas_threads(tiny_atlas, tiny_model_dir, corpus_dir, tmp_path):
+    """The tiny atlas was built with this machine's BLAS threads; built again on one, every column of
+    every feature is the same, the map's coordinates included (they followed the thread count)."""
+    from threadpoolctl import threadpool_limits
+
+    with threadpool_limits(1, user_api="blas"):
+        run_ingest(tiny_config(tmp_path / "atlas", tiny_model_dir, corpus_dir))
+    ours, theirs = (Atlas(p).features.to_arrow().sort_by("feature_id") for p in (tmp_path / "atlas", tiny_atlas))
+    assert ours.column("map_x").to_pylist() == theirs.column("map_x").to_pylist()
+    assert ours.equals(theirs)
