@@ -27,7 +27,7 @@ from featureatlas.store import calibrate as C
 from featureatlas.store import search as S
 from featureatlas.store.atlas import Atlas, QueryInterrupted
 from featureatlas.store.corpus_search import WindowIndex, coverage, enriched, match_windows
-from featureatlas.store.dictionaries import family, has_table, read_dictionaries
+from featureatlas.store.dictionaries import family, read_dictionaries
 from featureatlas.store.errors import BadParameter, NotFound
 from featureatlas.store.map_view import NoMap, map_data, map_json, map_levels
 from featureatlas.store.schema import ANN_MIN_ROWS
@@ -199,7 +199,7 @@ class AtlasService:
     @cached_property
     def _has_families(self) -> bool:
         """Several dictionaries (a nested one's prefixes) and the table linking their features."""
-        return len(self._dictionaries) > 1 and has_table(self.atlas, "families")
+        return len(self._dictionaries) > 1 and "families" in self.atlas.duckdb_tables
 
     # -- features -------------------------------------------------------------------------------
 

@@ -186,6 +186,11 @@ class Atlas:
         file twice with different configurations, so batch work shares this one."""
         return self._con.cursor()
 
+    @cached_property
+    def duckdb_tables(self) -> frozenset[str]:
+        """The tables of the analytics database (atlases of older versions lack the newer ones)."""
+        return frozenset(r[0] for r in self.query("select table_name from information_schema.tables").rows)
+
     def statements(self, sql: str) -> list[str]:
         """The statement types ``sql`` parses into (user SQL is checked with this before it runs)."""
         cur = self._con.cursor()

@@ -85,8 +85,10 @@ def read_dictionaries(atlas: Atlas) -> list[dict[str, Any]]:
     """The atlas's dictionaries, the default first, their training settings as a dict: its
     ``dictionaries`` table, or for an atlas published before the table existed, the same rows from
     its manifest."""
-    rows = atlas.query("select * from dictionaries order by is_default desc, d_sae").dicts() if has_table(atlas, "dictionaries") \
-        else dictionary_rows(atlas.manifest)
+    if "dictionaries" in atlas.duckdb_tables:
+        rows = atlas.query("select * from dictionaries order by is_default desc, d_sae").dicts()
+    else:
+        rows = dictionary_rows(atlas.manifest)
     return [r | {"training": None if r["training"] is None else json.loads(r["training"])} for r in rows]
 
 
@@ -98,7 +100,7 @@ def family(atlas: Atlas, dictionaries: list[dict[str, Any]], feature_id: int) ->
     label, density, the link's decoder cosine and co-activation, and its strongest top example
     (tokens and activations, to shade); ``n_children`` counts them all. ``dictionaries``:
     ``read_dictionaries(atlas)``, which a server reads once, as it checks once that the atlas has
-    a ``families`` table (``has_table``: atlases of older versions lack it)."""
+    a ``families`` table (``Atlas.duckdb_tables``: atlases of older versions lack it)."""
     rows = dictionaries
     links = atlas.query("select feature_id, parent_id, decoder_cosine, coactivation from families "
                         "where feature_id = $f or parent_id = $f order by decoder_cosine desc, feature_id",
@@ -121,8 +123,3 @@ def family(atlas: Atlas, dictionaries: list[dict[str, Any]], feature_id: int) ->
     return {"dictionary": dictionary_of(rows, feature_id),
             "parent": member(parent["parent_id"], parent) if parent else None,
             "children": [member(c["feature_id"], c) for c in shown], "n_children": len(children)}
-
-
-def has_table(atlas: Atlas, table: str) -> bool:
-    """Whether the atlas's DuckDB holds ``table`` (atlases of older versions lack the newer ones)."""
-    return bool(atlas.query("select count(*) from information_schema.tables where table_name = $t", {"t": table}).rows[0][0])

@@ -23,9 +23,8 @@ def atlas_digest(root: Path) -> dict[str, str]:
     embeddings), as the manifest pins them."""
     atlas = Atlas(root)
     try:
-        present = {r[0] for r in atlas.query("select table_name from information_schema.tables").rows}
         out = {spec.name: _format(atlas.query(FINGERPRINT.format(table=spec.name)).rows[0]) for spec in DUCKDB_TABLES
-               if spec.name in present}  # an atlas of an older version lacks the newer tables
+               if spec.name in atlas.duckdb_tables}
         con = duckdb.connect()  # the LanceDB tables, as Arrow, in a database of their own
         for name, table in (("features", atlas.features), ("examples", atlas.examples), ("windows", atlas.windows)):
             con.register("rows", table.to_arrow())

@@ -56,8 +56,7 @@ def write_parquet(atlas: Atlas, out: Path) -> list[Path]:
     for name in (n for n in LANCE_TABLES if atlas.has_table(n)):  # atlases of older versions lack some tables
         table = getattr(atlas, name)
         written.append(_write(out / f"{name}.parquet", table.schema, _lance_batches(table)))
-    present = {r[0] for r in atlas.query("select table_name from information_schema.tables").rows}
-    for name in (n for n in DUCKDB_ONLY if n in present):
+    for name in (n for n in DUCKDB_ONLY if n in atlas.duckdb_tables):
         cur = atlas.batch_connection()
         try:
             reader = cur.sql(f"select * from {name}").to_arrow_reader(BATCH_ROWS)  # a declared name, not input
