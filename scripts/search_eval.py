@@ -25,9 +25,11 @@ within each category): tune search on the first, report the second. A second hel
 (``heldout2``, 36 concepts: kinds of token and everyday topics) was written with the labels that
 name kinds and topics (issue 28), before any search ran on it. Its misses were then read, and new
 kinds added for some of them, so a third set (``heldout3``, 32 concepts: kinds of token and code,
-and topics none of the others ask for) was written first and is the untouched one. No way of asking
-for a kind copies a held-out query (tests/test_search_eval.py). Modes are
-``store.search.SEARCH_MODES`` at run time plus the fused search ("all"). Nothing is written to the atlas.
+and topics none of the others ask for) was written first. Kinds were then added for its misses in
+turn, so a fourth (``heldout4``, 32 concepts of the same two sorts) was written before them and is
+the untouched one. No way of asking for a kind copies a held-out query (tests/test_search_eval.py).
+Modes are ``store.search.SEARCH_MODES`` at run time plus the fused search ("all"). Nothing is
+written to the atlas.
 """
 
 from __future__ import annotations
@@ -58,9 +60,9 @@ BASE_MULTIPLE = 2.0
 BASE_SAMPLE = 300
 # A passing mention in one of ~1,300 documents (an identifier, a biography's aside) is not coverage.
 ABSENT_MAX_DOCS = 1
-TUNING, HELDOUT, HELDOUT2, HELDOUT3 = "tuning", "heldout", "heldout2", "heldout3"
-HALVES = (TUNING, HELDOUT, HELDOUT2, HELDOUT3)
-T, H, H2, H3 = TUNING, HELDOUT, HELDOUT2, HELDOUT3
+TUNING, HELDOUT, HELDOUT2, HELDOUT3, HELDOUT4 = "tuning", "heldout", "heldout2", "heldout3", "heldout4"
+HALVES = (TUNING, HELDOUT, HELDOUT2, HELDOUT3, HELDOUT4)
+T, H, H2, H3, H4 = TUNING, HELDOUT, HELDOUT2, HELDOUT3, HELDOUT4
 
 
 @dataclass(frozen=True)
@@ -350,6 +352,64 @@ CONCEPTS: list[Concept] = [
     C("cities, streets and squares", "topic3", H3,
       r"\b(streets?|squares?|avenues?|rues?|calles?|plazas?|boulevard\w*|districts?|quartiers?|barrios?"
       r"|neighbou?rhoods?|downtown)\b"),
+    # -- the fourth held-out set, written at the start of stop 38 before any change looked at the third's
+    # misses (which that stop's detectors then saw): kinds of token and code ...
+    C("arithmetic operators", "kind", H4, r"\s[-+*/%]\s|[\w)\]][*/+][\w(]", case=True),
+    C("augmented assignment like += and -=", "kind", H4, r"[-+*/|&%]=", case=True),
+    C("blank lines between paragraphs", "kind", H4, r"\n[ \t]*\n"),
+    C("verbs in the past tense", "kind", H4, r"\b[a-z]{3,}ed\b", case=True),
+    C("personal pronouns", "kind", H4,
+      r"\b(I|you|he|she|we|they|him|her|them|me|us|je|tu|il|elle|nous|vous|ils|elles|yo|él|ella|nosotros|ellos)\b",
+      case=True),
+    C("numbers written as words", "kind", H4,
+      r"\b(one|two|three|four|five|six|seven|eight|nine|ten|twelve|twenty|hundred|thousand|million|deux|trois|quatre"
+      r"|cinq|cent|mille|dos|tres|cuatro|cinco|cien|mil)\b"),
+    C("money and prices", "kind", H4,
+      r"[$£€]\s?\d|\d\s?[$€£]|\b(dollars?|euros?|francs?|pesos?|shillings?|ducats?|pence|livres)\b"),
+    C("times of day like 10:30", "kind", H4, r"\b\d{1,2}[:h]\d{2}\b"),
+    C("list comprehensions", "kind", H4, r"\[[^\]\n]*\bfor\b", case=True),
+    C("type hints in Python", "kind", H4,
+      r"->|:\s*(int|str|float|bool|bytes|list|dict|tuple|set|None|Optional|List|Dict|Any|Union)\b", case=True),
+    C("yield and generators", "kind", H4, r"\byield\b|\bgenerator\w*|\bnext\(", case=True),
+    C("async and await", "kind", H4, r"\b(async|await|asyncio|coroutine\w*)\b", case=True),
+    C("print calls", "kind", H4, r"\bprint\b", case=True),
+    C("instance attributes like self.name", "kind", H4, r"\bself\.\w", case=True),
+    C("abbreviations with a full stop like Mr. and etc.", "kind", H4,
+      r"\b(Mr|Mrs|Ms|Dr|St|Jr|Sr|Mt|vol|etc|e\.g|i\.e|cf|pp|Mme|Sra|av|no)\.", case=True),
+    C("adverbs ending in -ly", "kind", H4, r"\b[a-z]{3,}ly\b|\b[a-z]{4,}mente\b", case=True),
+    # ... and topics no earlier set asks for
+    C("children and childhood", "topic4", H4,
+      r"\b(child\w*|infan\w*|enfan\w*|niñ[oa]s?|boys?|girls?|youth|babies|baby|bébés?|jeunesse|juventud)\b"),
+    C("travel and journeys", "topic4", H4,
+      r"\b(travel\w*|journey\w*|voyag\w*|viaj\w*|trips?|pilgrim\w*|expedition\w*|explor\w*|expédition\w*)\b"),
+    C("honour and glory", "topic4", H4,
+      r"\b(honou?r\w*|glor\w*|gloire|fame|famous|renown\w*|honneur\w*|honra\w*|dignit\w*)\b"),
+    C("oaths and promises", "topic4", H4,
+      r"\b(oaths?|swear\w*|swore|sworn|vows?|promis\w*|serments?|juramentos?|pledge\w*|promet\w*)\b"),
+    C("debts and payment", "topic4", H4,
+      r"\b(debts?|pay|pays|paid|payment\w*|loans?|dettes?|deudas?|owe|owed|owes|credit\w*|pago\w*|payer)\b"),
+    C("blood and wounds", "topic4", H4,
+      r"\b(blood\w*|bleed\w*|bled|wounds?|wounded|injur\w*|sang|sangre|herid\w*|blessé\w*|blessure\w*)\b"),
+    C("networks and the internet", "topic4", H4,
+      r"\b(network\w*|internet|socket\w*|https?|servers?|clients?|protocols?|réseaux?|redes|TCP|UDP|URL\w*)\b"),
+    C("reading and writing files in code", "topic4", H4, r"\b(open|read\w*|write\w*|files?|path\w*|close)\b", case=True),
+    C("regular expressions", "topic4", H4, r"\bre\.\w+|\bregex\w*|\bpattern\w*|\bmatch\w*|\bsearch\b", case=True),
+    C("threads and concurrency", "topic4", H4,
+      r"\b(thread\w*|lock\w*|concurr\w*|queue\w*|multiprocess\w*|parallel\w*|mutex\w*|semaphore\w*)\b", case=True),
+    C("hunting and fishing", "topic4", H4,
+      r"\b(hunt\w*|fishing|fisherm[ae]n|chasse\w*|caza\w*|pesca\w*|pêche\w*|hounds?|prey|traps?)\b"),
+    C("workers and labour", "topic4", H4,
+      r"\b(workers?|labou?r\w*|unions?|strikes?|ouvriers?|trabajador\w*|syndica\w*|sindica\w*|employ\w*|wages?)\b"),
+    C("earthquakes, floods and disasters", "topic4", H4,
+      r"\b(earthquake\w*|flood\w*|disaster\w*|tsunami\w*|hurricane\w*|séismes?|terremotos?|inondation\w*"
+      r"|inundaci\w*|catastroph\w*|catástrofe\w*|famine\w*)\b"),
+    C("colonies and colonialism", "topic4", H4,
+      r"\b(coloni\w*|colony|settlers?|conquest\w*|conquista\w*|conquête\w*|indépendance|independencia|independence)\b"),
+    C("science and research", "topic4", H4,
+      r"\b(scien\w*|cienc\w*|científic\w*|research\w*|laborator\w*|experiment\w*|hypothes\w*|recherche\w*"
+      r"|investigaci\w*)\b"),
+    C("betrayal and loyalty", "topic4", H4,
+      r"\b(betray\w*|traitors?|treason\w*|trahi\w*|traici\w*|traidor\w*|loyal\w*|faithful\w*|fidèle\w*|fidel\w*)\b"),
     # -- absent: each verified against documents.text (RE2 syntax, case-insensitive)
     A("the Golden Gate Bridge", T, r"golden gate"),
     A("cryptocurrency and bitcoin", H, r"bitcoin|cryptocurrenc|blockchain|criptomoneda|cryptomonnaie"),

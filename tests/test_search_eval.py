@@ -33,6 +33,8 @@ def test_table_is_large_balanced_and_unique(se):
     assert len(second) >= 30 and {c.category for c in second} == {"kind", "topic2"}
     third = [c for c in se.CONCEPTS if c.half == se.HELDOUT3]
     assert len(third) >= 30 and {c.category for c in third} == {"kind", "topic3"}
+    fourth = [c for c in se.CONCEPTS if c.half == se.HELDOUT4]
+    assert len(fourth) >= 30 and {c.category for c in fourth} == {"kind", "topic4"}
     for category, n in Counter(c.category for c in se.CONCEPTS if c.half in (se.TUNING, se.HELDOUT)).items():
         tuning = sum(c.category == category and c.half == se.TUNING for c in se.CONCEPTS)
         assert abs(2 * tuning - n) <= 1, category
