@@ -59,21 +59,19 @@ def _variance(x: torch.Tensor) -> torch.Tensor:
 
 
 def loss_recovered(
-    model: SubjectModel, sae: SAE, corpus: TokenizedCorpus, layer: int, *, contexts: int, batch: int
-) -> dict[str, float]:
-    """CE of the model with block ``layer``'s output replaced by the reconstruction, against the clean
-    model and against zero-ablation: (CE_zero - CE_sae) / (CE_zero - CE_clean)."""
+    model: SubjectModel, saes: list[SAE], corpus: TokenizedCorpus, layer: int, *, contexts: int, batch: int
+) -> list[dict[str, float]]:
+    """Per dictionary of ``saes`` (all at block ``layer``): CE of the model with the block's output
+    replaced by its reconstruction, against the clean model and against zero-ablation:
+    (CE_zero - CE_sae) / (CE_zero - CE_clean). The clean and zero-ablated passes do not depend on the
+    dictionary, so they run once for all of them (a Matryoshka dictionary's prefixes are measured together)."""
     length = int(np.diff(corpus.ctx_offset).max())
     chosen = [c for c in np.flatnonzero(corpus.ctx_eval) if corpus.ctx_offset[c + 1] - corpus.ctx_offset[c] == length]
     chosen = chosen[:contexts]
     if not chosen:
-        return {}
-    sae = sae.to(model.device)
-
-    def spliced(h: torch.Tensor) -> torch.Tensor:
-        return sae.reconstruct(h)
-
-    variants = {"ce_clean": None, "ce_sae": spliced, "ce_zero": torch.zeros_like}
+        return [{} for _ in saes]
+    variants = {"ce_clean": None, "ce_zero": torch.zeros_like}
+    variants |= {f"ce_sae{j}": sae.to(model.device).reconstruct for j, sae in enumerate(saes)}
     totals = dict.fromkeys(variants, 0.0)
     bar = tqdm(total=len(chosen) * len(variants), desc="loss recovered", unit="ctx")
     for i in range(0, len(chosen), batch):
@@ -82,8 +80,9 @@ def loss_recovered(
             totals[name] += float(model.loss_with_replacement(ids, layer, replace)) * len(ids)
             bar.update(len(ids))
     bar.close()
-    sae.cpu()
-    out = {name: total / len(chosen) for name, total in totals.items()}
-    out["loss_recovered"] = (out["ce_zero"] - out["ce_sae"]) / (out["ce_zero"] - out["ce_clean"])
-    out["ce_eval_contexts"] = len(chosen)
-    return out
+    for sae in saes:
+        sae.cpu()
+    ce = {name: total / len(chosen) for name, total in totals.items()}
+    return [{"ce_clean": ce["ce_clean"], "ce_sae": ce[f"ce_sae{j}"], "ce_zero": ce["ce_zero"],
+             "loss_recovered": (ce["ce_zero"] - ce[f"ce_sae{j}"]) / (ce["ce_zero"] - ce["ce_clean"]),
+             "ce_eval_contexts": len(chosen)} for j in range(len(saes))]

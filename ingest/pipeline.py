@@ -182,15 +182,14 @@ def _run_evaluate(ctx: Ingest, folder: Path) -> dict[str, Any]:
     """Held-out metrics of the dictionary, and of each inner prefix of a nested one (a dictionary of
     its own in the atlas: ``store/dictionaries.py``), under ``prefixes`` by width."""
     held = ctx.acts[~ctx.is_bos & ctx.is_eval]
-
-    def measured(sae: SAE) -> dict[str, Any]:
-        return reconstruction_metrics(sae, held) | loss_recovered(
-            ctx.model, sae, ctx.corpus, ctx.layer, contexts=ctx.cfg.evaluate.ce_eval_contexts,
-            batch=ctx.cfg.harvest.harvest_batch)
-
-    metrics = measured(ctx.sae)
-    if len(ctx.sae.prefixes) > 1:
-        metrics["prefixes"] = {str(w): measured(ctx.sae.prefix(w)) for w in ctx.sae.prefixes[:-1]}
+    widths = list(ctx.sae.prefixes)  # the full width last
+    saes = [ctx.sae.prefix(w) for w in widths[:-1]] + [ctx.sae]
+    losses = loss_recovered(ctx.model, saes, ctx.corpus, ctx.layer, contexts=ctx.cfg.evaluate.ce_eval_contexts,
+                            batch=ctx.cfg.harvest.harvest_batch)
+    measured = [reconstruction_metrics(sae, held) | loss for sae, loss in zip(saes, losses)]
+    metrics = measured[-1]
+    if len(widths) > 1:
+        metrics["prefixes"] = {str(w): m for w, m in zip(widths[:-1], measured[:-1])}
     return metrics
 
 

@@ -226,6 +226,10 @@ def _check_families(atlas: Atlas, sae: SAE, manifest: dict, dec: np.ndarray) -> 
     for d in listed[1:]:  # each prefix measured on its own, as the dictionary it is
         assert d["variance_explained"] == manifest["metrics"]["prefixes"][str(d["d_sae"])]["variance_explained"]
         assert d["loss_recovered"] is not None and d["k"] == min(sae.k, d["d_sae"])
+        # one clean and one zero-ablated pass serve every prefix; each has its own spliced pass
+        m, full = manifest["metrics"]["prefixes"][str(d["d_sae"])], manifest["metrics"]
+        assert (m["ce_clean"], m["ce_zero"]) == (full["ce_clean"], full["ce_zero"]) and m["ce_sae"] != full["ce_sae"]
+        assert m["loss_recovered"] == pytest.approx((m["ce_zero"] - m["ce_sae"]) / (m["ce_zero"] - m["ce_clean"]))
     links = SQL(atlas).execute("select feature_id, parent_id, decoder_cosine, coactivation, dictionary, parent_dictionary "
                                "from families order by feature_id").fetchall()
     assert [f for f, *_ in links] == list(range(widths[0], widths[-1]))  # every latent a prefix adds, once
