@@ -280,6 +280,18 @@ def test_python_kinds_come_from_the_tokenizer():
     assert other["import_name"] == {"os", "path"} and other["class_name"] == {"A"}
 
 
+
+def test_python_kinds_know_formatting_comparisons_and_block_headers():
+    code = ('s = "%d of %s" % (n, m) + f"{x!r} {{y}}" + "{} {0}".format(a, b) + "50% of"\n'
+            'while a < b and b != 3:\n    a += 1\nwith open(p) as fh:\n    pass\n'
+            'async def g():\n    async with x as y:\n        pass\nz = a == b - c\n')
+    got = _tagged(code, "python")
+    assert {"%", "d", "s", "{", "x", "!", "r", "format"} <= got["string_format"]
+    assert not {"y", "50", "of"} & got["string_format"]  # escaped braces; a percent sign in prose
+    assert got["comparison"] == {"<", "!=", "=="} and "+=" not in got["comparison"]
+    assert got["while_loop"] == {"while", "a", "<", "b", "and", "!=", "3", ":"}
+    assert got["with_block"] == {"with", "open", "(", "p", ")", "as", "fh", ":", "x", "y"}
+
 def test_text_kinds_know_plays_numbers_and_case():
     play = "_Enter KING HENRY_\n\n**KING HENRY**  \nWhat say you, 1415? Speak!\n"
     got = _tagged(play, "shakespeare")
@@ -292,6 +304,12 @@ def test_text_kinds_know_plays_numbers_and_case():
     code = _tagged("if a != b and 1e-5 < x[n-1]: on 2020-01-15", "wiki-en")  # none of these
     assert not code["exclamation"] and not code["ordinal"] and not code["hyphen"]
     assert _tagged("First, the 3e étage", "wiki-fr")["ordinal"] == {"First", "3e"}
+    text = _tagged("It cost 3.14, 1,000 or 3,5 — so read ./setup.py, /usr/lib and a/b/c (and/or, km/h), "
+                   "word--word, x - y, n_items and __init__.", "wiki-en")
+    assert text["decimal"] >= {"3", "14", "5"} and "000" not in text["decimal"]
+    assert text["dash"] == {"—", "--"} and "-" not in text["dash"]
+    assert {"setup", "py", "usr", "lib", "a", "b", "c"} <= text["path"] and not {"and", "or", "km", "h"} & text["path"]
+    assert text["snake_case"] == {"n_items"}  # not a dunder name
     tokens, bits = _bits("l'homme 'here'")  # an apostrophe inside a word; quotes around one
     of = lambda name: [t for t, b in zip(tokens, bits) if b >> list(kinds.KINDS).index(name) & 1]  # noqa: E731
     assert of("apostrophe") == ["'"] and of("quote") == [" '", "'"] and marks["apostrophe"] == {"'"}

@@ -106,6 +106,19 @@ _regex("apostrophe", "apostrophes inside words", r"(?<=\w)['’](?=\w)", "contra
        "possessive 's", "elided l' and d' in French")
 _regex("hyphen", "hyphens in compound words", rf"(?<={_LETTER})-{_LETTER}+", "words joined with a hyphen",
        "compound words")  # letters either side: not 2020-01-15 or n-1
+# A decimal comma only before one or two digits: "1,000" is a thousands separator, "3,5" a French decimal.
+_regex("decimal", "decimal numbers", r"\d+\.\d+|\d+,\d{1,2}(?!\d)", "numbers with a decimal point",
+       "fractional numbers like 3.14", "floating point values")
+# Not " - ": in this corpus it is almost only Python's minus. "--" between letters is the plays' dash.
+_regex("dash", "dashes", rf"[—–]|(?<={_LETTER})--(?={_LETTER})", "em dashes and en dashes", "a dash between clauses")
+_PATH_EXT = "py|pyc|txt|csv|json|cfg|ini|toml|yaml|yml|xml|html?|md|rst|zip|gz|tar|exe|png|jpg|gif|pdf"
+# A rooted path (/usr/lib, ./x, ~/x), one of three parts or more (a/b/c), or a name with a file's extension:
+# not "and/or" or "km/h".
+_regex("path", "file names and paths", rf"(?<![\w)/])(?:~|\.{{1,2}})?/[\w.-]+(?:/[\w.-]+)*|[\w.-]+(?:/[\w.-]+){{2,}}"
+       rf"|(?<![\w.])[\w-]+\.(?:{_PATH_EXT})\b", "directories and files", "paths like /usr/lib", "file extensions")
+# The whole identifier, so a feature of the pieces after the underscore counts as well as one of "_".
+_regex("snake_case", "names with underscores (snake_case)", r"\b[A-Za-z0-9]+(?:_[A-Za-z0-9]+)+\b",
+       "identifiers joined by underscores", "snake case variable names")
 _regex("comma", "commas", r",", "comma punctuation")
 _regex("colon", "colons", r":", "colon punctuation")
 
@@ -165,9 +178,20 @@ _PY = {
     "py_keyword": ("Python keywords", "reserved words in code", "language keywords"),
     "attribute": ("attribute names after a dot in Python code", "attribute access", "fields of an object"),
     "method_call": ("method calls in Python code", "methods called on objects", "calling a method with a dot"),
+    "string_format": ("string formatting in Python code", "f-strings", "placeholders like %s and {}",
+                      "string interpolation", "str.format calls"),
+    "comparison": ("comparison operators in Python code", "equality tests with ==", "less than and greater than",
+                   "comparing two values"),
+    "while_loop": ("while loops in Python code", "while statements", "loops that repeat until a condition"),
+    "with_block": ("with statements in Python code", "context managers", "with open(...) as f"),
 }
 _ESCAPE = re.compile(r"\\(x[0-9a-fA-F]{2}|u[0-9a-fA-F]{4}|N\{[^}]*\}|[0-7]{1,3}|[nrtabfv'\"\\])")
 _EXCEPTION = re.compile(r"\w*(Error|Exception|Warning|Exit|Interrupt)$")
+# Format fields inside a string: printf-style specs and {} fields (not the doubled braces that escape one).
+_FORMAT_FIELD = re.compile(r"%(\([^)]*\))?[-#0+]*(\*|\d+)?(\.(\*|\d+))?[diouxXeEfFgGcrsa]|(?<!\{)\{[^{}\n]*\}(?!\})")
+_COMPARISON = frozenset(("==", "!=", "<", ">", "<=", ">="))
+# Compound statements whose header (keyword to colon) is a kind of its own.
+_HEADERS = {"while": "while_loop", "with": "with_block"}
 
 
 class _PythonReader:
@@ -184,6 +208,7 @@ class _PythonReader:
         self.parens: list[str] = []  # per open bracket: "def" (a signature), "call", or "other"
         self.fstrings: list[tuple[int, int]] = []  # where each open f-string starts (Python 3.12 splits them)
         self.statement_start, self.in_import, self.decorating = True, False, False
+        self.header: tuple[str, tuple[int, int]] | None = None  # an open while/with header: its kind and start
         try:
             for tok in tokenize.generate_tokens(io.StringIO(text).readline):
                 self.read(tok)
@@ -196,6 +221,9 @@ class _PythonReader:
         if name in ("string", "docstring"):
             for m in _ESCAPE.finditer(self.text, lo, hi):
                 self.marks["escape"][m.start():m.end()] = True
+        if name == "string":
+            for m in _FORMAT_FIELD.finditer(self.text, lo, hi):
+                self.marks["string_format"][m.start():m.end()] = True
 
     def read(self, tok: tokenize.TokenInfo) -> None:
         if tok.type == tokenize.COMMENT:
@@ -203,7 +231,7 @@ class _PythonReader:
         if tok.type in (tokenize.NL, tokenize.COMMENT, tokenize.INDENT, tokenize.DEDENT):
             return
         if tok.type == tokenize.NEWLINE:
-            self.statement_start, self.in_import, self.decorating = True, False, False
+            self.statement_start, self.in_import, self.decorating, self.header = True, False, False, None
             return
         last = self.prev[-1] if self.prev else None
         if tok.type == tokenize.STRING:
@@ -226,6 +254,8 @@ class _PythonReader:
         s, before = tok.string, last.string if last is not None else None
         if keyword.iskeyword(s):
             self.mark("py_keyword", tok.start, tok.end)
+            if s in _HEADERS and self.statement_start or (s == "with" and before == "async"):
+                self.header = (_HEADERS[s], tok.start)
             self.in_import = self.in_import or (s in ("import", "from") and self.statement_start)
         elif before in ("def", "class"):
             self.mark("def_name" if before == "def" else "class_name", tok.start, tok.end)
@@ -235,6 +265,8 @@ class _PythonReader:
             self.mark("import_name", tok.start, tok.end)
         elif before == ".":
             self.mark("attribute", tok.start, tok.end)
+            if s == "format" and len(self.prev) >= 2 and self.prev[-2].type == tokenize.STRING:
+                self.mark("string_format", tok.start, tok.end)  # "...".format(
         elif before == "@" and self.decorating:
             self.mark("decorator", tok.start, tok.end)
         if _EXCEPTION.match(s) or before in ("except", "raise"):
@@ -245,6 +277,13 @@ class _PythonReader:
         if s == "@" and self.statement_start:  # a decorator; elsewhere "@" multiplies matrices
             self.decorating = True
             self.mark("decorator", tok.start, tok.end)
+        if s == ":" and self.header is not None and not self.parens:
+            self.mark(self.header[0], self.header[1], tok.end)
+            self.header = None
+        elif s in _COMPARISON:
+            self.mark("comparison", tok.start, tok.end)
+        elif s == "%" and last is not None and last.type == tokenize.STRING:
+            self.mark("string_format", tok.start, tok.end)  # "..." % values
         if s in ("(", "[", "{"):
             two_back = self.prev[-2].string if len(self.prev) >= 2 else None
             called = s == "(" and last is not None and two_back != "class" and (
