@@ -16,7 +16,7 @@ import duckdb
 
 from . import manifest as M
 from .errors import BadParameter, DamagedAtlas, NotFound
-from .schema import vector_matrix
+from .schema import ANN_MIN_ROWS, vector_matrix
 from .sql_worker import SQLWorkers, locked_config
 
 QUERY_MEMORY_LIMIT = "2GB"
@@ -211,8 +211,21 @@ class Atlas:
         """Label, description, density and maximum activation of each of ``ids``."""
         if not ids:
             return {}
+        held = self._held_summaries
+        if held is not None:
+            return {int(i): dict(held[int(i)]) for i in ids if int(i) in held}  # copies: callers may change them
         rows = self.query(f"select {', '.join(_SCALAR)} from features where feature_id in (select unnest($ids))",
                           {"ids": [int(i) for i in ids]}).dicts()
+        return {r.pop("feature_id"): r for r in rows}
+
+    @cached_property
+    def _held_summaries(self) -> dict[int, dict[str, Any]] | None:
+        """Every feature's summary, read once, on atlases small enough for exact vector search (whose
+        matrices are held in memory too): a search asks for summaries twice, and DuckDB's ~4 ms a read
+        was a sixth of a single-signal search on the quick atlas. None on bigger atlases (asked per call)."""
+        if self.d_sae >= ANN_MIN_ROWS:
+            return None
+        rows = self.query(f"select {', '.join(_SCALAR)} from features").dicts()
         return {r.pop("feature_id"): r for r in rows}
 
     def _rows_by_id(self, ids: list[int], columns: list[str]):

@@ -51,13 +51,17 @@ class WindowIndex:
     starts: np.ndarray  # [windows + 1]: window i's features are features[starts[i]:starts[i + 1]]
     features: np.ndarray  # every distinct (window, feature) pair's feature, by window
     n_windows: np.ndarray  # [d_sae] windows each feature fires in
+    text: list[str]  # [windows]: what a search shows of the windows it matched ...
+    source: list[str]
+    title: dict[int, str]  # ... and the titles of their documents
 
     @classmethod
     def load(cls, atlas: Atlas) -> "WindowIndex | None":
         """None where the atlas is too big to hold (``HELD_PAIRS``, ``ANN_MIN_ROWS``) or has no windows."""
         if not 0 < atlas.n_windows < ANN_MIN_ROWS:
             return None
-        table = atlas.windows.search().select(["doc_id", "window_index", "embedding"]).limit(atlas.n_windows).to_arrow()
+        table = (atlas.windows.search().select(["doc_id", "window_index", "embedding", "text", "source"])
+                 .limit(atlas.n_windows).to_arrow())
         doc_id = table["doc_id"].to_numpy().astype(np.int64)
         window = table["window_index"].to_numpy().astype(np.int64)
         keys = doc_id << 32 | window
@@ -79,7 +83,8 @@ class WindowIndex:
         order = np.argsort(row, kind="stable")
         starts = np.searchsorted(row[order], np.arange(len(keys) + 1))
         return cls(vector_matrix(table["embedding"]), doc_id, window, starts, feature[order],
-                   n_windows.column(0).to_numpy().astype(np.int64))
+                   n_windows.column(0).to_numpy().astype(np.int64), table["text"].to_pylist(),
+                   table["source"].to_pylist(), dict(atlas.query("select doc_id, title from documents").rows))
 
 
 @dataclass
@@ -102,18 +107,18 @@ def match_windows(atlas: Atlas, vector: np.ndarray, n: int = COVERAGE_SCAN, held
         sims = held.vectors @ vector
         row = top_k(sims, n)
         doc_id, window, similarity = held.doc_id[row], held.window[row], sims[row].astype(np.float64)
-        first = row[:SNIPPETS]
-        shown = atlas.windows.take_offsets(np.sort(first).tolist()).select(["source", "text"]).to_arrow() \
-            .take(np.argsort(np.argsort(first)))  # LanceDB answers in offset order
-    else:
-        rows = (atlas.windows.search(vector, vector_column_name="embedding")
-                .distance_type("cosine").nprobes(NPROBES).ef(EF).refine_factor(REFINE)
-                .select(["doc_id", "window_index", "source", "text", "_distance"]).limit(n).to_arrow())
-        doc_id, window = rows["doc_id"].to_numpy().astype(np.int64), rows["window_index"].to_numpy().astype(np.int64)
-        similarity, shown, row = 1.0 - rows["_distance"].to_numpy(), rows.slice(0, SNIPPETS), None
+        first = row[:SNIPPETS].tolist()
+        titles = {int(d): held.title[int(d)] for d in doc_id[:SNIPPETS] if int(d) in held.title}
+        return Matched(doc_id, window, similarity, [held.text[r] for r in first], [held.source[r] for r in first],
+                       titles, row)
+    rows = (atlas.windows.search(vector, vector_column_name="embedding")
+            .distance_type("cosine").nprobes(NPROBES).ef(EF).refine_factor(REFINE)
+            .select(["doc_id", "window_index", "source", "text", "_distance"]).limit(n).to_arrow())
+    doc_id, window = rows["doc_id"].to_numpy().astype(np.int64), rows["window_index"].to_numpy().astype(np.int64)
+    similarity, shown = 1.0 - rows["_distance"].to_numpy(), rows.slice(0, SNIPPETS)
     ids = ", ".join(str(d) for d in sorted(set(doc_id[:SNIPPETS].tolist()))) or "-1"
     titles = dict(atlas.query(f"select doc_id, title from documents where doc_id in ({ids})").rows)
-    return Matched(doc_id, window, similarity, shown["text"].to_pylist(), shown["source"].to_pylist(), titles, row)
+    return Matched(doc_id, window, similarity, shown["text"].to_pylist(), shown["source"].to_pylist(), titles)
 
 
 def enriched(atlas: Atlas, matched: Matched, k: int, held: WindowIndex | None = None) -> list[tuple[int, int, int, float, float]]:

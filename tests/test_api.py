@@ -155,6 +155,21 @@ def test_search_through_the_corpus_ranks_features_by_firing_on_matched_windows(c
         assert 0 < fired < windows and h["signals"]["corpus"] >= 0
 
 
+
+def test_a_warmed_up_service_answers_as_a_cold_one(tiny_atlas):
+    """Warming up holds summaries, snippets and the corpus windows' text in memory: the answers are
+    the ones read per query from LanceDB and DuckDB."""
+    cold, warm = AtlasService(Atlas(tiny_atlas)), AtlasService(Atlas(tiny_atlas))
+    warm.warm_up()
+    assert cold._held_snippets is None and warm._held_snippets is not None and warm._windows is not None
+    for q in ("def return self", "the king and queen", "zzzz qqqq"):
+        assert warm._search(q, 5, None)[0] == cold._search(q, 5, None)[0]
+    ids = list(range(warm.atlas.d_sae))
+    summaries = warm.atlas.summaries(ids)
+    summaries[ids[0]]["label"] = "changed"  # the caller's copy
+    rows = warm.atlas.query("select feature_id, label, description, density, max_activation from features").dicts()
+    assert warm.atlas.summaries(ids) == {r.pop("feature_id"): r for r in rows}
+
 @pytest.mark.parametrize("query,concept", [
     ("features about war and battles", "war and battles"),
     ("a feature that fires on French text", "French text"),
