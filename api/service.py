@@ -173,6 +173,7 @@ class AtlasService:
         if self.atlas.d_sae < ANN_MIN_ROWS:  # exact search's matrices (an indexed atlas has its index warm)
             for column in ("label_embedding", "context_embedding"):
                 self.atlas.vectors(column)
+            self.atlas.hold_pages()
             # Each search shows its hits' snippets: ~5 ms a search from LanceDB, 0.3 s once here at 4k features.
             self._held_snippets = self._snippets(list(range(self.atlas.d_sae)))
         # The map document takes seconds at 100k features: built in the background, so the server

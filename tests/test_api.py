@@ -7,6 +7,7 @@ from featureatlas.api.service import AtlasService, concept_of, reads_as_text
 from featureatlas.ingest.labels.kinds import KEEP_SHARE
 from featureatlas.store.atlas import Atlas
 from featureatlas.store.calibrate import CONFIDENT_MATCH, WEIGHTS
+from featureatlas.store.errors import NotFound
 from featureatlas.store.search import KIND_MIN_SHARE, SEARCH_MODES, kind_index
 from litestar.testing import TestClient
 
@@ -157,11 +158,16 @@ def test_search_through_the_corpus_ranks_features_by_firing_on_matched_windows(c
 
 
 def test_a_warmed_up_service_answers_as_a_cold_one(tiny_atlas):
-    """Warming up holds summaries, snippets and the corpus windows' text in memory: the answers are
-    the ones read per query from LanceDB and DuckDB."""
+    """Warming up holds summaries, snippets, feature rows, examples and the corpus windows' text in
+    memory: the answers are the ones read per query from LanceDB and DuckDB."""
     cold, warm = AtlasService(Atlas(tiny_atlas)), AtlasService(Atlas(tiny_atlas))
     warm.warm_up()
     assert cold._held_snippets is None and warm._held_snippets is not None and warm._windows is not None
+    assert cold.atlas._held_examples is None and warm.atlas._held_examples is not None
+    for f in range(0, warm.atlas.d_sae, 7):
+        assert warm.feature(f) == cold.feature(f)
+    with pytest.raises(NotFound):
+        warm.feature(warm.atlas.d_sae)
     for q in ("def return self", "the king and queen", "zzzz qqqq"):
         assert warm._search(q, 5, None)[0] == cold._search(q, 5, None)[0]
     ids = list(range(warm.atlas.d_sae))
