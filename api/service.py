@@ -366,7 +366,12 @@ class AtlasService:
         order = sorted(rrf, key=lambda f: (-total[f], -rrf[f][0], f))[:k]
         snippets = self._snippets(order)
         summary = self.atlas.summaries(order)
-        label_similarity = self.atlas.vectors_of(order, "label_embedding") @ vec if order else []
+        # The label signal has the query's similarity to its hits' labels already; the rest are read.
+        similarity = {h.feature_id: h.score for h in lists.get("label", ())}
+        missing = [f for f in order if f not in similarity]
+        if missing:
+            similarity |= dict(zip(missing, (self.atlas.vectors_of(missing, "label_embedding") @ vec).tolist()))
+        label_similarity = [similarity[f] for f in order]
         hits = []
         for f, sim in zip(order, label_similarity):
             match = C.match(float(sim), corpus_similarity)

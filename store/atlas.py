@@ -249,13 +249,17 @@ class Atlas:
     def _rows_by_id(self, ids: list[int], columns: list[str]):
         """``feature_id`` and ``columns`` of the LanceDB rows of ``ids``. Features are published in
         id order, so an id is its row offset: a direct take, in the order asked, is about twice as
-        fast as an indexed filter. The id check keeps a table written in another order correct: it
-        is then filtered, and its rows come once each in table order."""
+        fast as an indexed filter. LanceDB answers a take in offset order, so the offsets are asked
+        sorted and the rows put back in the order asked (asked unsorted, every search's take fell
+        through to the filter: ~9 ms instead of ~5 at 100k features). The id check keeps a table
+        written in another order correct: it is then filtered, and its rows come once each in table order."""
         cols = ["feature_id", *columns]
         if all(0 <= i < self.d_sae for i in ids):
-            table = self.features.take_offsets(ids).select(cols).to_arrow()
-            if table["feature_id"].to_pylist() == ids:
-                return table
+            offsets = sorted(set(ids))
+            table = self.features.take_offsets(offsets).select(cols).to_arrow()
+            if table["feature_id"].to_pylist() == offsets:
+                at = {f: i for i, f in enumerate(offsets)}
+                return table.take([at[i] for i in ids])
         return self.features.search().where(f"feature_id in ({', '.join(map(str, ids))})").select(cols) \
             .limit(len(ids)).to_arrow()
 
