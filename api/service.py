@@ -160,6 +160,10 @@ class AtlasService:
         self._held_snippets: dict[int, str] | None = None  # every feature's snippet, warmed up on small atlases
         # The inference signal's own thread: the model runs while the other signals are computed.
         self._inference = ThreadPoolExecutor(1, thread_name_prefix="search-inference")
+        # The corpus windows a query matches (coverage, the corpus signal) are read while the vector
+        # signals run: on an indexed atlas both are LanceDB reads (~10 and ~17 ms at 100k features)
+        # whose native side runs beside Python's.
+        self._matching = ThreadPoolExecutor(2, thread_name_prefix="search-windows")
 
     def warm_up(self) -> None:
         """Load the embedder and open the tables now; the model behind search by inference stays
@@ -317,6 +321,7 @@ class AtlasService:
         if "inference" in modes and (mode == "inference" or reads_as_text(concept)):
             inference = self._inference.submit(self._inference_ranking, q, n)
         vec = embed([concept], name=self.embedder)[0]
+        matching = self._matching.submit(match_windows, self.atlas, vec, held=self._windows)
         lists: dict[str, S.Ranked] = {}
         evidence: dict[str, dict[int, float]] = {}
         for m in ("label", "context"):
@@ -325,7 +330,7 @@ class AtlasService:
                 null = C.vector_null(self.atlas.vectors(f"{m}_embedding", sample=C.NULL_SAMPLE) @ vec)
                 digits = C.vector_evidence(np.array([h.score for h in lists[m]]), null, self.atlas.d_sae)
                 evidence[m] = {h.feature_id: float(e) for h, e in zip(lists[m], digits)}
-        matched = match_windows(self.atlas, vec, held=self._windows)
+        matched = matching.result()
         if "corpus" in modes:
             try:
                 found = enriched(self.atlas, matched, n, held=self._windows)
