@@ -11,6 +11,7 @@ from __future__ import annotations
 import copy
 import logging
 import numbers
+import os
 import re
 import threading
 from collections import OrderedDict
@@ -163,7 +164,8 @@ class AtlasService:
         # The corpus windows a query matches (coverage, the corpus signal) are read while the vector
         # signals run: on an indexed atlas both are LanceDB reads (~10 and ~17 ms at 100k features)
         # whose native side runs beside Python's.
-        self._matching = ThreadPoolExecutor(2, thread_name_prefix="search-windows")
+        # One thread per core: as many searches as the server runs side by side (threads start on demand).
+        self._matching = ThreadPoolExecutor(os.cpu_count() or 2, thread_name_prefix="search-windows")
 
     def warm_up(self) -> None:
         """Load the embedder and open the tables now; the model behind search by inference stays

@@ -366,7 +366,7 @@ class Atlas:
         if starts is not None:  # a feature's first example is its strongest top one, if it has any
             first = sorted({int(starts[f]) for f in ids if starts[f + 1] > starts[f]})
             if self._held_examples is not None:
-                rows = self._held_examples.take(first).select(columns).to_pylist()
+                rows = self._held_examples.take(first).select(columns).to_pylist() if first else []
             else:
                 rows = self.examples.take_offsets(first).select(columns).to_list() if first else []
             return {r["feature_id"]: r for r in rows if r["kind"] == "top"}

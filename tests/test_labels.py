@@ -282,12 +282,12 @@ def test_python_kinds_come_from_the_tokenizer():
 
 
 def test_python_kinds_know_formatting_comparisons_and_block_headers():
-    code = ('s = "%d of %s" % (n, m) + f"{x!r} {{y}}" + "{} {0}".format(a, b) + "50% of"\n'
+    code = ('s = "%d of %s" % (n, m) + f"{x!r} {{y}}" + "{} {0}".format(a, b) + "50% of" + r"\\d{2,3}"\n'
             'while a < b and b != 3:\n    a += 1\nwith open(p) as fh:\n    pass\n'
             'async def g():\n    async with x as y:\n        pass\nz = a == b - c\n')
     got = _tagged(code, "python")
     assert {"%", "d", "s", "{", "x", "!", "r", "format"} <= got["string_format"]
-    assert not {"y", "50", "of"} & got["string_format"]  # escaped braces; a percent sign in prose
+    assert not {"y", "50", "of", "2", "3"} & got["string_format"]  # escaped braces; a percent sign; a regex
     assert got["comparison"] == {"<", "!=", "=="} and "+=" not in got["comparison"]
     assert got["while_loop"] == {"while", "a", "<", "b", "and", "!=", "3", ":"}
     assert got["with_block"] == {"with", "open", "(", "p", ")", "as", "fh", ":", "x", "y"}
@@ -305,11 +305,13 @@ def test_text_kinds_know_plays_numbers_and_case():
     assert not code["exclamation"] and not code["ordinal"] and not code["hyphen"]
     assert _tagged("First, the 3e étage", "wiki-fr")["ordinal"] == {"First", "3e"}
     text = _tagged("It cost 3.14, 1,000 or 3,5 — so read ./setup.py, /usr/lib and a/b/c (and/or, km/h), "
-                   "word--word, x - y, n_items and __init__.", "wiki-en")
+                   "word--word, x - y, n_items, _cache_size and __init__.", "wiki-en")
     assert text["decimal"] >= {"3", "14", "5"} and "000" not in text["decimal"]
     assert text["dash"] == {"—", "--"} and "-" not in text["dash"]
     assert {"setup", "py", "usr", "lib", "a", "b", "c"} <= text["path"] and not {"and", "or", "km", "h"} & text["path"]
-    assert text["snake_case"] == {"n_items"}  # not a dunder name
+    assert text["snake_case"] == {"n_items", "_cache_size"}  # not a dunder name
+    code = _tagged("f(1,2) x[0,1] v3.10.2 at 192.168.0.1 on 12/25/1999 self.json r.json() 1_000", "wiki-en")
+    assert not code["decimal"] and not code["path"] and not code["snake_case"]  # tuples, versions, dates, attributes
     tokens, bits = _bits("l'homme 'here'")  # an apostrophe inside a word; quotes around one
     of = lambda name: [t for t, b in zip(tokens, bits) if b >> list(kinds.KINDS).index(name) & 1]  # noqa: E731
     assert of("apostrophe") == ["'"] and of("quote") == [" '", "'"] and marks["apostrophe"] == {"'"}

@@ -106,18 +106,24 @@ _regex("apostrophe", "apostrophes inside words", r"(?<=\w)['’](?=\w)", "contra
        "possessive 's", "elided l' and d' in French")
 _regex("hyphen", "hyphens in compound words", rf"(?<={_LETTER})-{_LETTER}+", "words joined with a hyphen",
        "compound words")  # letters either side: not 2020-01-15 or n-1
-# A decimal comma only before one or two digits: "1,000" is a thousands separator, "3,5" a French decimal.
-_regex("decimal", "decimal numbers", r"\d+\.\d+|\d+,\d{1,2}(?!\d)", "numbers with a decimal point",
+# A decimal comma only before one or two digits and not in a list of numbers: "1,000" is a thousands
+# separator, "3,5" a French decimal, "f(1,2)" and "x[0,1]" are code. Not a version or an address (3.10.2).
+_regex("decimal", "decimal numbers", r"(?<![\d.,(\[{])(\d+\.\d+|\d+,\d{1,2})(?!\d|[.,]\d)",
+       "numbers with a decimal point",
        "fractional numbers like 3.14", "floating point values")
 # Not " - ": in this corpus it is almost only Python's minus. "--" between letters is the plays' dash.
 _regex("dash", "dashes", rf"[—–]|(?<={_LETTER})--(?={_LETTER})", "em dashes and en dashes", "a dash between clauses")
 _PATH_EXT = "py|pyc|txt|csv|json|cfg|ini|toml|yaml|yml|xml|html?|md|rst|zip|gz|tar|exe|png|jpg|gif|pdf"
 # A rooted path (/usr/lib, ./x, ~/x), one of three parts or more (a/b/c), or a name with a file's extension:
 # not "and/or" or "km/h".
-_regex("path", "file names and paths", rf"(?<![\w)/])(?:~|\.{{1,2}})?/[\w.-]+(?:/[\w.-]+)*|[\w.-]+(?:/[\w.-]+){{2,}}"
-       rf"|(?<![\w.])[\w-]+\.(?:{_PATH_EXT})\b", "directories and files", "paths like /usr/lib", "file extensions")
+# A name with an extension is no attribute access (self.json, lxml.html): not followed by "(" or another
+# dot part, and not after "self."-like code. A three-part form needs a letter (12/25/1999 is a date).
+_regex("path", "file names and paths", rf"(?<![\w)\]</])(?:~|\.{{1,2}})?/[\w.-]+(?:/[\w.-]+)*"
+       rf"|(?<![\w/])(?=[\w./-]*[A-Za-z])[\w.-]+(?:/[\w.-]+){{2,}}"
+       rf"|(?<![\w.])(?!self\.|cls\.)[\w-]+\.(?:{_PATH_EXT})\b(?![(\w]|\.\w)", "directories and files",
+       "paths like /usr/lib", "file extensions")
 # The whole identifier, so a feature of the pieces after the underscore counts as well as one of "_".
-_regex("snake_case", "names with underscores (snake_case)", r"\b[A-Za-z0-9]+(?:_[A-Za-z0-9]+)+\b",
+_regex("snake_case", "names with underscores (snake_case)", r"(?<!\w)(?=\w*[A-Za-z])_?[A-Za-z0-9]+(?:_[A-Za-z0-9]+)+_?(?!\w)",
        "identifiers joined by underscores", "snake case variable names")
 _regex("comma", "commas", r",", "comma punctuation")
 _regex("colon", "colons", r":", "colon punctuation")
@@ -188,7 +194,10 @@ _PY = {
 _ESCAPE = re.compile(r"\\(x[0-9a-fA-F]{2}|u[0-9a-fA-F]{4}|N\{[^}]*\}|[0-7]{1,3}|[nrtabfv'\"\\])")
 _EXCEPTION = re.compile(r"\w*(Error|Exception|Warning|Exit|Interrupt)$")
 # Format fields inside a string: printf-style specs and {} fields (not the doubled braces that escape one).
-_FORMAT_FIELD = re.compile(r"%(\([^)]*\))?[-#0+]*(\*|\d+)?(\.(\*|\d+))?[diouxXeEfFgGcrsa]|(?<!\{)\{[^{}\n]*\}(?!\})")
+# A {} field is the format grammar's ({}, {0}, {name.attr[key]!r:>10}), so regex quantifiers ({2,3}) and
+# JSON text ({"a": 1}) are not fields.
+_FORMAT_FIELD = re.compile(r"%(\([^)]*\))?[-#0+]*(\*|\d+)?(\.(\*|\d+))?[diouxXeEfFgGcrsa]"
+                           r"|(?<!\{)\{(\w+|\d*)(\.\w+|\[[^\]{}]*\])*(![rsa])?(:[^{}\n]*)?\}(?!\})")
 _COMPARISON = frozenset(("==", "!=", "<", ">", "<=", ">="))
 # Compound statements whose header (keyword to colon) is a kind of its own.
 _HEADERS = {"while": "while_loop", "with": "with_block"}
