@@ -163,8 +163,8 @@ class AtlasService:
         self._inference = ThreadPoolExecutor(1, thread_name_prefix="search-inference")
         # The corpus windows a query matches (coverage, the corpus signal) are read while the vector
         # signals run: on an indexed atlas both are LanceDB reads (~10 and ~17 ms at 100k features)
-        # whose native side runs beside Python's.
-        # One thread per core: as many searches as the server runs side by side (threads start on demand).
+        # whose native side runs beside Python's. A thread per core, as many as the searches a server
+        # runs side by side (threads start on demand).
         self._matching = ThreadPoolExecutor(os.cpu_count() or 2, thread_name_prefix="search-windows")
 
     def warm_up(self) -> None:
