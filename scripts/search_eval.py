@@ -26,8 +26,9 @@ within each category): tune search on the first, report the second. A second hel
 name kinds and topics (issue 28), before any search ran on it. Its misses were then read, and new
 kinds added for some of them, so a third set (``heldout3``, 32 concepts: kinds of token and code,
 and topics none of the others ask for) was written first. Kinds were then added for its misses in
-turn, so a fourth (``heldout4``, 32 concepts of the same two sorts) was written before them and is
-the untouched one. No way of asking for a kind copies a held-out query (tests/test_search_eval.py).
+turn, so a fourth (``heldout4``, 32 concepts of the same two sorts) was written before them; kinds
+were added for its misses too, so a fifth (``heldout5``, 32 again) was written first and is the
+untouched one. No way of asking for a kind copies a held-out query (tests/test_search_eval.py).
 Modes are ``store.search.SEARCH_MODES`` at run time plus the fused search ("all"). Nothing is
 written to the atlas.
 """
@@ -60,9 +61,10 @@ BASE_MULTIPLE = 2.0
 BASE_SAMPLE = 300
 # A passing mention in one of ~1,300 documents (an identifier, a biography's aside) is not coverage.
 ABSENT_MAX_DOCS = 1
-TUNING, HELDOUT, HELDOUT2, HELDOUT3, HELDOUT4 = "tuning", "heldout", "heldout2", "heldout3", "heldout4"
-HALVES = (TUNING, HELDOUT, HELDOUT2, HELDOUT3, HELDOUT4)
-T, H, H2, H3, H4 = TUNING, HELDOUT, HELDOUT2, HELDOUT3, HELDOUT4
+TUNING, HELDOUT, HELDOUT2, HELDOUT3, HELDOUT4, HELDOUT5 = (
+    "tuning", "heldout", "heldout2", "heldout3", "heldout4", "heldout5")
+HALVES = (TUNING, HELDOUT, HELDOUT2, HELDOUT3, HELDOUT4, HELDOUT5)
+T, H, H2, H3, H4, H5 = HALVES
 
 
 @dataclass(frozen=True)
@@ -411,6 +413,56 @@ CONCEPTS: list[Concept] = [
       r"|investigaci\w*)\b"),
     C("betrayal and loyalty", "topic4", H4,
       r"\b(betray\w*|traitors?|treason\w*|trahi\w*|traici\w*|traidor\w*|loyal\w*|faithful\w*|fidèle\w*|fidel\w*)\b"),
+    # -- the fifth held-out set, written at the start of stop 39 before any change looked at the fourth's
+    # misses (which that stop's kinds then saw): kinds of token and code ...
+    C("assert statements", "kind", H5, r"\bassert\b", case=True),
+    C("raise statements", "kind", H5, r"\braise\b", case=True),
+    C("break, continue and pass", "kind", H5, r"\b(break|continue|pass)\b", case=True),
+    C("slices like a[1:3]", "kind", H5, r"\[[^\]\n]*:[^\]\n]*\]", case=True),
+    C("dictionary keys in square brackets", "kind", H5, r"\w\[['\"]", case=True),
+    C("calls with empty parentheses", "kind", H5, r"\w\(\)", case=True),
+    C("bitwise operators and shifts", "kind", H5, r"<<|>>|(?<![|&])[|&^~](?![|&=])", case=True),
+    C("the if __name__ == '__main__' guard", "kind", H5, r"__name__|__main__", case=True),
+    C("words ending in -ing", "kind", H5, r"\b[a-z]{3,}ing\b", case=True),
+    C("superlatives like greatest and most", "kind", H5, r"\b[a-z]{3,}est\b|\bmost\b", case=True),
+    C("articles like the, a and le", "kind", H5, r"\b(the|a|an|le|la|les|un|une|el|los|las|una)\b"),
+    C("prepositions like of, in and to", "kind", H5,
+      r"\b(of|in|to|on|at|by|with|from|into|upon|dans|sur|avec|par|pour|con|por|para|sobre)\b"),
+    C("conjunctions like and, but and or", "kind", H5, r"\b(and|but|or|yet|et|mais|ou|donc|y|pero|o|sino)\b"),
+    C("possessives like my, his and their", "kind", H5,
+      r"\b(my|his|her|their|our|your|its|thy|mon|ma|mes|son|sa|ses|leur|notre|mi|mis|su|sus|nuestro)\b"),
+    C("full names of people", "kind", H5, r"\b[A-Z][a-zé]+ (de |van |von )?[A-Z][a-zé]{2,}\b", case=True),
+    C("single letters on their own", "kind", H5, r"(?<![\w.'’])[A-Za-z](?![\w'’])", case=True),
+    # ... and topics no earlier set asks for
+    C("prisons and punishment", "topic5", H5,
+      r"\b(prison\w*|jail\w*|gaol|punish\w*|prisión|cárcel\w*|castig\w*|puni\w*|dungeons?|captiv\w*|exile\w*)\b"),
+    C("castles and fortresses", "topic5", H5,
+      r"\b(castles?|châteaux?|castillos?|fort|forts|fortress\w*|forteresses?|fortaleza\w*|citadel\w*|walls|towers?)\b"),
+    C("fear and courage", "topic5", H5,
+      r"\b(fear\w*|afraid|coward\w*|courag\w*|brave\w*|peur|miedo|valor|valour|dread\w*|terror\w*|bold\w*)\b"),
+    C("friends and friendship", "topic5", H5,
+      r"\b(friend\w*|amis?|amies?|amitié|amig[oa]s?|amistad|companions?|compañer\w*|comrades?|allies|ally)\b"),
+    C("servants and masters", "topic5", H5,
+      r"\b(servants?|masters?|slaves?|serfs?|maids?|lackeys?|serviteurs?|maîtres?|criad[oa]s?|esclav\w*|amos?|page)\b"),
+    C("letters and messages", "topic5", H5,
+      r"\b(letters?|messages?|messengers?|lettres?|cartas?|mensaje\w*|epistles?|notes?|news|tidings)\b"),
+    C("dogs and cats", "topic5", H5, r"\b(dogs?|cats?|hounds?|puppies|puppy|kittens?|chiens?|chats?|perros?|gatos?|curs?)\b"),
+    C("revolution and rebellion", "topic5", H5,
+      r"\b(revolution\w*|révolution\w*|revoluci\w*|rebel\w*|révolt\w*|revolt\w*|revuelta\w*|insurrect\w*|uprising\w*|mutin\w*)\b"),
+    C("the sun, the moon and the sky", "topic5", H5,
+      r"\b(sun|moon|sky|skies|heavens?|soleil|lune|ciel|sol|luna|cielo|stars?|clouds?)\b"),
+    C("women and gender", "topic5", H5,
+      r"\b(wom[ae]n|femmes?|mujer\w*|gender|genre|género|feminis\w*|ladies|lady|sisters?|daughters?|girls?)\b"),
+    C("databases and SQL", "topic5", H5, r"\b(SQL|sql\w*|[Dd]atabase\w*|cursor|quer(y|ies)|SELECT|INSERT|UPDATE|execute)\b",
+      case=True),
+    C("dates and times in code", "topic5", H5, r"\b(datetime|timedelta|strftime|strptime|time\.\w+\(|timezone|tzinfo)\b",
+      case=True),
+    C("command-line options and argparse", "topic5", H5, r"\b(argparse|add_argument|sys\.argv|optparse|getopt)\b|\s--\w",
+      case=True),
+    C("logging and warnings in code", "topic5", H5, r"\b(logging|logger|log\.\w+|warnings?\.warn|debug|warn)\b",
+      case=True),
+    C("text encodings like UTF-8", "topic5", H5, r"\b(encode|decode|encoding|utf-?8|ascii|latin-?1|unicode|codecs?)\b"),
+    C("random numbers in code", "topic5", H5, r"\b(random|randint|shuffle|seed|choice)\b", case=True),
     # -- absent: each verified against documents.text (RE2 syntax, case-insensitive)
     A("the Golden Gate Bridge", T, r"golden gate"),
     A("cryptocurrency and bitcoin", H, r"bitcoin|cryptocurrenc|blockchain|criptomoneda|cryptomonnaie"),

@@ -27,14 +27,12 @@ def test_table_is_large_balanced_and_unique(se):
     assert len(present) >= 40 and len(absent) >= 10
     assert len({c.query for c in se.CONCEPTS}) == len(se.CONCEPTS)
     assert {c.half for c in se.CONCEPTS} == set(se.HALVES)
-    # the first two halves cover every category, in near-equal numbers; the second held-out set has at
-    # least 30 concepts of its own categories, kinds of token and topics
-    second = [c for c in se.CONCEPTS if c.half == se.HELDOUT2]
-    assert len(second) >= 30 and {c.category for c in second} == {"kind", "topic2"}
-    third = [c for c in se.CONCEPTS if c.half == se.HELDOUT3]
-    assert len(third) >= 30 and {c.category for c in third} == {"kind", "topic3"}
-    fourth = [c for c in se.CONCEPTS if c.half == se.HELDOUT4]
-    assert len(fourth) >= 30 and {c.category for c in fourth} == {"kind", "topic4"}
+    # every later held-out set has at least 30 concepts of its own two categories, kinds of token and
+    # topics; the first two halves cover every category, in near-equal numbers
+    for half, topics in ((se.HELDOUT2, "topic2"), (se.HELDOUT3, "topic3"), (se.HELDOUT4, "topic4"),
+                         (se.HELDOUT5, "topic5")):
+        held = [c for c in se.CONCEPTS if c.half == half]
+        assert len(held) >= 30 and {c.category for c in held} == {"kind", topics}
     for category, n in Counter(c.category for c in se.CONCEPTS if c.half in (se.TUNING, se.HELDOUT)).items():
         tuning = sum(c.category == category and c.half == se.TUNING for c in se.CONCEPTS)
         assert abs(2 * tuning - n) <= 1, category
