@@ -31,7 +31,7 @@ from .wording import Evidence
 
 log = logging.getLogger(__name__)
 # Part of the ingest's labels-stage key: bump it when labelling changes, so old labels are redone.
-LABELS_VERSION = 20
+LABELS_VERSION = 21
 # A feature whose top activations (explainer side) all sit on one token id: it scores high on
 # token matching trivially, so reports keep it apart.
 SINGLE_TOKEN_TOP = 10

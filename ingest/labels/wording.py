@@ -19,6 +19,8 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass, field
 
+from .kinds.text import MONTHS, WORD_CLASSES
+
 SOURCE_NAMES = {
     "wiki-en": "English articles",
     "wiki-fr": "French articles",
@@ -36,23 +38,9 @@ PAIR = 0.8  # ... or two sources holding this much together, each a quarter at l
 MAX_WORDS = 8  # words a label may have besides its quoted tokens
 TOPIC_CANDIDATES = 3  # a feature's best topics, each tried as the topic of its label
 
-# Kinds of token, checked in order; a token of none is just quoted.
-_WORDS = {
-    "prepositions": "on upon under underneath through in into at by with from of to for over above below about "
-                    "against between among within without across along toward towards after before during "
-                    "de du des en dans par pour sur sous avec sans entre vers à con por para sin sobre desde hasta",
-    "articles": "the a an le la les l un une el los las lo uno una unos unas",
-    "pronouns": "i me my mine you your yours he him his she her hers it its we us our they them their thee thou "
-                "thy thine ye il elle ils elles je tu nous vous yo él ella nosotros ellos se",
-    "conjunctions": "and or but nor yet so because if than that et ou mais donc car que y o pero sino",
-    "auxiliary verbs": "is are was were be been being am have has had do does did will would shall should can "
-                       "could may might must est sont était être avoir ha han es son fue",
-    "number words": "one two three four five six seven eight nine ten hundred thousand million deux trois quatre "
-                    "cinq dos tres cuatro cinco seis siete ocho nueve diez mil",
-    "months": "january february march april may june july august september october november december janvier "
-              "février mars avril juin juillet août septembre octobre novembre décembre enero febrero marzo "
-              "abril mayo junio julio agosto septiembre octubre noviembre diciembre",
-}
+# Kinds of token, checked in order; a token of none is just quoted. A later class wins a word two share
+# ("may" is a month).
+_WORDS = {**WORD_CLASSES, "months": " ".join(MONTHS).lower()}
 _KIND_OF = {w: kind for kind, words in _WORDS.items() for w in words.split()}
 _PYTHON_KEYWORDS = set("def class import from return self if elif else for while try except finally with as "
                        "lambda yield none true false raise pass in not and or is async await global".split())

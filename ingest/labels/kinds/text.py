@@ -1,0 +1,235 @@
+"""Kinds of prose and punctuation, by regular expressions and word lists over a document's text:
+capitals, numbers, punctuation by class, the plays' markup, the word classes of English, French and
+Spanish (closed classes by their words, open ones by WordNet), and whole sources for search."""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable
+from functools import lru_cache
+
+import numpy as np
+
+from ..topics import wordnet_folder
+from .registry import kind, regex, spans
+
+_UPPER = "A-ZÀ-ÖØ-Þ"
+_LETTER = r"[^\W\d_]"
+MONTHS = ("January February March April May June July August September October November December janvier février "
+           "mars avril mai juin juillet août septembre octobre novembre décembre enero febrero marzo abril mayo junio "
+           "julio agosto septiembre octubre noviembre diciembre").split()
+
+regex("uppercase", "uppercase words and acronyms", rf"(?<!{_LETTER})[{_UPPER}]{{2,}}(?!{_LETTER})",
+      "capital letters", "all caps text", "acronyms and abbreviations")
+regex("capitalised", "capitalised words", rf"(?<!{_LETTER})[{_UPPER}][a-zà-ÿ]+", "proper nouns and names",
+      "words with a capital letter")
+regex("year", "years", r"(?<!\d)(1[0-9]{3}|20[0-9]{2})(?!\d)", "dates and years", "years in dates")
+# Case-sensitive: English months are capitalised, French and Spanish ones not, and the verb "may" is no month.
+regex("month", "months and dates", r"\b(" + "|".join(MONTHS) + r")\b", "calendar dates", "names of months")
+regex("number", "numbers and digits", r"\d+", "numerals", "digits")
+# Ordinals by their words (any case) and by a number's suffix; "1e" only before a space, since
+# 1e-5 is a float. "second" is also a unit of time: kept, as the word is the same.
+regex("ordinal", "ordinal numbers", r"\b(?i:first|second|third|fourth|fifth|sixth|seventh|eighth|ninth|tenth"
+      r"|premi[eè]re?|deuxième|troisième|quatrième|cinquième|primer[oa]?|segund[oa]s?|tercer[oa]?|cuart[oa]s?"
+      r"|quint[oa]s?)\b|\b\d+(st|nd|rd|th|er|ère|ème|º|ª)\b|\b\d+e(?=\s)", "1st, 2nd and 3rd",
+      "numbers that give an order or rank")
+regex("quote", "quotation marks", r"[\"“”«»„‘]|(?<!\w)['’]|['’](?!\w)", "quotes", "quoted speech")
+regex("bracket", "brackets and parentheses", r"[()\[\]{}]", "round and square brackets", "braces")
+regex("sentence_end", "sentence ends", r"[.!?;](?=\s|$)", "full stops", "end of a sentence", "periods")
+regex("question", "question marks", r"\?", "questions")
+regex("exclamation", "exclamation marks", r"¡|!(?!=)", "exclamations in text", "shouting punctuation")  # not !=
+# Inside a word only: a quote mark around a word is ``quote``.
+regex("apostrophe", "apostrophes inside words", r"(?<=\w)['’](?=\w)", "contracted words like don't",
+      "possessive 's", "elided l' and d' in French")
+regex("hyphen", "hyphens in compound words", rf"(?<={_LETTER})-{_LETTER}+", "words joined with a hyphen",
+      "compound words")  # letters either side: not 2020-01-15 or n-1
+# A decimal comma only before one or two digits and not in a list of numbers: "1,000" is a thousands
+# separator, "3,5" a French decimal, "f(1,2)" and "x[0,1]" are code. Not a version or an address (3.10.2).
+regex("decimal", "decimal numbers", r"(?<![\d.,(\[{])(\d+\.\d+|\d+,\d{1,2})(?!\d|[.,]\d)",
+      "numbers with a decimal point",
+      "fractional numbers like 3.14", "floating point values")
+# Not " - ": in this corpus it is almost only Python's minus. "--" between letters is the plays' dash.
+regex("dash", "dashes", rf"[—–]|(?<={_LETTER})--(?={_LETTER})", "em dashes and en dashes", "a dash between clauses")
+_PATH_EXT = "py|pyc|txt|csv|json|cfg|ini|toml|yaml|yml|xml|html?|md|rst|zip|gz|tar|exe|png|jpg|gif|pdf"
+# A rooted path (/usr/lib, ./x, ~/x), one of three parts or more (a/b/c), or a name with a file's extension:
+# not "and/or" or "km/h".
+# A name with an extension is no attribute access (self.json, lxml.html): not followed by "(" or another
+# dot part, and not after "self."-like code. A three-part form needs a letter (12/25/1999 is a date).
+regex("path", "file names and paths", rf"(?<![\w)\]</])(?:~|\.{{1,2}})?/[\w.-]+(?:/[\w.-]+)*"
+      rf"|(?<![\w/])(?=[\w./-]*[A-Za-z])[\w.-]+(?:/[\w.-]+){{2,}}"
+      rf"|(?<![\w.])(?!self\.|cls\.)[\w-]+\.(?:{_PATH_EXT})\b(?![(\w]|\.\w)", "directories and files",
+      "paths like /usr/lib", "file extensions")
+# The whole identifier, so a feature of the pieces after the underscore counts as well as one of "_".
+regex("snake_case", "names with underscores (snake_case)", r"(?<!\w)(?=\w*[A-Za-z])_?[A-Za-z0-9]+(?:_[A-Za-z0-9]+)+_?(?!\w)",
+      "identifiers joined by underscores", "snake case variable names")
+regex("comma", "commas", r",", "comma punctuation")
+regex("colon", "colons", r":", "colon punctuation")
+
+
+@kind("word_piece", "word pieces inside words", "subword tokens", "parts of words", "word fragments")
+def _word_piece(text: str) -> np.ndarray:
+    letters = np.array([c.isalpha() for c in text], dtype=bool)
+    mask = np.zeros(len(text), dtype=bool)
+    mask[1:] = letters[1:] & letters[:-1]
+    return mask
+
+
+@kind("line_start", "line starts", "the start of a line", "first word on a line")
+def _line_start(text: str) -> np.ndarray:
+    return spans(text, re.compile(r"(?:^|\n)[ \t]*(\S)"), 1)
+
+
+@kind("indentation", "line breaks and indentation", "indentation", "whitespace and newlines", "new lines")
+def _indentation(text: str) -> np.ndarray:
+    return spans(text, re.compile(r"\n[ \t]*"))
+
+
+regex("speaker", "speaker names in Shakespeare", r"\*\*[^*\n]+\*\*", "names of characters who speak", "character names",
+      "who is speaking", source="shakespeare")
+regex("stage_direction", "stage directions in Shakespeare", r"(?<!\w)_[^_\n]+_(?!\w)", "entrances and exits in a play",
+      "enter and exit directions", source="shakespeare")
+
+
+regex("blank_line", "blank lines", r"\n[ \t]*(?=\n)", "empty lines", "a line with nothing on it",
+      "gaps between paragraphs")
+
+
+# -- word classes -------------------------------------------------------------------------------------------
+
+# Closed classes of English, French and Spanish by their words, lower case. ``wording`` names a label's
+# quoted tokens by them too (``"in", "en", "on" (prepositions)``).
+WORD_CLASSES = {
+    "prepositions": "on upon under underneath through in into at by with from of to for over above below about "
+                    "against between among within without across along toward towards after before during "
+                    "de du des en dans par pour sur sous avec sans entre vers à con por para sin sobre desde hasta",
+    "articles": "the a an le la les l un une el los las lo uno una unos unas",
+    "pronouns": "i me my mine you your yours he him his she her hers it its we us our they them their thee thou "
+                "thy thine ye il elle ils elles je tu nous vous yo él ella nosotros ellos se",
+    "conjunctions": "and or but nor yet so because if than that et ou mais donc car que y o pero sino",
+    "auxiliary verbs": "is are was were be been being am have has had do does did will would shall should can "
+                       "could may might must est sont était être avoir ha han es son fue",
+    "number words": "one two three four five six seven eight nine ten hundred thousand million deux trois quatre "
+                    "cinq dos tres cuatro cinco seis siete ocho nueve diez mil",
+}
+_CLASS_ASKS = {
+    "prepositions": ("words of place and relation", "function words such as with and from"),
+    "articles": ("determiners", "definite and indefinite article words"),
+    "pronouns": ("words that stand for a person", "he, she, they and it"),
+    "conjunctions": ("connecting words", "words that join clauses"),
+    "auxiliary verbs": ("helping verbs", "forms of to be and to have"),
+    "number words": ("numbers spelled out in letters", "counting words"),
+}
+_CLOSED = frozenset(w for words in WORD_CLASSES.values() for w in words.split())
+# Words of prose: in code "in", "if" and "or" are keywords (``python.py`` names those).
+PROSE = ("python",)
+# English word forms by WordNet's English lemmas: French "aller" is no comparative, Spanish "con" no adverb.
+ENGLISH = ("python", "wiki-fr", "wiki-es")
+
+
+def _word_list(words: str) -> re.Pattern[str]:
+    alternatives = sorted(words.split(), key=len, reverse=True)
+    return re.compile(r"(?<![\w'’])(?:" + "|".join(map(re.escape, alternatives)) + r")(?![\w'’])", re.IGNORECASE)
+
+
+for _class, _words in WORD_CLASSES.items():
+    regex(_class.replace(" ", "_"), _class, _word_list(_words).pattern, *_CLASS_ASKS[_class], flags=re.IGNORECASE,
+          not_in=PROSE)
+
+
+class _Lexicon:
+    """English open classes from WordNet 3.0 (``topics.wordnet_folder``): its nouns, verbs, adjectives
+    and adverbs, and the irregular forms of verbs and adjectives. Empty without WordNet: the word-form
+    kinds then go by their endings alone."""
+
+    def __init__(self) -> None:
+        folder = wordnet_folder()
+        read = lambda name: (folder / name).read_text(encoding="utf-8").splitlines() if folder else []  # noqa: E731
+        lemmas = lambda pos: {line.split()[0] for line in read(f"index.{pos}") if line[:1].isalpha()}  # noqa: E731
+        self.nouns, self.verbs, self.adjectives, self.adverbs = (lemmas(p) for p in ("noun", "verb", "adj", "adv"))
+        self.verb_forms = dict(line.split()[:2] for line in read("verb.exc"))  # went -> go, taken -> take
+        self.adjective_forms = dict(line.split()[:2] for line in read("adj.exc"))  # better -> good
+
+    def inflected(self, word: str, ending: str, lemmas: set[str]) -> bool:
+        """Whether ``word`` is a lemma of ``lemmas`` with a regular ``ending``: walked, loved, stopped,
+        tried; any word with the ending when WordNet is missing."""
+        if not word.endswith(ending) or len(word) < len(ending) + 3:
+            return False
+        base = word[: -len(ending)]
+        stems = {base, base + "e", base[:-1] if base[-1] == base[-2] else base, base[:-1] + "y" if base[-1] == "i" else base}
+        return not lemmas or bool(stems & lemmas)
+
+
+@lru_cache(maxsize=1)
+def _lexicon() -> _Lexicon:
+    return _Lexicon()
+
+
+_WORD = re.compile(r"(?<![\w'’-])[a-z]{3,}(?![\w'’-])")
+
+
+def _word_form(name: str, phrase: str, *asks: str) -> Callable[[Callable[[str], bool]], None]:
+    """Registers a kind of the lower-case English words its decorated test passes."""
+    def register(test: Callable[[str], bool]) -> None:
+        def detect(text: str) -> np.ndarray:
+            mask = np.zeros(len(text), dtype=bool)
+            for m in _WORD.finditer(text):
+                if test(m.group()):
+                    mask[m.start():m.end()] = True
+            return mask
+        kind(name, phrase, *asks, not_in=ENGLISH)(detect)
+    return register
+
+
+@_word_form("past_tense", "verbs in the past tense", "past forms of verbs such as went and walked",
+            "the simple past and past participles")
+def _past(word: str) -> bool:
+    lex = _lexicon()
+    if word in lex.verb_forms:  # went, taken, was; not the present has and does
+        return not word.endswith(("ing", "s")) or word == "was"
+    return lex.inflected(word, "ed", lex.verbs)
+
+
+@_word_form("ing_form", "-ing forms of verbs", "present participles and gerunds", "verbs such as being and running")
+def _ing(word: str) -> bool:
+    lex = _lexicon()
+    return word.endswith("ing") and word in lex.verb_forms or lex.inflected(word, "ing", lex.verbs)
+
+
+@_word_form("adverb", "adverbs", "words such as quickly, often and very", "words that modify a verb")
+def _adverb(word: str) -> bool:
+    lex = _lexicon()
+    if word in _CLOSED:  # WordNet's adverbs hold "so", "yet" and "con"; a word of a closed class is that class
+        return False
+    return word in lex.adverbs if lex.adverbs else word.endswith("ly")
+
+
+_DEGREES = frozenset("more most less least better best worse worst further furthest farther farthest".split())
+
+
+@_word_form("comparison_word", "comparatives and superlatives", "words such as bigger, best and more",
+            "degrees of an adjective")
+def _degree(word: str) -> bool:
+    lex = _lexicon()
+    if word in _DEGREES:
+        return True
+    # An -er or -est word that is itself a noun is one (number, forest), not a degree of an adjective.
+    return word not in lex.nouns and (word in lex.adjective_forms or lex.inflected(word, "er", lex.adjectives)
+                                      or lex.inflected(word, "est", lex.adjectives))
+
+
+regex("abbreviation", "abbreviations", r"(?<![\w.])(?:Mr|Mrs|Ms|Dr|Prof|St|Jr|Sr|Mt|Gen|Col|Capt|Lt|Rev|Mme|Mlle|Sra|Sta"
+      r"|etc|vol|vols|pp|cf|vs|approx|fig|ca|[A-Z])\.|(?<![\w.])(?:[a-zA-Z]\.){2,}", "shortened words with a full stop",
+      "initials and titles such as Dr.", not_in=PROSE)
+
+
+# Whole sources as kinds, for search only: "French text" finds the features whose mass lies in French.
+_SOURCES = {
+    "wiki-fr": ("French text", "French language text", "text in French", "French words"),
+    "wiki-es": ("text in Spanish", "Spanish language text", "writing in Spanish", "Spanish words"),
+    "wiki-en": ("English encyclopedia text", "English language text", "text in English", "English prose"),
+    "shakespeare": ("Shakespeare's plays", "Shakespearean English", "Early Modern English verse", "lines of a play"),
+    "python": ("Python code", "source code", "programming code", "code in Python"),
+}
+for _source, (_phrase, *_asks) in _SOURCES.items():
+    kind(f"source:{_source}", _phrase, *_asks, source=_source, names=False)(lambda text: np.ones(len(text), dtype=bool))
+
