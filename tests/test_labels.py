@@ -292,6 +292,47 @@ def test_python_kinds_know_formatting_comparisons_and_block_headers():
     assert got["while_loop"] == {"while", "a", "<", "b", "and", "!=", "3", ":"}
     assert got["with_block"] == {"with", "open", "(", "p", ")", "as", "fh", ":", "x", "y"}
 
+def test_python_kinds_follow_the_grammar():
+    code = ("def f(a: int, b: list[str] = None, *args, **kw) -> dict:\n"
+            "    x: int = a + b * 2 - (c // 3)\n    y = -x\n    z = [i for i in range(3) if i]\n"
+            "    d['k'] += a[1:3] | b << 2\n    if a and not b:\n        return None\n    elif x:\n        yield x\n"
+            "    else:\n        raise ValueError('bad')\n    for i in y:\n        break\n    try:\n        pass\n"
+            "    except KeyError as e:\n        assert e\n    g = lambda q, r: q % r\n    m = a @ b\n")
+    got = _tagged(code, "python")
+    assert got["type_hint"] == {"int", "list", "[", "str", "]", "->", "dict"}  # not the defaults, not *args
+    assert got["arithmetic"] == {"+", "*", "-", "//", "%", "@"}  # not the sign of -x, *args or **kw
+    assert got["assignment"] == {"=", "+="} and got["bitwise"] == {"|", "<<"}
+    assert got["comprehension"] == {"for", "i", "in", "range", "(", "3", ")", "if", "]"}
+    assert {"['", "k", "1", ":", "3", "]"} <= got["subscript"] and "range" not in got["subscript"]
+    assert got["if_block"] == {"if", "a", "and", "not", "b", ":", "elif", "x", "else"}
+    assert got["for_loop"] == {"for", "i", "in", "y", ":"} and got["try_block"] >= {"try", "except", "KeyError", "as"}
+    assert got["return_statement"] == {"return", "None"} and got["yield_statement"] == {"yield", "x"}
+    assert got["raise_statement"] >= {"raise", "ValueError"} and got["assert_statement"] == {"assert", "e"}
+    assert got["jump_statement"] == {"break", "pass"} and got["lambda"] == {"lambda", "q", ",", "r", ":"}
+    assert got["boolean_op"] == {"and", "not"} and got["constant"] == {"None"} and not got["decorator"]
+    # a dict's colon and a lambda's are no annotation; a variable's is
+    other = _tagged("d = {'a': 1}\nf(key=lambda v: v)\nself.n: float = 0.5\n", "python")
+    assert other["type_hint"] == {"float"} and not other["arithmetic"]
+
+
+def test_word_classes_and_english_word_forms():
+    got = _tagged("He walked and was running quickly to the biggest house; they tried, better than the number of "
+                  "forests, e.g. Mr. Smith.\n\nNext.", "wiki-en")
+    assert got["pronouns"] == {"He", "they"} and got["articles"] == {"the"} and got["prepositions"] >= {"to", "of"}
+    assert got["past_tense"] == {"walked", "was", "tried"} and got["ing_form"] == {"running"}
+    assert got["adverb"] >= {"quickly"} and got["comparison_word"] == {"biggest", "better"}  # not number, forests
+    assert {"e", "g", "Mr"} <= got["abbreviation"] and "Smith" not in got["abbreviation"]
+    assert got["conjunctions"] >= {"and", "than"}
+    # prose only: "in", "and" and "if" in code are keywords; WordNet's forms are English only
+    assert not _tagged("if a and b in c:\n    pass\n", "python")["prepositions"]
+    assert not _tagged("aller plus loin avec", "wiki-fr")["comparison_word"]
+    assert [t for t, on in zip(*_column(["a", ".\n", "\n", "b", "\n", "c"], "blank_line")) if on] == ["\n"]
+
+
+def _column(tokens: list[str], name: str) -> tuple[list[str], np.ndarray]:
+    return tokens, kinds.tag_document(tokens, "wiki-en")[:, list(kinds.KINDS).index(name)]
+
+
 def test_text_kinds_know_plays_numbers_and_case():
     play = "_Enter KING HENRY_\n\n**KING HENRY**  \nWhat say you, 1415? Speak!\n"
     got = _tagged(play, "shakespeare")

@@ -10,7 +10,7 @@ from functools import lru_cache
 
 import numpy as np
 
-from ..topics import wordnet_folder
+from ..wordnet import wordnet_folder
 from .registry import kind, regex, spans
 
 _UPPER = "A-ZÀ-ÖØ-Þ"
@@ -90,7 +90,7 @@ regex("stage_direction", "stage directions in Shakespeare", r"(?<!\w)_[^_\n]+_(?
       "enter and exit directions", source="shakespeare")
 
 
-regex("blank_line", "blank lines", r"\n[ \t]*(?=\n)", "empty lines", "a line with nothing on it",
+regex("blank_line", "blank lines", r"\n(?:[ \t]*\n)+", "empty lines", "a line with nothing on it",
       "gaps between paragraphs")
 
 
@@ -137,7 +137,7 @@ for _class, _words in WORD_CLASSES.items():
 
 
 class _Lexicon:
-    """English open classes from WordNet 3.0 (``topics.wordnet_folder``): its nouns, verbs, adjectives
+    """English open classes from WordNet 3.0 (``wordnet.wordnet_folder``): its nouns, verbs, adjectives
     and adverbs, and the irregular forms of verbs and adjectives. Empty without WordNet: the word-form
     kinds then go by their endings alone."""
 
