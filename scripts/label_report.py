@@ -4,7 +4,7 @@ run: the feature's single top token, quoted, as its label, and the label of a *d
 feature (which should sit at chance: 0.5 AUROC, 0 correlation). And whether a person can read them:
 the median number of words besides quoted tokens, the share of labels holding a list of 4 or more
 unquoted words, and the share of features whose mass lies mostly in one kind of token
-(``ingest/labels/kinds.py``) whose label names that kind; for the sample, and for every label the
+(``ingest/labels/kinds/``) whose label names that kind; for the sample, and for every label the
 atlas stores.
 
     .venv/bin/python scripts/label_report.py --atlas atlas --features 500 --out labels.json

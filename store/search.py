@@ -28,7 +28,7 @@ RRF_K = 60
 # embeddings of the same names, ``text`` is full text, ``inference`` runs the query through the
 # model, ``corpus`` finds the corpus windows that match the query and the features that fire there
 # far more often than in the corpus at large, ``kind`` finds the features of the kind of token or
-# the language the query asks for: ``ingest/labels/kinds.py``).
+# the language the query asks for: ``ingest/labels/kinds/``).
 SEARCH_MODES = ("label", "context", "text", "inference", "corpus", "kind")
 FUSED = "all"  # the mode of a search over every signal (the default)
 # A kind answers a query whose embedding is this close to one of the ways of asking for it

@@ -7,7 +7,7 @@ activation mass on ``t`` and ``p(t)`` its background rate, a token's weight is `
 p(t))``, its contribution to a KL divergence: it prefers tokens that carry much of the feature's
 strong activations and are rare elsewhere, and weighting by activation rather than count keeps the
 weak, diffuse tail from outvoting the top examples. The topic of its windows comes from
-``topics.py``, its kinds of token from ``kinds.py``; ``wording.py`` writes the candidate labels and
+``topics.py``, its kinds of token from ``kinds/``; ``wording.py`` writes the candidate labels and
 the description from all of it.
 """
 

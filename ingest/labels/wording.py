@@ -3,7 +3,7 @@
 A label says what fires and where, in at most ``MAX_WORDS`` words besides at most ``QUOTED_MAX``
 quoted tokens, naming one kind or one topic:
 
-- a feature whose activation mass lies mostly in one kind of token (``kinds.py``) is named by that
+- a feature whose activation mass lies mostly in one kind of token (``kinds/``) is named by that
   kind, with the tokens that carry it: ``speaker names in Shakespeare ("KING", "QUEEN")``;
 - otherwise candidates quote what fires, with what kind of words they are when they share one
   ("prepositions") and the source it lives in (``"on", "upon", "under" (prepositions) in
@@ -19,7 +19,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass, field
 
-from .kinds.text import MONTHS, WORD_CLASSES
+from .kinds.text import MONTHS, word_class
 
 SOURCE_NAMES = {
     "wiki-en": "English articles",
@@ -38,10 +38,7 @@ PAIR = 0.8  # ... or two sources holding this much together, each a quarter at l
 MAX_WORDS = 8  # words a label may have besides its quoted tokens
 TOPIC_CANDIDATES = 3  # a feature's best topics, each tried as the topic of its label
 
-# Kinds of token, checked in order; a token of none is just quoted. A later class wins a word two share
-# ("may" is a month).
-_WORDS = {**WORD_CLASSES, "months": " ".join(MONTHS).lower()}
-_KIND_OF = {w: kind for kind, words in _WORDS.items() for w in words.split()}
+_MONTHS = {m.lower() for m in MONTHS}  # "may" is a month in a label's tokens
 _PYTHON_KEYWORDS = set("def class import from return self if elif else for while try except finally with as "
                        "lambda yield none true false raise pass in not and or is async await global".split())
 
@@ -71,8 +68,10 @@ def token_kind(token: str, source: str | None) -> str | None:
     low = bare.lower()
     if source == "python" and low in _PYTHON_KEYWORDS:
         return "Python keywords"
-    if low in _KIND_OF:
-        return _KIND_OF[low]
+    if low in _MONTHS:
+        return "months"
+    if (closed := word_class(low, source)) is not None:
+        return closed
     if not token.startswith(" ") and bare.isalpha() and bare.islower():
         return "word pieces"
     if bare[0].isupper() and bare[1:].islower() and len(bare) > 1:

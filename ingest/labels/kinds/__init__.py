@@ -46,7 +46,7 @@ def tag_document(tokens: list[str], source: str) -> np.ndarray:
         return tags
     for i, k in enumerate(KINDS.values()):
         if k.reads(source):
-            tags[:, i] = k.detect(text)[first]
+            tags[:, i] = k.detect(text, source)[first]
     return tags
 
 

@@ -1,7 +1,7 @@
 """Kinds of Python code, through the standard ``tokenize`` module over the source, so a string, a
 comment or a parameter is what Python itself says it is; statements and operators by the
-language's grammar (every compound statement's header, every simple statement, every class of
-operator)."""
+language's grammar (the header of every compound statement, the simple statements that start with
+a keyword of their own but ``del``, ``global`` and ``nonlocal``, every class of operator)."""
 
 from __future__ import annotations
 
@@ -41,6 +41,7 @@ _PY = {
     # The rest of the grammar: every compound statement's header, every simple statement, every class of
     # operator, and the expressions that have a syntax of their own.
     "if_block": ("if, elif and else in Python code", "conditional statements", "branches of an if"),
+    "match_block": ("match and case in Python code", "structural pattern matching", "match statements"),
     "for_loop": ("for loops in Python code", "iterating over items", "for x in items"),
     "try_block": ("try and except blocks in Python code", "catching exceptions", "error handling blocks"),
     "return_statement": ("return statements in Python code", "returning a value from a function",
@@ -76,7 +77,8 @@ _BITWISE = frozenset(("|", "&", "^", "<<", ">>"))
 _AUGMENTED = frozenset(("+=", "-=", "*=", "/=", "//=", "%=", "**=", "@=", "&=", "|=", "^=", ">>=", "<<=", ":="))
 # Compound statements, whose header (keyword to colon) is a kind, and simple ones (keyword to the end).
 _HEADERS = {"while": "while_loop", "with": "with_block", "if": "if_block", "elif": "if_block", "else": "if_block",
-            "for": "for_loop", "try": "try_block", "except": "try_block", "finally": "try_block"}
+            "for": "for_loop", "try": "try_block", "except": "try_block", "finally": "try_block",
+            "match": "match_block", "case": "match_block"}  # match and case are soft keywords: names elsewhere
 _STATEMENTS = {"return": "return_statement", "yield": "yield_statement", "raise": "raise_statement",
                "assert": "assert_statement", "break": "jump_statement", "continue": "jump_statement",
                "pass": "jump_statement"}
@@ -104,14 +106,23 @@ class _PythonReader:
         self.annotation: int | None = None  # inside a type annotation: the bracket depth it ends at
         self.lambdas: list[tuple[int, int]] = []  # where each open lambda starts (its colon ends its parameters)
         self.comprehensions: list[int] = []  # the bracket depth of each open for clause inside brackets
+        self.for_targets = 0  # open "for"s whose "in" is still to come (that "in" is no comparison)
+        self.opened: dict[int, str] = {}  # per indent column, the kind of the last header there (what an else ends)
         try:
             for tok in tokenize.generate_tokens(io.StringIO(text).readline):
                 self.read(tok)
         except (tokenize.TokenError, IndentationError, SyntaxError):
-            pass  # a document cut mid-statement: what was read is marked
+            pass  # a document cut mid-statement: what was read is marked, and what is open runs to its end
+        for open_ in (self.statement, self.header):
+            if open_ is not None:
+                self.marks[open_[0]][self.offset(open_[1]):] = True
+
+    def offset(self, position: tuple[int, int]) -> int:
+        """The character offset of a (row, column) of ``tokenize``."""
+        return int(self.line_start[position[0] - 1] + position[1])
 
     def mark(self, name: str, start: tuple[int, int], end: tuple[int, int]) -> None:
-        lo, hi = (int(self.line_start[row - 1] + col) for row, col in (start, end))
+        lo, hi = self.offset(start), self.offset(end)
         self.marks[name][lo:hi] = True
         if name in ("string", "docstring"):
             for m in _ESCAPE.finditer(self.text, lo, hi):
@@ -129,7 +140,7 @@ class _PythonReader:
             if self.statement is not None:
                 self.mark(self.statement[0], self.statement[1], tok.start)
             self.statement_start, self.in_import, self.decorating, self.header, self.statement = True, False, False, None, None
-            self.annotation, self.lambdas, self.statement_begin = None, [], len(self.prev)
+            self.annotation, self.lambdas, self.statement_begin, self.for_targets = None, [], len(self.prev), 0
             return
         last = self.prev[-1] if self.prev else None
         self.inside(tok)
@@ -151,12 +162,30 @@ class _PythonReader:
 
     def name(self, tok: tokenize.TokenInfo, last: tokenize.TokenInfo | None) -> None:
         s, before = tok.string, last.string if last is not None else None
-        if s in _KEYWORD_KINDS:
+        # "in" after a "for" is the loop's; elsewhere "in", "is", "not in" and "is not" compare.
+        if s == "for":
+            self.for_targets += 1
+        in_loop = s == "in" and self.for_targets > 0
+        self.for_targets -= in_loop
+        comparing = s == "is" or s == "in" and not in_loop or s == "not" and before == "is"
+        if comparing:
+            self.mark("comparison", tok.start, tok.end)
+            if s == "in" and before == "not" and last is not None:
+                self.mark("comparison", last.start, last.end)
+                self.marks["boolean_op"][self.offset(last.start):self.offset(last.end)] = False
+        elif s in _KEYWORD_KINDS:
             self.mark(_KEYWORD_KINDS[s], tok.start, tok.end)
+        # async for and async with are headers when the async starts the statement, not in a comprehension
+        async_header = s in ("with", "for") and before == "async" and len(self.prev) - 1 == self.statement_begin
+        if s in ("match", "case") and self.statement_start:
+            self.header = (_HEADERS[s], tok.start)
         if keyword.iskeyword(s):
             self.mark("py_keyword", tok.start, tok.end)
-            if s in _HEADERS and self.statement_start or (s in ("with", "for") and before == "async"):
-                self.header = (_HEADERS[s], tok.start)
+            if s in _HEADERS and self.statement_start or async_header:
+                column = (last if async_header else tok).start[1]
+                kind = self.opened.get(column, "if_block") if s == "else" else _HEADERS[s]  # for/while/try take an else
+                self.header = (kind, tok.start)
+                self.opened[column] = kind
             elif s == "for" and self.parens:
                 self.comprehensions.append(len(self.parens))
                 self.mark("comprehension", tok.start, tok.end)
@@ -198,13 +227,14 @@ class _PythonReader:
             self.mark("assignment", tok.start, tok.end)
         elif s in _ARITHMETIC and _operand(last) and not self.decorating:  # not unary minus, *args or a decorator
             self.mark("arithmetic", tok.start, tok.end)
-        elif s in _BITWISE and _operand(last) or s == "~":
+        elif (s in _BITWISE and _operand(last) or s == "~") and self.annotation is None:  # not int | None
             self.mark("bitwise", tok.start, tok.end)
         if s in ("(", "[", "{"):
             two_back = self.prev[-2].string if len(self.prev) >= 2 else None
             called = s == "(" and last is not None and two_back != "class" and (
                 (last.type == tokenize.NAME and not keyword.iskeyword(last.string)) or last.string in (")", "]"))
-            indexed = s == "[" and _operand(last)
+            # not a match statement's "case [x, *rest]:"
+            indexed = s == "[" and _operand(last) and not (self.header is not None and last.start == self.header[1])
             self.parens.append("def" if two_back == "def" else "call" if called else "subscript" if indexed else "other")
             if indexed:
                 self.mark("subscript", tok.start, tok.end)
@@ -241,7 +271,7 @@ class _PythonReader:
                 self.mark("type_hint", tok.start, tok.end)
         if self.comprehensions:
             self.mark("comprehension", tok.start, tok.end)
-        if self.parens and self.parens[-1] == "subscript":
+        if "subscript" in self.parens:
             self.mark("subscript", tok.start, tok.end)
 
 
@@ -261,7 +291,7 @@ def _python_marks(text: str) -> dict[str, np.ndarray]:
 
 
 def _python_kind(name: str) -> Detector:
-    return lambda text: _python_marks(text)[name]
+    return lambda text, source: _python_marks(text)[name]
 
 
 for _name, (_phrase, *_asks) in _PY.items():

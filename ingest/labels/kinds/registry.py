@@ -10,7 +10,8 @@ from typing import Callable
 
 import numpy as np
 
-Detector = Callable[[str], np.ndarray]  # a document's text -> [len(text)] bool, the characters of this kind
+# (a document's text, its source) -> [len(text)] bool, the characters of this kind
+Detector = Callable[[str, str], np.ndarray]
 
 
 @dataclass(frozen=True)
@@ -54,7 +55,7 @@ def regex(name: str, phrase: str, pattern: str, *asks: str, source: str | None =
           group: int = 0, not_in: tuple[str, ...] = ()) -> None:
     """Registers a kind whose characters are a regular expression's matches."""
     rx = re.compile(pattern, flags)
-    kind(name, phrase, *asks, source=source, not_in=not_in)(lambda text: spans(text, rx, group))
+    kind(name, phrase, *asks, source=source, not_in=not_in)(lambda text, source: spans(text, rx, group))
 
 
 def vocabulary() -> dict[str, dict]:

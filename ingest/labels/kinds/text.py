@@ -11,7 +11,7 @@ from functools import lru_cache
 import numpy as np
 
 from ..wordnet import wordnet_folder
-from .registry import kind, regex, spans
+from .registry import Detector, kind, regex, spans
 
 _UPPER = "A-ZÀ-ÖØ-Þ"
 _LETTER = r"[^\W\d_]"
@@ -67,7 +67,7 @@ regex("colon", "colons", r":", "colon punctuation")
 
 
 @kind("word_piece", "word pieces inside words", "subword tokens", "parts of words", "word fragments")
-def _word_piece(text: str) -> np.ndarray:
+def _word_piece(text: str, source: str) -> np.ndarray:
     letters = np.array([c.isalpha() for c in text], dtype=bool)
     mask = np.zeros(len(text), dtype=bool)
     mask[1:] = letters[1:] & letters[:-1]
@@ -75,12 +75,12 @@ def _word_piece(text: str) -> np.ndarray:
 
 
 @kind("line_start", "line starts", "the start of a line", "first word on a line")
-def _line_start(text: str) -> np.ndarray:
+def _line_start(text: str, source: str) -> np.ndarray:
     return spans(text, re.compile(r"(?:^|\n)[ \t]*(\S)"), 1)
 
 
 @kind("indentation", "line breaks and indentation", "indentation", "whitespace and newlines", "new lines")
-def _indentation(text: str) -> np.ndarray:
+def _indentation(text: str, source: str) -> np.ndarray:
     return spans(text, re.compile(r"\n[ \t]*"))
 
 
@@ -96,20 +96,29 @@ regex("blank_line", "blank lines", r"\n(?:[ \t]*\n)+", "empty lines", "a line wi
 
 # -- word classes -------------------------------------------------------------------------------------------
 
-# Closed classes of English, French and Spanish by their words, lower case. ``wording`` names a label's
-# quoted tokens by them too (``"in", "en", "on" (prepositions)``).
+# A source's language; a source not named here (a user's own files) is read as English.
+LANGUAGES = {"wiki-en": "en", "shakespeare": "en", "wiki-fr": "fr", "wiki-es": "es"}
+# Closed classes by their words, per language, lower case: one list for all three would make Spanish "a"
+# an article, French "car" a conjunction and English "son" a verb. ``wording`` names a label's quoted
+# tokens by them too (``"in", "on" (prepositions)``).
 WORD_CLASSES = {
-    "prepositions": "on upon under underneath through in into at by with from of to for over above below about "
-                    "against between among within without across along toward towards after before during "
-                    "de du des en dans par pour sur sous avec sans entre vers à con por para sin sobre desde hasta",
-    "articles": "the a an le la les l un une el los las lo uno una unos unas",
-    "pronouns": "i me my mine you your yours he him his she her hers it its we us our they them their thee thou "
-                "thy thine ye il elle ils elles je tu nous vous yo él ella nosotros ellos se",
-    "conjunctions": "and or but nor yet so because if than that et ou mais donc car que y o pero sino",
-    "auxiliary verbs": "is are was were be been being am have has had do does did will would shall should can "
-                       "could may might must est sont était être avoir ha han es son fue",
-    "number words": "one two three four five six seven eight nine ten hundred thousand million deux trois quatre "
-                    "cinq dos tres cuatro cinco seis siete ocho nueve diez mil",
+    "prepositions": {"en": "on upon under underneath through in into at by with from of to for over above below about "
+                           "against between among within without across along toward towards after before during",
+                     "fr": "de du des en dans par pour sur sous avec sans entre vers à chez",
+                     "es": "de del en a al con por para sin sobre desde hasta entre hacia"},
+    "articles": {"en": "the a an", "fr": "le la les l un une", "es": "el la los las lo un uno una unos unas"},
+    "pronouns": {"en": "i me my mine you your yours he him his she her hers it its we us our they them their thee "
+                       "thou thy thine ye",
+                 "fr": "je tu il elle on nous vous ils elles se lui leur me te",
+                 "es": "yo tú él ella nosotros nosotras ellos ellas se me te le les nos"},
+    "conjunctions": {"en": "and or but nor yet so because if than that", "fr": "et ou mais donc car que ni",
+                     "es": "y e o u pero sino que ni"},
+    "auxiliary verbs": {"en": "is are was were be been being am have has had do does did will would shall should can "
+                              "could may might must",
+                        "fr": "est sont était étaient être avoir ont", "es": "es son fue fueron ha han era eran está"},
+    "number words": {"en": "one two three four five six seven eight nine ten twelve twenty hundred thousand million",
+                     "fr": "deux trois quatre cinq six sept huit neuf dix vingt cent mille",
+                     "es": "dos tres cuatro cinco seis siete ocho nueve diez veinte cien mil"},
 }
 _CLASS_ASKS = {
     "prepositions": ("words of place and relation", "function words such as with and from"),
@@ -119,44 +128,67 @@ _CLASS_ASKS = {
     "auxiliary verbs": ("helping verbs", "forms of to be and to have"),
     "number words": ("numbers spelled out in letters", "counting words"),
 }
-_CLOSED = frozenset(w for words in WORD_CLASSES.values() for w in words.split())
-# Words of prose: in code "in", "if" and "or" are keywords (``python.py`` names those).
-PROSE = ("python",)
-# English word forms by WordNet's English lemmas: French "aller" is no comparative, Spanish "con" no adverb.
-ENGLISH = ("python", "wiki-fr", "wiki-es")
+_CLASS_OF = {lang: {w: name for name, by in WORD_CLASSES.items() for w in by[lang].split()} for lang in ("en", "fr", "es")}
+# Sources that are code: in code "in", "if" and "or" are keywords (``python.py`` names those).
+CODE = ("python",)
+
+
+def language(source: str | None) -> str:
+    return LANGUAGES.get(source or "", "en")
+
+
+def word_class(word: str, source: str | None) -> str | None:
+    """The closed class of a lower-case word in its source's language (in any language when the
+    source is unknown, English first)."""
+    if source is not None:
+        return _CLASS_OF[language(source)].get(word)
+    return next((of[word] for of in _CLASS_OF.values() if word in of), None)
 
 
 def _word_list(words: str) -> re.Pattern[str]:
-    alternatives = sorted(words.split(), key=len, reverse=True)
-    return re.compile(r"(?<![\w'’])(?:" + "|".join(map(re.escape, alternatives)) + r")(?![\w'’])", re.IGNORECASE)
+    """Matches the words in lower case or Capitalised, not in capitals ("US", "IT" and "OR" are no pronouns)."""
+    forms = sorted({f for w in words.split() for f in (w, w[0].upper() + w[1:])}, key=len, reverse=True)
+    return re.compile(r"(?<![\w'’])(?:" + "|".join(map(re.escape, forms)) + r")(?!\w)")  # l' and d' elide
 
 
-for _class, _words in WORD_CLASSES.items():
-    regex(_class.replace(" ", "_"), _class, _word_list(_words).pattern, *_CLASS_ASKS[_class], flags=re.IGNORECASE,
-          not_in=PROSE)
+def _closed_class(by_language: dict[str, str]) -> Detector:
+    lists = {lang: _word_list(words) for lang, words in by_language.items()}
+    return lambda text, source: spans(text, lists[language(source)])
+
+
+for _class, _by_language in WORD_CLASSES.items():
+    kind(_class.replace(" ", "_"), _class, *_CLASS_ASKS[_class], not_in=CODE)(_closed_class(_by_language))
 
 
 class _Lexicon:
-    """English open classes from WordNet 3.0 (``wordnet.wordnet_folder``): its nouns, verbs, adjectives
-    and adverbs, and the irregular forms of verbs and adjectives. Empty without WordNet: the word-form
-    kinds then go by their endings alone."""
+    """English open classes from WordNet 3.0 (``wordnet.wordnet_folder``): its lemmas of each part of
+    speech with how often WordNet's corpus tagged them so, and the irregular forms of verbs and
+    adjectives. Empty without WordNet, and the word-form kinds then mark nothing: guessing by
+    endings alone made "number" a comparative and "morning" a verb."""
 
     def __init__(self) -> None:
         folder = wordnet_folder()
         read = lambda name: (folder / name).read_text(encoding="utf-8").splitlines() if folder else []  # noqa: E731
-        lemmas = lambda pos: {line.split()[0] for line in read(f"index.{pos}") if line[:1].isalpha()}  # noqa: E731
-        self.nouns, self.verbs, self.adjectives, self.adverbs = (lemmas(p) for p in ("noun", "verb", "adj", "adv"))
+        # An index line: lemma, pos, synset count, pointer count p, p pointers, sense count, tagged sense count, ...
+        self.tagged = {pos: {f[0]: int(f[5 + int(f[3])]) for f in map(str.split, read(f"index.{pos}")) if f[0][:1].isalpha()}
+                       for pos in ("noun", "verb", "adj", "adv")}
         self.verb_forms = dict(line.split()[:2] for line in read("verb.exc"))  # went -> go, taken -> take
         self.adjective_forms = dict(line.split()[:2] for line in read("adj.exc"))  # better -> good
 
-    def inflected(self, word: str, ending: str, lemmas: set[str]) -> bool:
-        """Whether ``word`` is a lemma of ``lemmas`` with a regular ``ending``: walked, loved, stopped,
-        tried; any word with the ending when WordNet is missing."""
+    def lemma(self, word: str, *pos: str) -> bool:
+        return any(word in self.tagged[p] for p in pos)
+
+    def mostly(self, word: str, pos: str) -> bool:
+        """Whether ``word`` is a lemma of ``pos`` tagged as such at least as often as as any other part of speech."""
+        return word in self.tagged[pos] and all(self.tagged[pos][word] >= of.get(word, -1) for of in self.tagged.values())
+
+    def inflected(self, word: str, ending: str, pos: str) -> bool:
+        """Whether ``word`` is a lemma of ``pos`` with a regular ``ending``: walked, loved, stopped, tried."""
         if not word.endswith(ending) or len(word) < len(ending) + 3:
             return False
         base = word[: -len(ending)]
         stems = {base, base + "e", base[:-1] if base[-1] == base[-2] else base, base[:-1] + "y" if base[-1] == "i" else base}
-        return not lemmas or bool(stems & lemmas)
+        return any(stem in self.tagged[pos] for stem in stems)
 
 
 @lru_cache(maxsize=1)
@@ -167,40 +199,46 @@ def _lexicon() -> _Lexicon:
 _WORD = re.compile(r"(?<![\w'’-])[a-z]{3,}(?![\w'’-])")
 
 
-def _word_form(name: str, phrase: str, *asks: str) -> Callable[[Callable[[str], bool]], None]:
-    """Registers a kind of the lower-case English words its decorated test passes."""
-    def register(test: Callable[[str], bool]) -> None:
-        def detect(text: str) -> np.ndarray:
+def _word_form(name: str, phrase: str, *asks: str) -> Callable[[Callable[[str], bool]], Callable[[str], bool]]:
+    """Registers a kind of the lower-case words of English text its decorated test passes."""
+    def register(test: Callable[[str], bool]) -> Callable[[str], bool]:
+        def detect(text: str, source: str) -> np.ndarray:
             mask = np.zeros(len(text), dtype=bool)
-            for m in _WORD.finditer(text):
-                if test(m.group()):
-                    mask[m.start():m.end()] = True
+            if language(source) == "en":  # WordNet's lemmas are English: French "aller" is no comparative
+                for m in _WORD.finditer(text):
+                    if test(m.group()):
+                        mask[m.start():m.end()] = True
             return mask
-        kind(name, phrase, *asks, not_in=ENGLISH)(detect)
+        kind(name, phrase, *asks, not_in=CODE)(detect)
+        return test
     return register
+
+
+# The irregular pasts common enough to keep though WordNet also has them as nouns (a saw, the left).
+_COMMON_PAST = frozenset("was were had did said went came saw took made gave knew thought told found became left felt "
+                         "kept held stood heard brought began wrote led lost ran sent spent won".split())
 
 
 @_word_form("past_tense", "verbs in the past tense", "past forms of verbs such as went and walked",
             "the simple past and past participles")
-def _past(word: str) -> bool:
+def past_tense(word: str) -> bool:
     lex = _lexicon()
-    if word in lex.verb_forms:  # went, taken, was; not the present has and does
-        return not word.endswith(("ing", "s")) or word == "was"
-    return lex.inflected(word, "ed", lex.verbs)
+    if word in lex.verb_forms:  # went, taken; not the present am, are, has, does; not a rose or the ground
+        return word in _COMMON_PAST or not (word.endswith(("ing", "s")) or word == "am" or lex.lemma(word, "noun"))
+    return lex.inflected(word, "ed", "verb")
 
 
 @_word_form("ing_form", "-ing forms of verbs", "present participles and gerunds", "verbs such as being and running")
-def _ing(word: str) -> bool:
+def ing_form(word: str) -> bool:
     lex = _lexicon()
-    return word.endswith("ing") and word in lex.verb_forms or lex.inflected(word, "ing", lex.verbs)
+    return word.endswith("ing") and word in lex.verb_forms or lex.inflected(word, "ing", "verb")
 
 
 @_word_form("adverb", "adverbs", "words such as quickly, often and very", "words that modify a verb")
-def _adverb(word: str) -> bool:
-    lex = _lexicon()
-    if word in _CLOSED:  # WordNet's adverbs hold "so", "yet" and "con"; a word of a closed class is that class
-        return False
-    return word in lex.adverbs if lex.adverbs else word.endswith("ly")
+def adverb(word: str) -> bool:
+    # WordNet's adverbs hold "right", "long" and "so": a word is one when that is its most tagged part of
+    # speech and it is in no closed class
+    return _CLASS_OF["en"].get(word) is None and _lexicon().mostly(word, "adv")
 
 
 _DEGREES = frozenset("more most less least better best worse worst further furthest farther farthest".split())
@@ -208,18 +246,19 @@ _DEGREES = frozenset("more most less least better best worse worst further furth
 
 @_word_form("comparison_word", "comparatives and superlatives", "words such as bigger, best and more",
             "degrees of an adjective")
-def _degree(word: str) -> bool:
+def degree(word: str) -> bool:
     lex = _lexicon()
     if word in _DEGREES:
         return True
-    # An -er or -est word that is itself a noun is one (number, forest), not a degree of an adjective.
-    return word not in lex.nouns and (word in lex.adjective_forms or lex.inflected(word, "er", lex.adjectives)
-                                      or lex.inflected(word, "est", lex.adjectives))
+    # A word that is a lemma itself (number, forest, modest, after, outer) is not a degree of another.
+    return not lex.lemma(word, "noun", "adj", "adv") and (
+        word in lex.adjective_forms or lex.inflected(word, "er", "adj") or lex.inflected(word, "est", "adj"))
 
 
-regex("abbreviation", "abbreviations", r"(?<![\w.])(?:Mr|Mrs|Ms|Dr|Prof|St|Jr|Sr|Mt|Gen|Col|Capt|Lt|Rev|Mme|Mlle|Sra|Sta"
-      r"|etc|vol|vols|pp|cf|vs|approx|fig|ca|[A-Z])\.|(?<![\w.])(?:[a-zA-Z]\.){2,}", "shortened words with a full stop",
-      "initials and titles such as Dr.", not_in=PROSE)
+# Dotted abbreviations (U.S.A., e.g.) before a single initial, so they match whole; not "I.", a sentence's end.
+regex("abbreviation", "abbreviations", r"(?<![\w.])(?:[a-zA-Z]\.){2,}|(?<![\w.])(?:Mr|Mrs|Ms|Dr|Prof|St|Jr|Sr|Mt|Gen|Col"
+      r"|Capt|Lt|Rev|Mme|Mlle|Sra|Sta|etc|vol|vols|pp|cf|vs|approx|fig|ca|[A-HJ-Z])\.", "shortened words with a full stop",
+      "initials and titles such as Dr.", not_in=CODE)
 
 
 # Whole sources as kinds, for search only: "French text" finds the features whose mass lies in French.
@@ -231,5 +270,5 @@ _SOURCES = {
     "python": ("Python code", "source code", "programming code", "code in Python"),
 }
 for _source, (_phrase, *_asks) in _SOURCES.items():
-    kind(f"source:{_source}", _phrase, *_asks, source=_source, names=False)(lambda text: np.ones(len(text), dtype=bool))
+    kind(f"source:{_source}", _phrase, *_asks, source=_source, names=False)(lambda text, source: np.ones(len(text), dtype=bool))
 
