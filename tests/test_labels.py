@@ -157,6 +157,7 @@ def test_word_lists_are_counted_and_quoted_tokens_are_not_words():
     (" 1", None, "digits"), (",", None, "punctuation"), ("\n    ", "python", "line breaks and indentation"),
     (" def", "python", "Python keywords"), (" in", "wiki-en", "prepositions"), (" les", "wiki-fr", "articles"),
     ("ing", None, "word pieces"), (" Paris", None, "capitalised words"), (" blood", None, None),
+    (" US", "wiki-en", None), (" con", "wiki-es", "prepositions"), (" of", "wiki-fr", "prepositions"),
 ])
 def test_token_kinds(token, source, kind):
     assert wording.token_kind(token, source) == kind

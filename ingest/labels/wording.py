@@ -70,7 +70,10 @@ def token_kind(token: str, source: str | None) -> str | None:
         return "Python keywords"
     if low in _MONTHS:
         return "months"
-    if (closed := word_class(low, source)) is not None:
+    # The source's language first, then any: a feature of "de" and "of" quotes prepositions of two languages.
+    # Lower case or capitalised only, as in the corpus's kinds: "US" and "IT" are no pronouns.
+    cased = bare in (low, low[:1].upper() + low[1:])
+    if cased and (closed := word_class(low, source) or word_class(low, None)) is not None:
         return closed
     if not token.startswith(" ") and bare.isalpha() and bare.islower():
         return "word pieces"
@@ -139,8 +142,8 @@ def candidates(ev: Evidence) -> list[tuple[str, str]]:
                                 if share >= BEFORE_MIN_SHARE and token_key(t) not in targets))
     out = []
     for n in counts:
-        word_class = kind_of(quoted(ev, n), source) if n > 1 else None
-        head = ", ".join(shown[:n]) + (f" ({word_class})" if word_class else "")
+        shared = kind_of(quoted(ev, n), source) if n > 1 else None
+        head = ", ".join(shown[:n]) + (f" ({shared})" if shared else "")
         out.append((head + (f" {where}" if where else ""), "token"))
         if before and n < QUOTED_MAX:  # the tokens before count among the quoted ones
             after = " after " + ", ".join(before[:min(2, QUOTED_MAX - n)])
