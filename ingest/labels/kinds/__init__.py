@@ -20,6 +20,7 @@ from dataclasses import dataclass
 import duckdb
 import numpy as np
 import pyarrow as pa
+from scipy import sparse
 
 from ..windows import KeyIndex
 
@@ -123,13 +124,15 @@ def kind_stats(con: duckdb.DuckDBPyConnection, features: list[int]) -> KindStats
     at = KeyIndex(np.asarray(features, dtype=np.int64)).find(hits["feature_id"].to_numpy().astype(np.int64))
     keep = at >= 0
     at, value, rows = at[keep], hits["value"].to_numpy()[keep].astype(np.float64), hits["row"].to_numpy()[keep]
-    n = len(features)
+    n, n_tokens = len(features), len(tagged.kinds)
+    # Features by tokens, once with the activation and once with a count, times tokens by kinds: every
+    # kind's mass and count per feature in two sparse products (a loop over the kinds was 7 s at 78 kinds).
+    fired = lambda weights: sparse.csr_matrix((weights, (at, rows)), shape=(n, n_tokens))  # noqa: E731
+    tags = sparse.csr_matrix(tagged.kinds, dtype=np.float64)
+    on_kind, hits_on_kind = ((fired(w) @ tags).toarray() for w in (value, np.ones_like(value)))
     mass = np.bincount(at, weights=value, minlength=n)
     of_kind = tagged.kinds.sum(axis=0)
-    share, lift, recall = (np.zeros((n, len(KINDS))) for _ in range(3))
-    for i in np.flatnonzero(of_kind):
-        on = tagged.kinds[rows, i]
-        share[:, i] = np.bincount(at, weights=value * on, minlength=n) / np.maximum(mass, 1e-12)
-        lift[:, i] = share[:, i] / (of_kind[i] / len(tagged.kinds))
-        recall[:, i] = np.bincount(at, weights=on, minlength=n) / of_kind[i]
+    share = on_kind / np.maximum(mass, 1e-12)[:, None]
+    lift = share / np.maximum(of_kind / max(n_tokens, 1), 1e-12)
+    recall = hits_on_kind / np.maximum(of_kind, 1)
     return KindStats(share, lift, recall)
