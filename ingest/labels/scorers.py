@@ -224,19 +224,22 @@ class TokenScorer:
         at = KeyIndex(fired.token_keys).find(self.keys[idx])
         return idx, np.where(at >= 0, fired.token_values[at], 0).astype(np.float32)
 
-    def predict(self, label: str, idx: np.ndarray) -> np.ndarray:
-        """The label's matcher (0/1) on the pool's flat tokens ``idx``."""
-        targets, before = parse_pattern(label)
-        hit = np.isin(self.tokens[idx], self._ids(targets))
+    def _matches(self, pattern: tuple[tuple[str, ...], tuple[str, ...]], idx: np.ndarray) -> np.ndarray:
+        """A label's matcher (0/1) on the pool's flat tokens ``idx``."""
+        targets, before = pattern
+        hit = np.isin(self.tokens[idx], self._ids(list(targets)))
         if before:
-            want = self._ids(before)
+            want = self._ids(list(before))
             hit &= np.logical_or.reduce([np.isin(prev[idx], want) for prev in self.back])
         return hit.astype(np.float32)
 
     def scores(self, labels: list[str], trial: Trial, fired: Fired) -> list[TokenScore]:
-        """Each label's ``TokenScore`` on one feature's trial."""
+        """Each label's ``TokenScore`` on one feature's trial. A feature's candidates mostly quote the
+        same tokens (a topic with them, the tokens alone): each distinct pattern is matched once."""
         idx, actual = self._trial_tokens(trial, fired)
-        predicted = np.stack([self.predict(label, idx) for label in labels]).astype(np.float64)
+        patterns = [_pattern(label) for label in labels]
+        matched_once = {p: self._matches(p, idx) for p in dict.fromkeys(patterns)}
+        predicted = np.stack([matched_once[p] for p in patterns]).astype(np.float64)
         on = (actual > 0).astype(np.float64)
         hits, matched = predicted @ on, predicted.sum(1)
         precision = np.divide(hits, matched, out=np.zeros_like(hits), where=matched > 0)
@@ -249,6 +252,12 @@ class TokenScorer:
 
     def score(self, label: str, trial: Trial, fired: Fired) -> TokenScore:
         return self.scores([label], trial, fired)[0]
+
+
+def _pattern(label: str) -> tuple[tuple[str, ...], tuple[str, ...]]:
+    """A label's (quoted targets, tokens before them), hashable."""
+    targets, before = parse_pattern(label)
+    return tuple(targets), tuple(before)
 
 
 def _group(vocab: dict[int, str]) -> dict[str, list[int]]:
