@@ -19,10 +19,10 @@ chosen on the tuning half of ``scripts/search_eval.py``: label 1, context 0.5, c
 word-list labels (20 of 30 found there); with labels that name kinds and topics (issue 28) the
 corpus weight went to 0.3, the middle of the 0.2 to 0.5 that found 23/30 (0.1: 22/30, 0.05: 21/30).
 ``KIND_DIGITS`` from 4 to 30 found the same there (22/30 at corpus 0.1; none: 20/30) with the kinds
-of stop 37; with the grammar's kinds (stop 39, 78 kinds: a kind's features now compete with word
+of stop 37; with the grammar's kinds (stop 39, 79 kinds: a kind's features now compete with word
 features that the corpus signal credits, "line" against blank lines) 12 found 23/30, 16 24/30, and
 24, 36 and 60 25/30: 24, the least that reaches the plateau (held-out sets, for the record: 24 lost
-none and found 1-2 more on the first three; 36 and 60 lost one on the third and fifth).
+none and found one more on the first, second and fourth; 36 and 60 lost one on the third and fifth).
 
 *Match* says whether to trust a hit: the cosine between the query and the hit's label plus the best
 cosine between the query and any corpus window. Both are on MiniLM's fixed scale, and both must be

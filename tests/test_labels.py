@@ -136,9 +136,12 @@ def test_labels_quote_what_fires_and_say_where_in_few_words():
 
 def test_a_feature_of_one_kind_of_token_is_named_by_its_kind():
     ev = Evidence([("KING", 0.5), ("QUEEN", 0.3)], [], [("shakespeare", 0.95, 0.2)], topics=["royalty"],
-                  kind="speaker names in Shakespeare", kind_share=0.9)
+                  kind="speaker names in Shakespeare", kind_share=0.9, kind_says_where=True)
     written = [text for text, _ in wording.candidates(ev)]
     assert written == ['speaker names in Shakespeare ("KING")', 'speaker names in Shakespeare ("KING", "QUEEN")']
+    # a kind of any source gets the source it lives in, whatever words its phrase has
+    past = Evidence([("went", 0.5)], [], [("shakespeare", 0.95, 0.2)], kind="verbs in the past tense", kind_share=0.6)
+    assert [t for t, _ in wording.candidates(past)] == ['verbs in the past tense in Shakespeare\'s plays ("went")']
     assert "90% on speaker names in Shakespeare" in wording.describe(ev)
     # Where the source would take a kind past the word limit, the kind alone names it (never no label).
     wide = Evidence([("KING", 0.5)], [], [("wiki-fr", 0.5, 0.2), ("wiki-es", 0.45, 0.2)], kind="uppercase words and acronyms")
@@ -321,6 +324,10 @@ def test_python_kinds_follow_the_grammar():
     assert loops["for_loop"] == {"for", "i", "in", "x", ":", "else"} and "else" in loops["if_block"]
     assert loops["comparison"] == {"is", "not", "in"} and loops["boolean_op"] == {"and"}
     assert loops["comprehension"] == {"for", "j", "in", "i", "]"} and "j" not in loops["for_loop"]  # async for in brackets
+    # a ";" ends a statement; "match" as a name opens no header; a parenthesised import is an import
+    semi = _tagged("if x: pass; y = f(a)\nimport pdb; pdb.set_trace()\nmatch: int = 0\nfrom os import (path, sep)\n", "python")
+    assert semi["jump_statement"] == {"pass"} and semi["import_name"] == {"pdb", "os", "path", "sep"}
+    assert semi["type_hint"] == {"int"} and not semi["match_block"]
     cut = _tagged("def f():\n    return foo(a,", "python")  # cut mid-statement: the open statement runs to the end
     assert cut["return_statement"] == {"return", "foo", "(", "a", ","}
 
@@ -343,6 +350,9 @@ def test_word_classes_and_english_word_forms():
     assert got["past_tense"] == {"walked", "was", "tried"} and got["ing_form"] == {"running"}
     assert got["adverb"] == {"quickly"} and got["comparison_word"] == {"biggest", "better"}  # not number, modest, after
     assert not _tagged("They are on the ground, a rose.", "wiki-en")["past_tense"]
+    forms = _tagged("he used it, doing so; bigger and older than the modest seed", "wiki-en")
+    assert forms["past_tense"] == {"used"} and forms["ing_form"] == {"doing"}  # short stems; not seed
+    assert forms["comparison_word"] == {"bigger", "older"}  # lemmas tagged less than their stems
     assert not _tagged("aller plus loin avec", "wiki-fr")["comparison_word"]  # English forms in English only
 
 

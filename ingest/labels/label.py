@@ -31,7 +31,7 @@ from .wording import Evidence
 
 log = logging.getLogger(__name__)
 # Part of the ingest's labels-stage key: bump it when labelling changes, so old labels are redone.
-LABELS_VERSION = 21
+LABELS_VERSION = 22
 # A feature whose top activations (explainer side) all sit on one token id: it scores high on
 # token matching trivially, so reports keep it apart.
 SINGLE_TOKEN_TOP = 10
@@ -171,6 +171,7 @@ def _evidence(con: duckdb.DuckDBPyConnection, features: list[int], pool: WindowP
         if name is not None:
             evidence[f].kind = kinds.KINDS[name].phrase
             evidence[f].kind_share = float(stats.share[row, list(kinds.KINDS).index(name)])
+            evidence[f].kind_says_where = kinds.KINDS[name].source is not None
     bank = topics.ConceptBank.load(embed_fn, topics.corpus_titles(con), embedder=cfg.embedder, nouns=cfg.label_topic_nouns)
     explain_trials = scorers.make_trials(pool, fired, top_token, seed=seed, per_side=topics.PER_SIDE)
     where = {f: wording.context(ev)[1] for f, ev in evidence.items()}

@@ -19,7 +19,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass, field
 
-from .kinds.text import MONTHS, word_class
+from .kinds.text import CODE, MONTHS, word_class
 
 SOURCE_NAMES = {
     "wiki-en": "English articles",
@@ -73,7 +73,7 @@ def token_kind(token: str, source: str | None) -> str | None:
     # The source's language first, then any: a feature of "de" and "of" quotes prepositions of two languages.
     # Lower case or capitalised only, as in the corpus's kinds: "US" and "IT" are no pronouns.
     cased = bare in (low, low[:1].upper() + low[1:])
-    if cased and (closed := word_class(low, source) or word_class(low, None)) is not None:
+    if cased and source not in CODE and (closed := word_class(low, source) or word_class(low, None)) is not None:
         return closed
     if not token.startswith(" ") and bare.isalpha() and bare.islower():
         return "word pieces"
@@ -92,6 +92,7 @@ class Evidence:
     topics: list[str] = field(default_factory=list)  # concept names for its windows, best first (``topics.py``)
     kind: str | None = None  # the kind of token that holds most of its mass (``kinds.Kind.phrase``)
     kind_share: float = 0.0  # ... and that share
+    kind_says_where: bool = False  # the kind belongs to one source and its phrase names it ("... in Python code")
 
 
 def quoted(ev: Evidence, n: int = QUOTED_MAX) -> list[str]:
@@ -130,7 +131,7 @@ def candidates(ev: Evidence) -> list[tuple[str, str]]:
     labels that quote what fires or name a topic, and the scorers choose."""
     source, where = context(ev)
     if ev.kind:  # a kind names the feature, with the source when that still fits the word limit
-        kind = f"{ev.kind}{_where(ev.kind, where)}"
+        kind = f"{ev.kind}{f' {where}' if where and not ev.kind_says_where else ''}"
         kind = kind if words(kind) <= MAX_WORDS else ev.kind
         return [(kind, "kind")] if not ev.at else [(f"{kind} ({shown})", "kind") for shown in _heads(ev)]
     if not ev.at:  # it fired, but on no token that stands out: a topic can still name it
@@ -161,11 +162,6 @@ def _heads(ev: Evidence) -> list[str]:
     """The quoted tokens a label may show: the strongest one, and up to ``QUOTED_MAX``."""
     shown = [show_token(t) for t in quoted(ev)]
     return list(dict.fromkeys([shown[0], ", ".join(shown)]))
-
-
-def _where(phrase: str, where: str | None) -> str:
-    """The source phrase after a kind, unless the kind already says where ("... in Python code")."""
-    return f" {where}" if where and " in " not in phrase and not phrase.startswith("Python") else ""
 
 
 def words(label: str) -> int:

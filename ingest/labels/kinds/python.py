@@ -108,6 +108,7 @@ class _PythonReader:
         self.comprehensions: list[int] = []  # the bracket depth of each open for clause inside brackets
         self.for_targets = 0  # open "for"s whose "in" is still to come (that "in" is no comparison)
         self.opened: dict[int, str] = {}  # per indent column, the kind of the last header there (what an else ends)
+        self.soft_header = False  # the last token was a "match" or "case" that may start a header
         try:
             for tok in tokenize.generate_tokens(io.StringIO(text).readline):
                 self.read(tok)
@@ -116,6 +117,13 @@ class _PythonReader:
         for open_ in (self.statement, self.header):
             if open_ is not None:
                 self.marks[open_[0]][self.offset(open_[1]):] = True
+
+    def end_statement(self, tok: tokenize.TokenInfo) -> None:
+        """A statement ends at a line's end or at a ";" outside brackets: what it left open is closed."""
+        if self.statement is not None:
+            self.mark(self.statement[0], self.statement[1], tok.start)
+        self.statement_start, self.in_import, self.decorating, self.header, self.statement = True, False, False, None, None
+        self.annotation, self.lambdas, self.statement_begin, self.for_targets = None, [], len(self.prev), 0
 
     def offset(self, position: tuple[int, int]) -> int:
         """The character offset of a (row, column) of ``tokenize``."""
@@ -136,13 +144,13 @@ class _PythonReader:
             self.mark("comment", tok.start, tok.end)
         if tok.type in (tokenize.NL, tokenize.COMMENT, tokenize.INDENT, tokenize.DEDENT):
             return
-        if tok.type == tokenize.NEWLINE:
-            if self.statement is not None:
-                self.mark(self.statement[0], self.statement[1], tok.start)
-            self.statement_start, self.in_import, self.decorating, self.header, self.statement = True, False, False, None, None
-            self.annotation, self.lambdas, self.statement_begin, self.for_targets = None, [], len(self.prev), 0
+        if tok.type == tokenize.NEWLINE or tok.type == tokenize.OP and tok.string == ";" and not self.parens:
+            self.end_statement(tok)
             return
         last = self.prev[-1] if self.prev else None
+        if self.soft_header and tok.type == tokenize.OP and (tok.string in ("=", ".", ",", ":") or tok.string in _AUGMENTED):
+            self.header = None  # "match = ...", "case.x", "match: int": a name, not a match statement
+        self.soft_header = False
         self.inside(tok)
         if tok.type == tokenize.STRING:
             docstring = self.statement_start and (last is None or last.string == ":")
@@ -178,7 +186,7 @@ class _PythonReader:
         # async for and async with are headers when the async starts the statement, not in a comprehension
         async_header = s in ("with", "for") and before == "async" and len(self.prev) - 1 == self.statement_begin
         if s in ("match", "case") and self.statement_start:
-            self.header = (_HEADERS[s], tok.start)
+            self.header, self.soft_header = (_HEADERS[s], tok.start), True  # until the next token says otherwise
         if keyword.iskeyword(s):
             self.mark("py_keyword", tok.start, tok.end)
             if s in _HEADERS and self.statement_start or async_header:
@@ -198,7 +206,7 @@ class _PythonReader:
             self.mark("def_name" if before == "def" else "class_name", tok.start, tok.end)
         elif self.parens and self.parens[-1] == "def" and before in ("(", ",", "*", "**"):
             self.mark("parameter", tok.start, tok.end)
-        elif self.in_import and before in (None, "import", "from", ",", "."):
+        elif self.in_import and before in (None, "import", "from", ",", ".", "("):
             self.mark("import_name", tok.start, tok.end)
         elif before == ".":
             self.mark("attribute", tok.start, tok.end)

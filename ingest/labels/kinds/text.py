@@ -115,7 +115,7 @@ WORD_CLASSES = {
                      "es": "y e o u pero sino que ni"},
     "auxiliary verbs": {"en": "is are was were be been being am have has had do does did will would shall should can "
                               "could may might must",
-                        "fr": "est sont était étaient être avoir ont", "es": "es son fue fueron ha han era eran está"},
+                        "fr": "est sont était étaient être avoir a ont", "es": "es son fue fueron ha han era eran está"},
     "number words": {"en": "one two three four five six seven eight nine ten twelve twenty hundred thousand million",
                      "fr": "deux trois quatre cinq six sept huit neuf dix vingt cent mille",
                      "es": "dos tres cuatro cinco seis siete ocho nueve diez veinte cien mil"},
@@ -148,7 +148,8 @@ def word_class(word: str, source: str | None) -> str | None:
 def _word_list(words: str) -> re.Pattern[str]:
     """Matches the words in lower case or Capitalised, not in capitals ("US", "IT" and "OR" are no pronouns)."""
     forms = sorted({f for w in words.split() for f in (w, w[0].upper() + w[1:])}, key=len, reverse=True)
-    return re.compile(r"(?<![\w'’])(?:" + "|".join(map(re.escape, forms)) + r")(?!\w)")  # l' and d' elide
+    # After an apostrophe too (c'est, qu'il, l'un); the elided l' itself is a word of the list.
+    return re.compile(r"(?<!\w)(?:" + "|".join(map(re.escape, forms)) + r")(?!\w)")
 
 
 def _closed_class(by_language: dict[str, str]) -> Detector:
@@ -179,16 +180,19 @@ class _Lexicon:
         return any(word in self.tagged[p] for p in pos)
 
     def mostly(self, word: str, pos: str) -> bool:
-        """Whether ``word`` is a lemma of ``pos`` tagged as such at least as often as as any other part of speech."""
+        """Whether ``word`` is a lemma of ``pos`` tagged as such at least as often as any other part of speech."""
         return word in self.tagged[pos] and all(self.tagged[pos][word] >= of.get(word, -1) for of in self.tagged.values())
 
-    def inflected(self, word: str, ending: str, pos: str) -> bool:
-        """Whether ``word`` is a lemma of ``pos`` with a regular ``ending``: walked, loved, stopped, tried."""
-        if not word.endswith(ending) or len(word) < len(ending) + 3:
-            return False
+    def stems(self, word: str, ending: str, pos: str) -> list[str]:
+        """The lemmas of ``pos`` that ``word`` is with a regular ``ending`` taken off: walked, loved,
+        stopped, tried, being, bigger. A word that is a lemma of ``pos`` itself (feed, seed) is not an
+        inflection of another, unless that other is tagged more often (bigger beside big)."""
+        if not word.endswith(ending) or len(word) < len(ending) + 2:
+            return []
         base = word[: -len(ending)]
         stems = {base, base + "e", base[:-1] if base[-1] == base[-2] else base, base[:-1] + "y" if base[-1] == "i" else base}
-        return any(stem in self.tagged[pos] for stem in stems)
+        own = self.tagged[pos].get(word, -1)
+        return [stem for stem in stems if stem != word and self.tagged[pos].get(stem, -1) > own]
 
 
 @lru_cache(maxsize=1)
@@ -225,13 +229,13 @@ def past_tense(word: str) -> bool:
     lex = _lexicon()
     if word in lex.verb_forms:  # went, taken; not the present am, are, has, does; not a rose or the ground
         return word in _COMMON_PAST or not (word.endswith(("ing", "s")) or word == "am" or lex.lemma(word, "noun"))
-    return lex.inflected(word, "ed", "verb")
+    return bool(lex.stems(word, "ed", "verb")) and not lex.mostly(word, "noun")  # used, died; not seed, weed
 
 
 @_word_form("ing_form", "-ing forms of verbs", "present participles and gerunds", "verbs such as being and running")
 def ing_form(word: str) -> bool:
     lex = _lexicon()
-    return word.endswith("ing") and word in lex.verb_forms or lex.inflected(word, "ing", "verb")
+    return word.endswith("ing") and word in lex.verb_forms or bool(lex.stems(word, "ing", "verb"))
 
 
 @_word_form("adverb", "adverbs", "words such as quickly, often and very", "words that modify a verb")
@@ -248,11 +252,16 @@ _DEGREES = frozenset("more most less least better best worse worst further furth
             "degrees of an adjective")
 def degree(word: str) -> bool:
     lex = _lexicon()
+    if not lex.tagged["adj"]:  # without WordNet, nothing: not even the fixed words
+        return False
     if word in _DEGREES:
         return True
-    # A word that is a lemma itself (number, forest, modest, after, outer) is not a degree of another.
-    return not lex.lemma(word, "noun", "adj", "adv") and (
-        word in lex.adjective_forms or lex.inflected(word, "er", "adj") or lex.inflected(word, "est", "adj"))
+    # Not a noun or an adverb itself (number, forest, after); an adjective only when its stem is tagged
+    # more often (bigger beside big, not modest beside mod).
+    if lex.lemma(word, "noun", "adv"):
+        return False
+    irregular = word in lex.adjective_forms and word not in lex.tagged["adj"]  # happier -> happy
+    return irregular or bool(lex.stems(word, "er", "adj") or lex.stems(word, "est", "adj"))
 
 
 # Dotted abbreviations (U.S.A., e.g.) before a single initial, so they match whole; not "I.", a sentence's end.
