@@ -131,7 +131,7 @@ def candidates(ev: Evidence) -> list[tuple[str, str]]:
     labels that quote what fires or name a topic, and the scorers choose."""
     source, where = context(ev)
     if ev.kind:  # a kind names the feature, with the source when that still fits the word limit
-        kind = f"{ev.kind}{f' {where}' if where and not ev.kind_says_where else ''}"
+        kind = ev.kind if ev.kind_says_where or not where else f"{ev.kind} {where}"
         kind = kind if words(kind) <= MAX_WORDS else ev.kind
         return [(kind, "kind")] if not ev.at else [(f"{kind} ({shown})", "kind") for shown in _heads(ev)]
     if not ev.at:  # it fired, but on no token that stands out: a topic can still name it
