@@ -97,7 +97,7 @@ class _PythonReader:
         # would also split at form feeds, which the stdlib's sources hold, and shift every mark after one).
         self.line_start = np.concatenate([[0], np.cumsum([len(line) + 1 for line in text.split("\n")])])
         self.prev: list[tokenize.TokenInfo] = []  # the significant tokens so far
-        self.parens: list[str] = []  # per open bracket: "def" (a signature), "call", or "other"
+        self.parens: list[str] = []  # per open bracket: "def" (a signature), "call", "subscript" or "other"
         self.fstrings: list[tuple[int, int]] = []  # where each open f-string starts (Python 3.12 splits them)
         self.statement_start, self.in_import, self.decorating = True, False, False
         self.header: tuple[str, tuple[int, int]] | None = None  # an open compound header: its kind and start

@@ -43,11 +43,13 @@ def kind(name: str, phrase: str, *asks: str, source: str | None = None, names: b
     return register
 
 
-def spans(text: str, pattern: re.Pattern[str], group: int = 0) -> np.ndarray:
-    """[len(text)] bool: the characters of every match of ``pattern`` (of its ``group``)."""
+def spans(text: str, pattern: re.Pattern[str], group: int = 0, keep: Callable[[str], bool] | None = None) -> np.ndarray:
+    """[len(text)] bool: the characters of every match of ``pattern`` (of its ``group``), or of those
+    whose text ``keep`` accepts."""
     mask = np.zeros(len(text), dtype=bool)
     for m in pattern.finditer(text):
-        mask[m.start(group):m.end(group)] = True
+        if keep is None or keep(m.group(group)):
+            mask[m.start(group):m.end(group)] = True
     return mask
 
 

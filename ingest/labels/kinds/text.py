@@ -207,12 +207,9 @@ def _word_form(name: str, phrase: str, *asks: str) -> Callable[[Callable[[str], 
     """Registers a kind of the lower-case words of English text its decorated test passes."""
     def register(test: Callable[[str], bool]) -> Callable[[str], bool]:
         def detect(text: str, source: str) -> np.ndarray:
-            mask = np.zeros(len(text), dtype=bool)
-            if language(source) == "en":  # WordNet's lemmas are English: French "aller" is no comparative
-                for m in _WORD.finditer(text):
-                    if test(m.group()):
-                        mask[m.start():m.end()] = True
-            return mask
+            if language(source) != "en":  # WordNet's lemmas are English: French "aller" is no comparative
+                return np.zeros(len(text), dtype=bool)
+            return spans(text, _WORD, keep=test)
         kind(name, phrase, *asks, not_in=CODE)(detect)
         return test
     return register
