@@ -28,7 +28,7 @@ from featureatlas.store import calibrate as C
 from featureatlas.store import search as S
 from featureatlas.store.atlas import Atlas, QueryInterrupted
 from featureatlas.store.corpus_search import WindowIndex, coverage, enriched, match_windows
-from featureatlas.store.dictionaries import family, read_dictionaries
+from featureatlas.store.dictionaries import dictionary_of, family, read_dictionaries
 from featureatlas.store.errors import BadParameter, NotFound
 from featureatlas.store.map_view import NoMap, map_data, map_json, map_levels
 from featureatlas.store.schema import ANN_MIN_ROWS
@@ -208,7 +208,7 @@ class AtlasService:
 
     @cached_property
     def _has_families(self) -> bool:
-        """Several dictionaries (a nested one's prefixes) and the table linking their features."""
+        """Several dictionaries (a nested one's prefixes, a stack's widths) and the table linking their features."""
         return len(self._dictionaries) > 1 and "families" in self.atlas.duckdb_tables
 
     # -- features -------------------------------------------------------------------------------
@@ -241,7 +241,9 @@ class AtlasService:
         row["quantile_examples"] = [e for e in examples if e["kind"] != "top"]
         bins = len(row["histogram"])
         row["histogram_edges"] = [row["max_activation"] * i / bins for i in range(bins + 1)] if bins else []
-        # Its parent and children across a nested dictionary's prefixes (null with one dictionary).
+        # The narrowest dictionary holding it, and its parent and children across the widths (null
+        # with one dictionary).
+        row["dictionary"] = dictionary_of(self._dictionaries, feature_id)
         row["family"] = family(self.atlas, self._dictionaries, feature_id) if self._has_families else None
         return row
 

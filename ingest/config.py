@@ -85,7 +85,11 @@ class TrainConfig:
     dictionary: str = setting("", "load this dictionary (SAELens, sparsify, dictionary_learning, Gemma Scope, OpenAI) "
                                   "instead of training one")
     architecture: str = setting("topk", "topk, batchtopk, relu, jumprelu or matryoshka (ingest/sae.py's ARCHITECTURES)")
-    d_sae: int = setting(4096, "dictionary size (features)")
+    d_sae: int = setting(4096, "dictionary size (features); with --widths, the widest")
+    # Several widths at one hook point, each its own dictionary, trained from one pass over the cache
+    # (``train.train_saes``) and held side by side (``SAE.stack``): the families of feature splitting.
+    widths: list[int] = setting([], "train a dictionary of each width (rising, e.g. 1024 4096 16384) at the hook "
+                                    "from one pass, instead of one of --d-sae")
     k: int = setting(32, "active features per token (top-k families)")
     sparsity_coef: float | None = setting(None, "relu: L1 weight (default 5); jumprelu: L0 weight (default 1)")
     train_tokens: int = setting(2_500_000, "training budget in tokens (epochs over the cache when larger)")
@@ -97,7 +101,15 @@ class TrainConfig:
 
     @property
     def lr_value(self) -> float:
-        return self.lr if self.lr is not None else 2e-4 / (self.d_sae / 16384) ** 0.5
+        return self.lr_for(self.d_sae)
+
+    def lr_for(self, width: int) -> float:
+        return self.lr if self.lr is not None else 2e-4 / (width / 16384) ** 0.5
+
+    @property
+    def dictionary_widths(self) -> list[int]:
+        """The widths to train: ``widths``, or the one ``d_sae``."""
+        return list(self.widths) or [self.d_sae]
 
 
 @dataclass
@@ -293,6 +305,13 @@ def _validate_dictionary(t: TrainConfig) -> None:
 
     if t.architecture not in ARCHITECTURES:
         raise BadConfig(flag("architecture"), f"must be one of {', '.join(ARCHITECTURES)}, got {t.architecture!r}")
+    if t.widths:
+        if t.widths != sorted(set(t.widths)) or len(t.widths) < 2 or t.widths[0] < t.k:
+            raise BadConfig(flag("widths"), f"must be two or more rising widths, each at least k ({t.k}), got {t.widths}")
+        if t.d_sae != t.widths[-1]:
+            raise BadConfig(flag("d_sae"), f"is the widest of --widths ({t.widths[-1]}) or left out, got {t.d_sae}")
+        if t.dictionary or ARCHITECTURES[t.architecture].nested:
+            raise BadConfig(flag("widths"), "trains dictionaries apart; a loaded or matryoshka dictionary has its own widths")
     if t.sparsity_coef is not None and t.sparsity_coef < 0:
         raise BadConfig(flag("sparsity_coef"), f"must be >= 0, got {t.sparsity_coef}")
     if t.train_batch < 1 or t.train_tokens < t.train_batch:
@@ -393,6 +412,8 @@ def load_config(
             raise BadConfig("--config", f"{path} is not valid TOML: {e}") from None
     values.update({k: v for k, v in (overrides or {}).items() if v is not None})
     values = flatten(values)
+    if values.get("widths") and "d_sae" not in values:  # the widest is the dictionary's size
+        values["d_sae"] = max(values["widths"])
     if "corpus" in values and "corpus_weights" not in values:  # sources named without weights: equal shares
         values["corpus_weights"] = [1.0] * len(values["corpus"])
     cfg = AtlasConfig.build(values)

@@ -11,7 +11,7 @@ from .sae import SAE
 from .tokens import TokenizedCorpus
 
 # Part of the evaluate stage's key: bump it when the metrics change, so old results are recomputed.
-METRICS_VERSION = 3  # 3: each prefix of a nested dictionary measured too
+METRICS_VERSION = 4  # 3: each prefix of a nested dictionary measured too; 4: under "parts", a stack's widths too
 
 
 @torch.no_grad()

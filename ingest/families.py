@@ -1,11 +1,12 @@
-"""Feature families across the widths of a nested (matryoshka) dictionary.
+"""Feature families across the widths of the dictionaries at one hook point.
 
-Each prefix of a matryoshka dictionary is trained to reconstruct on its own, so the latents a wider
-prefix adds refine what the narrower one already says: when a dictionary widens, a feature splits
-into finer ones (Scaling Monosemanticity's "feature splitting"). Every latent a prefix adds is
-linked to its *parent*, the latent of the next narrower prefix whose decoder direction is closest,
-and the link is checked on the corpus: the share of the child's tokens on which the parent fires
-too. The stage also measures the splitting: how many added latents have a parent clearly above
+When a dictionary widens, a feature splits into finer ones (Scaling Monosemanticity's "feature
+splitting"). The widths are either dictionaries trained apart and stacked (``SAE.stack``), or the
+prefixes of a nested (matryoshka) one, each trained to reconstruct on its own, whose wider prefixes
+add latents to the narrower ones'. Every latent of a wider dictionary (that a narrower one does not
+hold too) is linked to its *parent*, the latent of the next narrower dictionary whose decoder
+direction is closest, and the link is checked on the corpus: the share of the child's tokens on
+which the parent fires too. The stage also measures the splitting: how many added latents have a parent clearly above
 chance, how many children a parent has, and how much of a parent's top examples its children cover.
 """
 
@@ -36,18 +37,22 @@ def chance_cosine(n: int, d: int) -> float:
     return math.sqrt(2 * math.log(max(n, 2)) / d)
 
 
-def link(decoder: np.ndarray, widths: Sequence[int]) -> dict[str, np.ndarray]:
-    """``decoder`` [d_sae, d_in], unit rows; ``widths`` the prefixes, narrowest first. For every latent
-    a prefix adds: its parent in the prefix before, the decoder cosine, and both prefixes' widths."""
+def link(decoder: np.ndarray, parts: Sequence[tuple[int, int]]) -> dict[str, np.ndarray]:
+    """``decoder`` [d_sae, d_in], unit rows; ``parts`` each dictionary's (first latent, width),
+    narrowest first. For every latent of a dictionary that the one before does not hold: its parent
+    in the one before, the decoder cosine, and both dictionaries' widths."""
     child, parent, cosine, child_width, parent_width = [], [], [], [], []
-    for narrow, wide in zip(widths, widths[1:]):
+    for (first_narrow, narrow), (first_wide, wide) in zip(parts, parts[1:]):
+        parents = np.arange(first_narrow, first_narrow + narrow)
+        # A nested prefix holds the narrower one's latents (both start at 0): only those it adds are children.
+        start_at = first_narrow + narrow if first_wide == first_narrow else first_wide
         block = max(1, BLOCK_CELLS // narrow)
-        for start in range(narrow, wide, block):
-            stop = min(wide, start + block)
-            sims = decoder[start:stop] @ decoder[:narrow].T
+        for start in range(start_at, first_wide + wide, block):
+            stop = min(first_wide + wide, start + block)
+            sims = decoder[start:stop] @ decoder[parents].T
             best = sims.argmax(1)
             child.append(np.arange(start, stop))
-            parent.append(best)
+            parent.append(parents[best])
             cosine.append(sims[np.arange(stop - start), best])
             child_width.append(np.full(stop - start, wide))
             parent_width.append(np.full(stop - start, narrow))
@@ -56,11 +61,21 @@ def link(decoder: np.ndarray, widths: Sequence[int]) -> dict[str, np.ndarray]:
             "width": cat(child_width, np.int32), "parent_width": cat(parent_width, np.int32)}
 
 
-def run(decoder: np.ndarray, widths: Sequence[int], ids: dict[int, str], encode_folder: Path, folder: Path) -> dict[str, Any]:
+def narrowest(parts: Sequence[tuple[int, int]], ids: np.ndarray) -> np.ndarray:
+    """The width of the narrowest of ``parts`` holding each latent of ``ids`` (a parent found among
+    a nested dictionary's 4,096 may be one of its first 1,024)."""
+    out = np.zeros(len(ids), np.int64)
+    for first, width in sorted(parts, key=lambda p: -p[1]):  # narrower ones overwrite
+        out[(ids >= first) & (ids < first + width)] = width
+    return out
+
+
+def run(decoder: np.ndarray, parts: Sequence[tuple[int, int]], ids: dict[int, str], encode_folder: Path,
+        folder: Path) -> dict[str, Any]:
     """Writes ``families.parquet`` (``store.schema.FAMILIES``) and returns the splitting measures.
     ``ids``: each width's dictionary id; ``encode_folder`` holds the encode stage's activations and
     examples."""
-    links = link(decoder, widths)
+    links = link(decoder, parts)
     if not len(links["feature_id"]):  # one width: no families, and nothing to measure
         pq.write_table(FAMILIES.arrow().empty_table(), folder / OUTPUTS[0])
         return {"links": 0}
@@ -93,9 +108,7 @@ def run(decoder: np.ndarray, widths: Sequence[int], ids: dict[int, str], encode_
     finally:
         con.close()
     coact = np.array([together.get(int(f), 0.0) for f in links["feature_id"]], np.float32)
-    # Each side named by the narrowest dictionary that holds it (a parent found among the 4,096 of
-    # the prefix before may be one of its first 1,024), as the API names them.
-    home = np.asarray(widths)[np.searchsorted(widths, links["parent_id"], side="right")]
+    home = narrowest(parts, links["parent_id"])  # as the API names it
     table = FAMILIES.build({
         "dictionary": [ids[int(w)] for w in links["width"]], "feature_id": links["feature_id"],
         "parent_dictionary": [ids[int(w)] for w in home], "parent_id": links["parent_id"],

@@ -40,7 +40,7 @@ from .model import SubjectModel, load_model, resolve_dtype
 from .sae import SAE
 from .stages import ShardRunner, Stage, Stages, local_shards, shard_records, stage_key
 from .tokens import TokenizedCorpus, tokenize_corpus
-from .train import train_sae
+from .train import DictionarySpec, train_saes
 
 log = logging.getLogger(__name__)
 # Part of the publish key: bump it when the published layout changes.
@@ -159,16 +159,21 @@ def _run_train(ctx: Ingest, folder: Path) -> dict[str, Any]:
         return {"loaded_from": ctx.cfg.train.dictionary, "format": ctx.loaded.meta["loaded_from"]["format"],
                 "architecture": ctx.loaded.architecture}
     t = ctx.cfg.train
-    result = train_sae(
-        ctx.acts, rows=np.flatnonzero(~ctx.is_bos & ~ctx.is_eval), architecture=t.architecture, d_sae=t.d_sae, k=t.k,
-        sparsity_coef=t.sparsity_coef, tokens=t.train_tokens, batch=t.train_batch, lr=t.lr_value, aux_k=t.aux_k,
-        aux_coef=t.aux_coef, dead_tokens=t.dead_tokens, seed=ctx.cfg.run.seed, device=ctx.model.device, meta=meta,
-        checkpoint=folder / "checkpoint.pt", compute_dtype=ctx.train_dtype,
-    )
-    result.sae.save(folder / M.DICTIONARY)
+    specs = [DictionarySpec(width, t.k, t.lr_for(width), t.architecture, t.sparsity_coef, t.aux_k, t.aux_coef,
+                            t.dead_tokens, dict(meta)) for width in t.dictionary_widths]
+    results = train_saes(ctx.acts, specs, rows=np.flatnonzero(~ctx.is_bos & ~ctx.is_eval), tokens=t.train_tokens,
+                         batch=t.train_batch, seed=ctx.cfg.run.seed, device=ctx.model.device,
+                         checkpoint=folder / "checkpoint.pt", compute_dtype=ctx.train_dtype)
+    sae = results[0].sae if len(results) == 1 else SAE.stack([r.sae for r in results])
+    sae.save(folder / M.DICTIONARY)
     (folder / "checkpoint.pt").unlink(missing_ok=True)
-    return {"steps": result.steps, "tokens": result.tokens, "input_scale": result.input_scale,
-            "train_fvu": result.final_fvu, "train_dead_fraction": result.dead_fraction}
+    last = results[-1]  # the widest: the atlas's default dictionary
+    summary = {"steps": last.steps, "tokens": last.tokens, "input_scale": last.input_scale,
+               "train_fvu": last.final_fvu, "train_dead_fraction": last.dead_fraction}
+    if len(results) > 1:
+        summary["parts"] = {str(s.d_sae): {"train_fvu": r.final_fvu, "train_dead_fraction": r.dead_fraction}
+                            for s, r in zip(specs, results)}
+    return summary
 
 
 def _train_inputs(ctx: Ingest) -> Any:
@@ -179,17 +184,18 @@ def _train_inputs(ctx: Ingest) -> Any:
 
 
 def _run_evaluate(ctx: Ingest, folder: Path) -> dict[str, Any]:
-    """Held-out metrics of the dictionary, and of each inner prefix of a nested one (a dictionary of
-    its own in the atlas: ``store/dictionaries.py``), under ``prefixes`` by width."""
+    """Held-out metrics of the default dictionary, and under ``parts`` by width of every other one
+    these latents hold (a nested dictionary's prefixes, a stack's narrower widths: each a
+    dictionary of its own in the atlas, ``store/dictionaries.py``)."""
     held = ctx.acts[~ctx.is_bos & ctx.is_eval]
-    widths = list(ctx.sae.prefixes)  # the full width last
-    saes = [ctx.sae.prefix(w) for w in widths[:-1]] + [ctx.sae]
+    parts = ctx.sae.parts  # the default last
+    saes = [ctx.sae.part(i) for i in range(len(parts))] if len(parts) > 1 else [ctx.sae]
     losses = loss_recovered(ctx.model, saes, ctx.corpus, ctx.layer, contexts=ctx.cfg.evaluate.ce_eval_contexts,
                             batch=ctx.cfg.harvest.harvest_batch)
     measured = [reconstruction_metrics(sae, held) | loss for sae, loss in zip(saes, losses)]
     metrics = measured[-1]
-    if len(widths) > 1:
-        metrics["prefixes"] = {str(w): m for w, m in zip(widths[:-1], measured[:-1])}
+    if len(parts) > 1:
+        metrics["parts"] = {str(width): m for (_, width), m in zip(parts[:-1], measured[:-1])}
     return metrics
 
 
@@ -205,10 +211,10 @@ def _run_encode(ctx: Ingest, folder: Path) -> dict[str, Any]:
 
 
 def _run_families(ctx: Ingest, folder: Path) -> dict[str, Any]:
-    """Parents and children across the prefixes of a nested dictionary (``ingest/families.py``); an
-    empty table for any other."""
-    widths = list(ctx.sae.prefixes)
-    return families.run(ctx.sae.unit_decoder().numpy(), widths, {w: dictionary_id(ctx.layer, w) for w in widths},
+    """Parents and children across the dictionaries these latents hold (``ingest/families.py``); an
+    empty table for one dictionary."""
+    parts = list(ctx.sae.parts)
+    return families.run(ctx.sae.unit_decoder().numpy(), parts, {w: dictionary_id(ctx.layer, w) for _, w in parts},
                         ctx.folder("encode"), folder)
 
 
@@ -422,7 +428,7 @@ def _manifest(ctx: Ingest, summaries: dict[str, dict[str, Any]]) -> dict[str, An
         "hook": {"layer": ctx.layer, "name": hook_name(ctx.layer), "point": "residual stream after block"},
         "dictionary": {"architecture": sae.architecture, "source": sae.meta.get("loaded_from", "trained"),
                        "d_in": sae.d_in, "d_sae": sae.d_sae, "k": sae.k, "format": "saelens", "path": M.DICTIONARY,
-                       "prefixes": list(sae.prefixes)},
+                       "parts": [list(p) for p in sae.parts]},
         "metrics": {k: v for k, v in summaries["evaluate"].items() if k != "seconds"},
         "families": {k: v for k, v in summaries["families"].items() if k != "seconds"},
         "corpus": {"sources": cfg.corpus.corpus, "weights": cfg.corpus.corpus_weights, "hash": ctx.corpus_hash,

@@ -13,6 +13,7 @@ L0 varies), so nothing is cut, and ``decode(encode(x))`` is the reconstruction.
 
 from __future__ import annotations
 
+import itertools
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -76,7 +77,11 @@ def architecture_named(name: str) -> Architecture:
 
 
 def _topk_code(sae: "SAE", pre: torch.Tensor) -> SparseCode:
-    values, indices = pre.topk(sae.k, dim=-1, sorted=False)
+    """The k largest per row of each of a stack's dictionaries (of the whole width otherwise): a
+    rule per row, unlike the per-latent rules below, so it is the one that must see the stack."""
+    picks = [pre[:, first : first + width].topk(min(sae.k, width), dim=-1, sorted=False) for first, width in sae.blocks]
+    values = torch.cat([v for v, _ in picks], 1)
+    indices = torch.cat([i + first for (_, i), (first, _) in zip(picks, sae.blocks)], 1)
     return SparseCode.fixed(values.relu(), indices).active()
 
 
@@ -107,6 +112,10 @@ register(Architecture("jumprelu", "jumprelu", _threshold_code, objectives.jumpre
 register(Architecture("matryoshka", "jumprelu", _threshold_code, objectives.matryoshka_objective, threshold="running",
                       aux=True, nested=True))
 PREFIXES_KEY = "matryoshka_widths"  # where a nested dictionary's prefixes are kept in its metadata
+# Where a stack's widths are kept in its metadata: dictionaries trained apart at one hook point (each
+# width for itself, from one pass: ``train.train_saes``), their latents side by side, so the atlas
+# keys every feature by one id and each dictionary is a range of ids (``SAE.stack``).
+STACK_KEY = "stacked_widths"
 
 
 def default_prefixes(d_sae: int) -> list[int]:
@@ -129,6 +138,12 @@ class SAE(nn.Module):
             if widths != sorted(set(widths)) or widths[0] < 1 or widths[-1] != d_sae:
                 raise ValueError(f"{PREFIXES_KEY} must rise strictly from 1 or more to d_sae ({d_sae}), got {widths}")
             self.meta[PREFIXES_KEY] = widths
+        if STACK_KEY in self.meta:
+            stacked = [int(w) for w in self.meta[STACK_KEY]]
+            if self.arch.nested or sum(stacked) != d_sae or min(stacked) < 1:
+                raise ValueError(f"{STACK_KEY} must be widths of non-nested dictionaries summing to d_sae ({d_sae}), "
+                                 f"got {stacked} for {architecture}")
+            self.meta[STACK_KEY] = stacked
         # The encoder is held a latent per row, like nn.Linear's weight; ``W_enc`` (SAELens's shape,
         # what files hold) is its transpose as a view. Training's sparse gradient then writes
         # contiguous rows (3.6 ms instead of 9.9 into columns at d_sae=8192 here), a matmul reads
@@ -142,6 +157,10 @@ class SAE(nn.Module):
             self.threshold = nn.Parameter(torch.zeros(d_sae))
         elif self.arch.threshold == "running":
             self.register_buffer("threshold", torch.zeros(d_sae))  # one value, learned as a running estimate
+        if STACK_KEY in self.meta:
+            # Each stacked dictionary's own b_dec, which its encoder subtracts first: stacked, the
+            # subtraction is folded into ``b_enc`` (one matmul for all) and ``b_dec`` is zero.
+            self.register_buffer("part_b_dec", torch.zeros(len(self.meta[STACK_KEY]), d_in))
 
     @property
     def architecture(self) -> str:
@@ -183,6 +202,59 @@ class SAE(nn.Module):
         """The widths of a nested dictionary's own sub-dictionaries, widest (d_sae) last; (d_sae,) otherwise."""
         return tuple(self.meta[PREFIXES_KEY]) if self.arch.nested else (self.d_sae,)
 
+    @property
+    def blocks(self) -> tuple[tuple[int, int], ...]:
+        """(first latent, width) of each dictionary of a stack, side by side; the whole otherwise."""
+        if STACK_KEY not in self.meta:
+            return ((0, self.d_sae),)
+        firsts = [0, *itertools.accumulate(self.meta[STACK_KEY])]
+        return tuple(zip(firsts, self.meta[STACK_KEY]))
+
+    @property
+    def parts(self) -> tuple[tuple[int, int], ...]:
+        """(first latent, width) of every dictionary these latents hold, the atlas's default (the
+        widest) last: a nested dictionary's prefixes, which all start at 0; a stack's dictionaries;
+        or the one dictionary."""
+        return tuple((0, w) for w in self.prefixes) if self.arch.nested else self.blocks
+
+    def part(self, i: int) -> "SAE":
+        """``parts[i]`` as a dictionary of its own, which reconstructs alone."""
+        first, width = self.parts[i]
+        if self.arch.nested or STACK_KEY not in self.meta:
+            return self.prefix(width)
+        meta = {key: value for key, value in self.meta.items() if key != STACK_KEY}
+        out = SAE(self.d_in, width, min(self.k, width), architecture=self.architecture, meta=meta)
+        state = {name: t[first : first + width] for name, t in self.state_dict().items() if name not in ("b_dec", "part_b_dec")}
+        b_dec = self.part_b_dec[i]
+        with torch.no_grad():
+            state["b_enc"] = state["b_enc"] + b_dec @ self.W_enc[:, first : first + width]  # unfold its b_dec
+        out.load_state_dict({**state, "b_dec": b_dec})
+        return out.to(self.b_dec)
+
+    @classmethod
+    def stack(cls, saes: list["SAE"]) -> "SAE":
+        """Dictionaries trained apart at one hook as one: their latents side by side (ids of the
+        second start after the first's), each encoding with its own k and b_dec, so ``encode`` gives
+        what each would alone, offset. Reconstruction stays per dictionary (``part``)."""
+        first = saes[0]
+        if len(saes) < 2:
+            raise ValueError("a stack needs two dictionaries or more")
+        if any(s.d_in != first.d_in or s.architecture != first.architecture or s.arch.nested or s.layer_norm_input
+               or STACK_KEY in s.meta for s in saes):
+            raise ValueError("stacked dictionaries must share d_in and a non-nested architecture, without input "
+                             "normalisation or stacks of their own")
+        meta = {**first.meta, STACK_KEY: [s.d_sae for s in saes]}
+        out = cls(first.d_in, sum(s.d_sae for s in saes), max(s.k for s in saes), architecture=first.architecture,
+                  meta=meta)
+        with torch.no_grad():
+            state = {name: torch.cat([s.state_dict()[name] for s in saes]) for name in out.state_dict()
+                     if name not in ("b_dec", "part_b_dec")}
+            state["b_enc"] = torch.cat([s.b_enc - s.b_dec @ s.W_enc for s in saes])
+            state["b_dec"] = torch.zeros(first.d_in)
+            state["part_b_dec"] = torch.stack([s.b_dec.detach() for s in saes])
+        out.load_state_dict({name: t.detach().cpu() for name, t in state.items()})
+        return out
+
     def prefix(self, width: int) -> "SAE":
         """The first ``width`` latents as a dictionary of their own (a matryoshka prefix)."""
         if not 1 <= width <= self.d_sae:
@@ -214,13 +286,19 @@ class SAE(nn.Module):
         out = code.values.new_zeros(code.n_rows, self.d_sae)
         return out.index_put_((code.row_ids(), code.indices), code.values)
 
+    def _whole(self) -> None:
+        if STACK_KEY in self.meta:
+            raise ValueError("a stack of dictionaries reconstructs one dictionary at a time: use part(i)")
+
     def forward(self, x: torch.Tensor) -> ForwardOutput:
+        self._whole()
         pre = self.pre_activations(x)
         code = self._code(pre)
         return ForwardOutput(self._denormalize(self.decode(code).view(x.shape), x), code, pre)
 
     def reconstruct(self, x: torch.Tensor) -> torch.Tensor:
         """[N, d_in] in the input's own units (an input layer norm undone)."""
+        self._whole()
         return self._denormalize(self.decode(self.encode(x)).view(x.shape), x)
 
     def _denormalize(self, out: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
@@ -257,6 +335,8 @@ class SAE(nn.Module):
         """
         self.b_enc.div_(scale)
         self.b_dec.div_(scale)
+        if hasattr(self, "part_b_dec"):
+            self.part_b_dec.div_(scale)
         if hasattr(self, "threshold"):
             self.threshold.div_(scale)
 

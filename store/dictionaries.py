@@ -1,11 +1,13 @@
 """The dictionaries of an atlas, as rows of ``schema.DICTIONARIES``, and the families of its features.
 
-An atlas holds one trained or loaded dictionary, described by its manifest (hook, dictionary,
-held-out metrics, training settings); a nested (matryoshka) one is a dictionary per prefix, whose
-features form families across the prefixes (``ingest/families.py``). Publishing writes the
-description as the ``dictionaries`` table, so SQL, the HTTP API and Python list dictionaries by id;
-an atlas published before the table existed gets the same rows from its manifest. Separately
-trained widths and layers in one atlas are not built yet.
+An atlas's features come from one trained or loaded set of latents at one hook point, described
+by its manifest (hook, dictionary, held-out metrics, training settings). Those latents can hold
+several dictionaries, each a range of feature ids (``first_feature``, ``d_sae``): the prefixes of a
+nested (matryoshka) one, all starting at 0, or widths trained apart and stacked side by side
+(``--widths``). Their features form families across the widths (``ingest/families.py``).
+Publishing writes the description as the ``dictionaries`` table, so SQL, the HTTP API and Python
+list dictionaries by id; an atlas published before the table existed gets the same rows from its
+manifest. Dictionaries at several layers in one atlas are not built yet.
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ from .atlas import Atlas
 from .schema import DICTIONARIES
 
 # Training settings that describe a dictionary (the rest of the train config says where files live).
-_TRAINING = ("architecture", "d_sae", "k", "sparsity_coef", "train_tokens", "train_batch", "lr", "aux_k", "aux_coef",
+_TRAINING = ("architecture", "d_sae", "widths", "k", "sparsity_coef", "train_tokens", "train_batch", "lr", "aux_k", "aux_coef",
              "dead_tokens")
 MAX_CHILDREN = 20  # children a feature page shows, closest first (a parent of 1,024 can have dozens)
 _METRICS = ("l0", "variance_explained", "variance_explained_without_outliers", "loss_recovered", "dead_fraction")
@@ -40,23 +42,27 @@ def dictionary_id(layer: int | None, d_sae: int) -> str:
 
 
 def dictionary_rows(manifest: dict[str, Any]) -> list[dict[str, Any]]:
-    """The atlas's dictionaries as ``DICTIONARIES`` rows, from its manifest, the default first. A
-    nested (matryoshka) dictionary is one dictionary per prefix: the first ``w`` latents are a
-    dictionary of their own, trained to reconstruct alone, so feature ``i`` is the same latent in
-    every prefix wider than ``i``; the full width is the default."""
+    """The atlas's dictionaries as ``DICTIONARIES`` rows, from its manifest, the default (the widest,
+    the manifest's last part) first. In a nested (matryoshka) dictionary the first ``w`` latents
+    are a dictionary of their own, trained to reconstruct alone, so feature ``i`` is the same latent
+    in every prefix wider than ``i``; stacked dictionaries share no feature."""
     d, hook, metrics = manifest["dictionary"], manifest.get("hook") or {}, manifest.get("metrics") or {}
     source = d.get("source")  # "trained", or where a loaded dictionary came from: {format, path}
     trained = source == "trained"
     config = manifest.get("config") or {}
     train, run = config.get("train") or {}, config.get("run") or {}
     training = {key: train.get(key) for key in _TRAINING} | {"seed": run.get("seed")}
-    widths = [int(w) for w in d.get("prefixes") or [d["d_sae"]]]
+    # Atlases before stacks name a nested dictionary's "prefixes", and its metrics under that key.
+    parts = [(int(f), int(w)) for f, w in d.get("parts") or [(0, w) for w in d.get("prefixes") or [d["d_sae"]]]]
+    others = metrics.get("parts") or metrics.get("prefixes") or {}
     rows = []
-    for width in sorted(widths, key=lambda w: (w != d["d_sae"], w)):
-        measured = metrics if width == d["d_sae"] else (metrics.get("prefixes") or {}).get(str(width), {})
+    for first, width in [parts[-1], *parts[:-1]]:
+        default = (first, width) == parts[-1]
+        measured = metrics if default else others.get(str(width), {})
         rows.append({
             "dictionary": dictionary_id(hook.get("layer"), width),
-            "is_default": width == d["d_sae"],
+            "is_default": default,
+            "first_feature": first,
             "hook": hook.get("name"),
             "layer": hook.get("layer"),
             "architecture": d.get("architecture"),
@@ -70,9 +76,14 @@ def dictionary_rows(manifest: dict[str, Any]) -> list[dict[str, Any]]:
     return rows
 
 
+def holds(row: dict[str, Any], feature_id: int) -> bool:
+    """Whether the dictionary of ``row`` holds ``feature_id``."""
+    return row["first_feature"] <= feature_id < row["first_feature"] + row["d_sae"]
+
+
 def dictionary_of(rows: list[dict[str, Any]], feature_id: int) -> str:
     """The narrowest dictionary of ``rows`` that holds ``feature_id`` (its prefix, in a nested one)."""
-    return min((r for r in rows if feature_id < r["d_sae"]), key=lambda r: r["d_sae"])["dictionary"]
+    return min((r for r in rows if holds(r, feature_id)), key=lambda r: r["d_sae"])["dictionary"]
 
 
 def dictionaries_table(manifest: dict[str, Any]) -> pa.Table:
@@ -86,7 +97,9 @@ def read_dictionaries(atlas: Atlas) -> list[dict[str, Any]]:
     ``dictionaries`` table, or for an atlas published before the table existed, the same rows from
     its manifest."""
     if "dictionaries" in atlas.duckdb_tables:
-        rows = atlas.query("select * from dictionaries order by is_default desc, d_sae").dicts()
+        # Tables of older atlases lack first_feature: theirs were all prefixes, starting at 0.
+        rows = [{"first_feature": 0} | r for r in
+                atlas.query("select * from dictionaries order by is_default desc, d_sae").dicts()]
     else:
         rows = dictionary_rows(atlas.manifest)
     return [r | {"training": None if r["training"] is None else json.loads(r["training"])} for r in rows]

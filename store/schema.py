@@ -175,10 +175,14 @@ WINDOWS = Table("windows", "every window of the corpus with its sentence embeddi
 ))
 
 DICTIONARIES = Table("dictionaries", "every dictionary of the atlas, one row each: where it reads the model, its size "
-                                     "and how well it reconstructs held-out tokens (one row, or one per prefix of a "
-                                     "matryoshka dictionary; their features are the features table's)", (
+                                     "and how well it reconstructs held-out tokens (one row; one per width trained "
+                                     "with --widths; or one per prefix of a matryoshka dictionary). Its features are "
+                                     "the features table's with feature_id from first_feature to first_feature + d_sae "
+                                     "- 1", (
     Column("dictionary", pa.string(), "its id: L<layer>-<width>, e.g. L15-4k", key=True),
-    Column("is_default", pa.bool_(), "the dictionary the feature routes answer for"),
+    Column("is_default", pa.bool_(), "the widest, whose metrics the atlas's summary shows"),
+    Column("first_feature", pa.int32(), "the feature_id of its first feature (0 for a prefix of a matryoshka "
+                                        "dictionary, which shares its features with the wider ones)"),
     Column("hook", pa.string(), "the model activation it reads, e.g. blocks.15.hook_resid_post"),
     Column("layer", pa.int32(), "the block whose output it reads"),
     Column("architecture", pa.string(), "topk, batchtopk, jumprelu, relu or matryoshka (ingest/sae.py's registry)"),
@@ -195,14 +199,14 @@ DICTIONARIES = Table("dictionaries", "every dictionary of the atlas, one row eac
                                      "loaded dictionary)"),
 ))
 
-FAMILIES = Table("families", "feature families across the widths of a nested (matryoshka) dictionary: every feature a "
-                             "wider prefix adds, linked to its parent in the next narrower one (empty for other "
-                             "dictionaries)", (
+FAMILIES = Table("families", "feature families across the widths at the hook point: every feature of a wider "
+                             "dictionary (that a matryoshka prefix adds), linked to its parent in the next narrower "
+                             "one (empty with one dictionary)", (
     Column("dictionary", pa.string(), "the narrowest dictionary that holds the feature"),
     Column("feature_id", pa.int32(), "the child: a feature that dictionary adds"),
     Column("parent_dictionary", pa.string(), "the narrowest dictionary that holds the parent"),
-    Column("parent_id", pa.int32(), "the parent: of the features of the prefix before the child's, the one whose "
-                                    "decoder direction is closest"),
+    Column("parent_id", pa.int32(), "the parent: of the features of the dictionary before the child's, the one "
+                                    "whose decoder direction is closest"),
     Column("decoder_cosine", pa.float32(), "cosine of the two decoder directions"),
     Column("coactivation", pa.float32(), "share of the child's tokens on which the parent fires too"),
 ))

@@ -213,39 +213,67 @@ def test_threshold_architectures_build_an_atlas(tmp_path, tiny_model_dir, corpus
         _check_families(atlas, sae, manifest, dec)
 
 
+def test_widths_train_apart_and_stack(tmp_path, tiny_model_dir, corpus_dir):
+    """``--widths``: a TopK dictionary per width from one pass, stacked: every feature id belongs to
+    one of them, each token gets each dictionary's own top k, and each reconstructs on its own."""
+    cfg = tiny_config(tmp_path / "atlas", tiny_model_dir, corpus_dir, widths=[16, 32, 64], d_sae=64)
+    manifest = pipeline.run_ingest(cfg)
+    atlas = Atlas(cfg.run.atlas)
+    sae = SAE.load(atlas.dictionary_dir)
+    assert sae.parts == ((0, 16), (16, 32), (48, 64)) and sae.d_sae == 112 and atlas.d_sae == 112
+    corpus = TokenizedCorpus.load(Path(cfg.run.atlas) / "cache" / "corpus")
+    acts = load_activations(Path(cfg.run.atlas) / "cache" / "harvest", corpus, cfg.harvest.shard_tokens)
+    x = torch.from_numpy(np.asarray(acts[np.flatnonzero(corpus.token_position() != 0)], dtype=np.float32))
+    with torch.no_grad():
+        dense = sae.activations(x)
+        for i, (first, width) in enumerate(sae.parts):  # what each dictionary gives alone, offset
+            np.testing.assert_allclose(dense[:, first : first + width], sae.part(i).activations(x), atol=1e-4)
+    per_token = SQL(atlas).execute("select max(n) from (select count(*) as n from activations group by doc_id, position)")
+    assert per_token.fetchone()[0] <= 3 * cfg.train.k
+    assert int((dense > 0).sum()) == SQL(atlas).execute("select count(*) from activations").fetchone()[0]
+    dec = np.stack(atlas.features.to_arrow()["decoder"].to_numpy(zero_copy_only=False))
+    _check_families(atlas, sae, manifest, dec)
+
+
 def _check_families(atlas: Atlas, sae: SAE, manifest: dict, dec: np.ndarray) -> None:
-    """A nested dictionary is one dictionary per prefix, and its features form families across them."""
+    """Latents holding several dictionaries (a nested one's prefixes, a stack's widths) are one
+    dictionary each, and their features form families across them."""
     from featureatlas.api.service import AtlasService
     from featureatlas.store.dictionaries import MAX_CHILDREN
 
     service = AtlasService(atlas)
-    widths = list(sae.prefixes)
-    assert len(widths) == 3 and manifest["dictionary"]["prefixes"] == widths
+    parts = list(sae.parts)
+    widths = [w for _, w in parts]
+    assert len(parts) == 3 and manifest["dictionary"]["parts"] == [list(p) for p in parts]
     listed = service.dictionaries()["dictionaries"]
-    assert [d["d_sae"] for d in listed] == [widths[-1], *widths[:-1]] and listed[0]["is_default"]
-    for d in listed[1:]:  # each prefix measured on its own, as the dictionary it is
-        assert d["variance_explained"] == manifest["metrics"]["prefixes"][str(d["d_sae"])]["variance_explained"]
+    assert [(d["first_feature"], d["d_sae"]) for d in listed] == [parts[-1], *parts[:-1]] and listed[0]["is_default"]
+    for d in listed[1:]:  # each measured on its own, as the dictionary it is
+        assert d["variance_explained"] == manifest["metrics"]["parts"][str(d["d_sae"])]["variance_explained"]
         assert d["loss_recovered"] is not None and d["k"] == min(sae.k, d["d_sae"])
-        # one clean and one zero-ablated pass serve every prefix; each has its own spliced pass
-        m, full = manifest["metrics"]["prefixes"][str(d["d_sae"])], manifest["metrics"]
+        # one clean and one zero-ablated pass serve every dictionary; each has its own spliced pass
+        m, full = manifest["metrics"]["parts"][str(d["d_sae"])], manifest["metrics"]
         assert (m["ce_clean"], m["ce_zero"]) == (full["ce_clean"], full["ce_zero"]) and m["ce_sae"] != full["ce_sae"]
         assert m["loss_recovered"] == pytest.approx((m["ce_zero"] - m["ce_sae"]) / (m["ce_zero"] - m["ce_clean"]))
     links = SQL(atlas).execute("select feature_id, parent_id, decoder_cosine, coactivation, dictionary, parent_dictionary "
                                "from families order by feature_id").fetchall()
-    assert [f for f, *_ in links] == list(range(widths[0], widths[-1]))  # every latent a prefix adds, once
+    inside = lambda f, part: part[0] <= f < part[0] + part[1]  # noqa: E731
+    narrowest = lambda f: min((p for p in parts if inside(f, p)), key=lambda p: p[1])  # noqa: E731
+    # every latent of a wider dictionary that the one before does not hold, once
+    expected = sorted({f for a, b in zip(parts, parts[1:]) for f in range(b[0], b[0] + b[1]) if not inside(f, a)})
+    assert [f for f, *_ in links] == expected
     ids = {d["d_sae"]: d["dictionary"] for d in listed}
     for f, parent, cosine, coact, dictionary, parent_dictionary in links:
-        narrow = max(w for w in widths if w <= f)  # the prefix before the one that adds f
-        wide = min(w for w in widths if w > f)
-        home = min(w for w in widths if w > parent)  # the narrowest dictionary that holds the parent
-        assert parent < narrow and (dictionary, parent_dictionary) == (ids[wide], ids[home])
-        best = dec[f] @ dec[:narrow].T
-        assert parent == int(best.argmax()) and cosine == pytest.approx(float(best.max()), abs=1e-5)
+        wide = narrowest(f)
+        narrow = parts[parts.index(wide) - 1]  # the dictionary before the child's
+        assert inside(parent, narrow) and (dictionary, parent_dictionary) == (ids[wide[1]], ids[narrowest(parent)[1]])
+        best = dec[f] @ dec[narrow[0] : narrow[0] + narrow[1]].T
+        assert parent == narrow[0] + int(best.argmax()) and cosine == pytest.approx(float(best.max()), abs=1e-5)
         assert 0.0 <= coact <= 1.0
     fired = {f for (f,) in SQL(atlas).execute("select feature_id from features where n_active > 0").fetchall()}
-    child, parent = next((f, p) for f, p, *_ in links if f in fired and f < widths[1])
+    child, parent = next((f, p) for f, p, *_ in links if f in fired and narrowest(f) == parts[1])
     page = service.feature(child)
     assert page["family"]["parent"]["feature_id"] == parent and page["family"]["dictionary"] == ids[widths[1]]
+    assert page["dictionary"] == ids[widths[1]]
     up = service.feature(parent)["family"]
     assert child in [c["feature_id"] for c in up["children"]] and up["dictionary"] == ids[widths[0]]
     linked = [f for f, p, *_ in links if p == parent]
