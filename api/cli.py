@@ -317,9 +317,11 @@ def _search(service: AtlasService, args: argparse.Namespace) -> Rows:
 def _dictionaries(service: AtlasService, args: argparse.Namespace) -> Rows:
     result = service.dictionaries()
     rows = [[d["dictionary"] + (" (default)" if d["is_default"] else ""), d["hook"], d["architecture"], d["d_sae"],
-             "" if d["k"] is None else d["k"], _metric(d["variance_explained"]), _metric(d["loss_recovered"]),
-             _metric(d["l0"], "{:.1f}")] for d in result["dictionaries"]]
-    return result, ["dictionary", "hook", "architecture", "width", "k", "var. explained", "loss recovered", "L0"], rows
+             f"{d['first_feature']}-{d['first_feature'] + d['d_sae'] - 1}", "" if d["k"] is None else d["k"],
+             _metric(d["variance_explained"]), _metric(d["loss_recovered"]), _metric(d["l0"], "{:.1f}")]
+            for d in result["dictionaries"]]
+    header = ["dictionary", "hook", "architecture", "width", "feature ids", "k", "var. explained", "loss recovered", "L0"]
+    return result, header, rows
 
 
 def _metric(value: float | None, fmt: str = "{:.4f}") -> str:
@@ -383,10 +385,11 @@ def _probe(service: AtlasService, args: argparse.Namespace) -> Rows:
 
 
 def _export(args: argparse.Namespace) -> int:
+    from featureatlas.store.dictionaries import saelens_cfg, stacked_widths
     from featureatlas.store.export import export
 
     atlas = _open(args.atlas)
-    if args.format == "saelens":
+    if args.format == "saelens" and not stacked_widths(saelens_cfg(atlas)):
         from featureatlas.store.manifest import DICTIONARY
 
         # the top-level name, which follows republishing (a link to the current data folder's copy)

@@ -115,7 +115,7 @@ PREFIXES_KEY = "matryoshka_widths"  # where a nested dictionary's prefixes are k
 # Where a stack's widths are kept in its metadata: dictionaries trained apart at one hook point (each
 # width for itself, from one pass: ``train.train_saes``), their latents side by side, so the atlas
 # keys every feature by one id and each dictionary is a range of ids (``SAE.stack``).
-STACK_KEY = "stacked_widths"
+STACK_KEY = M.STACKED_WIDTHS
 
 
 def default_prefixes(d_sae: int) -> list[int]:
@@ -158,8 +158,9 @@ class SAE(nn.Module):
         elif self.arch.threshold == "running":
             self.register_buffer("threshold", torch.zeros(d_sae))  # one value, learned as a running estimate
         if STACK_KEY in self.meta:
-            # Each stacked dictionary's own b_dec, which its encoder subtracts first: stacked, the
-            # subtraction is folded into ``b_enc`` (one matmul for all) and ``b_dec`` is zero.
+            # Each stacked dictionary's own b_dec, which its encoder subtracts first (``b_dec`` is
+            # zero): every tensor of the file is then its dictionaries' own, side by side, and a
+            # dictionary is a slice of each (``part``, and the SAELens export in ``store/export.py``).
             self.register_buffer("part_b_dec", torch.zeros(len(self.meta[STACK_KEY]), d_in))
 
     @property
@@ -191,6 +192,11 @@ class SAE(nn.Module):
     def pre_activations(self, x: torch.Tensor) -> torch.Tensor:
         if self.layer_norm_input:
             x = self._layer_norm(x)[0]
+        if STACK_KEY in self.meta:  # each dictionary subtracts its own b_dec: folded into its biases
+            W = self.W_enc
+            bias = torch.cat([self.b_enc[a : a + w] - self.part_b_dec[i] @ W[:, a : a + w]
+                              for i, (a, w) in enumerate(self.blocks)])
+            return x @ W + bias
         return (x - self.b_dec) @ self.W_enc + self.b_enc
 
     def _code(self, pre: torch.Tensor) -> SparseCode:
@@ -225,17 +231,14 @@ class SAE(nn.Module):
         meta = {key: value for key, value in self.meta.items() if key != STACK_KEY}
         out = SAE(self.d_in, width, min(self.k, width), architecture=self.architecture, meta=meta)
         state = {name: t[first : first + width] for name, t in self.state_dict().items() if name not in ("b_dec", "part_b_dec")}
-        b_dec = self.part_b_dec[i]
-        with torch.no_grad():
-            state["b_enc"] = state["b_enc"] + b_dec @ self.W_enc[:, first : first + width]  # unfold its b_dec
-        out.load_state_dict({**state, "b_dec": b_dec})
+        out.load_state_dict({**state, "b_dec": self.part_b_dec[i]})
         return out.to(self.b_dec)
 
     @classmethod
     def stack(cls, saes: list["SAE"]) -> "SAE":
         """Dictionaries trained apart at one hook as one: their latents side by side (ids of the
         second start after the first's), each encoding with its own k and b_dec, so ``encode`` gives
-        what each would alone, offset. Reconstruction stays per dictionary (``part``)."""
+        what each would alone, offset, in one matmul. Reconstruction stays per dictionary (``part``)."""
         first = saes[0]
         if len(saes) < 2:
             raise ValueError("a stack needs two dictionaries or more")
@@ -246,12 +249,10 @@ class SAE(nn.Module):
         meta = {**first.meta, STACK_KEY: [s.d_sae for s in saes]}
         out = cls(first.d_in, sum(s.d_sae for s in saes), max(s.k for s in saes), architecture=first.architecture,
                   meta=meta)
-        with torch.no_grad():
-            state = {name: torch.cat([s.state_dict()[name] for s in saes]) for name in out.state_dict()
-                     if name not in ("b_dec", "part_b_dec")}
-            state["b_enc"] = torch.cat([s.b_enc - s.b_dec @ s.W_enc for s in saes])
-            state["b_dec"] = torch.zeros(first.d_in)
-            state["part_b_dec"] = torch.stack([s.b_dec.detach() for s in saes])
+        state = {name: torch.cat([s.state_dict()[name] for s in saes]) for name in out.state_dict()
+                 if name not in ("b_dec", "part_b_dec")}
+        state["b_dec"] = torch.zeros(first.d_in)
+        state["part_b_dec"] = torch.stack([s.b_dec.detach() for s in saes])
         out.load_state_dict({name: t.detach().cpu() for name, t in state.items()})
         return out
 

@@ -17,6 +17,7 @@ from typing import Any
 
 import pyarrow as pa
 
+from . import manifest as M
 from .atlas import Atlas
 from .schema import DICTIONARIES
 
@@ -39,6 +40,23 @@ def width_name(d_sae: int) -> str:
 def dictionary_id(layer: int | None, d_sae: int) -> str:
     """``L15-4k``: the layer it reads and its width (``L?`` when a loaded dictionary names no layer)."""
     return f"L{'?' if layer is None else layer}-{width_name(d_sae)}"
+
+
+def saelens_cfg(atlas: Atlas) -> dict[str, Any]:
+    """The dictionary's SAELens ``cfg.json``."""
+    return json.loads((atlas.dictionary_dir / M.DICTIONARY_CFG).read_text())
+
+
+def stacked_widths(cfg: dict[str, Any]) -> list[int] | None:
+    """The widths of a stack of dictionaries trained apart, from its ``cfg.json``; None for one
+    dictionary (or a nested one)."""
+    return (cfg.get("metadata") or {}).get(M.STACKED_WIDTHS)
+
+
+def part_cfg(cfg: dict[str, Any], width: int) -> dict[str, Any]:
+    """The ``cfg.json`` of the stack's dictionary of ``width``: a SAELens dictionary of its own."""
+    meta = {key: value for key, value in (cfg.get("metadata") or {}).items() if key != M.STACKED_WIDTHS}
+    return {**cfg, "d_sae": width, "k": min(int(cfg["k"]), width), "metadata": meta}
 
 
 def dictionary_rows(manifest: dict[str, Any]) -> list[dict[str, Any]]:

@@ -24,6 +24,9 @@ DICTIONARY = "dictionary"
 # The dictionary's files (SAELens layout; ``ingest.sae`` writes and reads them).
 DICTIONARY_CFG = "cfg.json"
 DICTIONARY_WEIGHTS = "sae_weights.safetensors"
+# The key in the dictionary's cfg.json metadata listing the widths of a stack of dictionaries
+# trained apart (``ingest/sae.py``'s ``SAE.stack``), whose tensors lie side by side in one file.
+STACKED_WIDTHS = "stacked_widths"
 LANCE = "lance"
 DUCKDB = "analytics.duckdb"
 CACHE = "cache"

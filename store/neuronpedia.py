@@ -17,7 +17,9 @@ The format is the one Neuronpedia itself reads, not a look-alike:
   cannot compute get the value that converter writes for them.
 
 Layout under ``out``: ``<model_id>/<source_id>/`` as above, ready to copy to the ``v1/`` prefix a
-Neuronpedia instance imports from. Written in feature ranges of ``batch_size``, so memory stays
+Neuronpedia instance imports from. A stack of dictionaries trained apart (``--widths``) is a source
+per dictionary, as Neuronpedia keeps Gemma Scope's widths ("20-gemmascope-res-16k", "...-65k"), each
+feature indexed within its own dictionary. Written in feature ranges of ``batch_size``, so memory stays
 bounded however many features the atlas has.
 """
 
@@ -34,8 +36,8 @@ from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any, NamedTuple
 
-from . import manifest as M
 from .atlas import Atlas
+from .dictionaries import part_cfg, saelens_cfg, stacked_widths
 from .errors import BadParameter
 
 # Features per batch file, as Neuronpedia's own exporter writes them (export-data.py).
@@ -78,45 +80,64 @@ class NeuronpediaExport(NamedTuple):
 
 def write_neuronpedia(atlas: Atlas, out: Path, *, model_id: str | None = None, source_id: str | None = None,
                       batch_size: int = BATCH_FEATURES, creator_id: str = BOT_USER_ID) -> list[Path]:
-    """Write ``atlas`` as the Neuronpedia dataset ``out/<model_id>/<source_id>/``; returns the files
-    written. ``model_id`` and ``source_id`` default to names derived from the manifest
-    (``default_ids``). A re-export replaces the previous one's batch files."""
+    """Write ``atlas`` as the Neuronpedia dataset ``out/<model_id>/<source_id>/`` (a stack: a source
+    per dictionary); returns the files written. ``model_id`` and ``source_id`` default to names
+    derived from the manifest (``default_ids``). A re-export replaces the previous one's batch files."""
     if batch_size < 1:
         raise BadParameter("batch_size", f"must be at least 1, got {batch_size}")
-    model_id, source_id = _checked_ids(atlas.manifest, model_id, source_id)
-    folder = Path(out) / model_id / source_id
+    cfg = saelens_cfg(atlas)
+    widths = stacked_widths(cfg)
+    if widths and source_id is not None:
+        raise BadParameter("source_id", "this atlas holds a stack of dictionaries, exported as a source each, "
+                                        "named by width: leave source_id out")
+    written, first = [], 0
+    for width in widths or [atlas.d_sae]:
+        ids = _checked_ids(atlas.manifest, model_id, source_id, width)
+        written += _write_source(atlas, Path(out), ids, range(first, first + width),
+                                 part_cfg(cfg, width) if widths else cfg, batch_size, creator_id)
+        first += width
+    return written
+
+
+def _write_source(atlas: Atlas, out: Path, ids: dict[str, str], features: range, saelens: dict[str, Any],
+                  batch_size: int, creator_id: str) -> list[Path]:
+    """One Neuronpedia source: the features ``features`` of the atlas, indexed from 0."""
+    folder = out / ids["modelId"] / ids["layer"]
     for part in PARTS:  # a smaller re-export must not leave the previous one's extra batches to be imported
         for stale in (folder / part).glob("batch-*.jsonl.gz"):
             stale.unlink()
-    ids = {"modelId": model_id, "layer": source_id}
-    written = [_write_jsonl(folder / name, [row], gz=False) for name, row in _metadata(atlas, ids, creator_id).items()]
-    set_name = source_id.split("-", 1)[1]
+    written = [_write_jsonl(folder / name, [row], gz=False)
+               for name, row in _metadata(atlas, ids, creator_id, len(features), saelens).items()]
+    set_name = ids["layer"].split("-", 1)[1]
     columns = FEATURE_COLUMNS + [c for c in MAP_COLUMNS if c in atlas.features.schema.names]
-    for n, lo in enumerate(range(0, atlas.d_sae, batch_size)):
-        hi = min(lo + batch_size, atlas.d_sae)
+    first = features.start
+    for n, lo in enumerate(range(features.start, features.stop, batch_size)):
+        hi = min(lo + batch_size, features.stop)
         where = f"feature_id >= {lo} and feature_id < {hi}"
         rows = atlas.features.search().where(where).select(columns).limit(hi - lo).to_list()
         rows.sort(key=lambda r: r["feature_id"])
         name = f"batch-{n}.jsonl.gz"
         parts = {
-            "features": (_neuron(r, ids, set_name, creator_id) for r in rows),
-            "activations": _activations(atlas, where, {r["feature_id"]: r["max_activation"] for r in rows}, ids, creator_id),
-            "explanations": (e for r in rows if (e := _explanation(r, ids, creator_id)) is not None),
+            "features": (_neuron(r, ids, set_name, creator_id, first) for r in rows),
+            "activations": _activations(atlas, where, {r["feature_id"]: r["max_activation"] for r in rows}, ids,
+                                        creator_id, first),
+            "explanations": (e for r in rows if (e := _explanation(r, ids, creator_id, first)) is not None),
         }
         written += [p for part, lines in parts.items() if (p := _write_jsonl(folder / part / name, lines)) is not None]
     return written
 
 
-def default_ids(manifest: dict[str, Any]) -> tuple[str, str]:
+def default_ids(manifest: dict[str, Any], width: int | None = None) -> tuple[str, str]:
     """Neuronpedia's model id and source id for an atlas: the model's folder or file name, lowercased
     to Neuronpedia's id alphabet ("SmolLM2-135M-Instruct" -> "smollm2-135m-instruct"), and
     "<layer>-featureatlas-res-<width>" after Neuronpedia's "<layer>-<set>" ids ("6-res-jb",
-    "20-gemmascope-res-16k"), the width telling several dictionaries of one layer apart."""
+    "20-gemmascope-res-16k"), the width (``width``, default the dictionary's) telling several
+    dictionaries of one layer apart."""
     name = Path(str(manifest["model"]["name"]).rstrip("/")).name.removesuffix(".gguf")
     model_id = re.sub(r"[^a-z0-9_-]+", "-", name.lower()).strip("-")[:128] or "model"
-    d_sae = int(manifest["dictionary"]["d_sae"])
-    width = f"{round(d_sae / 1024)}k" if d_sae >= 1024 else str(d_sae)
-    return model_id, f"{int(manifest['hook']['layer'])}-{SET_PREFIX}-{width}"
+    d_sae = int(manifest["dictionary"]["d_sae"] if width is None else width)
+    size = f"{round(d_sae / 1024)}k" if d_sae >= 1024 else str(d_sae)
+    return model_id, f"{int(manifest['hook']['layer'])}-{SET_PREFIX}-{size}"
 
 
 def read_neuronpedia(folder: Path) -> NeuronpediaExport:
@@ -134,8 +155,9 @@ def read_neuronpedia(folder: Path) -> NeuronpediaExport:
     return NeuronpediaExport(**meta, **{part: lines(part) for part in PARTS})
 
 
-def _checked_ids(manifest: dict[str, Any], model_id: str | None, source_id: str | None) -> tuple[str, str]:
-    default_model, default_source = default_ids(manifest)
+def _checked_ids(manifest: dict[str, Any], model_id: str | None, source_id: str | None, width: int) -> dict[str, str]:
+    """The ``modelId`` and ``layer`` (Neuronpedia's name for the source id) every row carries."""
+    default_model, default_source = default_ids(manifest, width)
     model_id = default_model if model_id is None else model_id
     source_id = default_source if source_id is None else source_id
     if not MODEL_ID.match(model_id):
@@ -144,10 +166,11 @@ def _checked_ids(manifest: dict[str, Any], model_id: str | None, source_id: str 
     if not SOURCE_ID.match(source_id):
         raise BadParameter("source_id", f"{source_id!r} is not a Neuronpedia source id: '<layer>-<set>' such as "
                                         f"{default_source!r}, lowercase")
-    return model_id, source_id
+    return {"modelId": model_id, "layer": source_id}
 
 
-def _metadata(atlas: Atlas, ids: dict[str, str], creator_id: str) -> dict[str, dict[str, Any]]:
+def _metadata(atlas: Atlas, ids: dict[str, str], creator_id: str, d_sae: int,
+              saelens: dict[str, Any]) -> dict[str, dict[str, Any]]:
     """The three rows the importer creates (when absent) before any feature: the Model, the
     SourceSet and the Source that every Neuron row references. Only Prisma fields (the importer
     passes each line to ``prisma.*.create``), and required ones without a value get the
@@ -165,17 +188,17 @@ def _metadata(atlas: Atlas, ids: dict[str, str], creator_id: str) -> dict[str, d
              "neuronsPerLayer": 0,  # the MLP width, which the manifest does not record
              "owner": "", "inferenceEnabled": False, "visibility": "PUBLIC"}
     sourceset = {"modelId": model_id, "name": set_name, "creatorId": creator_id, "creatorName": "Feature Atlas",
-                 "description": f"Residual stream - {d['d_sae']:,} ({d['architecture']}, Feature Atlas)",
+                 "description": f"Residual stream - {d_sae:,} ({d['architecture']}, Feature Atlas)",
                  "type": "", "urls": [], "hasDashboards": True, "visibility": "PUBLIC"}
     source = {"id": source_id, "modelId": model_id, "setName": set_name, "creatorId": creator_id,
               "hasDashboards": True, "inferenceEnabled": False, "visibility": "PUBLIC",
-              "saelensConfig": json.loads((atlas.dictionary_dir / M.DICTIONARY_CFG).read_text()),
+              "saelensConfig": saelens,
               "num_prompts": corpus.get("contexts"), "num_tokens_in_prompt": corpus.get("context_len"),
               "dataset": ", ".join(map(str, corpus.get("sources", []))) or None}
     return {"model.jsonl": model, "sourceset.jsonl": sourceset, "source.jsonl": source}
 
 
-def _neuron(row: dict[str, Any], ids: dict[str, str], set_name: str, creator_id: str) -> dict[str, Any]:
+def _neuron(row: dict[str, Any], ids: dict[str, str], set_name: str, creator_id: str, first: int) -> dict[str, Any]:
     """One ``Neuron`` row, with every column export-data.py writes. Empty lists stand where we have
     nothing to say, as the converter writes them: neuron alignment and correlations (SAEDashboard's
     feature tables), the histogram of logit effects over the whole vocabulary (we keep only the top
@@ -183,7 +206,7 @@ def _neuron(row: dict[str, Any], ids: dict[str, str], set_name: str, creator_id:
     with the SAE named in the Source, not a per-feature copy)."""
     heights, values = _histogram(row["histogram"], float(row["max_activation"]))
     return {
-        **ids, "index": str(row["feature_id"]), "sourceSetName": set_name, "creatorId": creator_id,
+        **ids, "index": str(row["feature_id"] - first), "sourceSetName": set_name, "creatorId": creator_id,
         "maxActApprox": float(row["max_activation"]), "frac_nonzero": float(row["density"]),
         "freq_hist_data_bar_heights": heights, "freq_hist_data_bar_values": values,
         "logits_hist_data_bar_heights": [], "logits_hist_data_bar_values": [],
@@ -209,7 +232,7 @@ def _histogram(counts: list[int], max_activation: float) -> tuple[list[int], lis
 
 
 def _activations(atlas: Atlas, where: str, max_activation: dict[int, float], ids: dict[str, str],
-                 creator_id: str) -> Iterator[dict[str, Any]]:
+                 creator_id: str, first: int) -> Iterator[dict[str, Any]]:
     """``Activation`` rows of the features matching ``where``, streamed from the examples table.
     Top examples are Neuronpedia's "top activations" group (SAEDashboard's converter writes bin_min
     -1, bin_max the feature's maximum, bin_contains -1 for it). Our quantile examples come from
@@ -222,7 +245,7 @@ def _activations(atlas: Atlas, where: str, max_activation: dict[int, float], ids
             top, peak = ex["kind"] == "top", max(values)
             row = f"activation/{ex['kind']}/{ex['doc_id']}/{ex['start']}/{ex['max_position']}"
             yield {
-                "id": _row_id(ids, f, row), **ids, "index": str(f), "creatorId": creator_id,
+                "id": _row_id(ids, f, row), **ids, "index": str(f - first), "creatorId": creator_id,
                 "tokens": ex["tokens"], "values": values, "maxValue": peak, "minValue": min(values),
                 "maxValueTokenIndex": values.index(peak),
                 "qualifyingTokenIndex": ex["max_position"] - ex["start"],  # the token that picked the window
@@ -233,7 +256,7 @@ def _activations(atlas: Atlas, where: str, max_activation: dict[int, float], ids
             }
 
 
-def _explanation(row: dict[str, Any], ids: dict[str, str], creator_id: str) -> dict[str, Any] | None:
+def _explanation(row: dict[str, Any], ids: dict[str, str], creator_id: str, first: int) -> dict[str, Any] | None:
     """Our label as an ``Explanation`` row, or None for a feature without one. ``typeName`` and
     ``explanationModelName`` are foreign keys into Neuronpedia's own explainer tables, which hold
     none of our labellers, so they stay null (allowed); who wrote the label goes in ``notes``."""
@@ -241,7 +264,7 @@ def _explanation(row: dict[str, Any], ids: dict[str, str], creator_id: str) -> d
         return None
     score = _finite(row.get("label_score"))
     note = f"Feature Atlas label by {row['label_source']}" + (f", held-out score {score:.3f}" if score is not None else "")
-    return {"id": _row_id(ids, row["feature_id"], "explanation"), **ids, "index": str(row["feature_id"]),
+    return {"id": _row_id(ids, row["feature_id"], "explanation"), **ids, "index": str(row["feature_id"] - first),
             "authorId": creator_id, "description": row["label"], "typeName": None, "explanationModelName": None,
             "notes": note}
 

@@ -13,6 +13,8 @@ from featureatlas.ingest.labels import kinds, wording
 from featureatlas.ingest.sae import SAE
 from featureatlas.ingest.tokens import TokenizedCorpus
 from featureatlas.store.atlas import Atlas, AtlasNotFound
+from featureatlas.store.export import export
+from featureatlas.store.neuronpedia import read_neuronpedia
 
 from .conftest import SQL, tiny_config
 
@@ -233,6 +235,20 @@ def test_widths_train_apart_and_stack(tmp_path, tiny_model_dir, corpus_dir):
     assert int((dense > 0).sum()) == SQL(atlas).execute("select count(*) from activations").fetchone()[0]
     dec = np.stack(atlas.features.to_arrow()["decoder"].to_numpy(zero_copy_only=False))
     _check_families(atlas, sae, manifest, dec)
+    # Exported, each dictionary is one of its own: a SAELens folder, a Neuronpedia source indexed from 0.
+    export(atlas, "saelens", tmp_path / "saelens")
+    for i, (first, width) in enumerate(sae.parts):
+        alone = SAE.load(tmp_path / "saelens" / f"L{manifest['hook']['layer']}-{width}")
+        assert alone.d_sae == width and alone.k == cfg.train.k
+        np.testing.assert_allclose(alone.activations(x[:50]).detach(), sae.part(i).activations(x[:50]).detach())
+    export(atlas, "neuronpedia", tmp_path / "np")
+    for first, width in sae.parts:
+        source = read_neuronpedia(next((tmp_path / "np").glob(f"*/*-res-{width}")))
+        assert [int(n["index"]) for n in source.features] == list(range(width))
+        assert source.source["saelensConfig"]["d_sae"] == width
+        said = source.explanations[0]
+        label = SQL(atlas).execute("select label from features where feature_id = ?", [first + int(said["index"])])
+        assert said["description"] == label.fetchone()[0]
 
 
 def _check_families(atlas: Atlas, sae: SAE, manifest: dict, dec: np.ndarray) -> None:

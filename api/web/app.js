@@ -143,7 +143,8 @@ function neighbourList(request) {
 }
 
 function familySection(fam) {
-  // A nested dictionary's feature: its parent in the narrower dictionary and its children in the
+  // A feature of one of several dictionaries at a hook point (widths trained apart, or a nested
+  // dictionary's prefixes): its parent in the narrower dictionary and its children in the
   // wider ones, each with its dictionary, label, density, the link's scores and its strongest example shaded.
   if (!fam) return "";
   const member = (m) => h("li", {},
