@@ -57,6 +57,7 @@ MAX_BODY = 64 * 1024  # activations and steer: one 4,000-character text (24 KB e
 JSON_CHAR_BYTES = 6
 # A string the service would refuse as empty: at least one character that is not whitespace.
 NOT_BLANK = r"\S"
+DICTIONARY_FILTER = "only this dictionary's features (an id of /api/dictionaries, e.g. L15-4k); default every one"
 # The browser UI: plain files, served by this app so it works offline (no CDN, no build step).
 WEB = Path(__file__).with_name("web")
 Service = NamedDependency[AtlasService]
@@ -296,9 +297,10 @@ def neighbors(
     feature_id: FromPath[int],
     k: int = Parameter(default=10, ge=1, le=MAX_K),
     by: Literal["decoder", "coactivation"] = Parameter(default="decoder"),
+    dictionary: str | None = Parameter(default=None, max_length=64, description=DICTIONARY_FILTER),
 ) -> dict[str, Any]:
     """The nearest features to one: by decoder cosine, or those that fire on the same tokens."""
-    return service.neighbors(feature_id, k, by)
+    return service.neighbors(feature_id, k, by, dictionary)
 
 
 @get("/api/search", responses=_errors(400, 503))
@@ -309,10 +311,11 @@ async def search(
                        examples=[Example(value="suspension bridges")]),
     k: int = Parameter(default=10, ge=1, le=MAX_K),
     mode: SearchMode | None = Parameter(default=None, description="one signal, or all (fused, the default)"),
+    dictionary: str | None = Parameter(default=None, max_length=64, description=DICTIONARY_FILTER),
 ) -> dict[str, Any]:
     """Features about a concept in plain words, best first: hits with their evidence, score and the
     signals that matched, and whether the answer is ``confident``."""
-    return await searches.run(service.search, q, k, mode)
+    return await searches.run(service.search, q, k, mode, dictionary)
 
 
 # Request bodies: msgspec Structs, whose field constraints Litestar both enforces and documents.

@@ -118,10 +118,12 @@ def _add_queries(sub: argparse._SubParsersAction) -> None:
     p.add_argument("query")
     p.add_argument("-k", type=int, default=10)
     p.add_argument("--mode", choices=(*SEARCH_MODES, FUSED), help="restrict to one signal (default: all, fused)")
+    p.add_argument("--dictionary", help="only this dictionary's features (an id of `featureatlas dictionaries`)")
     p = sub.add_parser("neighbors", help="nearest features to a feature")
     p.add_argument("feature_id", type=int)
     p.add_argument("-k", type=int, default=10)
     p.add_argument("--by", choices=("decoder", "coactivation"), default="decoder")
+    p.add_argument("--dictionary", help="only this dictionary's features (an id of `featureatlas dictionaries`)")
     p = sub.add_parser("feature", help="one feature: label, statistics and examples")
     p.add_argument("feature_id", type=int)
     p = sub.add_parser("features", help="a page of the feature list")
@@ -308,7 +310,7 @@ Rows = tuple[dict[str, Any], list[str], list[list[Any]]]  # the JSON answer, and
 
 
 def _search(service: AtlasService, args: argparse.Namespace) -> Rows:
-    result = service.search(args.query, args.k, args.mode)
+    result = service.search(args.query, args.k, args.mode, args.dictionary)
     rows = [[h["feature_id"], f"{h['evidence']:.1f}" + ("" if h["strong"] else " weak"), f"{h['density']:.4%}",
              _why(h["matched_by"]), _clip(h["label"], 70), h["snippet"]] for h in result["hits"]]
     return result, ["feature", "evidence", "density", "matched by", "label", "top example"], rows
@@ -329,7 +331,7 @@ def _metric(value: float | None, fmt: str = "{:.4f}") -> str:
 
 
 def _neighbors(service: AtlasService, args: argparse.Namespace) -> Rows:
-    result = service.neighbors(args.feature_id, args.k, args.by)
+    result = service.neighbors(args.feature_id, args.k, args.by, args.dictionary)
     rows = [[n["feature_id"], f"{n['similarity']:.4f}", f"{n['density']:.4%}", n["label"]] for n in result["neighbors"]]
     return result, ["feature", "similarity", "density", "label"], rows
 

@@ -125,16 +125,17 @@ class OpenAtlas:
         """How many features the dictionary has (ids run 0..d_sae-1)."""
         return self._atlas.d_sae
 
-    def search(self, q: str, k: int = 10, mode: str | None = None) -> Result:
+    def search(self, q: str, k: int = 10, mode: str | None = None, dictionary: str | None = None) -> Result:
         """Features about ``q`` (a concept in plain words), best first; ``mode`` restricts the
-        search to one signal of ``store.search.SEARCH_MODES``. ``result["confident"]`` says whether
-        a hit is clearly about it."""
-        data = self._service.search(q, k, mode)
+        search to one signal of ``store.search.SEARCH_MODES``, ``dictionary`` to one dictionary's
+        features (``dictionaries()``). ``result["confident"]`` says whether a hit is clearly about it."""
+        data = self._service.search(q, k, mode, dictionary)
         return Result(data, data["hits"], lambda: notebook.search_html(data))
 
-    def neighbors(self, feature_id: int, k: int = 10, by: str = "decoder") -> Result:
-        """The ``k`` features nearest to one: by decoder direction (cosine) or by co-activation."""
-        data = self._service.neighbors(feature_id, k, by)
+    def neighbors(self, feature_id: int, k: int = 10, by: str = "decoder", dictionary: str | None = None) -> Result:
+        """The ``k`` features nearest to one: by decoder direction (cosine) or by co-activation; in
+        every dictionary or in one."""
+        data = self._service.neighbors(feature_id, k, by, dictionary)
         return Result(data, data["neighbors"], lambda: _table(data["neighbors"], f"neighbours of #{feature_id} by {by}"),
                       columns=NEIGHBOR_KEYS)
 

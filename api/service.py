@@ -206,6 +206,16 @@ class AtlasService:
     def _dictionaries(self) -> list[dict[str, Any]]:
         return read_dictionaries(self.atlas)
 
+    def _within(self, dictionary: str | None) -> range | None:
+        """The feature ids of ``dictionary`` (None: every feature), or ``BadParameter`` for an unknown id."""
+        if dictionary is None:
+            return None
+        row = next((d for d in self._dictionaries if d["dictionary"] == dictionary), None)
+        if row is None:
+            known = ", ".join(d["dictionary"] for d in self._dictionaries)
+            raise BadParameter("dictionary", f"no dictionary {dictionary!r} in this atlas; it has {known}")
+        return range(row["first_feature"], row["first_feature"] + row["d_sae"])
+
     @cached_property
     def _has_families(self) -> bool:
         """Several dictionaries (a nested one's prefixes, a stack's widths) and the table linking their features."""
@@ -290,11 +300,12 @@ class AtlasService:
 
     # -- search ---------------------------------------------------------------------------------
 
-    def search(self, q: str, k: int = 10, mode: str | None = None) -> dict[str, Any]:
+    def search(self, q: str, k: int = 10, mode: str | None = None, dictionary: str | None = None) -> dict[str, Any]:
         """Features about ``q`` from every signal (or one, ``mode``), ordered by their calibrated
         evidence (``store.calibrate``); ``confident`` says whether one of the first hits clearly
-        is about the query, ``coverage`` how much of the corpus is. Answers are remembered
-        (``ANSWERS``), except those that had to leave a signal out."""
+        is about the query, ``coverage`` how much of the corpus is. Every dictionary's features, or
+        one ``dictionary``'s. Answers are remembered (``ANSWERS``), except those that had to leave a
+        signal out."""
         q = _check_text("q", q, MAX_QUERY_CHARS).strip()
         if not q:
             raise BadParameter("q", "the query is empty")
@@ -302,12 +313,13 @@ class AtlasService:
         if mode is not None and mode not in (*SEARCH_MODES, S.FUSED):
             raise BadParameter("mode", f"must be one of {', '.join(SEARCH_MODES)} or {S.FUSED} (every signal, the default)")
         mode = None if mode == S.FUSED else mode
-        key = (q, k, mode)
+        within = self._within(dictionary)
+        key = (q, k, mode, dictionary)
         with self._answers_lock:
             if key in self._answers:
                 self._answers.move_to_end(key)
                 return copy.deepcopy(self._answers[key])  # the caller's to change
-        answer, complete = self._search(q, k, mode)
+        answer, complete = self._search(q, k, mode, within)
         if complete:
             with self._answers_lock:
                 self._answers[key] = copy.deepcopy(answer)
@@ -315,8 +327,9 @@ class AtlasService:
                     self._answers.popitem(last=False)
         return answer
 
-    def _search(self, q: str, k: int, mode: str | None) -> tuple[dict[str, Any], bool]:
-        """The answer, and whether every signal asked for is in it."""
+    def _search(self, q: str, k: int, mode: str | None, within: range | None) -> tuple[dict[str, Any], bool]:
+        """The answer, and whether every signal asked for is in it. ``within``: the only feature ids
+        that may answer (the vector signals search among them; the others' lists are cut to them)."""
         modes = [mode] if mode else list(SEARCH_MODES)
         concept = concept_of(q)
         complete = True
@@ -330,7 +343,7 @@ class AtlasService:
         evidence: dict[str, dict[int, float]] = {}
         for m in ("label", "context"):
             if m in modes:
-                lists[m] = S.vector_search(self.atlas, f"{m}_embedding", vec, n)
+                lists[m] = S.vector_search(self.atlas, f"{m}_embedding", vec, n, within=within)
                 null = C.vector_null(self.atlas.vectors(f"{m}_embedding", sample=C.NULL_SAMPLE) @ vec)
                 digits = C.vector_evidence(np.array([h.score for h in lists[m]]), null, self.atlas.d_sae)
                 evidence[m] = {h.feature_id: float(e) for h, e in zip(lists[m], digits)}
@@ -359,6 +372,8 @@ class AtlasService:
             except BadParameter as e:  # over the model's token limit (CJK text can be): the other signals answer
                 log.info("search: the inference signal was left out for %r: %s", q, e)
         cover = coverage(self.atlas, matched)
+        if within is not None:
+            lists = {m: [h for h in ranked if h.feature_id in within] for m, ranked in lists.items()}
         hits = self._fused(lists, evidence, k, vec, cover["best_similarity"])
         confident = any(h["strong"] for h in hits[: C.CONFIDENT_WITHIN])
         return {"query": q, "concept": concept, "mode": mode or S.FUSED, "confident": confident, "coverage": cover,
@@ -475,17 +490,19 @@ class AtlasService:
         return {"prompt": prompt, "settings": settings, "features": steered,
                 "default": _run_json(result.default[0]), "steered": _run_json(result.steered[0])}
 
-    def neighbors(self, feature_id: int, k: int = 10, by: str = "decoder") -> dict[str, Any]:
-        """The ``k`` nearest features by decoder cosine or by co-activation (Jaccard)."""
+    def neighbors(self, feature_id: int, k: int = 10, by: str = "decoder", dictionary: str | None = None) -> dict[str, Any]:
+        """The ``k`` nearest features by decoder cosine or by co-activation (Jaccard), in every
+        dictionary (all read one hook point) or in one ``dictionary``."""
         feature_id = self.check_feature(feature_id)
         k = _check_k(k)
+        within = self._within(dictionary)
         if by == "decoder":
-            ranked = S.decoder_neighbors(self.atlas, feature_id, k)
+            ranked = S.decoder_neighbors(self.atlas, feature_id, k, within)
         elif by == "coactivation":
-            ranked = S.coactivation_neighbors(self.atlas, feature_id, k)
+            ranked = S.coactivation_neighbors(self.atlas, feature_id, k, within)
         else:
             raise BadParameter("by", "must be decoder or coactivation")
-        return {"feature_id": feature_id, "by": by, "neighbors": [
+        return {"feature_id": feature_id, "by": by, "dictionary": dictionary, "neighbors": [
             dict(zip(NEIGHBOR_KEYS, (h.feature_id, round(h.score, 6), h.label, h.density))) for h in ranked]}
 
 

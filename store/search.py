@@ -53,9 +53,11 @@ class Hit(NamedTuple):
 Ranked = list[Hit]
 
 
-def vector_search(atlas: Atlas, column: str, vector: Sequence[float], k: int, *, exclude: int | None = None) -> Ranked:
+def vector_search(atlas: Atlas, column: str, vector: Sequence[float], k: int, *, exclude: int | None = None,
+                  within: range | None = None) -> Ranked:
     """Cosine similarity between ``vector`` and ``column`` (decoder, label_embedding,
-    context_embedding; each stored unit-norm or zero).
+    context_embedding; each stored unit-norm or zero), among the features ``within`` (one
+    dictionary's ids) if given.
 
     Indexed atlases ask LanceDB's ANN index. Below ``ANN_MIN_ROWS`` there is no index and LanceDB
     would scan the whole table per query (~30 ms at 4k features, ~80 ms at 16k), so the column is
@@ -63,6 +65,9 @@ def vector_search(atlas: Atlas, column: str, vector: Sequence[float], k: int, *,
     vector = np.asarray(vector, dtype=np.float32)
     if atlas.d_sae < ANN_MIN_ROWS:
         sims = atlas.vectors(column) @ vector
+        if within is not None:
+            sims[: within.start] = sims[within.stop :] = -np.inf
+            k = min(k, len(within) - (exclude in within))
         top = top_k(sims, k, exclude)
         info = atlas.summaries(top.tolist())
         return [Hit(int(f), float(sims[f]), info[int(f)]["label"], info[int(f)]["density"]) for f in top]
@@ -75,6 +80,8 @@ def vector_search(atlas: Atlas, column: str, vector: Sequence[float], k: int, *,
         .select([*_COLUMNS, "_distance"])
         .limit(k + (exclude is not None))
     )
+    if within is not None:  # before the index's candidates are cut to k, so a narrow dictionary still gets k
+        q = q.where(f"feature_id >= {within.start} and feature_id < {within.stop}", prefilter=True)
     hits = [Hit(f, 1.0 - d, lab, den) for f, d, lab, den in _rows(q.to_arrow(), "_distance")]
     return [h for h in hits if h.feature_id != exclude][:k]
 
@@ -159,8 +166,9 @@ def kind_search(atlas: Atlas, index: KindIndex, similarities: Sequence[float], k
     return [Hit(f, score, info[f]["label"], info[f]["density"]) for f, score in rows], float(similarities[best])
 
 
-def decoder_neighbors(atlas: Atlas, feature_id: int, k: int) -> Ranked:
-    """The ``k`` features whose decoder directions are most cosine-similar to ``feature_id``'s."""
+def decoder_neighbors(atlas: Atlas, feature_id: int, k: int, within: range | None = None) -> Ranked:
+    """The ``k`` features (of those ``within``, if given) whose decoder directions are most
+    cosine-similar to ``feature_id``'s."""
     if atlas.d_sae < ANN_MIN_ROWS:
         vector = atlas.vectors("decoder")[feature_id]
     else:
@@ -168,24 +176,26 @@ def decoder_neighbors(atlas: Atlas, feature_id: int, k: int) -> Ranked:
         if row is None:  # callers check the id first: the atlas itself is damaged
             raise RuntimeError(f"feature {feature_id} is missing from the features table")
         vector = row["decoder"]
-    return vector_search(atlas, "decoder", vector, k, exclude=feature_id)
+    return vector_search(atlas, "decoder", vector, k, exclude=feature_id, within=within)
 
 
-def coactivation_neighbors(atlas: Atlas, feature_id: int, k: int) -> Ranked:
-    """Features that fire on the same tokens, by Jaccard similarity of their token sets."""
+def coactivation_neighbors(atlas: Atlas, feature_id: int, k: int, within: range | None = None) -> Ranked:
+    """Features (of those ``within``, if given) that fire on the same tokens, by Jaccard similarity
+    of their token sets."""
+    within = within or range(atlas.d_sae)
     rows = atlas.query(
         """
         with mine as (select doc_id, position from activations where feature_id = $f),
         n_mine as (select count(*) as n from mine),
         overlap as (
             select a.feature_id, count(*) as both_ from activations a join mine using (doc_id, position)
-            where a.feature_id <> $f group by a.feature_id
+            where a.feature_id <> $f and a.feature_id >= $lo and a.feature_id < $hi group by a.feature_id
         )
         select o.feature_id, o.both_ / (n_mine.n + f.n_active - o.both_) as jaccard, f.label, f.density
         from overlap o join features f using (feature_id), n_mine
         order by jaccard desc, o.feature_id limit $k
         """,
-        {"f": int(feature_id), "k": int(k)},
+        {"f": int(feature_id), "k": int(k), "lo": within.start, "hi": within.stop},
     ).rows
     return [Hit(int(f), float(j), lab, den) for f, j, lab, den in rows]
 

@@ -235,6 +235,21 @@ def test_widths_train_apart_and_stack(tmp_path, tiny_model_dir, corpus_dir):
     assert int((dense > 0).sum()) == SQL(atlas).execute("select count(*) from activations").fetchone()[0]
     dec = np.stack(atlas.features.to_arrow()["decoder"].to_numpy(zero_copy_only=False))
     _check_families(atlas, sae, manifest, dec)
+    # Search and neighbours in one dictionary answer with its features only; an unknown id is refused.
+    from featureatlas.api.service import AtlasService
+    from featureatlas.store.errors import BadParameter
+
+    service = AtlasService(atlas)
+    for d in service.dictionaries()["dictionaries"]:
+        ids = range(d["first_feature"], d["first_feature"] + d["d_sae"])
+        hits = service.search("the", k=10, dictionary=d["dictionary"])["hits"]
+        assert hits and all(h["feature_id"] in ids for h in hits)
+        for by in ("decoder", "coactivation"):
+            near = service.neighbors(0, k=40, by=by, dictionary=d["dictionary"])["neighbors"]
+            assert all(n["feature_id"] in ids and n["feature_id"] != 0 for n in near)
+            assert by == "coactivation" or len(near) == min(40, len(ids) - (0 in ids))
+    with pytest.raises(BadParameter, match="no dictionary"):
+        service.search("the", dictionary="L99-1M")
     # Exported, each dictionary is one of its own: a SAELens folder, a Neuronpedia source indexed from 0.
     export(atlas, "saelens", tmp_path / "saelens")
     for i, (first, width) in enumerate(sae.parts):
