@@ -57,7 +57,8 @@ MAX_BODY = 64 * 1024  # activations and steer: one 4,000-character text (24 KB e
 JSON_CHAR_BYTES = 6
 # A string the service would refuse as empty: at least one character that is not whitespace.
 NOT_BLANK = r"\S"
-DICTIONARY_FILTER = "only this dictionary's features (an id of /api/dictionaries, e.g. L15-4k); default every one"
+DICTIONARY_FILTER = ("only this dictionary's features (an id of /api/dictionaries, e.g. L15-4k: 404 if it has none "
+                     "such); default every one")
 # The browser UI: plain files, served by this app so it works offline (no CDN, no build step).
 WEB = Path(__file__).with_name("web")
 Service = NamedDependency[AtlasService]
@@ -303,7 +304,7 @@ def neighbors(
     return service.neighbors(feature_id, k, by, dictionary)
 
 
-@get("/api/search", responses=_errors(400, 503))
+@get("/api/search", responses=_errors(400, 404, 503))
 async def search(
     service: Service,
     searches: Searches,

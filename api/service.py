@@ -207,13 +207,13 @@ class AtlasService:
         return read_dictionaries(self.atlas)
 
     def _within(self, dictionary: str | None) -> range | None:
-        """The feature ids of ``dictionary`` (None: every feature), or ``BadParameter`` for an unknown id."""
+        """The feature ids of ``dictionary`` (None: every feature), or ``NotFound`` for an unknown id."""
         if dictionary is None:
             return None
         row = next((d for d in self._dictionaries if d["dictionary"] == dictionary), None)
         if row is None:
             known = ", ".join(d["dictionary"] for d in self._dictionaries)
-            raise BadParameter("dictionary", f"no dictionary {dictionary!r} in this atlas; it has {known}")
+            raise NotFound("dictionary", f"no dictionary {dictionary!r} in this atlas; it has {known}")
         return range(row["first_feature"], row["first_feature"] + row["d_sae"])
 
     @cached_property
@@ -327,7 +327,7 @@ class AtlasService:
                     self._answers.popitem(last=False)
         return answer
 
-    def _search(self, q: str, k: int, mode: str | None, within: range | None) -> tuple[dict[str, Any], bool]:
+    def _search(self, q: str, k: int, mode: str | None, within: range | None = None) -> tuple[dict[str, Any], bool]:
         """The answer, and whether every signal asked for is in it. ``within``: the only feature ids
         that may answer (the vector signals search among them; the others' lists are cut to them)."""
         modes = [mode] if mode else list(SEARCH_MODES)

@@ -36,6 +36,12 @@ def test_sources_named_without_weights_get_equal_shares(tmp_path, where):
         ({"device": "tpu"}, "--device"),
         ({"corpus_weights": [1.0]}, "--corpus-weights"),
         ({"eval_fraction": 1.5}, "--eval-fraction"),
+        ({"widths": [4096, 1024]}, "--widths"),  # not rising
+        ({"widths": [4096]}, "--widths"),  # one width is --d-sae
+        ({"widths": [16, 4096]}, "--widths"),  # narrower than k
+        ({"widths": [1024, 4096], "architecture": "matryoshka"}, "--widths"),
+        ({"widths": [1024, 4096], "dictionary": "some/sae"}, "--widths"),
+        ({"widths": [1024, 4096], "d_sae": 2048}, "--d-sae"),
     ],
 )
 def test_bad_values_name_their_flag(changes, flag):
@@ -54,6 +60,13 @@ def test_unknown_toml_key_is_refused(tmp_path):
 def test_default_lr_scales_with_dictionary_size():
     assert TrainConfig(d_sae=16384).lr_value == pytest.approx(2e-4)
     assert TrainConfig(d_sae=4096).lr_value == pytest.approx(4e-4)
+    assert TrainConfig(d_sae=16384).lr_for(1024) == pytest.approx(8e-4)  # each width of --widths its own
+
+
+def test_widths_name_the_dictionaries_and_the_widest_is_d_sae():
+    cfg = load_config("quick", None, {"widths": [1024, 4096, 16384]})
+    assert cfg.train.d_sae == 16384 and cfg.train.dictionary_widths == [1024, 4096, 16384]
+    assert load_config("quick").train.dictionary_widths == [4096]
 
 
 def test_toml_tables_and_flat_keys_are_the_same_settings(tmp_path):

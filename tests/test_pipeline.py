@@ -237,7 +237,7 @@ def test_widths_train_apart_and_stack(tmp_path, tiny_model_dir, corpus_dir):
     _check_families(atlas, sae, manifest, dec)
     # Search and neighbours in one dictionary answer with its features only; an unknown id is refused.
     from featureatlas.api.service import AtlasService
-    from featureatlas.store.errors import BadParameter
+    from featureatlas.store.errors import NotFound
 
     service = AtlasService(atlas)
     for d in service.dictionaries()["dictionaries"]:
@@ -248,7 +248,7 @@ def test_widths_train_apart_and_stack(tmp_path, tiny_model_dir, corpus_dir):
             near = service.neighbors(0, k=40, by=by, dictionary=d["dictionary"])["neighbors"]
             assert all(n["feature_id"] in ids and n["feature_id"] != 0 for n in near)
             assert by == "coactivation" or len(near) == min(40, len(ids) - (0 in ids))
-    with pytest.raises(BadParameter, match="no dictionary"):
+    with pytest.raises(NotFound, match="no dictionary"):
         service.search("the", dictionary="L99-1M")
     # Exported, each dictionary is one of its own: a SAELens folder, a Neuronpedia source indexed from 0.
     export(atlas, "saelens", tmp_path / "saelens")
