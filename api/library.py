@@ -139,10 +139,16 @@ class OpenAtlas:
         return Result(data, data["neighbors"], lambda: _table(data["neighbors"], f"neighbours of #{feature_id} by {by}"),
                       columns=NEIGHBOR_KEYS)
 
-    def feature(self, feature_id: int) -> Result:
+    def feature(self, feature: int | str, index: int | None = None) -> Result:
         """One feature: label, description, scores, statistics, histogram and examples; its rows are
-        the examples (top ones first, then the quantile ones)."""
-        data = self._service.feature(feature_id)
+        the examples (top ones first, then the quantile ones). ``atlas.feature(812)`` by its id in
+        the atlas; ``atlas.feature("L15-16k", 812)`` by its index within one dictionary (the id
+        ``first_feature + 812``)."""
+        if isinstance(feature, str):
+            if index is None:
+                raise BadParameter("index", f"give the feature's index within {feature!r}: atlas.feature({feature!r}, 812)")
+            feature = self._service.feature_id(feature, index)
+        data = self._service.feature(feature)
         return Result(data, data["top_examples"] + data["quantile_examples"], lambda: notebook.feature_html(data),
                       columns=EXAMPLES.names)
 

@@ -240,6 +240,14 @@ class AtlasService:
             raise NotFound("feature_id", f"no feature {feature_id}: this atlas has features 0..{self.atlas.d_sae - 1}")
         return feature_id
 
+    def feature_id(self, dictionary: str, index: int) -> int:
+        """The atlas's id of feature ``index`` of ``dictionary``."""
+        ids = self._within(dictionary)
+        index = _integer("index", index)
+        if not 0 <= index < len(ids):
+            raise NotFound("index", f"no feature {index} in {dictionary}: it has features 0..{len(ids) - 1}")
+        return ids[index]
+
     def feature(self, feature_id: int) -> dict[str, Any]:
         """Label, scores, statistics, histogram (with its bin edges), and top and quantile examples."""
         feature_id = self.check_feature(feature_id)

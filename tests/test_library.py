@@ -284,3 +284,12 @@ def test_opening_never_writes(tiny_atlas):
         opened.features(limit=3)
         opened.sql("select count(*) from activations")
     assert {p: p.stat().st_mtime_ns for p in tiny_atlas.rglob("*") if p.is_file()} == before
+
+
+def test_a_feature_by_its_index_within_a_dictionary(atlas):
+    default = atlas.dictionaries.data["default"]
+    assert atlas.feature(default, 5).data["feature_id"] == atlas.feature(5).data["feature_id"] == 5
+    with pytest.raises(BadParameter, match="index"):
+        atlas.feature(default)
+    with pytest.raises(NotFound):
+        atlas.feature("L99-1M", 5)

@@ -250,6 +250,10 @@ def test_widths_train_apart_and_stack(tmp_path, tiny_model_dir, corpus_dir):
             assert by == "coactivation" or len(near) == min(40, len(ids) - (0 in ids))
     with pytest.raises(NotFound, match="no dictionary"):
         service.search("the", dictionary="L99-1M")
+    widest = service.dictionaries()["dictionaries"][0]
+    assert service.feature_id(widest["dictionary"], 3) == widest["first_feature"] + 3
+    with pytest.raises(NotFound, match="no feature 64"):
+        service.feature_id(widest["dictionary"], 64)
     # Exported, each dictionary is one of its own: a SAELens folder, a Neuronpedia source indexed from 0.
     export(atlas, "saelens", tmp_path / "saelens")
     for i, (first, width) in enumerate(sae.parts):
