@@ -360,3 +360,33 @@ def test_the_matryoshka_loss_adds_each_inner_prefix_reconstructing_alone():
     dense = sae.dense(code)
     want = fvu(x, out.x_hat) + sum(fvu(x, dense[:, :w] @ sae.W_dec[:w] + sae.b_dec) for w in (8, 24))
     torch.testing.assert_close(out.loss, want, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("architecture", ["topk", "jumprelu"])
+def test_a_stack_encodes_as_each_of_its_dictionaries_alone(tmp_path, architecture):
+    """``SAE.stack``: dictionaries trained apart, side by side; each keeps its own k, b_dec and
+    threshold, ``part(i)`` gives it back exactly, and the whole never reconstructs as one."""
+    gen = torch.Generator().manual_seed(0)
+    alone = [SAE.initialized(16, width, 3, architecture=architecture, seed=seed) for seed, width in ((1, 8), (2, 24))]
+    with torch.no_grad():
+        for sae in alone:
+            for p in (sae.b_dec, sae.b_enc, *([sae.threshold] if architecture == "jumprelu" else [])):
+                p.copy_(torch.rand(p.shape, generator=gen) * 0.1)
+    stack = SAE.stack(alone)
+    assert stack.parts == stack.blocks == ((0, 8), (8, 24)) and stack.d_sae == 32
+    x = torch.randn(50, 16, generator=gen)
+    with torch.no_grad():
+        dense = stack.activations(x)
+        for i, (first, width) in enumerate(stack.parts):
+            np.testing.assert_allclose(dense[:, first : first + width], alone[i].activations(x), atol=1e-5)
+            assert all(torch.equal(t, alone[i].state_dict()[n]) for n, t in stack.part(i).state_dict().items())
+    if architecture == "topk":  # each dictionary its own k per token
+        assert int((dense[:, :8] > 0).sum(1).max()) <= 3 and int((dense[:, 8:] > 0).sum(1).max()) <= 3
+    stack.save(tmp_path)
+    assert torch.equal(SAE.load(tmp_path).activations(x), stack.activations(x))
+    with pytest.raises(ValueError, match="one dictionary at a time"):
+        stack.reconstruct(x)
+    with pytest.raises(ValueError, match="two dictionaries"):
+        SAE.stack(alone[:1])
+    with pytest.raises(ValueError, match="share d_in"):
+        SAE.stack([alone[0], SAE.initialized(12, 8, 3, architecture=architecture)])
