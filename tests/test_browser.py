@@ -436,3 +436,18 @@ def test_feature_page_shows_the_family_across_a_nested_dictionarys_prefixes(page
     children = api(page, nested_server, f"/api/features/{parent}")["family"]["children"]
     assert page.locator("#family ul.family > li").count() == len(children)  # the narrowest prefix: no parent
     page.screenshot(path=str(SHOTS / "feature_family.png"), full_page=True)
+
+
+def test_search_keeps_to_one_dictionary_when_asked(page, nested_server):
+    dictionaries = [d["dictionary"] for d in api(page, nested_server, "/api/dictionaries")["dictionaries"]]
+    page.goto(f"{nested_server}/search?q=the")
+    ready(page, "search")
+    picker = page.locator("#dictionary-picker")
+    assert picker.locator("[aria-current]").inner_text() == "every dictionary"
+    narrowest = min(api(page, nested_server, "/api/dictionaries")["dictionaries"], key=lambda d: d["d_sae"])
+    page.goto(nested_server + picker.locator(f"a:text-is('{narrowest['dictionary']}')").get_attribute("href"))
+    ready(page, "search")
+    assert page.locator("#dictionary-picker [aria-current]").inner_text() == narrowest["dictionary"]
+    shown = [int(a.get_attribute("href").rsplit("/", 1)[1]) for a in page.locator("ol.hits > li > a").all()]
+    assert shown and all(narrowest["first_feature"] <= f < narrowest["first_feature"] + narrowest["d_sae"] for f in shown)
+    assert len(dictionaries) == 3

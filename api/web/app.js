@@ -67,12 +67,22 @@ async function search(params) {
     view.replaceChildren(h("h1", {}, "Search"), h("p", { class: "muted" }, "Type what you are looking for in the box above: a topic, a word, a code construct."));
     return done("search");
   }
+  const dictionary = params.get("dictionary") || "";
   view.replaceChildren(h("h1", {}, `Features for “${q}”`), h("p", { class: "muted" }, "Searching…"));
-  const r = await api(`/api/search?${new URLSearchParams({ q, k: "20" })}`);
+  const [r, dicts] = await Promise.all([
+    api(`/api/search?${new URLSearchParams({ q, k: "20", ...(dictionary ? { dictionary } : {}) })}`),
+    api("/api/dictionaries"),
+  ]);
   const ids = r.hits.map((x) => x.feature_id).join(",");
   const c = r.coverage;
+  // With several dictionaries (widths at one hook), search spans them all or keeps to one.
+  const choice = (id, text) => id === dictionary ? h("strong", { "aria-current": "true" }, text)
+    : h("a", { href: `/search?${new URLSearchParams({ q, ...(id ? { dictionary: id } : {}) })}` }, text);
+  const picker = dicts.dictionaries.length < 2 ? "" : h("nav", { class: "meta", "aria-label": "dictionary", id: "dictionary-picker" },
+    "In ", choice("", "every dictionary"), dicts.dictionaries.flatMap((d) => [" · ", choice(d.dictionary, d.dictionary)]));
   view.replaceChildren(
-    h("h1", {}, `Features for “${q}”`),
+    h("h1", {}, `Features for “${q}”${dictionary ? ` in ${dictionary}` : ""}`),
+    picker,
     h("p", { class: r.confident ? "verdict" : "verdict weak" }, r.confident
       ? `Found features about “${q}”: ${c.windows}${c.capped ? "+" : ""} of ${c.windows_total} corpus windows (${c.documents} of ${c.documents_total} documents) are about it.`
       : r.message),
