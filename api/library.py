@@ -144,6 +144,8 @@ class OpenAtlas:
         the examples (top ones first, then the quantile ones). ``atlas.feature(812)`` by its id in
         the atlas; ``atlas.feature("L15-16k", 812)`` by its index within one dictionary (the id
         ``first_feature + 812``)."""
+        if not isinstance(feature, str) and index is not None:
+            raise BadParameter("index", f"an index is within a dictionary: atlas.feature('L15-16k', {index})")
         if isinstance(feature, str):
             if index is None:
                 raise BadParameter("index", f"give the feature's index within {feature!r}: atlas.feature({feature!r}, 812)")

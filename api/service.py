@@ -155,7 +155,7 @@ class AtlasService:
         self._map_lock = threading.RLock()
         self._kinds: tuple[S.KindIndex | None, np.ndarray | None] | None = None  # (None, None): an atlas without kinds
         self._kinds_lock = threading.Lock()
-        self._answers: OrderedDict[tuple[str, int, str | None], dict[str, Any]] = OrderedDict()
+        self._answers: OrderedDict[tuple[str, int, str | None, str | None], dict[str, Any]] = OrderedDict()
         self._answers_lock = threading.Lock()
         self._windows: WindowIndex | None = None  # corpus search's data in memory, once warmed up
         self._held_snippets: dict[int, str] | None = None  # every feature's snippet, warmed up on small atlases
@@ -208,7 +208,7 @@ class AtlasService:
 
     def _within(self, dictionary: str | None) -> range | None:
         """The feature ids of ``dictionary`` (None: every feature), or ``NotFound`` for an unknown id."""
-        if dictionary is None:
+        if not dictionary:  # None, or a form's empty choice: every dictionary
             return None
         row = next((d for d in self._dictionaries if d["dictionary"] == dictionary), None)
         if row is None:
@@ -337,14 +337,16 @@ class AtlasService:
 
     def _search(self, q: str, k: int, mode: str | None, within: range | None = None) -> tuple[dict[str, Any], bool]:
         """The answer, and whether every signal asked for is in it. ``within``: the only feature ids
-        that may answer (the vector signals search among them; the others' lists are cut to them)."""
+        that may answer (the vector signals search among them; the others draw as many more
+        candidates as the atlas is larger than ``within``, then are cut to it)."""
         modes = [mode] if mode else list(SEARCH_MODES)
         concept = concept_of(q)
         complete = True
         inference = None
         n = max(k, MIN_CANDIDATES) * CANDIDATES_PER_HIT
+        wide = n if within is None else min(self.atlas.d_sae, n * -(-self.atlas.d_sae // len(within)))
         if "inference" in modes and (mode == "inference" or reads_as_text(concept)):
-            inference = self._inference.submit(self._inference_ranking, q, n)
+            inference = self._inference.submit(self._inference_ranking, q, wide)
         vec = embed([concept], name=self.embedder)[0]
         matching = self._matching.submit(match_windows, self.atlas, vec, held=self._windows)
         lists: dict[str, S.Ranked] = {}
@@ -358,17 +360,17 @@ class AtlasService:
         matched = matching.result()
         if "corpus" in modes:
             try:
-                found = enriched(self.atlas, matched, n, held=self._windows)
+                found = enriched(self.atlas, matched, wide, held=self._windows)
             except QueryInterrupted:  # a scan of every activation: on a big atlas, search goes on without it
                 log.warning("search: the corpus signal ran past its time limit for %r and was left out", q)
                 found, complete = [], False
             lists["corpus"] = self._hits([(f, log_p) for f, _, _, log_p, _ in found])
             evidence["corpus"] = {f: C.corpus_evidence(log_p, self.atlas.d_sae) for f, _, _, log_p, _ in found}
         if "text" in modes:
-            lists["text"] = S.text_search(self.atlas, concept, n)
+            lists["text"] = S.text_search(self.atlas, concept, wide)
         if "kind" in modes and self._kind_index() is not None:
             index, asks = self._kind_index()
-            lists["kind"], asked = S.kind_search(self.atlas, index, asks @ vec, n)
+            lists["kind"], asked = S.kind_search(self.atlas, index, asks @ vec, wide)
             best = lists["kind"][0].score if lists["kind"] else 0.0
             evidence["kind"] = {h.feature_id: C.kind_evidence(h.score, best, asked, S.KIND_MATCH) for h in lists["kind"]}
         if inference is not None:

@@ -28,11 +28,13 @@ EXPLAINERS = ("contrastive", "llm")  # ingest/labels/
 SCORERS = ("embedding", "token", "detection", "intervention")
 
 
-def setting(default: Any, help: str, *, key: bool = True, bare: Any = None) -> Any:  # noqa: A002 (argparse's word)
+def setting(default: Any, help: str, *, key: bool | str = True, bare: Any = None) -> Any:  # noqa: A002 (argparse's word)
     """A config field. ``key=False``: changing it cannot change the stage's output (a batch size for
-    throughput, a path, a thread count), so it is left out of the cache key. ``bare``: the value of
-    its flag given without one (``--ray`` alone means ``--ray auto``)."""
-    metadata = {"help": help, "key": key, "bare": bare}
+    throughput, a path, a thread count), so it is left out of the cache key. ``key="if set"``: in
+    the key only when it differs from its default, so a setting added later leaves the stages of
+    atlases built before it as they were. ``bare``: the value of its flag given without one
+    (``--ray`` alone means ``--ray auto``)."""
+    metadata = {"help": help, "key": key, "bare": bare, "default": default}
     if isinstance(default, list):
         return field(default_factory=lambda: list(default), metadata=metadata)
     return field(default=default, metadata=metadata)
@@ -89,7 +91,7 @@ class TrainConfig:
     # Several widths at one hook point, each its own dictionary, trained from one pass over the cache
     # (``train.train_saes``) and held side by side (``SAE.stack``): the families of feature splitting.
     widths: list[int] = setting([], "train a dictionary of each width (rising, e.g. 1024 4096 16384) at the hook "
-                                    "from one pass, instead of one of --d-sae")
+                                    "from one pass, instead of one of --d-sae", key="if set")
     k: int = setting(32, "active features per token (top-k families)")
     sparsity_coef: float | None = setting(None, "relu: L1 weight (default 5); jumprelu: L0 weight (default 1)")
     train_tokens: int = setting(2_500_000, "training budget in tokens (epochs over the cache when larger)")
@@ -405,18 +407,19 @@ def load_config(
     """``overrides``: flat setting names (the CLI's flags); None values are left unset."""
     if profile not in PROFILES:
         raise BadConfig("--profile", f"unknown profile {profile!r}; choose from {', '.join(PROFILES)}")
-    values = dict(PROFILES[profile])
+    user: dict[str, Any] = {}  # what the TOML file and the flags set, over the profile
     if toml_path is not None:
         path = Path(toml_path)
         if not path.is_file():
             raise BadConfig("--config", f"no such file: {path}")
         try:
-            values.update(flatten(tomllib.loads(path.read_text())))
+            user.update(flatten(tomllib.loads(path.read_text())))
         except tomllib.TOMLDecodeError as e:
             raise BadConfig("--config", f"{path} is not valid TOML: {e}") from None
-    values.update({k: v for k, v in (overrides or {}).items() if v is not None})
-    values = flatten(values)
-    if values.get("widths") and "d_sae" not in values:  # the widest is the dictionary's size
+    user.update({k: v for k, v in (overrides or {}).items() if v is not None})
+    user = flatten(user)
+    values = flatten(dict(PROFILES[profile])) | user
+    if values.get("widths") and "d_sae" not in user:  # the widest is the dictionary's size (a profile's d_sae too)
         values["d_sae"] = max(values["widths"])
     if "corpus" in values and "corpus_weights" not in values:  # sources named without weights: equal shares
         values["corpus_weights"] = [1.0] * len(values["corpus"])

@@ -12,6 +12,10 @@ the architecture's activation. A format whose encoder does not subtract the deco
 | dictionary_learning | ``ae.pt`` + ``config.json`` | AutoEncoder (relu), AutoEncoderTopK, BatchTopKSAE |
 | Gemma Scope | ``params.npz`` | jumprelu |
 | OpenAI sparse_autoencoder | a ``.pt`` state dict | TopK (layer-normed input), ReLU |
+
+A folder of several dictionaries of one hook point, one per subfolder in any format above (a
+release with several widths, such as SAELens's or Gemma Scope's), loads as one stack of them
+(``SAE.stack``), narrowest first: one atlas with a dictionary per width.
 """
 
 from __future__ import annotations
@@ -54,6 +58,9 @@ def load_dictionary(path: str | Path, *, k: int) -> SAE:
     path = Path(path).expanduser()
     if not path.exists():
         raise BadConfig("--dictionary", f"no such file or folder: {path}")
+    release = _release(path)
+    if release:
+        return _stacked(path, [load_dictionary(p, k=k) for p in release])
     fmt = detect_format(path)
     try:
         sae = {"saelens": _saelens, "sparsify": _sparsify, "dictionary_learning": _dictionary_learning,
@@ -62,6 +69,45 @@ def load_dictionary(path: str | Path, *, k: int) -> SAE:
         raise BadConfig("--dictionary", f"{path}: unreadable as {fmt}: {type(e).__name__}: {e}") from None
     sae.meta.setdefault("loaded_from", {"format": fmt, "path": str(path)})
     return sae.eval()
+
+
+def _release(path: Path) -> list[Path]:
+    """The dictionaries a folder holds one per subfolder, when it is no dictionary itself."""
+    if not path.is_dir():
+        return []
+    try:
+        detect_format(path)
+        return []
+    except BadConfig:
+        pass
+    inner = []
+    for sub in sorted(p for p in path.iterdir() if p.is_dir()):
+        try:
+            detect_format(sub)
+            inner.append(sub)
+        except BadConfig:
+            continue
+    return inner if len(inner) > 1 else []
+
+
+def _stacked(path: Path, saes: list[SAE]) -> SAE:
+    """Several dictionaries of one hook point as one stack, narrowest first."""
+    layers = sorted({str(s.meta.get("hook_layer")) for s in saes})
+    if len(layers) > 1:
+        raise BadConfig("--dictionary", f"{path} holds dictionaries of several hook points (layers {', '.join(layers)}): "
+                                        "pass one of its folders (several layers in one atlas are not built yet)")
+    saes = sorted(saes, key=lambda s: s.d_sae)
+    if len({s.d_sae for s in saes}) < len(saes):
+        raise BadConfig("--dictionary", f"{path} holds two dictionaries of one width ({[s.d_sae for s in saes]}): "
+                                        "an atlas tells its dictionaries apart by width; pass a folder with one of each")
+    try:
+        stack = SAE.stack(saes)
+    except ValueError as e:
+        raise BadConfig("--dictionary", f"{path}: its dictionaries cannot be held as one: {e}") from None
+    first = saes[0].meta
+    stack.meta.update({key: first[key] for key in ("hook_name", "hook_layer") if key in first})
+    stack.meta["loaded_from"] = {"format": f"{len(saes)} x {first['loaded_from']['format']}", "path": str(path)}
+    return stack.eval()
 
 
 def _build(architecture: str, k: int, W_enc, b_enc, W_dec, b_dec, *, threshold=None, subtract_b_dec: bool = True,

@@ -159,8 +159,10 @@ def _run_train(ctx: Ingest, folder: Path) -> dict[str, Any]:
         return {"loaded_from": ctx.cfg.train.dictionary, "format": ctx.loaded.meta["loaded_from"]["format"],
                 "architecture": ctx.loaded.architecture}
     t = ctx.cfg.train
+    # Each width from a seed of its own: from one seed, a wider dictionary's first latents would start
+    # as copies of the narrower one's, and families would measure the shared start, not splitting.
     specs = [DictionarySpec(width, t.k, t.lr_for(width), t.architecture, t.sparsity_coef, t.aux_k, t.aux_coef,
-                            t.dead_tokens, dict(meta)) for width in t.dictionary_widths]
+                            t.dead_tokens, dict(meta), seed=ctx.cfg.run.seed + i) for i, width in enumerate(t.dictionary_widths)]
     results = train_saes(ctx.acts, specs, rows=np.flatnonzero(~ctx.is_bos & ~ctx.is_eval), tokens=t.train_tokens,
                          batch=t.train_batch, seed=ctx.cfg.run.seed, device=ctx.model.device,
                          checkpoint=folder / "checkpoint.pt", compute_dtype=ctx.train_dtype)

@@ -79,7 +79,8 @@ def architecture_named(name: str) -> Architecture:
 def _topk_code(sae: "SAE", pre: torch.Tensor) -> SparseCode:
     """The k largest per row of each of a stack's dictionaries (of the whole width otherwise): a
     rule per row, unlike the per-latent rules below, so it is the one that must see the stack."""
-    picks = [pre[:, first : first + width].topk(min(sae.k, width), dim=-1, sorted=False) for first, width in sae.blocks]
+    picks = [pre[:, first : first + width].topk(min(k, width), dim=-1, sorted=False)
+             for (first, width), k in zip(sae.blocks, sae.block_k)]
     values = torch.cat([v for v, _ in picks], 1)
     indices = torch.cat([i + first for (_, i), (first, _) in zip(picks, sae.blocks)], 1)
     return SparseCode.fixed(values.relu(), indices).active()
@@ -217,6 +218,11 @@ class SAE(nn.Module):
         return tuple(zip(firsts, self.meta[STACK_KEY]))
 
     @property
+    def block_k(self) -> tuple[int, ...]:
+        """Each block's k (a stack's dictionaries each keep their own)."""
+        return tuple(self.meta.get(M.STACKED_K) or [self.k] * len(self.blocks))
+
+    @property
     def parts(self) -> tuple[tuple[int, int], ...]:
         """(first latent, width) of every dictionary these latents hold, the atlas's default (the
         widest) last: a nested dictionary's prefixes, which all start at 0; a stack's dictionaries;
@@ -228,8 +234,8 @@ class SAE(nn.Module):
         first, width = self.parts[i]
         if self.arch.nested or STACK_KEY not in self.meta:
             return self.prefix(width)
-        meta = {key: value for key, value in self.meta.items() if key != STACK_KEY}
-        out = SAE(self.d_in, width, min(self.k, width), architecture=self.architecture, meta=meta)
+        meta = {key: value for key, value in self.meta.items() if key not in (STACK_KEY, M.STACKED_K)}
+        out = SAE(self.d_in, width, min(self.block_k[i], width), architecture=self.architecture, meta=meta)
         state = {name: t[first : first + width] for name, t in self.state_dict().items() if name not in ("b_dec", "part_b_dec")}
         out.load_state_dict({**state, "b_dec": self.part_b_dec[i]})
         return out.to(self.b_dec)
@@ -239,14 +245,14 @@ class SAE(nn.Module):
         """Dictionaries trained apart at one hook as one: their latents side by side (ids of the
         second start after the first's), each encoding with its own k and b_dec, so ``encode`` gives
         what each would alone, offset, in one matmul. Reconstruction stays per dictionary (``part``)."""
-        first = saes[0]
         if len(saes) < 2:
             raise ValueError("a stack needs two dictionaries or more")
+        first = saes[0]
         if any(s.d_in != first.d_in or s.architecture != first.architecture or s.arch.nested or s.layer_norm_input
                or STACK_KEY in s.meta for s in saes):
             raise ValueError("stacked dictionaries must share d_in and a non-nested architecture, without input "
                              "normalisation or stacks of their own")
-        meta = {**first.meta, STACK_KEY: [s.d_sae for s in saes]}
+        meta = {**first.meta, STACK_KEY: [s.d_sae for s in saes], M.STACKED_K: [s.k for s in saes]}
         out = cls(first.d_in, sum(s.d_sae for s in saes), max(s.k for s in saes), architecture=first.architecture,
                   meta=meta)
         state = {name: torch.cat([s.state_dict()[name] for s in saes]) for name in out.state_dict()
@@ -278,6 +284,7 @@ class SAE(nn.Module):
 
     def decode(self, code: SparseCode) -> torch.Tensor:
         """[N, d_in] from the code, before any input normalisation is undone (``reconstruct`` does that)."""
+        self._whole()
         # Gathers only the active decoder rows: L0 * d_in work per row instead of d_sae * d_in.
         return nn.functional.embedding_bag(code.indices, self.W_dec, code.offsets[:-1], per_sample_weights=code.values,
                                            mode="sum") + self.b_dec

@@ -40,8 +40,11 @@ def stage_key(*parts: Any) -> str:
 
 
 def key_settings(group: Any) -> dict[str, Any]:
-    """The settings of a config group that can change a stage's output (``setting(key=True)``)."""
-    return {f.name: getattr(group, f.name) for f in dataclasses.fields(group) if f.metadata.get("key", True)}
+    """The settings of a config group that can change a stage's output (``setting(key=True)``, and
+    ``key="if set"`` ones away from their default)."""
+    return {f.name: getattr(group, f.name) for f in dataclasses.fields(group)
+            if f.metadata.get("key", True) is True
+            or (f.metadata.get("key") == "if set" and getattr(group, f.name) != f.metadata["default"])}
 
 
 @dataclass(frozen=True)

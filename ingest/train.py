@@ -106,6 +106,7 @@ class DictionarySpec:
     aux_coef: float = 1 / 32
     dead_tokens: int = 200_000
     meta: dict = field(default_factory=dict)
+    seed: int | None = None  # its initialisation's seed (default: the run's); see train_saes
 
 
 class _Learner:
@@ -187,7 +188,8 @@ def train_saes(acts, specs: list[DictionarySpec], *, rows: np.ndarray | None = N
     scaled = sample * scale
     centre = geometric_median(scaled)
     steps = max(1, tokens // batch)
-    learners = [_Learner(spec, _initialized(acts.shape[1], spec, scaled, centre, seed), steps, device) for spec in specs]
+    learners = [_Learner(spec, _initialized(acts.shape[1], spec, scaled, centre, seed if spec.seed is None else spec.seed),
+                         steps, device) for spec in specs]
     start, data, scale = _resume(checkpoint, learners, gen, acts, rows, batch, scale, steps)
     names = ", ".join(f"{s.architecture} d_sae={s.d_sae} k={s.k}" for s in specs)
     bar = tqdm(total=steps * batch, initial=start * batch, desc=f"train {names}", unit="tok", unit_scale=True)

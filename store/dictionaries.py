@@ -55,8 +55,11 @@ def stacked_widths(cfg: dict[str, Any]) -> list[int] | None:
 
 def part_cfg(cfg: dict[str, Any], width: int) -> dict[str, Any]:
     """The ``cfg.json`` of the stack's dictionary of ``width``: a SAELens dictionary of its own."""
-    meta = {key: value for key, value in (cfg.get("metadata") or {}).items() if key != M.STACKED_WIDTHS}
-    return {**cfg, "d_sae": width, "k": min(int(cfg["k"]), width), "metadata": meta}
+    meta = cfg.get("metadata") or {}
+    ks = meta.get(M.STACKED_K) or [cfg["k"]] * len(meta[M.STACKED_WIDTHS])
+    k = int(ks[meta[M.STACKED_WIDTHS].index(width)])
+    own = {key: value for key, value in meta.items() if key not in (M.STACKED_WIDTHS, M.STACKED_K)}
+    return {**cfg, "d_sae": width, "k": min(k, width), "metadata": own}
 
 
 def dictionary_rows(manifest: dict[str, Any]) -> list[dict[str, Any]]:
@@ -124,14 +127,14 @@ def read_dictionaries(atlas: Atlas) -> list[dict[str, Any]]:
 
 
 def family(atlas: Atlas, dictionaries: list[dict[str, Any]], feature_id: int) -> dict[str, Any]:
-    """A feature's place across the prefixes of a nested dictionary: the narrowest dictionary that
-    holds it, its parent in the prefix before that one, and its children: the features that wider
-    prefixes add and link to it (a feature of the narrowest prefix can have children in each wider
-    one; each member names its dictionary), the ``MAX_CHILDREN`` closest that fired, each with
-    label, density, the link's decoder cosine and co-activation, and its strongest top example
-    (tokens and activations, to shade); ``n_children`` counts them all. ``dictionaries``:
-    ``read_dictionaries(atlas)``, which a server reads once, as it checks once that the atlas has
-    a ``families`` table (``Atlas.duckdb_tables``: atlases of older versions lack it)."""
+    """A feature's place across the dictionaries at one hook (a stack's widths, a nested one's
+    prefixes): the narrowest dictionary that holds it, its parent in the dictionary before that
+    one, and its children: the features of wider dictionaries linked to it (a feature of the
+    narrowest can have children in each wider one; each member names its dictionary), the
+    ``MAX_CHILDREN`` closest that fired, each with label, density, the link's decoder cosine and
+    co-activation, and its strongest top example (tokens and activations, to shade); ``n_children``
+    counts them all. ``dictionaries``: ``read_dictionaries(atlas)``, which a server reads once, as
+    it checks once that the atlas has a ``families`` table (``Atlas.duckdb_tables``: atlases of older versions lack it)."""
     rows = dictionaries
     links = atlas.query("select feature_id, parent_id, decoder_cosine, coactivation from families "
                         "where feature_id = $f or parent_id = $f order by decoder_cosine desc, feature_id",

@@ -27,6 +27,7 @@ DICTIONARY_WEIGHTS = "sae_weights.safetensors"
 # The key in the dictionary's cfg.json metadata listing the widths of a stack of dictionaries
 # trained apart (``ingest/sae.py``'s ``SAE.stack``), whose tensors lie side by side in one file.
 STACKED_WIDTHS = "stacked_widths"
+STACKED_K = "stacked_k"  # and each one's k (loaded dictionaries of one release may differ)
 LANCE = "lance"
 DUCKDB = "analytics.duckdb"
 CACHE = "cache"

@@ -37,7 +37,7 @@ from pathlib import Path
 from typing import Any, NamedTuple
 
 from .atlas import Atlas
-from .dictionaries import part_cfg, saelens_cfg, stacked_widths
+from .dictionaries import part_cfg, saelens_cfg, stacked_widths, width_name
 from .errors import BadParameter
 
 # Features per batch file, as Neuronpedia's own exporter writes them (export-data.py).
@@ -135,8 +135,7 @@ def default_ids(manifest: dict[str, Any], width: int | None = None) -> tuple[str
     dictionaries of one layer apart."""
     name = Path(str(manifest["model"]["name"]).rstrip("/")).name.removesuffix(".gguf")
     model_id = re.sub(r"[^a-z0-9_-]+", "-", name.lower()).strip("-")[:128] or "model"
-    d_sae = int(manifest["dictionary"]["d_sae"] if width is None else width)
-    size = f"{round(d_sae / 1024)}k" if d_sae >= 1024 else str(d_sae)
+    size = width_name(int(manifest["dictionary"]["d_sae"] if width is None else width)).lower()
     return model_id, f"{int(manifest['hook']['layer'])}-{SET_PREFIX}-{size}"
 
 

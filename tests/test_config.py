@@ -67,6 +67,7 @@ def test_widths_name_the_dictionaries_and_the_widest_is_d_sae():
     cfg = load_config("quick", None, {"widths": [1024, 4096, 16384]})
     assert cfg.train.d_sae == 16384 and cfg.train.dictionary_widths == [1024, 4096, 16384]
     assert load_config("quick").train.dictionary_widths == [4096]
+    assert load_config("standard", None, {"widths": [4096, 8192]}).train.d_sae == 8192  # over the profile's 16,384
 
 
 def test_toml_tables_and_flat_keys_are_the_same_settings(tmp_path):
