@@ -380,11 +380,10 @@ PROFILES: dict[str, dict[str, Any]] = {
     # The demo: 250k tokens (~3 min of harvest on 2 cores), 4,096 features, 10 epochs of training.
     "quick": {},
     # Feature families: TopK dictionaries of 1,024, 4,096 and 16,384 features trained apart from one
-    # pass, on the quick profile's corpus (its cache is reused; its 4,096 is the quick dictionary, to
-    # the bit). Measured against one matryoshka dictionary with those prefixes (docs/benchmarks.md):
-    # each width reconstructs better (held-out variance explained 0.956 / 0.960 / 0.962 against 0.935
-    # / 0.952 / 0.960), nearly every latent lives (0-0.8% dead against 16-69%), and 44-63% of the
-    # wider features have a parent clearly above chance (1.2%): families that split.
+    # pass (each from a seed of its own), on the quick profile's corpus (its cache is reused).
+    # Measured against one matryoshka dictionary with those prefixes in docs/benchmarks.md: every
+    # width reconstructs better, nearly every latent lives, and far more wide features have a clear
+    # parent in the narrower dictionary.
     "family": {"widths": [1024, 4096, 16_384]},
     # At least 2M tokens and 16,384 features: hours on 2 cores, minutes on a GPU.
     "standard": {
