@@ -164,3 +164,29 @@ def test_ingest_with_a_loaded_dictionary(tmp_path, tiny_model_dir, corpus_dir, c
     assert atlas.features.count_rows() == 32
     (row,) = SQL(atlas).execute("select source, training, d_sae from dictionaries").fetchall()
     assert row == ("loaded (gemmascope)", None, 32)  # a loaded dictionary was not trained here
+
+
+def test_a_folder_of_widths_at_one_hook_loads_as_a_stack(tmp_path):
+    """A release with a dictionary per width (one per subfolder) is one stack, narrowest first,
+    each dictionary encoding as it does alone; several hook points or a repeated width are refused."""
+    from featureatlas.ingest.sae import SAE
+
+    alone = {}
+    for width, k in ((48, 6), (16, 3)):
+        sae = SAE.initialized(D, width, k, seed=width, meta={"hook_name": "blocks.3.hook_resid_post", "hook_layer": 3})
+        sae.save(tmp_path / "release" / f"width_{width}")
+        alone[width] = load_dictionary(tmp_path / "release" / f"width_{width}", k=8)
+    stack = load_dictionary(tmp_path / "release", k=8)
+    assert stack.parts == ((0, 16), (16, 48)) and stack.meta["hook_layer"] == 3
+    with torch.no_grad():
+        _same(stack.activations(X)[:, :16], alone[16].activations(X))
+        _same(stack.activations(X)[:, 16:], alone[48].activations(X))
+    assert int((stack.activations(X)[:, :16] > 0).sum(1).max()) <= 3  # each its own k
+    other = SAE.initialized(D, 32, 4, seed=1, meta={"hook_name": "blocks.5.hook_resid_post", "hook_layer": 5})
+    other.save(tmp_path / "release" / "layer_5")
+    with pytest.raises(BadConfig, match="several hook points"):
+        load_dictionary(tmp_path / "release", k=8)
+    (tmp_path / "release" / "layer_5" / "cfg.json").unlink()
+    alone[16].save(tmp_path / "release" / "again_16")
+    with pytest.raises(BadConfig, match="one width"):
+        load_dictionary(tmp_path / "release", k=8)
