@@ -387,11 +387,11 @@ def _probe(service: AtlasService, args: argparse.Namespace) -> Rows:
 
 
 def _export(args: argparse.Namespace) -> int:
-    from featureatlas.store.dictionaries import saelens_cfg, stacked_widths
+    from featureatlas.store.dictionaries import saelens_cfg, stacked_parts
     from featureatlas.store.export import export
 
     atlas = _open(args.atlas)
-    if args.format == "saelens" and not stacked_widths(saelens_cfg(atlas)):
+    if args.format == "saelens" and not stacked_parts(saelens_cfg(atlas)):
         from featureatlas.store.manifest import DICTIONARY
 
         # the top-level name, which follows republishing (a link to the current data folder's copy)

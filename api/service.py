@@ -28,7 +28,7 @@ from featureatlas.store import calibrate as C
 from featureatlas.store import search as S
 from featureatlas.store.atlas import Atlas, QueryInterrupted
 from featureatlas.store.corpus_search import WindowIndex, coverage, enriched, match_windows
-from featureatlas.store.dictionaries import dictionary_of, family, read_dictionaries
+from featureatlas.store.dictionaries import dictionary_of, family, feature_ids, read_dictionaries
 from featureatlas.store.errors import BadParameter, NotFound
 from featureatlas.store.map_view import NoMap, map_data, map_json, map_levels
 from featureatlas.store.schema import ANN_MIN_ROWS
@@ -214,7 +214,7 @@ class AtlasService:
         if row is None:
             known = ", ".join(d["dictionary"] for d in self._dictionaries)
             raise NotFound("dictionary", f"no dictionary {dictionary!r} in this atlas; it has {known}")
-        return range(row["first_feature"], row["first_feature"] + row["d_sae"])
+        return feature_ids(row)
 
     @cached_property
     def _has_families(self) -> bool:

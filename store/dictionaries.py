@@ -12,6 +12,7 @@ manifest. Dictionaries at several layers in one atlas are not built yet.
 
 from __future__ import annotations
 
+import itertools
 import json
 from typing import Any
 
@@ -47,19 +48,17 @@ def saelens_cfg(atlas: Atlas) -> dict[str, Any]:
     return json.loads((atlas.dictionary_dir / M.DICTIONARY_CFG).read_text())
 
 
-def stacked_widths(cfg: dict[str, Any]) -> list[int] | None:
-    """The widths of a stack of dictionaries trained apart, from its ``cfg.json``; None for one
-    dictionary (or a nested one)."""
-    return (cfg.get("metadata") or {}).get(M.STACKED_WIDTHS)
-
-
-def part_cfg(cfg: dict[str, Any], width: int) -> dict[str, Any]:
-    """The ``cfg.json`` of the stack's dictionary of ``width``: a SAELens dictionary of its own."""
+def stacked_parts(cfg: dict[str, Any]) -> list[tuple[range, dict[str, Any]]]:
+    """Each dictionary of a stack trained apart (``ingest/sae.py``'s ``SAE.stack``), from its
+    ``cfg.json``: its feature ids (a range of the stack's latents) and the ``cfg.json`` of it alone,
+    a SAELens dictionary of its own. Empty for one dictionary (or a nested one)."""
     meta = cfg.get("metadata") or {}
-    ks = meta.get(M.STACKED_K) or [cfg["k"]] * len(meta[M.STACKED_WIDTHS])
-    k = int(ks[meta[M.STACKED_WIDTHS].index(width)])
+    widths = meta.get(M.STACKED_WIDTHS) or []
+    ks = meta.get(M.STACKED_K) or [cfg.get("k")] * len(widths)
     own = {key: value for key, value in meta.items() if key not in (M.STACKED_WIDTHS, M.STACKED_K)}
-    return {**cfg, "d_sae": width, "k": min(k, width), "metadata": own}
+    firsts = [0, *itertools.accumulate(widths)]
+    return [(range(first, first + width), {**cfg, "d_sae": width, "k": min(int(k), width), "metadata": own})
+            for first, width, k in zip(firsts, widths, ks)]
 
 
 def dictionary_rows(manifest: dict[str, Any]) -> list[dict[str, Any]]:
@@ -97,14 +96,14 @@ def dictionary_rows(manifest: dict[str, Any]) -> list[dict[str, Any]]:
     return rows
 
 
-def holds(row: dict[str, Any], feature_id: int) -> bool:
-    """Whether the dictionary of ``row`` holds ``feature_id``."""
-    return row["first_feature"] <= feature_id < row["first_feature"] + row["d_sae"]
+def feature_ids(row: dict[str, Any]) -> range:
+    """The feature ids of the dictionary of ``row``."""
+    return range(row["first_feature"], row["first_feature"] + row["d_sae"])
 
 
 def dictionary_of(rows: list[dict[str, Any]], feature_id: int) -> str:
     """The narrowest dictionary of ``rows`` that holds ``feature_id`` (its prefix, in a nested one)."""
-    return min((r for r in rows if holds(r, feature_id)), key=lambda r: r["d_sae"])["dictionary"]
+    return min((r for r in rows if feature_id in feature_ids(r)), key=lambda r: r["d_sae"])["dictionary"]
 
 
 def dictionaries_table(manifest: dict[str, Any]) -> pa.Table:

@@ -23,7 +23,7 @@ import pyarrow.parquet as pq
 
 from . import manifest as M
 from .atlas import Atlas
-from .dictionaries import dictionary_id, part_cfg, saelens_cfg, stacked_widths
+from .dictionaries import dictionary_id, saelens_cfg, stacked_parts
 from .errors import BadParameter
 from .schema import DUCKDB_TABLES
 
@@ -74,27 +74,25 @@ def write_parquet(atlas: Atlas, out: Path) -> list[Path]:
 def write_saelens(atlas: Atlas, out: Path) -> list[Path]:
     """The dictionary's two files, as they are (they are SAELens's layout already); for a stack,
     ``<dictionary id>/`` with the two files of each of its dictionaries."""
-    cfg = saelens_cfg(atlas)
-    widths = stacked_widths(cfg)
-    if not widths:
+    parts = stacked_parts(saelens_cfg(atlas))
+    if not parts:
         return [Path(shutil.copyfile(atlas.dictionary_dir / name, out / name))
                 for name in (M.DICTIONARY_CFG, M.DICTIONARY_WEIGHTS)]
     from safetensors.numpy import load_file, save_file  # noqa: PLC0415 (only this format reads tensors)
 
     tensors = load_file(atlas.dictionary_dir / M.DICTIONARY_WEIGHTS)
-    written, first = [], 0
-    for i, width in enumerate(widths):
+    written = []
+    for i, (ids, own) in enumerate(parts):
         # SAE.stack's layout: each tensor its dictionaries' own side by side (W_enc by column), and
         # each dictionary's b_dec a row of part_b_dec.
-        part = {name: t[:, first : first + width] if name == "W_enc" else t[first : first + width]
+        part = {name: t[:, ids.start : ids.stop] if name == "W_enc" else t[ids.start : ids.stop]
                 for name, t in tensors.items() if name not in ("b_dec", "part_b_dec")}
         part["b_dec"] = tensors["part_b_dec"][i]
-        folder = out / dictionary_id(atlas.manifest["hook"].get("layer"), width)
+        folder = out / dictionary_id(atlas.manifest["hook"].get("layer"), len(ids))
         folder.mkdir(exist_ok=True)
         save_file({name: t.copy(order="C") for name, t in part.items()}, folder / M.DICTIONARY_WEIGHTS)
-        (folder / M.DICTIONARY_CFG).write_text(json.dumps(part_cfg(cfg, width), indent=2))
+        (folder / M.DICTIONARY_CFG).write_text(json.dumps(own, indent=2))
         written += [folder / M.DICTIONARY_CFG, folder / M.DICTIONARY_WEIGHTS]
-        first += width
     return written
 
 

@@ -37,7 +37,7 @@ from pathlib import Path
 from typing import Any, NamedTuple
 
 from .atlas import Atlas
-from .dictionaries import part_cfg, saelens_cfg, stacked_widths, width_name
+from .dictionaries import saelens_cfg, stacked_parts, width_name
 from .errors import BadParameter
 
 # Features per batch file, as Neuronpedia's own exporter writes them (export-data.py).
@@ -86,16 +86,14 @@ def write_neuronpedia(atlas: Atlas, out: Path, *, model_id: str | None = None, s
     if batch_size < 1:
         raise BadParameter("batch_size", f"must be at least 1, got {batch_size}")
     cfg = saelens_cfg(atlas)
-    widths = stacked_widths(cfg)
-    if widths and source_id is not None:
+    parts = stacked_parts(cfg)
+    if parts and source_id is not None:
         raise BadParameter("source_id", "this atlas holds a stack of dictionaries, exported as a source each, "
                                         "named by width: leave source_id out")
-    written, first = [], 0
-    for width in widths or [atlas.d_sae]:
-        ids = _checked_ids(atlas.manifest, model_id, source_id, width)
-        written += _write_source(atlas, Path(out), ids, range(first, first + width),
-                                 part_cfg(cfg, width) if widths else cfg, batch_size, creator_id)
-        first += width
+    written = []
+    for features, saelens in parts or [(range(atlas.d_sae), cfg)]:
+        ids = _checked_ids(atlas.manifest, model_id, source_id, len(features))
+        written += _write_source(atlas, Path(out), ids, features, saelens, batch_size, creator_id)
     return written
 
 
